@@ -1,0 +1,134 @@
+"""AdamW, the learning-rate schedule and gradient clipping: what turns gradients into a training run.
+
+Llama 3 was trained with AdamW (beta1 0.9, beta2 0.95, weight decay 0.1), a linear warmup and a cosine
+decay to a fraction of the peak rate, and gradients clipped to a global norm of 1.0 (the paper, section
+3.4.1). We use the same recipe scaled down to a few hundred steps.
+
+All updates happen in place on the arrays of `params` (the model's own dict), so the model sees the
+new weights without any copying.
+"""
+import math
+
+import numpy as np
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), the update of `torch.optim.AdamW`.
+
+    For every parameter p with gradient g, at step t (counting from 1):
+        p <- p - lr * weight_decay * p            (decay first, only for matrices: p.ndim >= 2)
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g**2
+        p <- p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+    Norm weights (1-D) are not decayed: pulling a gain towards 0 would fight the normalisation.
+    """
+
+    def __init__(self, params, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        if not isinstance(params, dict):
+            raise TypeError(f"AdamW expects a dict name -> np.ndarray (model.params), got {type(params).__name__}")
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        self.params = params
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.t = 0  # number of steps taken; the bias corrections depend on it
+        # first and second moments, same shape and dtype as each parameter
+        self.m = {k: np.zeros_like(p) for k, p in params.items()}
+        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+
+    def step(self, grads, lr=None):
+        """Apply one update from `grads` (same keys as params); `lr` overrides self.lr for this step."""
+        missing = set(self.params) - set(grads)
+        if missing:
+            raise ValueError(f"grads lack {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")
+        lr = self.lr if lr is None else float(lr)
+        beta1, beta2 = self.betas
+        self.t += 1
+        bias_correction1 = 1 - beta1 ** self.t
+        bias_correction2 = 1 - beta2 ** self.t
+        step_size = lr / bias_correction1
+        sqrt_bc2 = math.sqrt(bias_correction2)
+        for name, p in self.params.items():
+            g = grads[name]
+            if g.shape != p.shape:
+                raise ValueError(f"grad {name!r} has shape {g.shape}, expected {p.shape}")
+            m, v = self.m[name], self.v[name]
+            if self.weight_decay and p.ndim >= 2:
+                p *= 1 - lr * self.weight_decay  # decoupled: not part of the gradient, so Adam cannot rescale it
+            m *= beta1
+            m += (1 - beta1) * g
+            v *= beta2
+            v += (1 - beta2) * (g * g)
+            denom = np.sqrt(v)
+            denom /= sqrt_bc2
+            denom += self.eps
+            p -= (step_size * m) / denom
+
+    def state_dict(self):
+        """Everything needed to continue bit for bit: the step count and both moments (copies)."""
+        return {
+            "t": self.t, "lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+            "m": {k: a.copy() for k, a in self.m.items()},
+            "v": {k: a.copy() for k, a in self.v.items()},
+        }
+
+    def load_state_dict(self, state):
+        for key in ("m", "v"):
+            if set(state[key]) != set(self.params):
+                raise ValueError(f"optimizer state {key!r} does not match the parameters")
+            for k, a in state[key].items():
+                if a.shape != self.params[k].shape:
+                    raise ValueError(f"optimizer state {key}[{k!r}] has shape {a.shape}, expected {self.params[k].shape}")
+        self.t = int(state["t"])
+        self.lr = float(state["lr"])
+        self.betas = tuple(float(b) for b in state["betas"])
+        self.eps = float(state["eps"])
+        self.weight_decay = float(state["weight_decay"])
+        self.m = {k: np.array(a, dtype=self.params[k].dtype) for k, a in state["m"].items()}
+        self.v = {k: np.array(a, dtype=self.params[k].dtype) for k, a in state["v"].items()}
+
+
+def get_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
+    """Learning rate at `step` (0-based): linear warmup to max_lr, then cosine decay to min_lr_ratio*max_lr.
+
+    Warmup: step 0 gets max_lr / warmup_steps, step warmup_steps - 1 gets max_lr (a zero rate would
+    waste the first step). Cosine: from max_lr at step warmup_steps to min_lr at step total_steps - 1.
+    Llama 3 decays to 1% of the peak over 1.2M steps; for short runs a floor of 10% works better.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    min_lr = max_lr * min_lr_ratio
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    decay_steps = total_steps - 1 - warmup_steps
+    if decay_steps <= 0:  # a run too short to decay stays at the peak after warmup
+        return max_lr
+    progress = min(1.0, (step - warmup_steps) / decay_steps)  # 0 -> 1, then held at the floor
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def global_grad_norm(grads):
+    """sqrt(sum of squares of every gradient entry), accumulated in float64 so it does not overflow."""
+    total = 0.0
+    for g in grads.values():
+        g64 = g.astype(np.float64, copy=False).ravel()
+        total += float(g64 @ g64)
+    return math.sqrt(total)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so their global norm is at most max_norm; return the norm before.
+
+    One factor for all tensors keeps the update's direction (clipping each tensor alone would not).
+    A non-finite norm is returned untouched so the caller can skip the step.
+    """
+    norm = global_grad_norm(grads)
+    if max_norm is not None and max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= np.asarray(scale, dtype=g.dtype)
+    return norm
