@@ -23,6 +23,10 @@ def randn(rng, *shape):
 
 def check(analytic, f, x):
     num = numerical_grad(f, x)
+    if max(np.abs(analytic).max(), np.abs(num).max()) < 1e-8:
+        # a gradient that is zero by construction (e.g. softmax over a single key): the relative error
+        # of two round-off-sized numbers means nothing, so require both to be round-off sized
+        return
     err = rel_error(analytic, num)
     assert err < TOL, f"relative error {err:.2e} >= {TOL}"
 
@@ -40,7 +44,8 @@ def test_embedding_backward_scatter_adds_repeated_tokens(seed, B, T, C):
     check(ops.embedding_backward(dout, cache), lambda: np.sum(ops.embedding_forward(tokens, w)[0] * dout), w)
 
 
-@given(seeds, small, small, st.integers(1, 16), st.floats(1e-6, 1e-2))
+# C >= 2: with one feature rmsnorm is sign(x) * w, whose gradient vanishes except within sqrt(eps) of 0
+@given(seeds, small, small, st.integers(2, 16), st.floats(1e-6, 1e-2))
 def test_rmsnorm_backward_matches_finite_differences(seed, B, T, C, eps):
     rng = np.random.default_rng(seed)
     x, w, dout = randn(rng, B, T, C), randn(rng, C), randn(rng, B, T, C)
@@ -191,7 +196,7 @@ def test_swiglu_backward_matches_finite_differences(seed, B, T, n):
 @given(seeds, small, small, st.integers(2, 12), st.booleans())
 def test_cross_entropy_backward_matches_finite_differences(seed, B, T, V, masked):
     rng = np.random.default_rng(seed)
-    logits, targets = 3 * randn(rng, B, T, V), rng.integers(0, V, (B, T))
+    logits, targets = randn(rng, B, T, V), rng.integers(0, V, (B, T))
     mask = None
     if masked:
         mask = rng.random((B, T)) < 0.6
