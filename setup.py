@@ -29,6 +29,7 @@ extras_require = {
     "ref": [
         "torch==2.13.0",  # the CPU build that lies on these machines; other versions download GBs
         "transformers>=4.45",
+        "fairscale",  # Meta's llama_models.llama3.model imports it; we compare with its apply_scaling
     ],
 }
 
