@@ -179,10 +179,18 @@ def decode(raw: np.ndarray, dtype_name: str, dtype=np.float32, out: np.ndarray =
     return out
 
 
-def load_file(path, dtype=np.float32) -> dict:
-    """Every tensor of a safetensors file, converted to `dtype` (floats) or kept as stored (ints)."""
+def load_file(path, dtype=None) -> dict:
+    """Every tensor of a safetensors file as a NumPy array (a copy): floats converted to `dtype` if
+    given, else kept in their stored dtype (BF16 widened to float32); integers as stored."""
     with SafeTensorsFile(path) as f:
-        return {k: f.get(k, dtype) if f.info(k)[0] in FLOAT_DTYPES else f.raw(k).copy() for k in f.keys()}
+        out = {}
+        for k in f.keys():
+            stored = f.info(k)[0]
+            if stored in FLOAT_DTYPES and (dtype is not None or stored == "BF16"):
+                out[k] = f.get(k, np.float32 if dtype is None else dtype)
+            else:
+                out[k] = f.raw(k).copy()
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------
