@@ -1,0 +1,331 @@
+/* Fused causal grouped-query attention, forward and backward, in the FlashAttention manner.
+ *
+ *   out = softmax(q k^T / sqrt(hd) + mask) v         q (B, H, T, hd), k and v (B, KV, S, hd)
+ *
+ * Query head h reads kv head h / (H / KV) (Meta's repeat_kv, without the copy). The T queries are the
+ * last T of the S positions: query i sits at position S - T + i and sees keys j <= S - T + i, so a
+ * decode step against a KV cache (T = 1) is the same code as a full forward (S = T).
+ *
+ * Forward: for a block of BR queries, walk over blocks of BC keys, keeping for each query row the
+ * running max m and running sum l of exp(score - m) (the "online softmax"): when a new block raises
+ * the max from m to m', everything accumulated so far is multiplied by exp(m - m'). At the end
+ * out = acc / l and lse = m + log(l). The T x S score matrix never exists; each thread holds one
+ * BR x BC tile.
+ * Backward: recompute each tile's probabilities from lse (p = exp(score - lse)), then
+ *   dv += p^T dout,  dp = dout v^T,  ds = p * (dp - D) / sqrt(hd) with D = rowsum(dout * out),
+ *   dq += ds k,      dk += ds^T q.
+ * The products are small matrix multiplies done by sgemm_serial (the packed SIMD kernel of gemm.c).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemm.h"
+#include "llama3np_kernels.h"
+#include "parallel.h"
+
+#define BR 64 /* query rows per tile */
+#define BC 64 /* keys per tile */
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Row helpers compiled for several instruction sets: on x86-64 Linux the compiler builds an
+ * AVX-512, an AVX2 and a baseline copy and the loader picks one for this CPU (target_clones). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* exp of a row of scores, written so the compiler vectorizes it (libm's expf is one call per value).
+ * Cephes' expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n built in the
+ * exponent bits. Relative error ~1e-7. Inputs are <= ~0 here (scores minus their max or their lse);
+ * NaN stays NaN. */
+VECTOR_CLONES
+static void exp_inplace(float *x, int n) {
+    for (int i = 0; i < n; i++) {
+        float v = x[i] < -87.0f ? -87.0f : x[i]; /* exp(-87) ~ 1.6e-38: still a normal float */
+        /* n = round(v / ln2): adding 1.5 * 2^23 pushes the fraction bits out, leaving n in the low
+         * bits of t's mantissa (bit arithmetic, so no float-to-int conversion of a NaN) */
+        float t = v * 1.44269504088896341f + 12582912.0f;
+        float nf = t - 12582912.0f;
+        float r = v - nf * 0.693359375f + nf * 2.12194440e-4f; /* ln2 in two parts: r keeps its low bits */
+        float y = 1.9875691500e-4f;
+        y = y * r + 1.3981999507e-3f;
+        y = y * r + 8.3334519073e-3f;
+        y = y * r + 4.1665795894e-2f;
+        y = y * r + 1.6666665459e-1f;
+        y = y * r + 5.0000001201e-1f;
+        y = y * r * r + r + 1.0f;
+        uint32_t tbits, two_n_bits;
+        memcpy(&tbits, &t, 4);
+        two_n_bits = (tbits - 0x4B400000u + 127u) << 23; /* 0x4B400000 = the bits of 1.5 * 2^23 */
+        float two_n;
+        memcpy(&two_n, &two_n_bits, 4);
+        x[i] = y * two_n;
+    }
+}
+
+typedef struct {
+    const float *q, *k, *v, *dout, *out, *lse;
+    const long *qs, *ks, *vs, *douts, *outs, *lses; /* strides in floats of dims 0, 1, 2 */
+    float *out_c, *lse_c;                           /* forward outputs, contiguous */
+    float *dq, *dk, *dv;                            /* backward outputs, contiguous */
+    float *dk_heads, *dv_heads;                     /* (B, H, S, hd) per-query-head partials, or NULL */
+    int B, H, KV, T, S, hd, causal;
+    float scale;
+    int next_task, failed;
+} attn_ctx;
+
+/* per-thread scratch: two tiles, an accumulator, row statistics and the gemm workspace */
+typedef struct {
+    float *s, *p, *acc, *m, *l, *row, *work;
+    void *mem;
+} scratch_t;
+
+static int scratch_alloc(scratch_t *w, int hd, int T) {
+    long tile = BR * BC, acc = (long)BR * hd, rows = BR, row = T > BR ? T : BR;
+    int mk = BR > BC ? BR : BC, kk = hd > mk ? hd : mk;
+    long work = sgemm_work_floats(mk, 0, kk);
+    /* every piece rounded up to 16 floats so the gemm workspace stays 64-byte aligned */
+#define UP16(n) (((n) + 15) / 16 * 16)
+    long total = UP16(tile) * 2 + UP16(acc) + UP16(rows) * 2 + UP16(row) + work;
+    if (posix_memalign(&w->mem, 64, (size_t)total * sizeof(float)) != 0) return -1;
+    float *f = (float *)w->mem;
+    w->s = f; f += UP16(tile);
+    w->p = f; f += UP16(tile);
+    w->acc = f; f += UP16(acc);
+    w->m = f; f += UP16(rows);
+    w->l = f; f += UP16(rows);
+    w->row = f; f += UP16(row);
+    w->work = f;
+#undef UP16
+    return 0;
+}
+
+/* how many of the bc keys starting at j0 query row i (0-based among the T queries) may see */
+static int visible_keys(const attn_ctx *a, int i, int j0, int bc) {
+    if (!a->causal) return bc;
+    int last = a->S - a->T + i; /* the query's own position: it sees keys 0..last */
+    int n = last - j0 + 1;
+    return n < 0 ? 0 : (n > bc ? bc : n);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Forward: one block of br queries of head h in batch b.                                           */
+
+static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0, int br) {
+    const int hd = a->hd, g = h / (a->H / a->KV);
+    const float *Q = a->q + b * a->qs[0] + h * a->qs[1] + i0 * a->qs[2];
+    const float *K = a->k + b * a->ks[0] + g * a->ks[1];
+    const float *V = a->v + b * a->vs[0] + g * a->vs[1];
+    /* keys past the last query's own position are masked for every row of the block */
+    int n_keys = a->causal ? a->S - a->T + i0 + br : a->S;
+    for (int r = 0; r < br; r++) {
+        w->m[r] = -INFINITY; /* no key seen yet */
+        w->l[r] = 0.0f;
+    }
+    memset(w->acc, 0, (size_t)br * hd * sizeof(float));
+    for (int j0 = 0; j0 < n_keys; j0 += BC) {
+        int bc = n_keys - j0 < BC ? n_keys - j0 : BC;
+        /* scores of the tile: s (br, bc) = Q (br, hd) @ K[j0:j0+bc]^T (hd, bc) */
+        sgemm_serial(0, 1, br, bc, hd, Q, a->qs[2], K + j0 * a->ks[2], a->ks[2], w->s, bc, 0, w->work);
+        for (int r = 0; r < br; r++) {
+            float *s = w->s + r * bc;
+            int nv = visible_keys(a, i0 + r, j0, bc);
+            float mx = w->m[r];
+            for (int c = 0; c < nv; c++) {
+                s[c] *= a->scale;
+                mx = s[c] > mx ? s[c] : mx;
+            }
+            /* the online softmax: rescale what was summed under the old max to the new max */
+            float correction = nv > 0 ? expf(w->m[r] - mx) : 1.0f; /* exp(-inf) = 0 on the first tile */
+            for (int c = 0; c < nv; c++) s[c] -= mx;
+            exp_inplace(s, nv);
+            float sum = 0.0f;
+            for (int c = 0; c < nv; c++) sum += s[c];
+            for (int c = nv; c < bc; c++) s[c] = 0.0f; /* masked: probability 0 */
+            w->l[r] = w->l[r] * correction + sum;
+            if (correction != 1.0f) {
+                float *o = w->acc + r * hd;
+                for (int d = 0; d < hd; d++) o[d] *= correction;
+            }
+            w->m[r] = mx;
+        }
+        /* acc (br, hd) += p (br, bc) @ V[j0:j0+bc] (bc, hd) */
+        sgemm_serial(0, 0, br, hd, bc, w->s, bc, V + j0 * a->vs[2], a->vs[2], w->acc, hd, 1, w->work);
+    }
+    /* every row saw key 0 (S >= T), so l > 0 */
+    for (int r = 0; r < br; r++) {
+        long row = ((long)b * a->H + h) * a->T + i0 + r;
+        float inv = 1.0f / w->l[r];
+        for (int d = 0; d < hd; d++) a->out_c[row * hd + d] = w->acc[r * hd + d] * inv;
+        a->lse_c[row] = w->m[r] + logf(w->l[r]);
+    }
+}
+
+static void forward_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
+    (void)tid, (void)nthreads, (void)barrier;
+    attn_ctx *a = (attn_ctx *)arg;
+    scratch_t w;
+    if (scratch_alloc(&w, a->hd, BR) != 0) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
+        return; /* the other threads take the remaining tasks */
+    }
+    int n_blocks = (a->T + BR - 1) / BR, n_tasks = a->B * a->H * n_blocks;
+    for (;;) {
+        int t = __atomic_fetch_add(&a->next_task, 1, __ATOMIC_RELAXED);
+        if (t >= n_tasks) break;
+        /* last query blocks first: under the causal mask they have the most keys, so the dynamic
+         * schedule ends with the small tasks and the threads finish together */
+        int blk = n_blocks - 1 - t % n_blocks, bh = t / n_blocks;
+        int i0 = blk * BR, br = a->T - i0 < BR ? a->T - i0 : BR;
+        forward_block(a, &w, bh / a->H, bh % a->H, i0, br);
+    }
+    free(w.mem);
+}
+
+static int attention_threads(double flops) {
+    int n = get_num_threads();
+    while (n > 1 && flops < 4e6 * n) n--; /* starting a thread costs ~20 us */
+    return n;
+}
+
+int attention_forward(const float *q, const long *q_strides, const float *k, const long *k_strides,
+                      const float *v, const long *v_strides, float *out, float *lse, int B, int H, int KV,
+                      int T, int S, int hd, int causal) {
+    attn_ctx a = {.q = q, .k = k, .v = v, .qs = q_strides, .ks = k_strides, .vs = v_strides,
+                  .out_c = out, .lse_c = lse, .B = B, .H = H, .KV = KV, .T = T, .S = S, .hd = hd,
+                  .causal = causal, .scale = 1.0f / sqrtf((float)hd)};
+    int ran = parallel_run(attention_threads(4.0 * B * H * T * (double)S * hd), forward_thread, &a);
+    /* a thread without scratch skipped its share only if no thread had scratch at all */
+    return (a.failed && a.next_task == 0) || ran < 1 ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Backward: all of query head h of batch b, accumulating dk and dv into dK, dV (S, hd).            */
+
+static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *dK, float *dV) {
+    const int hd = a->hd, T = a->T, g = h / (a->H / a->KV);
+    const float *Q = a->q + b * a->qs[0] + h * a->qs[1];
+    const float *dO = a->dout + b * a->douts[0] + h * a->douts[1];
+    const float *O = a->out + b * a->outs[0] + h * a->outs[1];
+    const float *L = a->lse + b * a->lses[0] + h * a->lses[1];
+    const float *K = a->k + b * a->ks[0] + g * a->ks[1];
+    const float *V = a->v + b * a->vs[0] + g * a->vs[1];
+    const long ldq = a->qs[2], ldo = a->douts[2], ldk = a->ks[2], ldv = a->vs[2];
+    float *dQ = a->dq + ((long)b * a->H + h) * T * hd;
+    float *D = w->row;
+    memset(dQ, 0, (size_t)T * hd * sizeof(float));
+    /* D_i = sum_j p_ij dp_ij = dout_i . out_i: the softmax backward's row term, once per row */
+    for (int i = 0; i < T; i++) {
+        float s = 0.0f;
+        for (int d = 0; d < hd; d++) s += dO[i * ldo + d] * O[i * a->outs[2] + d];
+        D[i] = s;
+    }
+    for (int j0 = 0; j0 < a->S; j0 += BC) {
+        int bc = a->S - j0 < BC ? a->S - j0 : BC;
+        const float *Kj = K + j0 * ldk, *Vj = V + j0 * ldv;
+        /* under the causal mask only queries at positions >= j0 see this block */
+        int i_start = a->causal ? j0 - (a->S - T) : 0;
+        if (i_start < 0) i_start = 0;
+        for (int i0 = i_start; i0 < T; i0 += BR) {
+            int br = T - i0 < BR ? T - i0 : BR;
+            /* p (br, bc) = exp(Q_i K_j^T * scale - lse_i), recomputed; masked entries 0 */
+            sgemm_serial(0, 1, br, bc, hd, Q + i0 * ldq, ldq, Kj, ldk, w->p, bc, 0, w->work);
+            for (int r = 0; r < br; r++) {
+                float *p = w->p + r * bc, lse_r = L[(i0 + r) * a->lses[2]];
+                int nv = visible_keys(a, i0 + r, j0, bc);
+                for (int c = 0; c < nv; c++) p[c] = p[c] * a->scale - lse_r;
+                exp_inplace(p, nv);
+                for (int c = nv; c < bc; c++) p[c] = 0.0f;
+            }
+            /* dV_j (bc, hd) += p^T (bc, br) @ dout_i (br, hd) */
+            sgemm_serial(1, 0, bc, hd, br, w->p, bc, dO + i0 * ldo, ldo, dV + (long)j0 * hd, hd, 1, w->work);
+            /* dp (br, bc) = dout_i (br, hd) @ V_j^T (hd, bc) */
+            sgemm_serial(0, 1, br, bc, hd, dO + i0 * ldo, ldo, Vj, ldv, w->s, bc, 0, w->work);
+            /* ds = p * (dp - D) * scale, in place of dp */
+            for (int r = 0; r < br; r++) {
+                float *ds = w->s + r * bc;
+                const float *p = w->p + r * bc;
+                float Dr = D[i0 + r];
+                for (int c = 0; c < bc; c++) ds[c] = p[c] * (ds[c] - Dr) * a->scale;
+            }
+            /* dQ_i (br, hd) += ds (br, bc) @ K_j (bc, hd) */
+            sgemm_serial(0, 0, br, hd, bc, w->s, bc, Kj, ldk, dQ + (long)i0 * hd, hd, 1, w->work);
+            /* dK_j (bc, hd) += ds^T (bc, br) @ Q_i (br, hd) */
+            sgemm_serial(1, 0, bc, hd, br, w->s, bc, Q + i0 * ldq, ldq, dK + (long)j0 * hd, hd, 1, w->work);
+        }
+    }
+}
+
+/* Two ways to split the work over threads:
+ *  - one task per kv head (b, g): it runs the G query heads that share it and owns dK, dV of g;
+ *  - when there are fewer kv heads than threads (e.g. n_kv_heads = 1), one task per query head,
+ *    each writing its dk, dv to its own (S, hd) slot of dk_heads, summed over the group after. */
+static void backward_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
+    attn_ctx *a = (attn_ctx *)arg;
+    const int G = a->H / a->KV, hd = a->hd;
+    const long slot = (long)a->S * hd;
+    scratch_t w;
+    int ok = scratch_alloc(&w, hd, a->T) == 0;
+    if (!ok) __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
+    int per_head = a->dk_heads != NULL;
+    int n_tasks = per_head ? a->B * a->H : a->B * a->KV;
+    while (ok) {
+        int t = __atomic_fetch_add(&a->next_task, 1, __ATOMIC_RELAXED);
+        if (t >= n_tasks) break;
+        if (per_head) {
+            float *dK = a->dk_heads + t * slot, *dV = a->dv_heads + t * slot;
+            memset(dK, 0, slot * sizeof(float));
+            memset(dV, 0, slot * sizeof(float));
+            backward_head(a, &w, t / a->H, t % a->H, dK, dV);
+        } else {
+            int b = t / a->KV, g = t % a->KV;
+            float *dK = a->dk + t * slot, *dV = a->dv + t * slot;
+            memset(dK, 0, slot * sizeof(float));
+            memset(dV, 0, slot * sizeof(float));
+            for (int h = g * G; h < (g + 1) * G; h++) backward_head(a, &w, b, h, dK, dV);
+        }
+    }
+    if (ok) free(w.mem);
+    if (!per_head) return;
+    /* sum the per-head partials over each group: dk[b, g] = sum over h in g of dk_heads[b, h] */
+    barrier_wait(barrier);
+    long n = (long)a->B * a->KV * slot;
+    for (long e = tid; e < n; e += nthreads) {
+        long bg = e / slot, x = e % slot, b = bg / a->KV, g = bg % a->KV;
+        float sk = 0.0f, sv = 0.0f;
+        for (int h = (int)g * G; h < (g + 1) * G; h++) {
+            sk += a->dk_heads[(b * a->H + h) * slot + x];
+            sv += a->dv_heads[(b * a->H + h) * slot + x];
+        }
+        a->dk[e] = sk;
+        a->dv[e] = sv;
+    }
+}
+
+int attention_backward(const float *dout, const long *dout_strides, const float *q, const long *q_strides,
+                       const float *k, const long *k_strides, const float *v, const long *v_strides,
+                       const float *out, const long *out_strides, const float *lse, const long *lse_strides,
+                       float *dq, float *dk, float *dv, int B, int H, int KV, int T, int S, int hd, int causal) {
+    attn_ctx a = {.q = q, .k = k, .v = v, .dout = dout, .out = out, .lse = lse, .qs = q_strides,
+                  .ks = k_strides, .vs = v_strides, .douts = dout_strides, .outs = out_strides,
+                  .lses = lse_strides, .dq = dq, .dk = dk, .dv = dv, .B = B, .H = H, .KV = KV, .T = T,
+                  .S = S, .hd = hd, .causal = causal, .scale = 1.0f / sqrtf((float)hd)};
+    int nthreads = attention_threads(10.0 * B * H * T * (double)S * hd);
+    void *partials = NULL;
+    if (nthreads > 1 && B * KV < nthreads && H > KV) {
+        size_t bytes = (size_t)B * H * S * hd * sizeof(float);
+        partials = malloc(2 * bytes);
+        if (partials) {
+            a.dk_heads = (float *)partials;
+            a.dv_heads = (float *)((char *)partials + bytes);
+        }
+        /* without the memory: fall back to one task per kv head */
+    }
+    parallel_run(nthreads, backward_thread, &a);
+    free(partials);
+    /* with failed scratch some tasks may be undone only if every thread failed */
+    return a.failed && a.next_task == 0 ? -1 : 0;
+}

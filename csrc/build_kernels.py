@@ -1,0 +1,71 @@
+"""Build the C kernels into the extension module `llama3np._kernels` with cffi (API mode).
+
+setup.py uses `ffibuilder` from here during `pip install -e .`; during development run
+`python csrc/build_kernels.py` to build in place (the .so lands next to llama3np/kernels.py).
+Extra flags come from LLAMA3NP_CFLAGS / LLAMA3NP_LDFLAGS (tests/sanitize.sh uses them to build with
+AddressSanitizer). No -ffast-math: it would change floating point for the whole Python process.
+"""
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
+
+from cffi import FFI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ["csrc/gemm.c", "csrc/attention.c", "csrc/parallel.c"]  # relative to ROOT, as setuptools wants
+HEADER = os.path.join(ROOT, "csrc", "llama3np_kernels.h")
+
+
+def _cdef():
+    """The header's declarations without the preprocessor lines (cffi's parser does not take them)."""
+    with open(HEADER, encoding="utf-8") as f:
+        return "".join(line for line in f if not line.lstrip().startswith("#"))
+
+
+def _compile_args():
+    args = [] if sys.platform == "win32" else ["-O3", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
+    return args + shlex.split(os.environ.get("LLAMA3NP_CFLAGS", ""))
+
+
+def _link_args():
+    args = [] if sys.platform == "win32" else ["-pthread"]
+    return args + shlex.split(os.environ.get("LLAMA3NP_LDFLAGS", ""))
+
+
+def make_ffibuilder(absolute_paths=False):
+    """The cffi builder; setuptools wants source paths relative to the project root, while
+    ffibuilder.compile runs inside its temp dir and needs them absolute."""
+    def path(p):
+        return os.path.join(ROOT, p) if absolute_paths else p
+
+    builder = FFI()
+    builder.cdef(_cdef())
+    builder.set_source(
+        "llama3np._kernels",
+        '#include "llama3np_kernels.h"',
+        sources=[path(s) for s in SOURCES],
+        include_dirs=[path("csrc")],
+        extra_compile_args=_compile_args(),
+        extra_link_args=_link_args(),
+    )
+    return builder
+
+
+ffibuilder = make_ffibuilder()  # what setup.py's cffi_modules points at
+
+
+def build_inplace(tmpdir=None, verbose=False):
+    """Compile and copy the extension into llama3np/; returns its path."""
+    tmpdir = tmpdir or os.path.join(ROOT, "build", "cffi")
+    built = make_ffibuilder(absolute_paths=True).compile(tmpdir=tmpdir, verbose=verbose)
+    target = os.path.join(ROOT, "llama3np", "_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    tmp = target + ".tmp"
+    shutil.copyfile(built, tmp)
+    os.replace(tmp, target)  # atomic: a running process never sees half a library
+    return target
+
+
+if __name__ == "__main__":
+    print(build_inplace(verbose="-v" in sys.argv))

@@ -1,0 +1,56 @@
+/* The C kernels of llama3np: the functions Python calls through cffi (llama3np/kernels.py).
+ *
+ * All arrays are float32. Matrices are row-major with a leading dimension (the distance in floats
+ * between two rows); a "trans" flag says the matrix is stored transposed, so that a NumPy view x.T of
+ * a C-contiguous array reaches C without a copy. Python validates every shape, stride and dtype
+ * before calling; the C code trusts what it is given.
+ *
+ * This file is read twice: by the C compiler, and by cffi's cdef parser (build_kernels.py strips the
+ * preprocessor lines), so it holds plain declarations only.
+ */
+#ifndef LLAMA3NP_KERNELS_H
+#define LLAMA3NP_KERNELS_H
+
+/* ---- matrix multiply: C (M, N) = op(A) (M, K) @ op(B) (K, N), op(X) = X or X^T ---------------- */
+/* A is (M, K) with row stride lda, or if trans_a it is stored as (K, M) with row stride lda;
+ * the same for B. accumulate=0 overwrites C, accumulate=1 adds to it. */
+int sgemm(int trans_a, int trans_b, int M, int N, int K,
+           const float *A, long lda, const float *B, long ldb,
+           float *C, long ldc, int accumulate);
+
+/* Teaching kernels for notebooks/02_kernels: the textbook triple loop, and the same loop blocked for
+ * the caches (no packing, no explicit SIMD). Both contiguous, no transposes. */
+void naive_sgemm(int M, int N, int K, const float *A, const float *B, float *C);
+void blocked_sgemm(int M, int N, int K, const float *A, const float *B, float *C);
+
+/* ---- fused causal grouped-query attention (FlashAttention-style) ------------------------------- */
+/* q (B, H, T, hd), k and v (B, KV, S, hd): strides in floats for the first three dims (the last has
+ * stride 1). The queries are the last T of the S positions. out (B, H, T, hd) and lse (B, H, T) are
+ * contiguous. */
+int attention_forward(const float *q, const long *q_strides,
+                       const float *k, const long *k_strides,
+                       const float *v, const long *v_strides,
+                       float *out, float *lse,
+                       int B, int H, int KV, int T, int S, int hd, int causal);
+
+/* dout, out like q; dq (B, H, T, hd), dk and dv (B, KV, S, hd) contiguous, overwritten. */
+int attention_backward(const float *dout, const long *dout_strides,
+                        const float *q, const long *q_strides,
+                        const float *k, const long *k_strides,
+                        const float *v, const long *v_strides,
+                        const float *out, const long *out_strides,
+                        const float *lse, const long *lse_strides,
+                        float *dq, float *dk, float *dv,
+                        int B, int H, int KV, int T, int S, int hd, int causal);
+
+/* ---- run-time configuration -------------------------------------------------------------------- */
+/* The instruction set the matmul micro-kernel uses: 0 portable C, 1 AVX2+FMA, 2 AVX-512.
+ * select_isa(-1) picks the best the CPU supports; select_isa(n) forces n and returns what was set
+ * (it never selects what the CPU cannot run; it returns the best available one instead). */
+int select_isa(int isa);
+int current_isa(void);
+/* Threads used by sgemm and attention (pthreads started per call; small work uses one). */
+void set_num_threads(int n);
+int get_num_threads(void);
+
+#endif

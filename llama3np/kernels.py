@@ -1,0 +1,311 @@
+"""Python side of the C kernels in csrc/: validation, then one call into C through cffi.
+
+    kernels.matmul(a, b, out=None)                       C = A @ B, float32, A or B may be x.T views
+    kernels.attention_forward(q, k, v, causal=True)      -> (out, lse), fused (FlashAttention-style)
+    kernels.attention_backward(dout, q, k, v, out, lse)  -> (dq, dk, dv)
+
+Everything is checked here before C sees a pointer: dtype (TypeError), shapes, strides, aliasing
+(ValueError). The C code trusts its arguments, so this file is what keeps a bad array from becoming
+a crash. Arrays reach C without a copy: a matrix needs its rows or its columns contiguous (so a
+transposed view passes as a "trans" flag and a leading dimension); an attention input needs its
+last dimension contiguous and positive strides elsewhere (so q as a transposed view of (B, T, H, hd),
+or k as a slice of a KV cache, are read in place).
+
+Build the extension with `pip install -e .` or `python csrc/build_kernels.py`. Without it (no C
+compiler), `available()` is False and the model runs on NumPy (llama3np.backend).
+
+Environment: LLAMA3NP_NUM_THREADS (default: the CPUs this process may use), LLAMA3NP_ISA (portable,
+avx2 or avx512: force a micro-kernel, e.g. to test each path), LLAMA3NP_DISABLE_KERNELS=1 (act as if
+the extension were not built).
+"""
+import os
+
+import numpy as np
+
+ISAS = ("portable", "avx2", "avx512")  # index = the C code's number for each instruction set
+_INT_MAX = 2**31 - 1
+
+try:
+    if os.environ.get("LLAMA3NP_DISABLE_KERNELS") == "1":
+        raise ImportError("LLAMA3NP_DISABLE_KERNELS=1 is set")
+    from ._kernels import ffi, lib  # noqa: E402
+
+    import_error = None
+except ImportError as e:  # not built (no compiler at install time) or disabled
+    ffi = lib = None
+    import_error = str(e)
+
+
+def available() -> bool:
+    """True when the compiled extension is loaded."""
+    return lib is not None
+
+
+def _require():
+    if lib is None:
+        raise RuntimeError(
+            f"the C kernels are not available ({import_error}); build them with `pip install -e .` "
+            "or `python csrc/build_kernels.py` (needs a C compiler), or use set_backend('numpy')"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# run-time configuration
+
+
+def available_isas() -> list:
+    """The micro-kernels this CPU can run, slowest first, e.g. ['portable', 'avx2', 'avx512']."""
+    _require()
+    current = lib.current_isa()
+    best = lib.select_isa(-1)
+    lib.select_isa(current)
+    return list(ISAS[: best + 1])
+
+
+def isa() -> str:
+    """The micro-kernel the matmul uses now: 'portable', 'avx2' or 'avx512'."""
+    _require()
+    return ISAS[lib.current_isa()]
+
+
+def set_isa(name=None) -> str:
+    """Force a micro-kernel by name (None: the best this CPU supports). Returns the one selected."""
+    _require()
+    if name is None:
+        return ISAS[lib.select_isa(-1)]
+    if name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}; expected one of {ISAS} or None")
+    if name not in available_isas():
+        raise ValueError(f"this CPU cannot run {name!r}; it supports {available_isas()}")
+    return ISAS[lib.select_isa(ISAS.index(name))]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for matmul and attention (small work still runs on one)."""
+    _require()
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"number of threads must be a positive int, got {n!r}")
+    lib.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    _require()
+    return lib.get_num_threads()
+
+
+def _default_threads():
+    env = os.environ.get("LLAMA3NP_NUM_THREADS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"LLAMA3NP_NUM_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+if lib is not None:
+    set_num_threads(_default_threads())
+    set_isa(os.environ.get("LLAMA3NP_ISA") or None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation: every check happens before a pointer goes to C
+
+
+def _check_array(x, name):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name} must be float32 for the C kernels, got {x.dtype}")
+    if not x.flags.aligned:
+        raise ValueError(f"{name} is not aligned to 4 bytes; pass np.ascontiguousarray({name})")
+    if any(d > _INT_MAX for d in x.shape):
+        raise ValueError(f"{name} has a dimension larger than 2**31 - 1: {x.shape}")
+
+
+def _ptr(x):
+    return ffi.cast("float *", x.ctypes.data)
+
+
+def _matrix_layout(x, name):
+    """(trans, ld) for a 2-D float32 array with contiguous rows (trans=0) or columns (trans=1)."""
+    _check_array(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+    m, n = x.shape
+    s0, s1 = x.strides
+    # a dimension of length 1 is never stepped along, so its stride does not matter
+    rows_ok = (n == 1 or s1 == 4) and (m == 1 or (s0 > 0 and s0 % 4 == 0 and s0 // 4 >= n))
+    if rows_ok:
+        return 0, (s0 // 4 if m > 1 else n)
+    cols_ok = (m == 1 or s0 == 4) and (n == 1 or (s1 > 0 and s1 % 4 == 0 and s1 // 4 >= m))
+    if cols_ok:
+        return 1, (s1 // 4 if n > 1 else m)
+    raise ValueError(
+        f"{name} (shape {x.shape}, strides {x.strides}) needs contiguous rows or columns (a C-contiguous "
+        f"array or its .T); pass np.ascontiguousarray({name})"
+    )
+
+
+def _strides(x, name, ndim, unit_last):
+    """The strides in floats of x's first three dims, as a C long[3]."""
+    _check_array(x, name)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+    if unit_last and x.shape[-1] > 1 and x.strides[-1] != 4:
+        raise ValueError(
+            f"{name}'s last dimension must be contiguous (stride 4 bytes), got strides {x.strides}; "
+            f"pass np.ascontiguousarray({name})"
+        )
+    out = []
+    for d in range(3):
+        size, stride = x.shape[d], x.strides[d]
+        if size == 1:
+            out.append(0)  # never stepped along
+        elif stride > 0 and stride % 4 == 0:
+            out.append(stride // 4)
+        else:
+            raise ValueError(
+                f"{name} (shape {x.shape}) has stride {stride} bytes in dim {d}; the kernels need positive "
+                f"multiples of 4; pass np.ascontiguousarray({name})"
+            )
+    return ffi.new("long[3]", out)
+
+
+def _check_status(status, what):
+    if status != 0:
+        raise MemoryError(f"{what}: the C kernel could not allocate its scratch memory")
+
+
+# ---------------------------------------------------------------------------------------------------
+# matmul
+
+
+def matmul(a, b, out=None):
+    """C (M, N) = a (M, K) @ b (K, N) in float32; a or b may be a transposed view (x.T), no copy.
+
+    out, if given, must be a C-contiguous float32 (M, N) array that shares no memory with a or b.
+    """
+    _require()
+    trans_a, lda = _matrix_layout(a, "a")
+    trans_b, ldb = _matrix_layout(b, "b")
+    M, K = a.shape
+    if b.shape[0] != K:
+        raise ValueError(f"matmul shapes do not fit: a {a.shape} @ b {b.shape} (a's columns must equal b's rows)")
+    N = b.shape[1]
+    if out is None:
+        out = np.empty((M, N), dtype=np.float32)
+    else:
+        _check_array(out, "out")
+        if out.shape != (M, N):
+            raise ValueError(f"out has shape {out.shape}, expected {(M, N)}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writeable C-contiguous array")
+        if np.may_share_memory(out, a) or np.may_share_memory(out, b):
+            raise ValueError("out must not share memory with a or b (C is written while A and B are read)")
+    if M == 0 or N == 0:
+        return out
+    status = lib.sgemm(trans_a, trans_b, M, N, K, _ptr(a), lda, _ptr(b), ldb, _ptr(out), max(N, 1), 0)
+    _check_status(status, "matmul")
+    return out
+
+
+def _contiguous_matrix(x, name):
+    _check_array(x, name)
+    if x.ndim != 2 or not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be a 2-D C-contiguous array, got shape {x.shape}")
+
+
+def naive_matmul(a, b):
+    """The textbook triple loop in C (for notebooks/02_kernels); contiguous inputs only."""
+    _require()
+    _contiguous_matrix(a, "a")
+    _contiguous_matrix(b, "b")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul shapes do not fit: a {a.shape} @ b {b.shape}")
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
+    lib.naive_sgemm(a.shape[0], b.shape[1], a.shape[1], _ptr(a), _ptr(b), _ptr(out))
+    return out
+
+
+def blocked_matmul(a, b):
+    """The triple loop reordered and tiled for the caches, no packing or explicit SIMD (notebook)."""
+    _require()
+    _contiguous_matrix(a, "a")
+    _contiguous_matrix(b, "b")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul shapes do not fit: a {a.shape} @ b {b.shape}")
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
+    lib.blocked_sgemm(a.shape[0], b.shape[1], a.shape[1], _ptr(a), _ptr(b), _ptr(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused attention
+
+
+def _attention_shapes(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention expects q (B, H, T, hd) and k, v (B, KV, S, hd); got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    B, H, T, hd = q.shape
+    _, KV, S, _ = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape}, v {v.shape}")
+    if k.shape[0] != B or k.shape[3] != hd:
+        raise ValueError(f"q {q.shape} and k {k.shape} must agree in batch size and head_dim")
+    if KV == 0 or H % KV:
+        raise ValueError(f"n_heads={H} must be a multiple of n_kv_heads={KV} (grouped-query attention)")
+    if S < T:
+        raise ValueError(f"k has S={S} positions but q has T={T}: the queries are the last T of the S "
+                         "positions, so S >= T")
+    return B, H, KV, T, S, hd
+
+
+def _check_causal(causal):
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    return int(bool(causal))
+
+
+def attention_forward(q, k, v, causal=True):
+    """Fused attention: out (B, H, T, hd) = softmax(q k^T / sqrt(hd) + mask) v, and lse (B, H, T).
+
+    q (B, n_heads, T, hd), k and v (B, n_kv_heads, S, hd), float32; query head h reads kv head
+    h // (n_heads // n_kv_heads); the queries are the last T of the S positions. lse is the per-row
+    log-sum-exp of the scaled, masked scores (what the backward needs to recompute the softmax).
+    """
+    _require()
+    c = _check_causal(causal)
+    qs, ks, vs = _strides(q, "q", 4, True), _strides(k, "k", 4, True), _strides(v, "v", 4, True)
+    B, H, KV, T, S, hd = _attention_shapes(q, k, v)
+    out = np.empty((B, H, T, hd), dtype=np.float32)
+    lse = np.empty((B, H, T), dtype=np.float32)
+    if out.size == 0:
+        return out, lse
+    status = lib.attention_forward(_ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(out), _ptr(lse),
+                                   B, H, KV, T, S, hd, c)
+    _check_status(status, "attention_forward")
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, causal=True):
+    """Gradients of attention_forward -> (dq, dk, dv), the probabilities recomputed from lse."""
+    _require()
+    c = _check_causal(causal)
+    qs, ks, vs = _strides(q, "q", 4, True), _strides(k, "k", 4, True), _strides(v, "v", 4, True)
+    douts, outs = _strides(dout, "dout", 4, True), _strides(out, "out", 4, True)
+    lses = _strides(lse, "lse", 3, False)
+    B, H, KV, T, S, hd = _attention_shapes(q, k, v)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dout {dout.shape} and out {out.shape} must have q's shape {q.shape}")
+    if lse.shape != (B, H, T):
+        raise ValueError(f"lse has shape {lse.shape}, expected (B, H, T) = {(B, H, T)}")
+    dq = np.zeros((B, H, T, hd), dtype=np.float32)
+    dk = np.zeros((B, KV, S, hd), dtype=np.float32)
+    dv = np.zeros((B, KV, S, hd), dtype=np.float32)
+    if dq.size == 0 or dk.size == 0:
+        return dq, dk, dv
+    status = lib.attention_backward(_ptr(dout), douts, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(out), outs,
+                                    _ptr(lse), lses, _ptr(dq), _ptr(dk), _ptr(dv), B, H, KV, T, S, hd, c)
+    _check_status(status, "attention_backward")
+    return dq, dk, dv
