@@ -179,6 +179,19 @@ def split_long_runs(s: str, max_run: int = MAX_NO_WHITESPACES_CHARS) -> Iterator
     yield s[start:]
 
 
+_INSTANCE: Optional["Tokenizer"] = None
+
+
+def _special_names(arg: str, value) -> Union[Literal["all"], set]:
+    """`"all"` or a collection of special-token names, as a set; a lone name is a TypeError
+    (iterating "<|eot_id|>" would silently give its characters)."""
+    if value == "all":
+        return "all"
+    if isinstance(value, str) or not isinstance(value, Collection) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{arg} must be 'all' or a set of special-token names such as {{'<|eot_id|>'}}, got {value!r}")
+    return set(value)
+
+
 class Tokenizer:
     """Llama 3's tokenizer (Meta's interface): `encode(s, bos=..., eos=...)` -> ids, `decode(ids)` -> str.
 
@@ -201,6 +214,14 @@ class Tokenizer:
             raise ValueError(f"{path}: not a text file (tiktoken .model files are base64 lines): {e}") from None
         self._setup(parse_model_file(text, str(path)), name=path.name)
         self.model_path: Optional[Path] = path
+
+    @classmethod
+    def get_instance(cls) -> "Tokenizer":
+        """Meta's vocabulary, loaded once per process and shared (loading takes ~0.5 s)."""
+        global _INSTANCE
+        if _INSTANCE is None:
+            _INSTANCE = cls()
+        return _INSTANCE
 
     @classmethod
     def from_ranks(cls, mergeable_ranks: Dict[bytes, int], name: str = "bpe") -> "Tokenizer":
@@ -270,8 +291,8 @@ class Tokenizer:
         """
         if not isinstance(s, str):
             raise TypeError(f"encode expects a str, got {type(s).__name__}")
-        if allowed_special is None:
-            allowed_special = set()
+        allowed_special = _special_names("allowed_special", set() if allowed_special is None else allowed_special)
+        disallowed_special = _special_names("disallowed_special", disallowed_special)
         ids: List[int] = []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in split_long_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):

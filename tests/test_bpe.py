@@ -107,20 +107,10 @@ def test_trained_tokenizer_round_trips_any_text(small, text):
 @given(st.text(max_size=200))
 def test_pretokenize_splits_like_tiktoken(text):
     """Our chunks are tiktoken's: joined they give the text, and encoding chunk by chunk gives the same ids."""
-    tok = _meta_sized()
+    tok = Tokenizer.get_instance()  # Meta's vocabulary: the chunking is the same for any vocabulary
     chunks = pretokenize(text)
     assert "".join(chunks) == text
     assert [i for c in chunks for i in tok.model.encode_ordinary(c)] == tok.model.encode_ordinary(text)
-
-
-_TOKENIZER = []
-
-
-def _meta_sized():
-    """Meta's full tokenizer, loaded once (hypothesis cannot take function-scoped fixtures)."""
-    if not _TOKENIZER:
-        _TOKENIZER.append(Tokenizer())
-    return _TOKENIZER[0]
 
 
 def test_merges_compress_the_training_text(small):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer()
+    return Tokenizer.get_instance()
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,11 @@ def test_special_tokens_and_stop_tokens_equal_metas(tok, meta):
     assert tok.stop_tokens == meta.stop_tokens
     assert (tok.n_words, tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id) == (
         meta.n_words, meta.bos_id, meta.eos_id, meta.eot_id, meta.pad_id)
+
+
+def test_get_instance_shares_one_default_tokenizer(tok):
+    """get_instance() (Meta's name) loads the default vocabulary once and returns that same object."""
+    assert Tokenizer.get_instance() is tok and tok.model_path == default_model_path()
 
 
 def test_golden_ids_from_the_facts_file(tok):
@@ -146,8 +151,14 @@ def test_special_looking_text_is_ordinary_text_unless_allowed(tok, meta):
         ids = tok.encode(text, bos=False, eos=False, allowed_special=allowed)
         assert ids == tok.encode("hi", bos=False, eos=False) + [128009]
         assert ids == meta.encode(text, bos=False, eos=False, allowed_special=allowed)
+    assert tok.encode(text, bos=False, eos=False, allowed_special=["<|eot_id|>"]) == ids  # any collection
     with pytest.raises(ValueError):
         tok.encode(text, bos=False, eos=False, disallowed_special="all")
+    for bad in ["<|eot_id|>", 5, {1}]:  # a lone name would be read as a set of characters
+        with pytest.raises(TypeError, match="set of special-token names"):
+            tok.encode(text, bos=False, eos=False, allowed_special=bad)
+    with pytest.raises(TypeError, match="set of special-token names"):
+        tok.encode(text, bos=False, eos=False, disallowed_special="<|eot_id|>")
 
 
 def test_decode_accepts_numpy_ids_and_marks_broken_utf8(tok):
