@@ -105,7 +105,7 @@ def parse_model_file(text: str, source: str = "<string>") -> Dict[bytes, int]:
             token = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError(f"{where}: {b64[:80]!r} is not valid base64") from None
-        if not rank_str.isdigit():  # isdigit() also rejects signs: ranks are >= 0
+        if not (rank_str.isascii() and rank_str.isdigit()):  # rejects signs too: ranks are >= 0
             raise ValueError(f"{where}: rank {rank_str[:80]!r} is not a non-negative integer")
         rank = int(rank_str)
         if not token:
@@ -151,8 +151,9 @@ def write_atomic(path: Union[str, os.PathLike], data: bytes) -> None:
     A temp file in the same directory (so os.replace is a rename on one filesystem), fsync, replace.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes the file private (0600); a vocabulary is not secret
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

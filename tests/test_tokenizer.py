@@ -232,6 +232,7 @@ def test_a_bytes_only_vocabulary_is_a_valid_tokenizer(tmp_path):
     (lambda lines: lines[:3] + ["!!notbase64!! 3"] + lines[4:], r"line 4: '!!notbase64!!' is not valid base64"),
     (lambda lines: lines[:1] + ["Ag== two"] + lines[2:], r"line 2: rank 'two' is not a non-negative integer"),
     (lambda lines: lines[:1] + ["Ag== -1"] + lines[2:], r"line 2: rank '-1'"),
+    (lambda lines: lines[:1] + ["Ag== \u00b9"] + lines[2:], r"line 2: rank '\u00b9'"),  # superscript one
     (lambda lines: lines[:1] + ["Ag=="] + lines[2:], r"line 2: expected 'base64_token rank'"),
     (lambda lines: lines[:1] + ["Ag== 1 extra"] + lines[2:], r"line 2: expected"),
     (lambda lines: lines + ["AA== 256"], r"line 257: token b'\\x00' appears twice"),
