@@ -56,11 +56,12 @@ def make_ffibuilder(absolute_paths=False):
 ffibuilder = make_ffibuilder()  # what setup.py's cffi_modules points at
 
 
-def build_inplace(tmpdir=None, verbose=False):
-    """Compile and copy the extension into llama3np/; returns its path."""
+def build_inplace(tmpdir=None, verbose=False, package_dir=None):
+    """Compile and copy the extension into llama3np/ (or package_dir); returns its path."""
     tmpdir = tmpdir or os.path.join(ROOT, "build", "cffi")
     built = make_ffibuilder(absolute_paths=True).compile(tmpdir=tmpdir, verbose=verbose)
-    target = os.path.join(ROOT, "llama3np", "_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    package_dir = package_dir or os.path.join(ROOT, "llama3np")
+    target = os.path.join(package_dir, "_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
     tmp = target + ".tmp"
     shutil.copyfile(built, tmp)
     os.replace(tmp, target)  # atomic: a running process never sees half a library
@@ -68,4 +69,11 @@ def build_inplace(tmpdir=None, verbose=False):
 
 
 if __name__ == "__main__":
-    print(build_inplace(verbose="-v" in sys.argv))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="build llama3np._kernels in place")
+    parser.add_argument("--out", help="package directory to put the extension in (default: llama3np/)")
+    parser.add_argument("--tmp", help="build directory (default: build/cffi)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    cli = parser.parse_args()
+    print(build_inplace(tmpdir=cli.tmp, verbose=cli.verbose, package_dir=cli.out))

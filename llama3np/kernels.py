@@ -133,6 +133,8 @@ def _matrix_layout(x, name):
         raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
     m, n = x.shape
     s0, s1 = x.strides
+    if x.size == 0:
+        return 0, max(n, 1)  # nothing is read
     # a dimension of length 1 is never stepped along, so its stride does not matter
     rows_ok = (n == 1 or s1 == 4) and (m == 1 or (s0 > 0 and s0 % 4 == 0 and s0 // 4 >= n))
     if rows_ok:
