@@ -361,13 +361,11 @@ _MP_ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
 def _load_meta(folder, dtype, rope_scale_factor=None, max_seq_len=None):
-    from .pth_io import load_pth
-
     params = _read_json(os.path.join(folder, META_PARAMS))
     shard_files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"consolidated\.\d+\.pth", f))
     if not shard_files:
         raise FileNotFoundError(f"{folder} has {META_PARAMS} but no consolidated.*.pth weights")
-    shards = [load_pth(os.path.join(folder, f)) for f in shard_files]
+    shards = [_read_pth(os.path.join(folder, f)) for f in shard_files]
     for f, s in zip(shard_files[1:], shards[1:]):
         if set(s) != set(shards[0]):
             raise ValueError(f"{f} holds different tensor names than {shard_files[0]}")
@@ -379,6 +377,9 @@ def _load_meta(folder, dtype, rope_scale_factor=None, max_seq_len=None):
     tied = "output.weight" not in first or (
         len(shards) == 1 and first["output.weight"].dtype == emb.dtype
         and np.array_equal(first["output.weight"].array, emb.array))
+    for t in (first.get("output.weight"), emb):  # the comparison read them: give the pages back
+        if t is not None and t.release is not None:
+            t.release()
     args = args_from_meta_params(params, rope_scale_factor, max_seq_len,
                                  vocab_size=emb.shape[0] * len(shards), tie_embeddings=tied)
     model = Transformer(args, dtype=dtype)
@@ -405,6 +406,21 @@ def _load_meta(folder, dtype, rope_scale_factor=None, max_seq_len=None):
     return model
 
 
+def _read_pth(path):
+    """Our torch-free reader; PyTorch (if installed) only for the legacy pre-1.6 non-zip format."""
+    from .pth_io import load_pth, load_pth_with_torch
+
+    try:
+        return load_pth(path)
+    except ValueError as e:
+        if "not a zip archive" not in str(e):
+            raise
+        try:
+            return load_pth_with_torch(path)
+        except ImportError:
+            raise e from None
+
+
 def _concat_fill(parts, axis):
     def fill(out):
         start = 0
@@ -414,6 +430,8 @@ def _concat_fill(parts, axis):
             if p.shape != dst.shape:
                 raise ValueError(f"a model-parallel shard of shape {p.shape} does not fit {dst.shape}")
             decode(p.array, p.dtype, out.dtype, out=dst)
+            if p.release is not None:
+                p.release()
             start += n
     return fill
 

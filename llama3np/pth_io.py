@@ -34,6 +34,7 @@ from .safetensors_io import DTYPES
 class PthTensor(NamedTuple):
     dtype: str  # "BF16", "F16", "F32", ... (the safetensors names)
     array: np.ndarray  # the stored words, shaped and strided like the tensor
+    release: object = None  # call once copied: drops the storage's file pages from resident memory
 
     @property
     def shape(self):
@@ -58,7 +59,7 @@ class _StorageType:
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
     """Our `torch._utils._rebuild_tensor_v2`: a strided view of the storage's words."""
-    dtype, words = storage
+    dtype, words, release = storage
     size, stride = tuple(size), tuple(stride)
     if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise ValueError(f"bad tensor layout: size {size}, stride {stride}")
@@ -70,7 +71,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     item = words.itemsize
     view = np.lib.stride_tricks.as_strided(words[storage_offset:] if all(size) else words[:0], shape=size,
                                            strides=tuple(s * item for s in stride), writeable=False)
-    return PthTensor(dtype, view)
+    return PthTensor(dtype, view, release)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -113,6 +114,16 @@ class _Unpickler(pickle.Unpickler):
         return self._load_storage(storage_type.dtype, str(key), int(numel))
 
 
+def _releaser(mm, start, nbytes):
+    """A function that tells the OS we are done with these bytes of the map (madvise DONTNEED): the
+    pages stop counting as our memory; reading them again would fetch them from the file."""
+    def release():
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED") and nbytes > 0:
+            first = start // mmap.PAGESIZE * mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, first, start + nbytes - first)
+    return release
+
+
 def load_pth(path) -> dict:
     """The state dict of a `torch.save` zip file: {name: PthTensor}, views of a memory map (no copies)."""
     path = os.fspath(path)
@@ -144,7 +155,7 @@ def load_pth(path) -> dict:
                 raise ValueError(f"{path}: storage {member} has {info.file_size} bytes, "
                                  f"expected {nbytes} ({numel} x {dtype})")
             if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses, but a re-zip might
-                return dtype, np.frombuffer(z.read(member)[:nbytes], dtype=DTYPES[dtype])
+                return dtype, np.frombuffer(z.read(member)[:nbytes], dtype=DTYPES[dtype]), None
             # a zip member's bytes follow its 30-byte local header, file name and extra field
             local = buf[info.header_offset:info.header_offset + 30].tobytes()
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
@@ -153,7 +164,7 @@ def load_pth(path) -> dict:
             start = info.header_offset + 30 + name_len + extra_len
             if start + nbytes > size:
                 raise ValueError(f"{path}: storage {member} goes past the end of the file (truncated)")
-            return dtype, buf[start:start + nbytes].view(DTYPES[dtype])
+            return dtype, buf[start:start + nbytes].view(DTYPES[dtype]), _releaser(mm, start, nbytes)
 
         with z.open(pkls[0]) as pkl:
             try:
