@@ -230,7 +230,7 @@ def load(path, dtype=np.float32, *, rope_scale_factor: float = None, max_seq_len
 
         return load_run(folder)
     if LLAMA3NP_CONFIG in files:
-        model = _load_llama3np(folder, dtype)
+        model = _load_llama3np(folder, dtype, max_seq_len)
     elif HF_CONFIG in files:
         model = _load_hf(folder, dtype, max_seq_len)
     elif META_PARAMS in files:
@@ -276,13 +276,13 @@ def _fill(model, sources: dict, where: str):
         fill(params[name])
 
 
-def _load_llama3np(folder, dtype):
+def _load_llama3np(folder, dtype, max_seq_len=None):
     meta = _read_json(os.path.join(folder, LLAMA3NP_CONFIG))
     if meta.get("format") != "llama3np" or not isinstance(meta.get("args"), dict):
         raise ValueError(f"{os.path.join(folder, LLAMA3NP_CONFIG)}: expected {{'format': 'llama3np', "
                          "'args': {...}}")
     try:
-        args = ModelArgs.from_dict(meta["args"])
+        args = ModelArgs.from_dict({**meta["args"], **({"max_seq_len": max_seq_len} if max_seq_len else {})})
     except TypeError as e:
         raise ValueError(f"{LLAMA3NP_CONFIG} has bad args: {e}") from None
     model = Transformer(args, dtype=dtype)

@@ -180,7 +180,7 @@ def load_pth_with_torch(path) -> dict:
     """The fallback when our reader cannot handle a file (e.g. the legacy pre-1.6 format): torch.load."""
     import torch  # only here: PyTorch is optional
 
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)  # legacy files cannot mmap
     out = {}
     for k, v in state.items():
         if v.dtype == torch.bfloat16:

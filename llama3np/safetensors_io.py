@@ -29,7 +29,7 @@ DTYPES = {
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_NUMPY_TO_NAME = {np.dtype(v).newbyteorder("<") if v.itemsize > 1 else v: k for k, v in DTYPES.items() if k != "BF16"}
+_NUMPY_TO_NAME = {v: k for k, v in DTYPES.items() if k != "BF16"}  # keyed by little-endian dtypes
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit: a bigger header is corruption
 
 
@@ -217,7 +217,7 @@ def save_file(tensors: dict, path, metadata: dict = None, bf16: bool = False) ->
         if bf16 and arr.dtype.kind == "f":
             dtype_name = "BF16"
         else:
-            dtype_name = _NUMPY_TO_NAME.get(arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype)
+            dtype_name = _NUMPY_TO_NAME.get(arr.dtype.newbyteorder("<"))
             if dtype_name is None:
                 raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
         nbytes = arr.size * DTYPES[dtype_name].itemsize

@@ -446,8 +446,22 @@ def _pth_zip(tmp_path, payload: bytes):
     return path
 
 
+class _Evil:
+    """Unpickling this calls os.system(command): what a malicious "checkpoint" could do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def test_pth_reader_refuses_globals_other_than_tensors_without_running_them(tmp_path):
     """A pickle can call any function on load; ours only accepts the few a state dict needs."""
+    marker = tmp_path / "pwned"
+    with pytest.raises(ValueError, match="refusing to load global (posix|os).system"):
+        load_pth(_pth_zip(tmp_path, pickle.dumps({"w": _Evil(f"touch {marker}")}, protocol=4)))
+    assert not marker.exists()
     with pytest.raises(ValueError, match="refusing to load global (posix|os).system"):
         load_pth(_pth_zip(tmp_path, pickle.dumps({"x": os.system}, protocol=4)))
     with pytest.raises(ValueError, match="refusing to load global builtins.print"):
@@ -528,3 +542,44 @@ def test_meta_params_pick_rope_factor_32_for_llama32_shapes_and_8_otherwise():
     assert args_from_meta_params(p8b).rope_scale_factor == 8.0
     assert args_from_meta_params(p8b, rope_scale_factor=16).rope_scale_factor == 16.0
     assert args_from_meta_params(dict(p8b, use_scaled_rope=False)).max_seq_len == 8192
+
+
+def test_legacy_non_zip_pth_files_fall_back_to_torch_when_it_is_installed(tmp_path, torch):
+    model = tiny_model(hidden_dim=None, multiple_of=32, vocab_size=96)
+    folder = _meta_folder(tmp_path, torch, model)
+    sd = {k: torch.from_numpy(w.copy()) for k, w in model.params.items()}
+    torch.save(sd, folder / "consolidated.00.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="not a zip archive"):
+        load_pth(folder / "consolidated.00.pth")  # our reader only knows the zip format
+    assert same_params(load(folder).params, model.params)  # float32 here: exact
+
+
+def test_meta_folders_without_weights_or_with_other_names_raise_clear_errors(tmp_path, torch):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps(dict(dim=32, n_layers=1, n_heads=4, vocab_size=96)))
+    with pytest.raises(FileNotFoundError, match="consolidated"):
+        load(folder)
+    torch.save({"tok_embeddings.weight": torch.zeros(96, 32), "bogus.weight": torch.zeros(3)},
+               folder / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"unexpected \['bogus.weight'\]"):
+        load(folder)
+
+
+def test_hf_save_of_a_float64_model_writes_float32(tmp_path):
+    model = tiny_model(dtype=np.float64)
+    save(model, tmp_path / "c", format="hf")
+    with SafeTensorsFile(tmp_path / "c" / "model.safetensors") as f:
+        assert {f.info(k)[0] for k in f.keys()} == {"F32"}
+    back = load(tmp_path / "c", dtype=np.float64)
+    for name, w in model.params.items():
+        np.testing.assert_array_equal(back.params[name], w.astype(np.float32), err_msg=name)
+    with pytest.raises(ValueError, match="cannot save format 'hf' as 'float64'"):
+        save(model, tmp_path / "d", format="hf", dtype="float64")
+
+
+def test_max_seq_len_can_be_overridden_at_load(tmp_path):
+    save(tiny_model(), tmp_path / "a", format="llama3np")
+    save(tiny_model(), tmp_path / "b", format="hf")
+    assert load(tmp_path / "a", max_seq_len=32).args.max_seq_len == 32
+    assert load(tmp_path / "b", max_seq_len=32).args.max_seq_len == 32
