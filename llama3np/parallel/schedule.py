@@ -1,0 +1,163 @@
+"""Pipeline schedules as data: for every stage, the list of actions it runs, in order.
+
+    F j         forward of micro-batch j through this stage's layers (keeps its activations)
+    B j         backward of micro-batch j (frees them)
+    send_fwd j  activations of j to the next stage      recv_fwd j  from the previous stage
+    send_bwd j  gradient of j to the previous stage     recv_bwd j  from the next stage
+
+The same lists drive the executor (pipeline_parallel.run_schedule), the Gantt chart and the checks
+here, so what is tested is what runs (ShallowSpeed's idea). Sends never block (the transport queues
+them), so a schedule is deadlock-free exactly when `simulate` can run it to the end.
+
+GPipe: all forwards, then all backwards. Every stage holds all m micro-batches' activations at once.
+1F1B (PipeDream-Flush, Megatron's default): stage s runs p-s-1 warm-up forwards, then alternates one
+forward and one backward, then drains the backwards. Same bubble as GPipe, but stage s never holds
+more than min(p-s, m) micro-batches: memory no longer grows with m.
+
+With forward time tf and backward tb, both schedules take (m + p - 1)(tf + tb) where the ideal is
+m (tf + tb): the bubble fraction is (p - 1) / (m + p - 1), measured exactly below with a logical clock.
+"""
+from collections import namedtuple
+from fractions import Fraction
+
+Action = namedtuple("Action", "kind mb")
+KINDS = ("F", "B", "send_fwd", "recv_fwd", "send_bwd", "recv_bwd")
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def _forward(s, p, j):
+    return ([Action("recv_fwd", j)] if s > 0 else []) + [Action("F", j)] + \
+        ([Action("send_fwd", j)] if s < p - 1 else [])
+
+
+def _backward(s, p, j):
+    return ([Action("recv_bwd", j)] if s < p - 1 else []) + [Action("B", j)] + \
+        ([Action("send_bwd", j)] if s > 0 else [])
+
+
+def gpipe(p, m):
+    """All-forward-all-backward: [[actions of stage 0], ..., [actions of stage p-1]]."""
+    _check(p, m)
+    return [sum((_forward(s, p, j) for j in range(m)), []) + sum((_backward(s, p, j) for j in range(m)), [])
+            for s in range(p)]
+
+
+def one_f_one_b(p, m):
+    """One-forward-one-backward with p-s-1 warm-up forwards on stage s."""
+    _check(p, m)
+    stages = []
+    for s in range(p):
+        warmup = min(p - s - 1, m)
+        acts = sum((_forward(s, p, j) for j in range(warmup)), [])
+        for i in range(m - warmup):  # steady state: forward of warmup+i, then backward of i
+            acts += _forward(s, p, warmup + i) + _backward(s, p, i)
+        for i in range(m - warmup, m):  # cool-down: the backwards still owed
+            acts += _backward(s, p, i)
+        stages.append(acts)
+    return stages
+
+
+def make_schedule(name, p, m):
+    if name == "gpipe":
+        return gpipe(p, m)
+    if name == "1f1b":
+        return one_f_one_b(p, m)
+    raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {SCHEDULES}")
+
+
+def _check(p, m):
+    for name, v in (("stages", p), ("micro-batches", m)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"the number of {name} must be a positive integer, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks that do not need an executor
+
+
+def validate(stages, m):
+    """Raise ValueError unless every stage runs F and B once per micro-batch, each F before its B,
+    every send has its matching receive on the neighbour, and the whole schedule runs to the end."""
+    p = len(stages)
+    for s, acts in enumerate(stages):
+        for kind in ("F", "B"):
+            mbs = sorted(a.mb for a in acts if a.kind == kind)
+            if mbs != list(range(m)):
+                raise ValueError(f"stage {s} runs {kind} for micro-batches {mbs}, expected each of 0..{m - 1} once")
+        pos = {(a.kind, a.mb): i for i, a in enumerate(acts)}
+        for j in range(m):
+            if pos["F", j] > pos["B", j]:
+                raise ValueError(f"stage {s} runs the backward of micro-batch {j} before its forward")
+        for kind, peer, match in (("send_fwd", s + 1, "recv_fwd"), ("send_bwd", s - 1, "recv_bwd")):
+            sent = [a.mb for a in acts if a.kind == kind]
+            got = [a.mb for a in stages[peer] if a.kind == match] if 0 <= peer < p else []
+            if sent != got:
+                raise ValueError(f"stage {s} {kind} {sent} does not match stage {peer} {match} {got}")
+    simulate(stages)  # raises if something waits for a message that never comes
+
+
+def simulate(stages, t_f=1, t_b=1, t_comm=0):
+    """Run the schedule on a logical clock -> per stage a list of (kind, mb, start, end) for F and B.
+
+    F takes t_f, B takes t_b, a message arrives t_comm after it is sent; a receive waits for its
+    message. Exact (use ints or Fractions). Raises ValueError on a deadlock (nothing can proceed).
+    """
+    p = len(stages)
+    clock, pc = [0] * p, [0] * p
+    mailbox = {}  # (kind, src stage, mb) -> arrival time
+    events = [[] for _ in range(p)]
+    while True:
+        progressed = False
+        for s in range(p):
+            while pc[s] < len(stages[s]):
+                a = stages[s][pc[s]]
+                if a.kind in ("F", "B"):
+                    t = clock[s] + (t_f if a.kind == "F" else t_b)
+                    events[s].append((a.kind, a.mb, clock[s], t))
+                    clock[s] = t
+                elif a.kind.startswith("send"):
+                    mailbox[a.kind[5:], s, a.mb] = clock[s] + t_comm
+                else:
+                    src = s - 1 if a.kind == "recv_fwd" else s + 1
+                    key = (a.kind[5:], src, a.mb)
+                    if key not in mailbox:
+                        break  # wait for the neighbour
+                    clock[s] = max(clock[s], mailbox.pop(key))
+                pc[s] += 1
+                progressed = True
+        if all(pc[s] == len(stages[s]) for s in range(p)):
+            if mailbox:
+                raise ValueError(f"messages left in flight at the end: {sorted(mailbox)}")
+            return events
+        if not progressed:
+            stuck = {s: stages[s][pc[s]] for s in range(p) if pc[s] < len(stages[s])}
+            raise ValueError(f"the schedule deadlocks: stages wait at {stuck}")
+
+
+def bubble_fraction(events):
+    """Idle share of the pipeline's run time, averaged over stages: 1 - busy / (p * makespan)."""
+    makespan = max(e[3] for ev in events for e in ev)
+    busy = sum(e[3] - e[2] for ev in events for e in ev)
+    return 1 - Fraction(busy) / (len(events) * Fraction(makespan))
+
+
+def theoretical_bubble(p, m):
+    return Fraction(p - 1, m + p - 1)
+
+
+def peak_activations(stages):
+    """Per stage, the largest number of micro-batches whose activations are held at once (F +1, B -1)."""
+    peaks = []
+    for acts in stages:
+        live = peak = 0
+        for a in acts:
+            live += {"F": 1, "B": -1}.get(a.kind, 0)
+            peak = max(peak, live)
+        peaks.append(peak)
+    return peaks
+
+
+def format_schedule(stages):
+    """A compact text view: one line per stage, e.g. `stage 1: F0 F1 B0 F2 B1 B2`."""
+    return "\n".join(f"stage {s}: " + " ".join(f"{a.kind}{a.mb}" for a in acts if a.kind in ("F", "B"))
+                     for s, acts in enumerate(stages))

@@ -1,0 +1,75 @@
+"""A trace of timed events per rank: what each process did and when, as JSON and as a Gantt chart.
+
+Events are (rank, name, micro-batch, start, end) with times in seconds from the start of the step
+(wall clock in the executor, ticks for the logical clock of schedule.simulate). `to_json` writes
+Chrome's trace-event format, which chrome://tracing and ui.perfetto.dev open directly.
+"""
+import json
+import os
+from pathlib import Path
+
+COLORS = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868", "allreduce": "#8172b3", "optimizer": "#937860"}
+
+
+class Trace:
+    def __init__(self):
+        self.events = []  # (rank, name, mb, start, end)
+
+    def add(self, rank, name, mb, start, end):
+        self.events.append((int(rank), str(name), mb, float(start), float(end)))
+
+    @classmethod
+    def from_simulation(cls, events):
+        """From schedule.simulate's output: stage index = rank."""
+        t = cls()
+        for s, ev in enumerate(events):
+            for kind, mb, t0, t1 in ev:
+                t.add(s, kind, mb, t0, t1)
+        return t
+
+    def to_json(self, path=None):
+        doc = {"traceEvents": [
+            {"name": f"{name}{'' if mb is None else mb}", "cat": name, "ph": "X", "pid": 0, "tid": rank,
+             "ts": start * 1e6, "dur": (end - start) * 1e6, "args": {"micro_batch": mb}}
+            for rank, name, mb, start, end in self.events], "displayTimeUnit": "ms"}
+        if path is not None:
+            _write_atomic(path, json.dumps(doc).encode())
+        return doc
+
+    def gantt(self, path, title="pipeline schedule", unit="s"):
+        """A PNG: one row per rank, one bar per event labelled with its micro-batch."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ranks = sorted({e[0] for e in self.events})
+        fig, ax = plt.subplots(figsize=(10, 0.6 * len(ranks) + 1.4))
+        for rank, name, mb, start, end in self.events:
+            ax.barh(rank, end - start, left=start, color=COLORS.get(name, "#999999"), edgecolor="black", lw=0.5)
+            if mb is not None:
+                ax.text((start + end) / 2, rank, str(mb), ha="center", va="center", fontsize=7, color="white")
+        ax.set_yticks(ranks)
+        ax.set_yticklabels([f"stage {r}" for r in ranks])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"time ({unit})")
+        ax.set_title(title)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for n, c in COLORS.items() if any(e[1] == n for e in self.events)]
+        ax.legend(handles, [n for n in COLORS if any(e[1] == n for e in self.events)], loc="upper right", fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+
+def _write_atomic(path, data):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
