@@ -1,0 +1,136 @@
+"""Text generation with the KV cache: prefill the prompt once, then one forward per new token.
+
+    ids = generate(model, prompt_tokens, max_new_tokens=100)       # the new token ids
+    for id in generate_stream(model, prompt_tokens, 100): ...      # the same, one at a time
+
+Decoding step by step (Meta's `Llama.generate`):
+    cache = model.new_cache(B)
+    logits = model.forward(prompt, start_pos=0, cache=cache)        # prefill: all prompt positions at once
+    loop:  next = sample(logits[:, -1])                             # temperature, top-k, top-p
+           logits = model.forward(next[:, None], start_pos=pos, cache=cache)   # ONE new position
+The cache keeps every earlier position's keys and values, so each new token costs one position's
+work instead of recomputing the whole sequence.
+"""
+import numpy as np
+
+
+def sample_next(logits, temperature=0.6, top_p=0.9, top_k=None, rng=None):
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy (argmax).
+
+    Temperature divides the logits (below 1 sharpens the distribution); top-k keeps the k likeliest
+    tokens; top-p (nucleus, Meta's `sample_top_p`) keeps the smallest set of likeliest tokens whose
+    probabilities add up to p. The kept probabilities are renormalised and one token is drawn.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return logits.argmax(-1)
+    rng = np.random.default_rng() if rng is None else rng
+    z = logits / temperature
+    if top_k is not None:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]  # the k-th largest logit per row
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max(-1, keepdims=True)  # for exp: the largest becomes 0, nothing overflows
+    probs = np.exp(z)
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")  # (B, V) likeliest first
+    sorted_p = np.take_along_axis(probs, order, -1)
+    cum = np.cumsum(sorted_p, -1)
+    sorted_p[cum - sorted_p > top_p] = 0.0  # drop a token if the ones before it already reach top_p
+    sorted_p /= sorted_p.sum(-1, keepdims=True)
+    out = np.empty(len(probs), dtype=np.int64)
+    for b in range(len(probs)):  # one uniform draw per row: inverse-CDF sampling
+        idx = min(int(np.searchsorted(np.cumsum(sorted_p[b]), rng.random(), side="right")), probs.shape[-1] - 1)
+        out[b] = order[b, idx]
+    return out
+
+
+def _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k):
+    if isinstance(prompt_tokens, np.ndarray):
+        prompt_tokens = prompt_tokens.tolist()
+    prompt = [int(t) for t in prompt_tokens]
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token (e.g. the BOS id)")
+    V = model.args.vocab_size
+    if min(prompt) < 0 or max(prompt) >= V:
+        raise ValueError(f"prompt token ids must be in [0, {V}), got min {min(prompt)}, max {max(prompt)}")
+    ctx = model.args.max_seq_len
+    if len(prompt) >= ctx:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {ctx} (max_seq_len), "
+                         "which leaves no room to generate: shorten the prompt")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= V):
+        raise ValueError(f"top_k must be None or an int in [1, {V}], got {top_k!r}")
+    return prompt, min(int(max_new_tokens), ctx - len(prompt))
+
+
+def generate_stream(model, prompt_tokens, max_new_tokens, temperature=0.6, top_p=0.9, top_k=None, seed=None,
+                    stop_tokens=None, use_cache=True):
+    """Yield new token ids one at a time (stops after max_new_tokens, at the context's end or a stop token).
+
+    The stop token itself is not yielded. stop_tokens defaults to model.tokenizer.stop_tokens when the
+    model has a tokenizer. use_cache=False recomputes the whole sequence for every token (slow; it
+    exists to test that the cache changes nothing).
+    """
+    prompt, n_new = _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k)
+    if stop_tokens is None:
+        stop_tokens = getattr(getattr(model, "tokenizer", None), "stop_tokens", None) or []
+    stop = set(int(t) for t in stop_tokens)
+    rng = np.random.default_rng(seed)
+    if n_new == 0:
+        return
+    tokens = list(prompt)
+    if use_cache:
+        cache = model.new_cache(1, max_seq_len=len(prompt) + n_new)
+        logits = model.forward(np.array([prompt]), start_pos=0, cache=cache)  # (1, T, V): prefill
+    else:
+        logits = model.forward(np.array([tokens]))
+    for i in range(n_new):
+        next_id = int(sample_next(logits[:, -1], temperature, top_p, top_k, rng)[0])
+        if next_id in stop:
+            return
+        yield next_id
+        tokens.append(next_id)
+        if i == n_new - 1:
+            return
+        if use_cache:
+            logits = model.forward(np.array([[next_id]]), start_pos=len(tokens) - 1, cache=cache)  # (1, 1, V)
+        else:
+            logits = model.forward(np.array([tokens]))
+            model._acts = None
+
+
+def generate(model, prompt_tokens, max_new_tokens, temperature=0.6, top_p=0.9, top_k=None, seed=None,
+             stop_tokens=None, stream=False, use_cache=True):
+    """The new token ids for one prompt (a list of ints); a list of lists for a batch of prompts.
+
+    stream=True returns the generator of `generate_stream` instead (one prompt). Same seed, same ids.
+    """
+    kwargs = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens,
+                  use_cache=use_cache)
+    batched = len(prompt_tokens) > 0 and isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
+    if stream:
+        if batched:
+            raise ValueError("stream=True takes one prompt (a list of ints), not a batch")
+        return generate_stream(model, prompt_tokens, max_new_tokens, **kwargs)
+    if batched:
+        # each prompt decoded on its own: simple, and the result does not depend on the batch's padding
+        out = []
+        for i, p in enumerate(prompt_tokens):
+            kw = dict(kwargs, seed=None if seed is None else [seed, i])
+            out.append(list(generate_stream(model, p, max_new_tokens, **kw)))
+        return out
+    return list(generate_stream(model, prompt_tokens, max_new_tokens, **kwargs))
+
+
+def complete(model, text, max_new_tokens=100, **kwargs):
+    """Text in, text out, with the model's tokenizer: BOS + text, then the continuation as a string."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer (model.tokenizer is None): pass token ids to generate()")
+    ids = tok.encode(text, bos=True, eos=False)
+    return tok.decode(generate(model, ids, max_new_tokens, **kwargs))
