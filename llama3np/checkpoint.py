@@ -185,10 +185,9 @@ def args_from_meta_params(params: dict, rope_scale_factor: float = None, max_seq
                           vocab_size: int = None, tie_embeddings: bool = False) -> ModelArgs:
     """Meta's `params.json` -> ModelArgs (see the note on Llama 3.2's rope factor above)."""
     d = dict(params)
-    # later llama-models releases name these fields in params.json; map them to ours if present
-    for theirs, ours in (("rope_scaling_factor", "rope_scale_factor"), ("rope_high_freq_factor", "rope_high_freq_factor")):
-        if d.get(theirs) is not None:
-            d[ours] = d.pop(theirs)
+    # later llama-models releases may record the factor in params.json; it then wins over our guess
+    if d.get("rope_scaling_factor") is not None:
+        d["rope_scale_factor"] = d.pop("rope_scaling_factor")
     if d.get("vocab_size", -1) in (None, -1):  # llama-models' default is -1: take it from the weights
         d["vocab_size"] = vocab_size
     d.setdefault("max_seq_len", 131072 if d.get("use_scaled_rope") else 8192)
@@ -222,13 +221,15 @@ def load(path, dtype=np.float32, *, rope_scale_factor: float = None, max_seq_len
     folder = os.fspath(path)
     if not os.path.exists(folder):
         raise FileNotFoundError(f"no checkpoint at {folder}")
-    if os.path.isfile(folder):
+    is_run_file = os.path.isfile(folder) and re.fullmatch(r"ckpt_.*\.npz", os.path.basename(folder))
+    if os.path.isfile(folder) and not is_run_file:
         folder = os.path.dirname(os.path.abspath(folder))
-    files = set(os.listdir(folder))
-    if "latest" in files or any(re.fullmatch(r"ckpt_.*\.npz", f) for f in files):
-        from .training.checkpoint import load_run  # the training engineer's reader of run folders
+    if is_run_file or "latest" in os.listdir(folder) or any(
+            re.fullmatch(r"ckpt_.*\.npz", f) for f in os.listdir(folder)):
+        from .training.checkpoint import load_run  # the reader of `llama3np train` run folders
 
-        return load_run(folder)
+        return load_run(folder, dtype=dtype)
+    files = set(os.listdir(folder))
     if LLAMA3NP_CONFIG in files:
         model = _load_llama3np(folder, dtype, max_seq_len)
     elif HF_CONFIG in files:
@@ -281,15 +282,25 @@ def _load_llama3np(folder, dtype, max_seq_len=None):
     if meta.get("format") != "llama3np" or not isinstance(meta.get("args"), dict):
         raise ValueError(f"{os.path.join(folder, LLAMA3NP_CONFIG)}: expected {{'format': 'llama3np', "
                          "'args': {...}}")
+    d = dict(meta["args"], **({"max_seq_len": max_seq_len} if max_seq_len else {}))
     try:
-        args = ModelArgs.from_dict({**meta["args"], **({"max_seq_len": max_seq_len} if max_seq_len else {})})
+        args = ModelArgs.from_dict(d)
     except TypeError as e:
         raise ValueError(f"{LLAMA3NP_CONFIG} has bad args: {e}") from None
     model = Transformer(args, dtype=dtype)
     with SafeTensorsFile(os.path.join(folder, HF_WEIGHTS)) as f:
-        sources = {name: (f.info(name)[1], _plain_fill(f, name)) for name in f.keys()}
+        sources = {name: (_float_shape(f, name), _plain_fill(f, name)) for name in f.keys()}
         _fill(model, sources, f.path)
     return model
+
+
+def _float_shape(f, name):
+    """The shape of a tensor of a SafeTensorsFile, after checking that it holds floats."""
+    dtype_name, shape = f.info(name)
+    if dtype_name not in FLOAT_DTYPES:
+        raise ValueError(f"{f.path}: {name} has dtype {dtype_name}; expected a float "
+                         f"({', '.join(FLOAT_DTYPES)}); quantised checkpoints are not supported")
+    return shape
 
 
 def _plain_fill(f, name):
@@ -329,10 +340,7 @@ def _load_hf(folder, dtype, max_seq_len=None):
             if name is None or (name == "output.weight" and args.tie_embeddings):
                 continue  # a RoPE buffer, or a copy of the embedding that tying makes redundant
             f = files[shard]
-            dtype_name, shape = f.info(hf_name)
-            if dtype_name not in FLOAT_DTYPES:
-                raise ValueError(f"{f.path}: {hf_name} has dtype {dtype_name}; expected a float "
-                                 f"({', '.join(FLOAT_DTYPES)}); quantised checkpoints are not supported")
+            shape = _float_shape(f, hf_name)
             n_heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}.get(
                 name.split(".", 2)[-1])
             sources[name] = (shape, _hf_fill(f, hf_name, n_heads))

@@ -398,15 +398,17 @@ def test_a_training_run_folder_is_handed_to_the_training_reader(tmp_path, monkey
     """A folder of `llama3np train` (ckpt_*.npz / latest) is read by llama3np.training.checkpoint."""
     seen = []
     fake = types.ModuleType("llama3np.training.checkpoint")
-    fake.load_run = lambda path: seen.append(os.fspath(path)) or "the run's model"
+    fake.load_run = lambda path, dtype=np.float32: seen.append(os.fspath(path)) or "the run's model"
     if "llama3np.training" not in sys.modules:
         try:
             import llama3np.training  # noqa: F401
         except ImportError:
             monkeypatch.setitem(sys.modules, "llama3np.training", types.ModuleType("llama3np.training"))
     monkeypatch.setitem(sys.modules, "llama3np.training.checkpoint", fake)
-    (tmp_path / "ckpt_000100.npz").write_bytes(b"")
+    (tmp_path / "ckpt_00000100.npz").write_bytes(b"")
     assert load(tmp_path) == "the run's model" and seen == [os.fspath(tmp_path)]
+    assert load(tmp_path / "ckpt_00000100.npz") == "the run's model"  # one checkpoint file of the run
+    assert seen[-1] == os.fspath(tmp_path / "ckpt_00000100.npz")
 
 
 # ----------------------------------------------------------------------------------------------------
