@@ -55,7 +55,8 @@ except OSError:
 base = status("VmRSS")
 t0 = time.perf_counter()
 if kind == "transformers":
-    kw = {{"dtype": torch.float32}} if int(transformers.__version__.split(".")[0]) >= 5 else {{"torch_dtype": torch.float32}}
+    v5 = int(transformers.__version__.split(".")[0]) >= 5  # transformers 5 renamed torch_dtype= to dtype=
+    kw = {{"dtype" if v5 else "torch_dtype": torch.float32}}
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kw)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
 else:
@@ -111,7 +112,8 @@ def write_checkpoints(args, workdir):
     a = args
     with open(os.path.join(meta, "params.json"), "w") as f:
         json.dump(dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                       vocab_size=a.vocab_size, multiple_of=a.multiple_of, ffn_dim_multiplier=a.ffn_dim_multiplier,
+                       vocab_size=a.vocab_size, multiple_of=a.multiple_of,
+                       ffn_dim_multiplier=a.ffn_dim_multiplier,
                        norm_eps=a.norm_eps, rope_theta=a.rope_theta, use_scaled_rope=a.use_scaled_rope), f)
     folders["meta"] = meta
     return folders, model

@@ -148,7 +148,8 @@ def args_from_hf_config(cfg: dict, max_seq_len: int = None) -> ModelArgs:
         dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
         hidden_dim=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta), max_seq_len=max_seq_len or int(cfg.get("max_position_embeddings", 2048)),
+        rope_theta=float(rope_theta),
+        max_seq_len=max_seq_len or int(cfg.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), **scaling)
 
 
@@ -513,7 +514,8 @@ def save(model, path, format: str = "hf", dtype=None) -> None:
 def _save_dtype(model, format, dtype):
     if dtype is None:
         return "float32" if format == "hf" else model.dtype.name
-    name = {"bf16": "bfloat16"}.get(str(dtype), str(dtype)) if isinstance(dtype, str) else np.dtype(dtype).name
+    # NumPy has no bfloat16 dtype, so that one is named by a string
+    name = {"bf16": "bfloat16"}.get(dtype, dtype) if isinstance(dtype, str) else np.dtype(dtype).name
     if name not in ("float32", "float64", "bfloat16") or (format == "hf" and name == "float64"):
         allowed = "float32, bfloat16" if format == "hf" else "float32, float64, bfloat16"
         raise ValueError(f"cannot save format {format!r} as {dtype!r}; expected one of {allowed}")

@@ -3,8 +3,9 @@
 Since PyTorch 1.6, `torch.save` writes a zip archive (stored, not compressed):
 
     <name>/data.pkl     a pickle of the state dict; each tensor pickles as a call
-                        torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)
-                        whose `storage` is a "persistent id" ("storage", torch.BFloat16Storage, key, device, numel)
+                          torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)
+                        whose `storage` is a "persistent id"
+                          ("storage", torch.BFloat16Storage, key, device, numel)
     <name>/data/<key>   the raw little-endian bytes of each storage
     <name>/byteorder    "little"
 
@@ -64,7 +65,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise ValueError(f"bad tensor layout: size {size}, stride {stride}")
     # the last element a view can reach must lie inside the storage, else as_strided would read garbage
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else storage_offset - 1
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if not all(size):  # an empty tensor reads nothing
+        last = storage_offset - 1
     if storage_offset < 0 or last >= len(words):
         raise ValueError(f"tensor of size {size}, stride {stride}, offset {storage_offset} does not fit "
                          f"its storage of {len(words)} elements (truncated file?)")

@@ -221,7 +221,8 @@ def save_file(tensors: dict, path, metadata: dict = None, bf16: bool = False) ->
             if dtype_name is None:
                 raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
         nbytes = arr.size * DTYPES[dtype_name].itemsize
-        header[name] = {"dtype": dtype_name, "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": dtype_name, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         plans.append((arr, dtype_name))
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")

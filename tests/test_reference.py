@@ -95,7 +95,8 @@ def test_loaded_config_has_the_scaled_rope_gqa_and_tying_of_the_hf_model(pair):
     assert (a.dim, a.n_layers, a.n_heads, a.vocab_size, a.ffn_hidden_dim) == (64, 2, 4, 300, 160)
     assert a.n_kv_heads == CONFIGS[kind]["num_key_value_heads"]
     assert a.tie_embeddings == CONFIGS[kind]["tie_word_embeddings"]
-    assert a.use_scaled_rope and a.rope_scale_factor == 8.0 and a.rope_original_max_seq_len == ORIGINAL_CONTEXT
+    assert a.use_scaled_rope and a.rope_scale_factor == 8.0
+    assert a.rope_original_max_seq_len == ORIGINAL_CONTEXT
 
 
 def test_rope_scaling_changes_the_frequencies_at_these_settings(pair):
@@ -179,12 +180,14 @@ def test_bf16_checkpoints_match_transformers_upcasting_them_to_float32(pair, tra
     assert err < 1e-4
 
 
-def test_our_hf_save_loads_in_transformers_with_the_same_weights_and_logits(pair, transformers, torch, tmp_path):
+def test_our_hf_save_loads_in_transformers_with_the_same_weights_and_logits(pair, transformers, torch,
+                                                                            tmp_path):
     """HF -> llama3np -> save(format="hf") -> from_pretrained gives back the original tensors bit for
     bit (permutation and its inverse) and logits equal to ours."""
     hf, model, _, kind = pair
     save(model, tmp_path / "ours", format="hf")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    back.eval()
     assert back.config.tie_word_embeddings == model.args.tie_embeddings
     assert back.config.num_key_value_heads == model.args.n_kv_heads
     original = hf.state_dict()
@@ -193,4 +196,18 @@ def test_our_hf_save_loads_in_transformers_with_the_same_weights_and_logits(pair
     tokens, _ = tokens_and_targets(4)
     err = rel_err(model.forward(tokens), hf_logits(back, torch, tokens))
     record(f"save(hf) -> transformers logits ({kind})", err)
+    assert err < 1e-4
+
+
+def test_our_bf16_hf_save_loads_in_transformers_with_the_same_logits(pair, transformers, torch, tmp_path):
+    """save(format="hf", dtype="bfloat16"): transformers reads our rounded words as we do."""
+    _, model, _, kind = pair
+    save(model, tmp_path / "bf16", format="hf", dtype="bfloat16")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", attn_implementation="eager", **_dtype_kw(transformers, torch, torch.float32))
+    ref.eval()
+    ours = llama3np.load(tmp_path / "bf16")
+    tokens, _ = tokens_and_targets(5)
+    err = rel_err(ours.forward(tokens), hf_logits(ref, torch, tokens))
+    record(f"save(hf, bf16) -> transformers logits ({kind})", err)
     assert err < 1e-4
