@@ -332,7 +332,8 @@ def _load_hf(folder, dtype, max_seq_len=None):
             if name not in files[shard]:
                 raise ValueError(f"{HF_INDEX} says {name!r} is in {shard}, but that file has no such tensor")
     else:
-        raise FileNotFoundError(f"{folder} has {HF_CONFIG} but neither {HF_WEIGHTS} nor {HF_INDEX}")
+        raise FileNotFoundError(f"{folder} has {HF_CONFIG} but neither {HF_WEIGHTS} nor {HF_INDEX} "
+                                "(pytorch_model.bin files are not read: re-save them as safetensors)")
     try:
         model = Transformer(args, dtype=dtype)
         sources = {}
