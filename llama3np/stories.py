@@ -201,7 +201,7 @@ class _Replayer:
         self.pos += len(text)
 
 
-def derivations(text, limit=10):
+def derivations(text, limit=10, grammar=story):
     """All decision sequences (up to `limit`) that make the grammar write exactly `text`, with log p.
 
     Depth-first search over decisions: replay the generator with a prefix of decisions; when it asks
@@ -213,7 +213,7 @@ def derivations(text, limit=10):
         forced = stack.pop()
         r = _Replayer(text, forced)
         try:
-            story(r)
+            grammar(r)
         except _Branch as b:
             stack.extend(forced + [k] for k in reversed(range(b.n)))
             continue
