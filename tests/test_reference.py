@@ -45,7 +45,7 @@ def _print_worst():
     if WORST:
         print("\nworst relative errors vs transformers:")
         for name, err in WORST.items():
-            print(f"  {name:40s} {err:.3e}")
+            print(f"  {name:60s} {err:.3e}")
 
 
 def _dtype_kw(transformers, torch, dtype):
@@ -77,6 +77,19 @@ def pair(request, transformers, torch, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"hf-{request.param}")
     hf.save_pretrained(folder, safe_serialization=True)
     return hf, llama3np.load(folder), folder, request.param
+
+
+@pytest.fixture(params=["numpy", "c"])
+def backend(request):
+    """Run the model on the NumPy reference ops and on the C kernels (when built)."""
+    from llama3np import kernels
+
+    if request.param == "c" and not kernels.available():
+        pytest.skip(f"C kernels not built ({kernels.import_error})")
+    before = llama3np.get_backend()
+    llama3np.set_backend(request.param)
+    yield request.param
+    llama3np.set_backend(before)
 
 
 def tokens_and_targets(seed=0, B=2):
@@ -111,15 +124,15 @@ def test_rope_scaling_changes_the_frequencies_at_these_settings(pair):
     assert scaled[0] == plain[0] and np.all(scaled[1:] < plain[1:])
 
 
-def test_logits_match_transformers(pair, torch):
+def test_logits_match_transformers(pair, torch, backend):
     hf, model, _, kind = pair
     tokens, _ = tokens_and_targets()
     err = rel_err(model.forward(tokens), hf_logits(hf, torch, tokens))
-    record(f"logits ({kind})", err)
+    record(f"logits ({kind}, {backend})", err)
     assert err < 1e-4
 
 
-def test_gradients_of_mean_cross_entropy_match_transformers_for_every_parameter(pair, torch):
+def test_gradients_of_mean_cross_entropy_match_transformers_for_every_parameter(pair, torch, backend):
     """HF gradients mapped to Meta names (wq/wk rows un-permuted like the weights); a tied model has
     one embedding whose gradient sums the lookup and the LM head in both implementations."""
     hf, model, _, kind = pair
@@ -143,11 +156,11 @@ def test_gradients_of_mean_cross_entropy_match_transformers_for_every_parameter(
     assert set(hf_grads) == set(grads)
     errs = {name: rel_err(grads[name], hf_grads[name]) for name in grads}
     worst = max(errs, key=errs.get)
-    record(f"gradients ({kind}, worst: {worst})", errs[worst])
+    record(f"gradients ({kind}, {backend}; worst: {worst})", errs[worst])
     assert all(e < 1e-3 for e in errs.values()), {k: e for k, e in errs.items() if e >= 1e-3}
 
 
-def test_kv_cache_decoding_matches_the_full_forward_of_transformers(pair, torch):
+def test_kv_cache_decoding_matches_the_full_forward_of_transformers(pair, torch, backend):
     """Prefill 20 tokens into the cache, then feed one token at a time: every step's logits equal
     transformers' logits at that position of one full forward."""
     hf, model, _, kind = pair
@@ -158,7 +171,7 @@ def test_kv_cache_decoding_matches_the_full_forward_of_transformers(pair, torch)
     for pos in range(20, T):
         steps.append(model.forward(tokens[:, pos:pos + 1], start_pos=pos, cache=cache))
     err = rel_err(np.concatenate(steps, axis=1), ref)
-    record(f"kv-cache decode logits ({kind})", err)
+    record(f"kv-cache decode logits ({kind}, {backend})", err)
     assert err < 1e-4
 
 
