@@ -548,6 +548,8 @@ def _meta_folder(tmp_path, torch, model, n_shards=1):
             t = torch.from_numpy(w.copy()).to(torch.bfloat16)
             if n_shards > 1 and t.ndim == 2:
                 axis = 1 if name.endswith(("wo.weight", "w2.weight")) else 0
+                if name.endswith(("wk.weight", "wv.weight")) and n_shards > a.n_kv_heads:
+                    t = t.repeat(n_shards // a.n_kv_heads, 1)  # more ranks than kv heads: replicated
                 t = t.chunk(n_shards, dim=axis)[r].clone()
             sd[name] = t
         if a.tie_embeddings:
@@ -556,10 +558,14 @@ def _meta_folder(tmp_path, torch, model, n_shards=1):
     return folder
 
 
-@pytest.mark.parametrize("n_shards, tied", [(1, False), (1, True), (2, False)])
-def test_meta_folders_load_with_bf16_weights_and_model_parallel_shards(tmp_path, torch, n_shards, tied):
+@pytest.mark.parametrize("n_shards, tied, n_kv_heads", [(1, False, 2), (1, True, 2), (2, False, 2), (2, False, 1)])
+def test_meta_folders_load_with_bf16_weights_and_model_parallel_shards(tmp_path, torch, n_shards, tied,
+                                                                       n_kv_heads):
+    """One file, a tied 3.2-style file (with its redundant output copy), two model-parallel shards,
+    and two shards of a one-kv-head model (each shard holds a copy of wk/wv)."""
     # Meta's formula for the FFN width (no hidden_dim in params.json): 2*4*32/3 = 85 -> 96 with multiple_of 32
-    model = tiny_model(hidden_dim=None, multiple_of=32, tie_embeddings=tied, vocab_size=96)
+    model = tiny_model(hidden_dim=None, multiple_of=32, tie_embeddings=tied, vocab_size=96,
+                       n_kv_heads=n_kv_heads)
     folder = _meta_folder(tmp_path, torch, model, n_shards)
     back = load(folder)
     assert back.args.tie_embeddings == tied and back.args.ffn_hidden_dim == 96
