@@ -187,6 +187,7 @@ def _watch(procs, controls, total_timeout, heartbeat_timeout, on_message):
                     elif kind == "fault":
                         fault_t[r] = t
                 if not done[r]:
+                    procs[r].join(1.0)  # the sentinel fires at exit; join to read the exit code
                     raise GroupFailure("dead", r, last_step[r], f"exited with code {procs[r].exitcode} "
                                        "without a result", _since(now, fault_t, last_beat, r))
         if heartbeat_timeout is not None:

@@ -1,0 +1,380 @@
+"""Training on a dp x tp x pp grid: the worker every process runs, and the single-process reference.
+
+One step on every rank (the same arithmetic as llama3np.training.train, spread over processes):
+
+    x, y       = the global batch (every rank draws the same one from the loader), this replica's rows,
+                 cut into m micro-batches
+    losses     = run_schedule(...)            forward/backward of this stage's layers (tp slices inside)
+    grads      = data-parallel average         (GradReducer, or ZeRO-1's reduce-scatter)
+    loss, norm = one world all-reduce of [this rank's share of the loss, of the squared gradient norm]
+    stop on a non-finite loss/norm (reported to the supervisor), skip a loss spike, clip, AdamW
+
+The run folder is llama3np train's: the workers start from its latest checkpoint and write
+checkpoints of the full, unsharded weights and AdamW moments (gathered on rank 0), so a run can
+continue on any grid, or with `llama3np train --resume`.
+"""
+import importlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import data as data_mod
+from ..args import ModelArgs
+from ..optim import AdamW, get_lr
+from ..training import checkpoint as ckpt
+from . import launch
+from . import tensor_parallel as tp_mod
+from .data_parallel import GradReducer, ZeroAdamW, shard_rows
+from .grid import Grid, GridShape
+from .pipeline_parallel import StageModel, run_schedule, stage_param_names
+from .schedule import make_schedule
+from .trace import Trace
+
+# the module llama3np.training.train (the package exports a function of the same name)
+train_mod = importlib.import_module("llama3np.training.train")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    schedule: str = "1f1b"  # gpipe | 1f1b
+    micro_batches: int = 1  # per replica and step
+    zero: bool = False  # ZeRO-1: AdamW moments sharded over the dp ranks
+    bucket_bytes: int = 1 << 20  # DDP bucket size
+    overlap: bool = False  # all-reduce buckets during the backward
+    dtype: str = "float32"
+    timeout: float = 60.0  # every communication
+    faults: list = field(default_factory=list)  # [(kind, rank, step)], kind in kill | hang | nan
+    attempt: int = 0
+
+    def shape(self):
+        return GridShape(self.dp, self.tp, self.pp)
+
+
+def parse_fault(spec):
+    """'kill:1@3' -> ('kill', 1, 3): rank 1 is killed during step 3 (steps count from 1)."""
+    try:
+        kind, rest = spec.split(":")
+        rank, step = rest.split("@")
+        fault = (kind, int(rank), int(step))
+    except ValueError:
+        raise ValueError(f"bad fault {spec!r}: expected KIND:RANK@STEP, e.g. kill:1@3") from None
+    if kind not in ("kill", "hang", "nan"):
+        raise ValueError(f"bad fault {spec!r}: the kind must be kill, hang or nan")
+    if fault[1] < 0 or fault[2] < 1:
+        raise ValueError(f"bad fault {spec!r}: RANK must be >= 0 and STEP >= 1")
+    return fault
+
+
+def check_config(args, pcfg, batch_rows):
+    """Every error a grid can have, before any process starts: sizes that do not divide, too many stages."""
+    pcfg.shape()
+    tp_mod.check_tp(args, pcfg.tp)
+    if pcfg.pp > args.n_layers:
+        raise ValueError(f"pipeline parallelism over pp={pcfg.pp} stages needs at least as many layers, "
+                         f"the model has n_layers={args.n_layers}")
+    shard_rows(batch_rows, pcfg.dp, 0, pcfg.micro_batches)
+    make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches)
+    for kind, rank, step in pcfg.faults:
+        if rank >= pcfg.shape().world_size:
+            raise ValueError(f"fault {kind}:{rank}@{step} names rank {rank}, but the grid has "
+                             f"{pcfg.shape().world_size} ranks")
+    if pcfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {pcfg.dtype!r}")
+
+
+def all_param_names(args):
+    return stage_param_names(args, 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the worker
+
+
+class _Worker:
+    def __init__(self, pg, run_dir, cfg, pcfg):
+        self.pg, self.run_dir, self.cfg, self.pcfg = pg, Path(run_dir), cfg, pcfg
+        self.grid = g = Grid(pg, pcfg.shape())
+        self.dtype = np.dtype(pcfg.dtype)
+        path, ck = ckpt.latest_checkpoint(self.run_dir, warn=False)
+        if ck is None:
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint to start from")
+        meta = ck["meta"]
+        self.args = args = ModelArgs.from_dict(meta["model_args"])
+        self.tokenizer_bytes = ck["tokenizer_bytes"]
+        self.names = stage_param_names(args, pcfg.pp, g.pp_rank)
+        self.params = {n: tp_mod.shard(n, ck["params"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
+        self.model = StageModel(args, self.params, pcfg.pp, g.pp_rank, g.tp_group)
+        kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = ck["opt_state"]
+        local_m = {n: tp_mod.shard(n, opt["m"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
+        local_v = {n: tp_mod.shard(n, opt["v"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
+        if pcfg.zero:
+            self.opt = ZeroAdamW(self.params, g.dp_group, **kw)
+            self.opt.load_state(opt["t"], local_m, local_v)
+        else:
+            self.opt = AdamW(self.params, **kw)
+            self.opt.load_state_dict(dict(opt, m=local_m, v=local_v))
+            order = list(reversed(self.names))  # reverse layer order: the order the backward finishes them
+            self.reducer = GradReducer(g.dp_group, order, {n: p.shape for n, p in self.params.items()}, self.dtype,
+                                       pcfg.bucket_bytes, pcfg.overlap)
+        with np.load(self.run_dir / "data.npz") as z:
+            train_stream = z["train"]
+        self.loader = data_mod.DataLoader(train_stream, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+        self.loader.load_state_dict(meta["loader"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = meta["rng"]
+        self.state = dict(step=meta["step"], recent=list(meta["recent"]), bad_in_row=meta["bad_in_row"],
+                          n_skipped=meta["n_skipped"], tokens=meta["tokens"], rng=rng)
+        self.actions = make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches)[g.pp_rank]
+        self.start_step = self.state["step"]
+        self.peak = 0
+        self.trace = Trace()
+        if pg.rank == 0:  # the log holds the steps up to the checkpoint we start from
+            log_path = self.run_dir / "log.jsonl"
+            records = train_mod._read_log(log_path, self.start_step)
+            ckpt.write_bytes_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    # --- one step ------------------------------------------------------------------------------------
+    def micro_batches(self):
+        cfg, pcfg, g = self.cfg, self.pcfg, self.grid
+        xs, ys = zip(*[self.loader.next_batch() for _ in range(cfg.grad_accum)])
+        x, y = np.concatenate(xs), np.concatenate(ys)  # the global batch, (batch_size*grad_accum, T)
+        rows = shard_rows(len(x), pcfg.dp, g.dp_rank, pcfg.micro_batches)
+        x, y = x[rows], y[rows]
+        return list(zip(np.split(x, pcfg.micro_batches), np.split(y, pcfg.micro_batches)))
+
+    def fault(self, step, where):
+        for kind, rank, at in self.pcfg.faults:
+            if rank == self.pg.rank and at == step and (kind == "nan") == (where == "loss"):
+                launch.report_fault(kind, step)
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if kind == "hang":
+                    while True:  # alive but silent: only the heartbeat watch can tell
+                        time.sleep(1.0)
+                return True
+        return False
+
+    def step(self):
+        cfg, pcfg, g, st = self.cfg, self.pcfg, self.grid, self.state
+        step = st["step"]  # 0-based; this is step step+1 of the log
+        lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        mbs = self.micro_batches()
+        self.trace = Trace()
+        grads = {}
+        if not pcfg.zero:
+            self.reducer.start(grads)
+        on_ready = self.reducer.ready if (pcfg.overlap and not pcfg.zero) else None
+        losses, peak = run_schedule(self.actions, self.model, g.pp_group, mbs, grads, on_ready=on_ready,
+                                    trace=self.trace, rank=self.pg.rank)
+        self.peak = max(self.peak, peak)
+        self.fault(step + 1, "compute")
+        t0 = time.time()
+        if pcfg.zero:
+            gshard = self.opt.reduce_grads(grads, pcfg.dp)
+        else:
+            self.reducer.finish()
+        self.sync_tied_grads(grads if not pcfg.zero else None)
+        self.trace.add(self.pg.rank, "allreduce", None, t0, time.time())
+        # one world all-reduce: [share of the mean loss, share of the squared gradient norm]
+        loss_share = float(np.mean(losses)) / pcfg.dp if (self.model.is_last and g.tp_rank == 0) else 0.0
+        if self.fault(step + 1, "loss"):
+            loss_share = float("nan")
+        sq = self.sq_norm_share(grads if not pcfg.zero else self.opt.piece_grads(gshard))
+        loss, sq = g.world.all_reduce(np.array([loss_share, sq], dtype=np.float64))
+        loss, norm = float(loss), math.sqrt(sq) if sq >= 0 else float("nan")
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            launch.report_nan(step + 1)
+            raise FloatingPointError(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({norm})")
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm}
+        if train_mod._is_spike(loss, st["recent"], cfg):
+            st["bad_in_row"] += 1
+            st["n_skipped"] += 1
+            rec["skipped"] = f"loss spike ({loss:.3f} vs recent mean {np.mean(st['recent']):.3f})"
+        else:
+            # clip exactly as optim.clip_grad_norm does, with the norm of the whole model
+            if cfg.grad_clip is not None and cfg.grad_clip > 0 and norm > cfg.grad_clip:
+                scale = cfg.grad_clip / (norm + 1e-6)
+                for a in (grads.values() if not pcfg.zero else [gshard]):
+                    a *= np.asarray(scale, dtype=a.dtype)
+            if pcfg.zero:
+                self.opt.step(gshard, lr)
+            else:
+                self.opt.step(grads, lr=lr)
+            st["recent"] = (st["recent"] + [loss])[-cfg.spike_window:]
+            st["bad_in_row"] = 0
+        st["step"] = step + 1
+        st["tokens"] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self.grads = grads
+        return rec
+
+    def sq_norm_share(self, grads):
+        """This rank's part of sum(g**2): each element of the model counted on exactly one rank."""
+        g = self.grid
+        total = 0.0
+        if g.dp_rank != 0 and not self.pcfg.zero:
+            return total  # the replicas hold the same averaged gradients; replica 0 counts them
+        for name in self.names:
+            if name not in grads:
+                continue
+            if g.tp_rank != 0 and tp_mod.shard_axis(name) is None:
+                continue  # replicated over tp (norm weights): counted by tp rank 0
+            if name == "tok_embeddings.weight" and self.model.is_last and not self.model.is_first:
+                continue  # the last stage's copy of tied embeddings: counted on the first stage
+            g64 = grads[name].astype(np.float64, copy=False).ravel()
+            total += float(g64 @ g64)
+        return total
+
+    def sync_tied_grads(self, grads):
+        """Tied embeddings over several stages: both copies get lookup gradient + output gradient."""
+        if not (self.args.tie_embeddings and self.pcfg.pp > 1):
+            return
+        if self.pcfg.zero:
+            raise ValueError("tied embeddings with pipeline parallelism and ZeRO-1 are not supported")
+        pp, s = self.grid.pp_group, self.grid.pp_rank
+        if s in (0, self.pcfg.pp - 1):
+            other = self.pcfg.pp - 1 - s
+            pp.send(grads["tok_embeddings.weight"], other, "tied")
+            theirs = pp.recv(other, "tied")
+            mine = grads["tok_embeddings.weight"]
+            # the same order on both stages (lookup + output), so both copies stay bitwise equal
+            grads["tok_embeddings.weight"] = mine + theirs if s == 0 else theirs + mine
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def save(self):
+        """Gather the full weights and moments on rank 0 and write llama3np train's checkpoint."""
+        g, pcfg = self.grid, self.pcfg
+        if pcfg.zero:
+            t, m, v = self.opt.gather_state()
+        else:
+            t, m, v = self.opt.t, self.opt.m, self.opt.v
+        mine = {"params": self.params, "m": m, "v": v}
+        if g.dp_rank != 0:
+            return None
+        if g.world.rank != 0:
+            g.world.send_object(mine, 0, "checkpoint")
+            return None
+        parts = {}
+        for p in range(pcfg.pp):
+            for t_ in range(pcfg.tp):
+                r = pcfg.shape().rank_of(0, t_, p)
+                parts[t_, p] = mine if r == 0 else g.world.recv_object(r, "checkpoint")
+        full = {"params": {}, "m": {}, "v": {}}
+        for name in all_param_names(self.args):
+            stage = next(p for p in range(pcfg.pp) if name in stage_param_names(self.args, pcfg.pp, p))
+            for key in full:
+                full[key][name] = tp_mod.unshard(name, [parts[t_, stage][key][name] for t_ in range(pcfg.tp)])
+        cfg, st = self.cfg, self.state
+        opt_state = {"t": t, "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
+                     "m": full["m"], "v": full["v"]}
+        meta = dict(model_args=self.args.to_dict(), loader=self.loader.state_dict(),
+                    rng=st["rng"].bit_generator.state, recent=st["recent"], bad_in_row=st["bad_in_row"],
+                    n_skipped=st["n_skipped"], tokens=st["tokens"])
+        return ckpt.save_checkpoint(self.run_dir, st["step"], full["params"], opt_state, self.tokenizer_bytes,
+                                    meta, keep=cfg.keep)
+
+    def memory_bytes(self):
+        """Bytes this rank holds for training: parameters + gradients + optimizer state."""
+        params = sum(p.nbytes for p in self.params.values())
+        grads = sum(a.nbytes for a in self.grads.values())
+        opt = self.opt.state_bytes() if self.pcfg.zero else \
+            sum(a.nbytes for a in self.opt.m.values()) + sum(a.nbytes for a in self.opt.v.values())
+        return {"params": params, "grads": grads, "optimizer": opt, "n_params": sum(p.size for p in self.params.values())}
+
+
+def train_worker(pg, run_dir, cfg_json, pcfg_json):
+    """The function every process runs (launch.run): train from the latest checkpoint to cfg.steps."""
+    cfg = train_mod.TrainConfig(out=str(run_dir), **{k: v for k, v in cfg_json.items() if k != "out"}).resolved()
+    pcfg = ParallelConfig(**pcfg_json)
+    w = _Worker(pg, run_dir, cfg, pcfg)
+    launch.heartbeat(w.state["step"])
+    records, t_start = [], time.time()
+    log = open(w.run_dir / "log.jsonl", "a") if pg.rank == 0 else None
+    try:
+        while w.state["step"] < cfg.steps:
+            rec = w.step()
+            records.append(rec)
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            done = w.state["step"] == cfg.steps
+            if w.state["step"] % cfg.save_every == 0 or done:
+                w.save()
+            launch.heartbeat(w.state["step"])
+    finally:
+        if log is not None:
+            log.close()
+    g = w.grid
+    stats = {grp.name: dict(grp.stats) for grp in (g.dp_group, g.tp_group, g.pp_group, g.world)}
+    return {"rank": pg.rank, "coords": (g.dp_rank, g.tp_rank, g.pp_rank), "start_step": w.start_step,
+            "records": records, "peak_activations": w.peak, "bytes_sent": stats,
+            "memory": w.memory_bytes() if records else None, "trace": w.trace.events,
+            "seconds": time.time() - t_start,
+            "bucket_launch_order": list(getattr(getattr(w, "reducer", None), "launch_log", []))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the parent side
+
+
+def prepare_run(cfg, log=print):
+    """Create the run folder (data, config, tokenizer) and its step-0 checkpoint, as llama3np train
+    would; with cfg.resume, check that the folder matches. -> the resolved TrainConfig."""
+    cfg = cfg.resolved()
+    if cfg.resume and ckpt.list_checkpoints(cfg.out):
+        train_mod._setup(cfg, log)  # validates the arguments against config.json
+        return cfg
+    model, tok, opt, loader, arrays, state = train_mod._setup(cfg, log)
+    train_mod._save(cfg, model, tok, opt, loader, state)
+    return cfg
+
+
+def cfg_json(cfg):
+    d = cfg.to_json()
+    d["betas"] = tuple(d["betas"])
+    return d
+
+
+def reference_train(run_dir, steps, dtype=np.float64):
+    """The single-process run every grid must reproduce: the run folder's step-0 checkpoint, the same
+    loader, llama3np.training's schedule, clipping and AdamW, model.loss_and_grads on the global batch.
+    -> the Transformer after `steps` steps (or the configured number)."""
+    from ..model import Transformer
+    from ..optim import clip_grad_norm
+
+    run_dir = Path(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved.pop("model_args")
+    cfg = train_mod.TrainConfig(**{k: v for k, v in saved.items() if k in train_mod.TrainConfig.__dataclass_fields__})
+    cfg = cfg.resolved()
+    ck = ckpt.read_checkpoint(min(ckpt.list_checkpoints(run_dir)))  # the oldest one kept: step 0
+    if ck["meta"]["step"] != 0:
+        raise ValueError(f"{run_dir} no longer holds its step-0 checkpoint")
+    model = Transformer(ModelArgs.from_dict(ck["meta"]["model_args"]), dtype=dtype)
+    for n in model.params:
+        model.params[n] = ck["params"][n].astype(dtype)
+    opt = AdamW(model.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    with np.load(run_dir / "data.npz") as z:
+        loader = data_mod.DataLoader(z["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    for step in range(steps):
+        xs, ys = zip(*[loader.next_batch() for _ in range(cfg.grad_accum)])
+        loss, grads = model.loss_and_grads(np.concatenate(xs), np.concatenate(ys))
+        clip_grad_norm(grads, cfg.grad_clip)
+        opt.step(grads, lr=get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    return model
+
+
+def run_grid(run_dir, cfg, pcfg, heartbeat_timeout=None, total_timeout=None, on_message=None):
+    """Run the workers of one attempt on a spawned group (mp backend) -> the per-rank summaries."""
+    return launch.run(train_worker, pcfg.shape().world_size, args=(str(run_dir), cfg_json(cfg), asdict(pcfg)),
+                      timeout=pcfg.timeout, heartbeat_timeout=heartbeat_timeout, total_timeout=total_timeout,
+                      on_message=on_message)

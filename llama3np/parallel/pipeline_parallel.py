@@ -1,0 +1,168 @@
+"""Pipeline parallelism: the layers split into stages, one per process; micro-batches flow through them.
+
+    stage 0:  tok_embeddings, layers 0 .. k-1          -> activations (B, T, dim) to stage 1
+    stage s:  layers ...                               -> to stage s+1
+    last:     layers ..., norm, output, cross-entropy  <- the loss starts the backward here
+
+`StageModel` is this rank's part of the model (its layers, tensor-parallel slices included: a stage is
+run by tp ranks together). `run_schedule` is the one executor: it walks the action list that
+schedule.py made for this stage (F, B, send/recv of activations and gradients) and records a trace.
+"""
+import time
+
+import numpy as np
+
+from .. import ops
+from . import tensor_parallel as tp_mod
+from .tensor_parallel import accumulate
+
+
+def stage_layers(n_layers, n_stages, stage):
+    """The layers of `stage`: as even as possible, the first stages taking one more when it does not divide."""
+    if n_stages > n_layers:
+        raise ValueError(f"pipeline parallelism over pp={n_stages} stages needs at least as many layers, "
+                         f"the model has n_layers={n_layers}")
+    base, extra = divmod(n_layers, n_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def stage_param_names(args, n_stages, stage):
+    """The names of the parameters stage `stage` holds (in the order of model.params)."""
+    layers = stage_layers(args.n_layers, n_stages, stage)
+    names = []
+    if stage == 0:
+        names.append("tok_embeddings.weight")
+    for i in layers:
+        pre = f"layers.{i}."
+        names += [pre + n for n in ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                                    "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
+                                    "feed_forward.w3.weight", "attention_norm.weight", "ffn_norm.weight")]
+    if stage == n_stages - 1:
+        names.append("norm.weight")
+        # with tied embeddings the last stage keeps its own copy of the embedding as the output layer;
+        # the two copies receive the sum of both gradients (see engine.sync_tied_grads), so they stay equal
+        names.append("tok_embeddings.weight" if args.tie_embeddings else "output.weight")
+    return list(dict.fromkeys(names))  # one stage holding both: only once
+
+
+class StageModel:
+    """Layers `layers` of the model on this rank; params: this rank's (tensor-parallel) slices."""
+
+    def __init__(self, args, params, n_stages, stage, tp_group):
+        self.args, self.params, self.tp_group = args, params, tp_group
+        self.n_stages, self.stage = n_stages, stage
+        self.layers = stage_layers(args.n_layers, n_stages, stage)
+        self.is_first, self.is_last = stage == 0, stage == n_stages - 1
+        self.freqs = ops.rope_frequencies(args)
+        self.out_name = "tok_embeddings.weight" if args.tie_embeddings else "output.weight"
+
+    def forward(self, inp, targets=None):
+        """First stage: inp = tokens (B, T); others: activations (B, T, dim).
+        -> (activations for the next stage, or the mean loss on the last stage; cache for backward)."""
+        p, g = self.params, self.tp_group
+        dtype = p["norm.weight" if self.is_last else f"layers.{self.layers[0]}.attention_norm.weight"].dtype
+        T = inp.shape[1]
+        cos, sin = ops.rope_cos_sin(self.freqs, 0, T, dtype)
+        emb_c = None
+        if self.is_first:
+            x, emb_c = tp_mod.embedding_forward(inp, p["tok_embeddings.weight"], g)  # (B, T, dim)
+        else:
+            x = inp
+        layer_caches = []
+        for i in self.layers:
+            x, lc = tp_mod.block_forward(p, i, x, cos, sin, self.args, g)
+            layer_caches.append(lc)
+        if not self.is_last:
+            return x, (emb_c, layer_caches, None)
+        x, norm_c = ops.rmsnorm_forward(x, p["norm.weight"], self.args.norm_eps)
+        logits, out_c = tp_mod.output_forward(x, p[self.out_name], g)  # (B, T, V/tp)
+        loss, ce_c = tp_mod.cross_entropy_forward(logits, targets, g)
+        return loss, (emb_c, layer_caches, (norm_c, out_c, ce_c))
+
+    def backward(self, dout, cache, grads, dloss=1.0, on_ready=None):
+        """dout: gradient from the next stage (None on the last stage, which starts from the loss).
+        Adds this micro-batch's gradients into `grads`; -> dx for the previous stage (None on the first).
+        on_ready(names) is called as soon as the gradients of `names` are complete (for overlap)."""
+        emb_c, layer_caches, head = cache
+        g = self.tp_group
+        if self.is_last:
+            norm_c, out_c, ce_c = head
+            dlogits = tp_mod.cross_entropy_backward(dloss, ce_c)
+            dx, dout_w = tp_mod.output_backward(dlogits, out_c, g)
+            dx, dnorm = ops.rmsnorm_backward(dx, norm_c)
+            accumulate(grads, "norm.weight", dnorm)
+            if self.args.tie_embeddings and self.is_first:
+                grads["_tied_output"] = dout_w  # added to the lookup's gradient below
+            else:
+                accumulate(grads, self.out_name, dout_w)
+                _notify(on_ready, [self.out_name])
+            _notify(on_ready, ["norm.weight"])
+        else:
+            dx = dout
+        for i, lc in zip(reversed(self.layers), reversed(layer_caches)):
+            dx = tp_mod.block_backward(i, dx, lc, grads, self.args, g)
+            _notify(on_ready, [f"layers.{i}.{n}" for n in _LAYER_NAMES])
+        if not self.is_first:
+            return dx
+        demb = tp_mod.embedding_backward(dx, emb_c)
+        if "_tied_output" in grads:  # one matrix used twice on this stage: the sum of both uses
+            demb = demb + grads.pop("_tied_output")
+        accumulate(grads, "tok_embeddings.weight", demb)
+        _notify(on_ready, ["tok_embeddings.weight"])
+        return None
+
+
+_LAYER_NAMES = ("feed_forward.w2.weight", "feed_forward.w1.weight", "feed_forward.w3.weight", "ffn_norm.weight",
+                "attention.wo.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                "attention_norm.weight")
+
+
+def _notify(on_ready, names):
+    if on_ready is not None:
+        on_ready(names)
+
+
+def run_schedule(actions, model, pp_group, micro_batches, grads, on_ready=None, trace=None, rank=0):
+    """Execute this stage's action list for one training step.
+
+    micro_batches: list of (tokens, targets) (only the first stage reads the tokens, only the last the
+    targets). The gradients (each micro-batch's loss weighted 1/m) are added into the dict `grads`;
+    on_ready is passed to the backward of the last micro-batch (the gradients are final then).
+    -> (the micro-batch losses (last stage), the peak number of micro-batches whose activations were
+    held at once).
+    """
+    m = len(micro_batches)
+    losses = []
+    inputs, outputs, dys, dxs, caches = {}, {}, {}, {}, {}
+    peak = 0
+    s = model.stage
+    for a in actions:
+        j = a.mb
+        t0 = time.time()
+        if a.kind == "recv_fwd":
+            inputs[j] = pp_group.recv(s - 1, "pp_fwd")
+        elif a.kind == "F":
+            inp = micro_batches[j][0] if model.is_first else inputs.pop(j)
+            out, caches[j] = model.forward(inp, micro_batches[j][1])
+            if model.is_last:
+                losses.append(out)
+            else:
+                outputs[j] = out
+            peak = max(peak, len(caches))
+        elif a.kind == "send_fwd":
+            pp_group.send(outputs.pop(j), s + 1, "pp_fwd")
+        elif a.kind == "recv_bwd":
+            dys[j] = pp_group.recv(s + 1, "pp_bwd")
+        elif a.kind == "B":
+            last = j == m - 1 and all(k == j for k in caches)  # the final backward of the step on this stage
+            dx = model.backward(dys.pop(j, None), caches.pop(j), grads, dloss=1.0 / m,
+                                on_ready=on_ready if last else None)
+            if dx is not None:
+                dxs[j] = dx
+        elif a.kind == "send_bwd":
+            pp_group.send(dxs.pop(j), s - 1, "pp_bwd")
+        if trace is not None and a.kind in ("F", "B"):
+            trace.add(rank, a.kind, j, t0, time.time())
+    assert not (inputs or outputs or dys or dxs or caches), "the schedule left work in flight"
+    return losses, peak
