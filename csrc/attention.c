@@ -14,7 +14,9 @@
  * Backward: recompute each tile's probabilities from lse (p = exp(score - lse)), then
  *   dv += p^T dout,  dp = dout v^T,  ds = p * (dp - D) / sqrt(hd) with D = rowsum(dout * out),
  *   dq += ds k,      dk += ds^T q.
- * The products are small matrix multiplies done by sgemm_serial (the packed SIMD kernel of gemm.c).
+ * The products are small matrix multiplies done by the packed SIMD micro-kernel of gemm.c. Operands
+ * used by many tiles (k and v of a kv head, q and dout of a query head) are packed once into the
+ * micro-kernel's layout; only the probability tiles are packed per tile.
  */
 #include <math.h>
 #include <stdint.h>
@@ -66,40 +68,110 @@ static void exp_inplace(float *x, int n) {
     }
 }
 
+/* scale a row and return its max (lanes of 16 so the compiler can vectorize the reduction) */
+VECTOR_CLONES
+static float scale_and_max(float *s, int n, float scale, float init) {
+    float lane[16];
+    for (int k = 0; k < 16; k++) lane[k] = init;
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        for (int k = 0; k < 16; k++) {
+            float x = s[c + k] * scale;
+            s[c + k] = x;
+            lane[k] = x > lane[k] ? x : lane[k];
+        }
+    for (; c < n; c++) {
+        s[c] *= scale;
+        lane[0] = s[c] > lane[0] ? s[c] : lane[0];
+    }
+    float mx = lane[0];
+    for (int k = 1; k < 16; k++) mx = lane[k] > mx ? lane[k] : mx;
+    return mx;
+}
+
+/* s = exp(s * a - b) in place, and the sum of the results (lanes of 16, as above) */
+VECTOR_CLONES
+static float exp_affine_sum(float *s, int n, float a, float b) {
+    for (int c = 0; c < n; c++) s[c] = s[c] * a - b;
+    exp_inplace(s, n);
+    float lane[16] = {0};
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        for (int k = 0; k < 16; k++) lane[k] += s[c + k];
+    for (; c < n; c++) lane[0] += s[c];
+    float sum = 0.0f;
+    for (int k = 0; k < 16; k++) sum += lane[k];
+    return sum;
+}
+
+/* ds = p * (dp - D) * scale, in place of dp: the softmax backward for one row */
+VECTOR_CLONES
+static void softmax_backward_row(float *dp, const float *p, int n, float D, float scale) {
+    for (int c = 0; c < n; c++) dp[c] = p[c] * (dp[c] - D) * scale;
+}
+
 typedef struct {
     const float *q, *k, *v, *dout, *out, *lse;
     const long *qs, *ks, *vs, *douts, *outs, *lses; /* strides in floats of dims 0, 1, 2 */
     float *out_c, *lse_c;                           /* forward outputs, contiguous */
     float *dq, *dk, *dv;                            /* backward outputs, contiguous */
     float *dk_heads, *dv_heads;                     /* (B, H, S, hd) per-query-head partials, or NULL */
-    int B, H, KV, T, S, hd, causal;
+    float *kv_packed;                               /* forward: packed k^T and v of every kv head */
+    int B, H, KV, T, S, hd, causal, isa;
     float scale;
-    int next_task, failed;
+    int next_task, next_pack, failed;
 } attn_ctx;
 
-/* per-thread scratch: two tiles, an accumulator, row statistics and the gemm workspace */
+#define UP16(n) (((n) + 15) / 16 * 16) /* keep every buffer 64-byte aligned */
+
+/* floats of one kv head's packed k^T (hd x S) and v (S x hd), as B operands */
+static long kv_pack_floats(const attn_ctx *a) {
+    return UP16(gemm_packed_b_floats(a->isa, a->hd, a->S)) + UP16(gemm_packed_b_floats(a->isa, a->S, a->hd));
+}
+
+/* pack k^T and v of kv head g in batch b: kt (hd x S) and v (S x hd) as B operands */
+static void pack_kv(const attn_ctx *a, int b, int g, float *kt, float *vp) {
+    const float *K = a->k + b * a->ks[0] + g * a->ks[1];
+    const float *V = a->v + b * a->vs[0] + g * a->vs[1];
+    gemm_pack_b(a->isa, 1, K, a->ks[2], a->hd, a->S, kt); /* op(B) = K^T, stored as K */
+    gemm_pack_b(a->isa, 0, V, a->vs[2], a->S, a->hd, vp);
+}
+
+/* per-thread scratch, carved from one allocation */
 typedef struct {
-    float *s, *p, *acc, *m, *l, *row, *work;
+    float *s, *p, *pp, *qp, *acc, *m, *l;  /* tiles, a packed tile, row statistics */
+    float *D, *qa, *da, *qb, *db;          /* backward: row terms, q and dout packed as A and as B */
+    float *kt, *kp, *vt;                   /* backward: k^T, k and v^T of the kv head, packed as B */
     void *mem;
 } scratch_t;
 
-static int scratch_alloc(scratch_t *w, int hd, int T) {
-    long tile = BR * BC, acc = (long)BR * hd, rows = BR, row = T > BR ? T : BR;
-    int mk = BR > BC ? BR : BC, kk = hd > mk ? hd : mk;
-    long work = sgemm_work_floats(mk, 0, kk);
-    /* every piece rounded up to 16 floats so the gemm workspace stays 64-byte aligned */
-#define UP16(n) (((n) + 15) / 16 * 16)
-    long total = UP16(tile) * 2 + UP16(acc) + UP16(rows) * 2 + UP16(row) + work;
+static float *carve(float **cursor, long n) {
+    float *p = *cursor;
+    *cursor += UP16(n);
+    return p;
+}
+
+static int scratch_alloc(const attn_ctx *a, scratch_t *w, int backward) {
+    const int isa = a->isa, hd = a->hd, T = a->T, S = a->S;
+    const int n_blocks = (T + BR - 1) / BR;
+    long a_blk = gemm_packed_a_floats(isa, BR, hd); /* one packed block of BR query rows */
+    long pp = gemm_packed_a_floats(isa, BR > BC ? BR : BC, BR > BC ? BR : BC);
+    long sizes[15] = {BR * BC, BR * BC, pp, a_blk, (long)BR * hd, BR, BR, 0, 0, 0, 0, 0, 0, 0, 0};
+    if (backward) {
+        sizes[7] = T;
+        sizes[8] = sizes[9] = UP16(a_blk) * n_blocks;
+        sizes[10] = sizes[11] = gemm_packed_b_floats(isa, T, hd);
+        sizes[12] = gemm_packed_b_floats(isa, hd, S);
+        sizes[13] = gemm_packed_b_floats(isa, S, hd);
+        sizes[14] = gemm_packed_b_floats(isa, hd, S);
+    }
+    long total = 0;
+    for (int i = 0; i < 15; i++) total += UP16(sizes[i]);
     if (posix_memalign(&w->mem, 64, (size_t)total * sizeof(float)) != 0) return -1;
-    float *f = (float *)w->mem;
-    w->s = f; f += UP16(tile);
-    w->p = f; f += UP16(tile);
-    w->acc = f; f += UP16(acc);
-    w->m = f; f += UP16(rows);
-    w->l = f; f += UP16(rows);
-    w->row = f; f += UP16(row);
-    w->work = f;
-#undef UP16
+    float *cur = (float *)w->mem;
+    float **slots[15] = {&w->s, &w->p, &w->pp, &w->qp, &w->acc, &w->m, &w->l, &w->D,
+                         &w->qa, &w->da, &w->qb, &w->db, &w->kt, &w->kp, &w->vt};
+    for (int i = 0; i < 15; i++) *slots[i] = carve(&cur, sizes[i]);
     return 0;
 }
 
@@ -115,10 +187,11 @@ static int visible_keys(const attn_ctx *a, int i, int j0, int bc) {
 /* Forward: one block of br queries of head h in batch b.                                           */
 
 static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0, int br) {
-    const int hd = a->hd, g = h / (a->H / a->KV);
+    const int hd = a->hd, isa = a->isa, NR = gemm_nr(isa), g = h / (a->H / a->KV);
     const float *Q = a->q + b * a->qs[0] + h * a->qs[1] + i0 * a->qs[2];
-    const float *K = a->k + b * a->ks[0] + g * a->ks[1];
-    const float *V = a->v + b * a->vs[0] + g * a->vs[1];
+    const float *kt = a->kv_packed + ((long)b * a->KV + g) * kv_pack_floats(a);
+    const float *vp = kt + UP16(gemm_packed_b_floats(isa, hd, a->S));
+    gemm_pack_a(isa, 0, Q, a->qs[2], br, hd, w->qp); /* this block's queries, used by every key tile */
     /* keys past the last query's own position are masked for every row of the block */
     int n_keys = a->causal ? a->S - a->T + i0 + br : a->S;
     for (int r = 0; r < br; r++) {
@@ -129,21 +202,18 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
     for (int j0 = 0; j0 < n_keys; j0 += BC) {
         int bc = n_keys - j0 < BC ? n_keys - j0 : BC;
         /* scores of the tile: s (br, bc) = Q (br, hd) @ K[j0:j0+bc]^T (hd, bc) */
-        sgemm_serial(0, 1, br, bc, hd, Q, a->qs[2], K + j0 * a->ks[2], a->ks[2], w->s, bc, 0, w->work);
+        gemm_packed(isa, br, bc, hd, w->qp, kt + (long)j0 * hd, (long)NR * hd, w->s, bc, 0);
         for (int r = 0; r < br; r++) {
             float *s = w->s + r * bc;
             int nv = visible_keys(a, i0 + r, j0, bc);
-            float mx = w->m[r];
-            for (int c = 0; c < nv; c++) {
-                s[c] *= a->scale;
-                mx = s[c] > mx ? s[c] : mx;
+            if (nv == 0) { /* the whole row is in the future: probability 0, statistics unchanged */
+                memset(s, 0, (size_t)bc * sizeof(float));
+                continue;
             }
+            float mx = scale_and_max(s, nv, a->scale, w->m[r]);
             /* the online softmax: rescale what was summed under the old max to the new max */
-            float correction = nv > 0 ? expf(w->m[r] - mx) : 1.0f; /* exp(-inf) = 0 on the first tile */
-            for (int c = 0; c < nv; c++) s[c] -= mx;
-            exp_inplace(s, nv);
-            float sum = 0.0f;
-            for (int c = 0; c < nv; c++) sum += s[c];
+            float correction = expf(w->m[r] - mx); /* exp(-inf) = 0 on the first tile */
+            float sum = exp_affine_sum(s, nv, 1.0f, mx);
             for (int c = nv; c < bc; c++) s[c] = 0.0f; /* masked: probability 0 */
             w->l[r] = w->l[r] * correction + sum;
             if (correction != 1.0f) {
@@ -153,7 +223,8 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
             w->m[r] = mx;
         }
         /* acc (br, hd) += p (br, bc) @ V[j0:j0+bc] (bc, hd) */
-        sgemm_serial(0, 0, br, hd, bc, w->s, bc, V + j0 * a->vs[2], a->vs[2], w->acc, hd, 1, w->work);
+        gemm_pack_a(isa, 0, w->s, bc, br, bc, w->pp);
+        gemm_packed(isa, br, hd, bc, w->pp, vp + (long)j0 * NR, (long)NR * a->S, w->acc, hd, 1);
     }
     /* every row saw key 0 (S >= T), so l > 0 */
     for (int r = 0; r < br; r++) {
@@ -165,10 +236,19 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
 }
 
 static void forward_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
-    (void)tid, (void)nthreads, (void)barrier;
+    (void)tid, (void)nthreads;
     attn_ctx *a = (attn_ctx *)arg;
+    /* first, together: pack k^T and v of every kv head */
+    int n_heads = a->B * a->KV;
+    for (;;) {
+        int t = __atomic_fetch_add(&a->next_pack, 1, __ATOMIC_RELAXED);
+        if (t >= n_heads) break;
+        float *kt = a->kv_packed + t * kv_pack_floats(a);
+        pack_kv(a, t / a->KV, t % a->KV, kt, kt + UP16(gemm_packed_b_floats(a->isa, a->hd, a->S)));
+    }
+    barrier_wait(barrier);
     scratch_t w;
-    if (scratch_alloc(&w, a->hd, BR) != 0) {
+    if (scratch_alloc(a, &w, 0) != 0) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         return; /* the other threads take the remaining tasks */
     }
@@ -196,67 +276,85 @@ int attention_forward(const float *q, const long *q_strides, const float *k, con
                       int T, int S, int hd, int causal) {
     attn_ctx a = {.q = q, .k = k, .v = v, .qs = q_strides, .ks = k_strides, .vs = v_strides,
                   .out_c = out, .lse_c = lse, .B = B, .H = H, .KV = KV, .T = T, .S = S, .hd = hd,
-                  .causal = causal, .scale = 1.0f / sqrtf((float)hd)};
-    int ran = parallel_run(attention_threads(4.0 * B * H * T * (double)S * hd), forward_thread, &a);
-    /* a thread without scratch skipped its share only if no thread had scratch at all */
-    return (a.failed && a.next_task == 0) || ran < 1 ? -1 : 0;
+                  .causal = causal, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
+    void *packed = NULL;
+    if (posix_memalign(&packed, 64, (size_t)B * KV * kv_pack_floats(&a) * sizeof(float)) != 0) return -1;
+    a.kv_packed = (float *)packed;
+    parallel_run(attention_threads(4.0 * B * H * T * (double)S * hd), forward_thread, &a);
+    free(packed);
+    /* a thread without scratch skipped its share; only if every thread failed is work undone */
+    return a.failed && a.next_task == 0 ? -1 : 0;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Backward: all of query head h of batch b, accumulating dk and dv into dK, dV (S, hd).            */
+/* Backward: all of query head h of batch b, accumulating dk and dv into dK, dV (S, hd). The kv head's
+ * packed k^T, k and v^T are in w->kt, w->kp, w->vt already.                                         */
 
 static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *dK, float *dV) {
-    const int hd = a->hd, T = a->T, g = h / (a->H / a->KV);
+    const int hd = a->hd, T = a->T, S = a->S, isa = a->isa, NR = gemm_nr(isa);
     const float *Q = a->q + b * a->qs[0] + h * a->qs[1];
     const float *dO = a->dout + b * a->douts[0] + h * a->douts[1];
     const float *O = a->out + b * a->outs[0] + h * a->outs[1];
     const float *L = a->lse + b * a->lses[0] + h * a->lses[1];
-    const float *K = a->k + b * a->ks[0] + g * a->ks[1];
-    const float *V = a->v + b * a->vs[0] + g * a->vs[1];
-    const long ldq = a->qs[2], ldo = a->douts[2], ldk = a->ks[2], ldv = a->vs[2];
+    const long ldq = a->qs[2], ldo = a->douts[2];
+    const long a_blk = UP16(gemm_packed_a_floats(isa, BR, hd));
     float *dQ = a->dq + ((long)b * a->H + h) * T * hd;
-    float *D = w->row;
     memset(dQ, 0, (size_t)T * hd * sizeof(float));
+    /* pack q and dout once, as A operands (per block of BR rows) and as B operands */
+    for (int i0 = 0; i0 < T; i0 += BR) {
+        int br = T - i0 < BR ? T - i0 : BR;
+        gemm_pack_a(isa, 0, Q + i0 * ldq, ldq, br, hd, w->qa + (i0 / BR) * a_blk);
+        gemm_pack_a(isa, 0, dO + i0 * ldo, ldo, br, hd, w->da + (i0 / BR) * a_blk);
+    }
+    gemm_pack_b(isa, 0, Q, ldq, T, hd, w->qb);
+    gemm_pack_b(isa, 0, dO, ldo, T, hd, w->db);
     /* D_i = sum_j p_ij dp_ij = dout_i . out_i: the softmax backward's row term, once per row */
     for (int i = 0; i < T; i++) {
         float s = 0.0f;
         for (int d = 0; d < hd; d++) s += dO[i * ldo + d] * O[i * a->outs[2] + d];
-        D[i] = s;
+        w->D[i] = s;
     }
-    for (int j0 = 0; j0 < a->S; j0 += BC) {
-        int bc = a->S - j0 < BC ? a->S - j0 : BC;
-        const float *Kj = K + j0 * ldk, *Vj = V + j0 * ldv;
-        /* under the causal mask only queries at positions >= j0 see this block */
-        int i_start = a->causal ? j0 - (a->S - T) : 0;
-        if (i_start < 0) i_start = 0;
+    for (int j0 = 0; j0 < S; j0 += BC) {
+        int bc = S - j0 < BC ? S - j0 : BC;
+        /* under the causal mask only queries at positions >= j0 see this block; start at the block
+         * of BR rows holding the first of them (rows before it get probability 0) */
+        int i_first = a->causal ? j0 - (S - T) : 0;
+        int i_start = i_first < 0 ? 0 : i_first / BR * BR;
         for (int i0 = i_start; i0 < T; i0 += BR) {
             int br = T - i0 < BR ? T - i0 : BR;
+            const float *qa = w->qa + (i0 / BR) * a_blk, *da = w->da + (i0 / BR) * a_blk;
             /* p (br, bc) = exp(Q_i K_j^T * scale - lse_i), recomputed; masked entries 0 */
-            sgemm_serial(0, 1, br, bc, hd, Q + i0 * ldq, ldq, Kj, ldk, w->p, bc, 0, w->work);
+            gemm_packed(isa, br, bc, hd, qa, w->kt + (long)j0 * hd, (long)NR * hd, w->p, bc, 0);
             for (int r = 0; r < br; r++) {
-                float *p = w->p + r * bc, lse_r = L[(i0 + r) * a->lses[2]];
+                float *p = w->p + r * bc;
                 int nv = visible_keys(a, i0 + r, j0, bc);
-                for (int c = 0; c < nv; c++) p[c] = p[c] * a->scale - lse_r;
-                exp_inplace(p, nv);
+                exp_affine_sum(p, nv, a->scale, L[(i0 + r) * a->lses[2]]);
                 for (int c = nv; c < bc; c++) p[c] = 0.0f;
             }
             /* dV_j (bc, hd) += p^T (bc, br) @ dout_i (br, hd) */
-            sgemm_serial(1, 0, bc, hd, br, w->p, bc, dO + i0 * ldo, ldo, dV + (long)j0 * hd, hd, 1, w->work);
+            gemm_pack_a(isa, 1, w->p, bc, bc, br, w->pp);
+            gemm_packed(isa, bc, hd, br, w->pp, w->db + (long)i0 * NR, (long)NR * T, dV + (long)j0 * hd, hd, 1);
             /* dp (br, bc) = dout_i (br, hd) @ V_j^T (hd, bc) */
-            sgemm_serial(0, 1, br, bc, hd, dO + i0 * ldo, ldo, Vj, ldv, w->s, bc, 0, w->work);
-            /* ds = p * (dp - D) * scale, in place of dp */
-            for (int r = 0; r < br; r++) {
-                float *ds = w->s + r * bc;
-                const float *p = w->p + r * bc;
-                float Dr = D[i0 + r];
-                for (int c = 0; c < bc; c++) ds[c] = p[c] * (ds[c] - Dr) * a->scale;
-            }
+            gemm_packed(isa, br, bc, hd, da, w->vt + (long)j0 * hd, (long)NR * hd, w->s, bc, 0);
+            for (int r = 0; r < br; r++)
+                softmax_backward_row(w->s + r * bc, w->p + r * bc, bc, w->D[i0 + r], a->scale);
             /* dQ_i (br, hd) += ds (br, bc) @ K_j (bc, hd) */
-            sgemm_serial(0, 0, br, hd, bc, w->s, bc, Kj, ldk, dQ + (long)i0 * hd, hd, 1, w->work);
+            gemm_pack_a(isa, 0, w->s, bc, br, bc, w->pp);
+            gemm_packed(isa, br, hd, bc, w->pp, w->kp + (long)j0 * NR, (long)NR * S, dQ + (long)i0 * hd, hd, 1);
             /* dK_j (bc, hd) += ds^T (bc, br) @ Q_i (br, hd) */
-            sgemm_serial(1, 0, bc, hd, br, w->s, bc, Q + i0 * ldq, ldq, dK + (long)j0 * hd, hd, 1, w->work);
+            gemm_pack_a(isa, 1, w->s, bc, bc, br, w->pp);
+            gemm_packed(isa, bc, hd, br, w->pp, w->qb + (long)i0 * NR, (long)NR * T, dK + (long)j0 * hd, hd, 1);
         }
     }
+}
+
+/* pack the kv head (b, g) for backward_head: k^T and v^T (hd x S) and k (S x hd) as B operands */
+static void backward_pack_kv(const attn_ctx *a, scratch_t *w, int b, int g) {
+    const float *K = a->k + b * a->ks[0] + g * a->ks[1];
+    const float *V = a->v + b * a->vs[0] + g * a->vs[1];
+    gemm_pack_b(a->isa, 1, K, a->ks[2], a->hd, a->S, w->kt);
+    gemm_pack_b(a->isa, 0, K, a->ks[2], a->S, a->hd, w->kp);
+    gemm_pack_b(a->isa, 1, V, a->vs[2], a->hd, a->S, w->vt);
 }
 
 /* Two ways to split the work over threads:
@@ -268,7 +366,7 @@ static void backward_thread(void *arg, int tid, int nthreads, barrier_t *barrier
     const int G = a->H / a->KV, hd = a->hd;
     const long slot = (long)a->S * hd;
     scratch_t w;
-    int ok = scratch_alloc(&w, hd, a->T) == 0;
+    int ok = scratch_alloc(a, &w, 1) == 0;
     if (!ok) __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
     int per_head = a->dk_heads != NULL;
     int n_tasks = per_head ? a->B * a->H : a->B * a->KV;
@@ -276,15 +374,18 @@ static void backward_thread(void *arg, int tid, int nthreads, barrier_t *barrier
         int t = __atomic_fetch_add(&a->next_task, 1, __ATOMIC_RELAXED);
         if (t >= n_tasks) break;
         if (per_head) {
+            int b = t / a->H, h = t % a->H;
             float *dK = a->dk_heads + t * slot, *dV = a->dv_heads + t * slot;
             memset(dK, 0, slot * sizeof(float));
             memset(dV, 0, slot * sizeof(float));
-            backward_head(a, &w, t / a->H, t % a->H, dK, dV);
+            backward_pack_kv(a, &w, b, h / G);
+            backward_head(a, &w, b, h, dK, dV);
         } else {
             int b = t / a->KV, g = t % a->KV;
             float *dK = a->dk + t * slot, *dV = a->dv + t * slot;
             memset(dK, 0, slot * sizeof(float));
             memset(dV, 0, slot * sizeof(float));
+            backward_pack_kv(a, &w, b, g);
             for (int h = g * G; h < (g + 1) * G; h++) backward_head(a, &w, b, h, dK, dV);
         }
     }
@@ -312,7 +413,7 @@ int attention_backward(const float *dout, const long *dout_strides, const float 
     attn_ctx a = {.q = q, .k = k, .v = v, .dout = dout, .out = out, .lse = lse, .qs = q_strides,
                   .ks = k_strides, .vs = v_strides, .douts = dout_strides, .outs = out_strides,
                   .lses = lse_strides, .dq = dq, .dk = dk, .dv = dv, .B = B, .H = H, .KV = KV, .T = T,
-                  .S = S, .hd = hd, .causal = causal, .scale = 1.0f / sqrtf((float)hd)};
+                  .S = S, .hd = hd, .causal = causal, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
     int nthreads = attention_threads(10.0 * B * H * T * (double)S * hd);
     void *partials = NULL;
     if (nthreads > 1 && B * KV < nthreads && H > KV) {
@@ -326,6 +427,6 @@ int attention_backward(const float *dout, const long *dout_strides, const float 
     }
     parallel_run(nthreads, backward_thread, &a);
     free(partials);
-    /* with failed scratch some tasks may be undone only if every thread failed */
+    /* a thread without scratch skipped its share; only if every thread failed is work undone */
     return a.failed && a.next_task == 0 ? -1 : 0;
 }

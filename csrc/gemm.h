@@ -9,4 +9,20 @@ long sgemm_work_floats(int M, int N, int K);
 void sgemm_serial(int trans_a, int trans_b, int M, int N, int K, const float *A, long lda, const float *B,
                   long ldb, float *C, long ldc, int accumulate, float *work);
 
+/* Packed operands, for callers that reuse them (attention packs k and v once per head, not per tile).
+ * isa is the value of current_isa() read once by the caller, so packing and use agree.
+ * A packed op(A) (m x k) is ceil(m / MR) slivers, MR * k floats apart: rows i0.. (i0 a multiple of MR)
+ * start at Ap + i0 * k. A packed op(B) (k x n) is ceil(n / NR) slivers of k rows, NR * k floats
+ * apart: columns j0.. (j0 a multiple of NR) start at Bp + j0 * k, and rows p0.. of every sliver at
+ * Bp + p0 * NR with the sliver stride unchanged. Buffers must be 64-byte aligned. */
+int gemm_mr(int isa);
+int gemm_nr(int isa);
+long gemm_packed_a_floats(int isa, int m, int k);
+long gemm_packed_b_floats(int isa, int k, int n);
+void gemm_pack_a(int isa, int trans, const float *A, long lda, int m, int k, float *Ap);
+void gemm_pack_b(int isa, int trans, const float *B, long ldb, int k, int n, float *Bp);
+/* C (m, n) (+)= packed A (m x k) @ packed B (k x n) whose slivers are b_stride floats apart */
+void gemm_packed(int isa, int m, int n, int k, const float *Ap, const float *Bp, long b_stride, float *C, long ldc,
+                 int accumulate);
+
 #endif
