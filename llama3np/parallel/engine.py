@@ -375,6 +375,8 @@ def reference_train(run_dir, steps, dtype=np.float64):
 
 def run_grid(run_dir, cfg, pcfg, heartbeat_timeout=None, total_timeout=None, on_message=None):
     """Run the workers of one attempt on a spawned group (mp backend) -> the per-rank summaries."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    check_config(ModelArgs.from_dict(saved["model_args"]), pcfg, cfg.batch_size * cfg.grad_accum)
     return launch.run(train_worker, pcfg.shape().world_size, args=(str(run_dir), cfg_json(cfg), asdict(pcfg)),
                       timeout=pcfg.timeout, heartbeat_timeout=heartbeat_timeout, total_timeout=total_timeout,
                       on_message=on_message)
