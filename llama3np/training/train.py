@@ -131,8 +131,8 @@ def prepare_data(cfg, args_vocab, log=print):
         sample, _ = stories.corpus(2000, seed=2 * cfg.seed)
         tok = _make_tokenizer(cfg, args_vocab, "\n\n".join(sample))
         tokens_per_story = np.mean([len(tok.encode(s, bos=False, eos=False)) + 2 for s in sample[:500]])
-        n_train = cfg.n_stories or int(1.05 * cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
-                                       / tokens_per_story) + 2 * cfg.batch_size * cfg.seq_len // 50 + 100
+        tokens_needed = cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        n_train = cfg.n_stories or int(1.05 * tokens_needed / tokens_per_story) + 100
         train_docs, train_logp = stories.corpus(n_train, seed=2 * cfg.seed)
         val_docs, val_logp = stories.corpus(cfg.val_stories, seed=2 * cfg.seed + 1)
         train_stream, train_lens = data_mod.tokenize_documents(tok, train_docs)
