@@ -139,65 +139,79 @@ def run(fn, world_size, args=(), timeout=DEFAULT_TIMEOUT, total_timeout=None, he
         _stop(procs)
 
 
-def _watch(procs, controls, total_timeout, heartbeat_timeout, on_message):
+def _watch(procs, controls, total_timeout, heartbeat_timeout, on_message, grace=0.3):
+    """The parent's loop. On the first sign of trouble it keeps listening for `grace` seconds, because
+    one failure causes others (a killed rank makes its peers' receives fail): the root cause is then
+    the rank that announced an injected fault, else one that died, reported a NaN, went silent, raised."""
     n = len(procs)
     results, done = [None] * n, [False] * n
     last_beat, last_step, fault_t = [None] * n, [None] * n, [None] * n
+    incidents, deadline = [], None
     start = time.time()
     sentinels = {p.sentinel: r for r, p in enumerate(procs)}
     ctrl = {c: r for r, c in enumerate(controls)}
+
+    def handle(r, kind, value, t, now):
+        if on_message is not None:
+            on_message(r, kind, value, t)
+        if kind == "heartbeat":
+            last_beat[r], last_step[r] = now, value
+        elif kind == "fault":
+            fault_t[r] = t
+            incidents.append(("fault", r, value[1], f"injected fault {value[0]}", None))
+        elif kind == "result":
+            results[r], done[r] = value, True
+        elif kind == "nan":
+            incidents.append(("nan", r, value, "reported a non-finite loss or gradient norm", now - (fault_t[r] or t)))
+        elif kind == "error":
+            incidents.append(("error", r, last_step[r], value, _since(now, fault_t, last_beat, r)))
+
     while not all(done):
         ready = mp.connection.wait(list(ctrl) + list(sentinels), timeout=0.05)
         now = time.time()
-        for obj in ready:
+        for obj in sorted(ready, key=lambda o: o in sentinels):  # messages before exits
             if obj in ctrl:
-                r = ctrl[obj]
                 try:
                     kind, value, t = obj.recv()
                 except (EOFError, OSError):
                     del ctrl[obj]  # the worker exited; its sentinel tells how
                     continue
-                if on_message is not None:
-                    on_message(r, kind, value, t)
-                if kind == "heartbeat":
-                    last_beat[r], last_step[r] = now, value
-                elif kind == "fault":
-                    fault_t[r] = t
-                elif kind == "result":
-                    results[r], done[r] = value, True
-                elif kind == "nan":
-                    raise GroupFailure("nan", r, value, "reported a non-finite loss or gradient",
-                                       now - (fault_t[r] or t))
-                elif kind == "error":
-                    raise GroupFailure("error", r, last_step[r], value, _since(now, fault_t, last_beat, r))
-        for obj in ready:
-            if obj in sentinels:
+                handle(ctrl[obj], kind, value, t, now)
+            elif obj in sentinels:
                 r = sentinels.pop(obj)
-                # drain a result sent just before exiting
                 c = controls[r]
-                while not done[r] and c in ctrl and c.poll():
+                while c in ctrl and c.poll():  # drain what it sent just before exiting
                     try:
-                        kind, value, t = c.recv()
+                        handle(r, *c.recv(), now)
                     except (EOFError, OSError):
                         break
-                    if kind == "result":
-                        results[r], done[r] = value, True
-                    elif kind == "error":
-                        raise GroupFailure("error", r, last_step[r], value, _since(now, fault_t, last_beat, r))
-                    elif kind == "fault":
-                        fault_t[r] = t
-                if not done[r]:
+                if not done[r] and not any(i[0] == "error" and i[1] == r for i in incidents):
                     procs[r].join(1.0)  # the sentinel fires at exit; join to read the exit code
-                    raise GroupFailure("dead", r, last_step[r], f"exited with code {procs[r].exitcode} "
-                                       "without a result", _since(now, fault_t, last_beat, r))
+                    incidents.append(("dead", r, last_step[r], f"exited with code {procs[r].exitcode} without a "
+                                      "result", _since(now, fault_t, last_beat, r)))
         if heartbeat_timeout is not None:
             for r in range(n):
                 if not done[r] and last_beat[r] is not None and now - last_beat[r] > heartbeat_timeout:
-                    raise GroupFailure("hung", r, last_step[r], f"no heartbeat for {now - last_beat[r]:.1f} s "
-                                       f"(limit {heartbeat_timeout:g} s)", _since(now, fault_t, last_beat, r))
+                    if not any(i[0] == "hung" and i[1] == r for i in incidents):
+                        incidents.append(("hung", r, last_step[r], f"no heartbeat for {now - last_beat[r]:.1f} s "
+                                          f"(limit {heartbeat_timeout:g} s)", _since(now, fault_t, last_beat, r)))
         if total_timeout is not None and now - start > total_timeout:
             r = done.index(False)
-            raise GroupFailure("timeout", r, last_step[r], f"the group did not finish within {total_timeout:g} s")
+            incidents.append(("timeout", r, last_step[r], f"the group did not finish within {total_timeout:g} s", None))
+            deadline = now
+        failures = [i for i in incidents if i[0] != "fault"]
+        if failures and deadline is None:
+            deadline = now + grace
+        if deadline is not None and now >= deadline:
+            faulty = {i[1] for i in incidents if i[0] == "fault"}
+            rank_order = {"nan": 0, "dead": 1, "hung": 2, "timeout": 3, "error": 4}
+            # an error that is only the echo of another rank's failure (its peer vanished) ranks last
+            echo = lambda i: i[0] == "error" and str(i[3]).startswith(("PeerDied", "CommTimeout"))  # noqa: E731
+            kind, r, step, msg, detect = min(failures, key=lambda i: (i[1] not in faulty, echo(i), rank_order[i[0]],
+                                                                     i[1]))
+            if r in faulty and kind in ("hung", "error", "nan"):
+                detect = now - fault_t[r] if kind != "error" else detect
+            raise GroupFailure(kind, r, step, msg, detect)
     return results
 
 
