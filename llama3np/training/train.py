@@ -256,6 +256,9 @@ def _setup(cfg, log):
     """Fresh run or resume -> (model, optimizer, loader, arrays, state dict)."""
     run_dir = Path(cfg.out)
     existing = ckpt.list_checkpoints(run_dir)
+    if run_dir.is_dir():
+        for stale in run_dir.glob(".*.tmp*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
     if cfg.resume and existing:
         saved = json.loads((run_dir / "config.json").read_text())
         now = cfg.to_json()
@@ -412,7 +415,8 @@ def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
                     on_eval(state["step"], model, val)
             if state["step"] % cfg.save_every == 0 or done:
                 _save(cfg, model, tok, opt, loader, state)
-                plot_losses(run_dir, records, floor)
+            if state["step"] % cfg.eval_every == 0 or done:
+                plot_losses(run_dir, records, floor)  # with the validation point just added
     finally:
         logf.close()
         if bar is not None:
