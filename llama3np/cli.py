@@ -40,8 +40,8 @@ def load_model(path):
 class TextStreamer:
     """Turns token ids into text as they come, holding back bytes that are not yet a whole UTF-8 char."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def put(self, token_id):

@@ -39,7 +39,8 @@ def _print_samples(title, texts, out):
     out.flush()
 
 
-def run_demo(out="runs/demo", steps=None, seed=0, stream=sys.stdout):
+def run_demo(out="runs/demo", steps=None, seed=0, stream=None):
+    stream = stream or sys.stdout
     run_dir = Path(out)
     if ckpt.list_checkpoints(run_dir):
         print(f"replacing the previous run in {run_dir}", file=stream)
