@@ -53,6 +53,7 @@ class ParallelConfig:
     dtype: str = "float32"
     timeout: float = 60.0  # every communication
     faults: list = field(default_factory=list)  # [(kind, rank, step)], kind in kill | hang | nan
+    kernels: str = None  # compute backend in the workers: "c" or "numpy" (None: numpy)
     attempt: int = 0
 
     def shape(self):
@@ -295,6 +296,10 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
     """The function every process runs (launch.run): train from the latest checkpoint to cfg.steps."""
     cfg = train_mod.TrainConfig(out=str(run_dir), **{k: v for k, v in cfg_json.items() if k != "out"}).resolved()
     pcfg = ParallelConfig(**pcfg_json)
+    if pcfg.kernels is not None:
+        from .. import backend
+
+        backend.set_backend(pcfg.kernels)
     w = _Worker(pg, run_dir, cfg, pcfg)
     launch.heartbeat(w.state["step"])
     records, t_start = [], time.time()

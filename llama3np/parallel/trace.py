@@ -36,8 +36,9 @@ class Trace:
             _write_atomic(path, json.dumps(doc).encode())
         return doc
 
-    def gantt(self, path, title="pipeline schedule", unit="s"):
-        """A PNG: one row per rank, one bar per event labelled with its micro-batch."""
+    def gantt(self, path, title="pipeline schedule", unit="s", labels=None):
+        """A PNG: one row per rank, one bar per event labelled with its micro-batch.
+        labels: rank -> row label (default "stage r", right for a schedule's simulation)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -50,7 +51,7 @@ class Trace:
             if mb is not None:
                 ax.text((start + end) / 2, rank, str(mb), ha="center", va="center", fontsize=7, color="white")
         ax.set_yticks(ranks)
-        ax.set_yticklabels([f"stage {r}" for r in ranks])
+        ax.set_yticklabels([(labels or {}).get(r, f"stage {r}") for r in ranks])
         ax.invert_yaxis()
         ax.set_xlabel(f"time ({unit})")
         ax.set_title(title)

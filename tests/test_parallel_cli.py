@@ -1,0 +1,38 @@
+"""`llama3np parallel train`: the command runs a grid, survives an injected kill, writes llama3np train's
+run folder plus trace.json, gantt.png and parallel.json; bad grids end with exit code 2 and one line."""
+import json
+
+import pytest
+
+from llama3np.parallel import cli
+from llama3np.training import checkpoint as ckpt
+
+ARGS = ["--override", "dim=32", "--override", "n_layers=2", "--override", "n_heads=4", "--override", "n_kv_heads=2",
+        "--override", "hidden_dim=64", "--vocab-size", "520", "--steps", "4", "--batch-size", "8", "--seq-len", "16",
+        "--n-stories", "60", "--val-stories", "5", "--save-every", "2"]
+
+
+@pytest.mark.timeout(120)
+def test_parallel_train_recovers_from_a_kill_and_writes_its_reports(tmp_path):
+    out = tmp_path / "run"
+    code = cli._standalone(["train", "--out", str(out), *ARGS, "--dp", "2", "--pp", "2", "--micro-batches", "2",
+                            "--inject-fault", "kill:3@3"])
+    assert code == 0
+    assert ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["meta"]["step"] == 4
+    report = json.loads((out / "parallel.json").read_text())
+    assert report["restarts"] == 1 and report["failures"][0]["rank"] == 3
+    assert [r["peak_activations"] for r in sorted(report["ranks"], key=lambda r: r["rank"])] == [2, 2, 1, 1]
+    trace = json.loads((out / "trace.json").read_text())
+    assert {e["cat"] for e in trace["traceEvents"]} >= {"F", "B", "allreduce"}
+    assert (out / "gantt.png").read_bytes()[:4] == b"\x89PNG"
+    assert len([line for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]) == 4
+
+
+@pytest.mark.parametrize("grid,match", [(["--tp", "3"], "divisible by 3"), (["--pp", "3"], "at least as many layers"),
+                                        (["--inject-fault", "boom:0@1"], "bad fault")])
+def test_bad_grids_exit_with_code_2_and_one_clear_line(tmp_path, capsys, grid, match):
+    code = cli._standalone(["train", "--out", str(tmp_path / "bad"), *ARGS, *grid])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()  # rejected before anything was written
