@@ -43,16 +43,18 @@
 
 typedef void (*ukernel_fn)(int kc, const float *Ap, const float *Bp, float *C, long ldc, int accumulate);
 
-/* The portable kernel: plain C that any compiler vectorizes; the reference for the SIMD ones. */
+/* The portable kernel: plain C that any compiler vectorizes; the reference for the SIMD ones.
+ * 4 x 8 keeps the 32 accumulators in 8 SSE (or NEON) registers: with 4 x 16 gcc spills them to memory
+ * and runs 6x slower. */
 #define PORTABLE_MR 4
-#define PORTABLE_NR 16
+#define PORTABLE_NR 8
 static void ukernel_portable(int kc, const float *Ap, const float *Bp, float *C, long ldc, int accumulate) {
     float acc[PORTABLE_MR][PORTABLE_NR] = {{0}};
     for (int p = 0; p < kc; p++) {
-        for (int i = 0; i < PORTABLE_MR; i++) {
-            float a = Ap[p * PORTABLE_MR + i];
-            for (int j = 0; j < PORTABLE_NR; j++) acc[i][j] += a * Bp[p * PORTABLE_NR + j];
-        }
+        for (int i = 0; i < PORTABLE_MR; i++)
+            for (int j = 0; j < PORTABLE_NR; j++) acc[i][j] += Ap[i] * Bp[j];
+        Ap += PORTABLE_MR; /* pointer steps, not p * MR: with -fwrapv (Python's flags) gcc cannot */
+        Bp += PORTABLE_NR; /* prove p * MR + i never wraps and vectorizes the wrong loop */
     }
     for (int i = 0; i < PORTABLE_MR; i++)
         for (int j = 0; j < PORTABLE_NR; j++)
