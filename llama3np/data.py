@@ -88,6 +88,25 @@ def train_val_split(docs, val_fraction=0.05):
 
 # ---------------------------------------------------------------------------------------------------
 # tokens
+def train_bpe(text, vocab_size):
+    """A BPE tokenizer trained on `text` with vocab_size ids, or fewer if the text runs out of pairs.
+
+    A small grammar has only a few hundred distinct words: once every word is a single token there
+    is nothing left to merge, and a bigger vocabulary would only add embedding rows never used.
+    """
+    import re
+
+    from . import bpe
+
+    try:
+        return bpe.train(text, vocab_size, name="bpe")
+    except ValueError as e:
+        m = re.search(r"at most (\d+)", str(e))  # bpe.train says how many ids the text supports
+        if not m:
+            raise
+        return bpe.train(text, int(m.group(1)), name="bpe")
+
+
 def tokenize_documents(tokenizer, docs):
     """-> (stream, doc_lengths): BOS doc EOS for each doc, concatenated (int32); lengths without BOS/EOS."""
     pieces, lengths = [], []

@@ -101,7 +101,6 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------
 # data and tokenizer
 def _make_tokenizer(cfg, vocab_size, sample_text):
-    from .. import bpe
     from ..tokenizer import Tokenizer
 
     choice = cfg.tokenizer
@@ -110,16 +109,7 @@ def _make_tokenizer(cfg, vocab_size, sample_text):
     if choice == "llama3":
         return Tokenizer()
     if choice == "bpe":
-        try:
-            return bpe.train(sample_text, vocab_size, name="bpe")
-        except ValueError as e:
-            # a small grammar has fewer distinct pairs than a 4096 vocabulary needs: take what there is
-            import re
-
-            m = re.search(r"at most (\d+)", str(e))
-            if not m:
-                raise
-            return bpe.train(sample_text, int(m.group(1)), name="bpe")
+        return data_mod.train_bpe(sample_text, vocab_size)
     return Tokenizer(choice)  # a path to a .model file
 
 

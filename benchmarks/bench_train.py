@@ -1,0 +1,123 @@
+"""Training step (forward + backward + AdamW) tokens/s: llama3np beside PyTorch eager, same model, same threads.
+
+PyTorch side: transformers' LlamaForCausalLM (float32, eager attention, our weights copied in) and
+torch.optim.AdamW; ours: Transformer.loss_and_grads + llama3np.AdamW on the active backend (C kernels
+when built). Both run interleaved in one process, best of N, at 1 and 2 threads. Also prints the model
+FLOPs utilisation (MFU): the step's matmul FLOPs (6 x params-in-matmuls x tokens + attention) divided by
+the time, against the machine's GEMM peak measured here (the best float32 matmul rate of numpy/OpenBLAS
+and of our C kernel on a large square product).
+
+    python benchmarks/bench_train.py [--presets tiny small] [--threads 1 2] [--repeat 3]
+"""
+import _env
+
+ENV_NOTE = _env.clean_blas_env()
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from llama3np import backend, kernels  # noqa: E402
+from llama3np.args import preset  # noqa: E402
+from llama3np.checkpoint import hf_config_from_args, meta_to_hf_name, permute_rotary  # noqa: E402
+from llama3np.model import Transformer  # noqa: E402
+from llama3np.optim import AdamW  # noqa: E402
+
+SHAPES = {"tiny": (8, 256), "small": (4, 512)}  # (batch, seq_len) from the issue
+
+
+def step_flops(args, B, T):
+    """Matmul FLOPs of one training step: 6 per weight per token (2 forward + 4 backward) plus attention."""
+    hd, C, H, KV, F = args.head_dim, args.dim, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim
+    per_layer = C * H * hd * 2 + C * KV * hd * 2 + 3 * C * F
+    weights = args.n_layers * per_layer + args.vocab_size * C  # the LM head; the embedding is a lookup
+    # attention: QK^T and PV, 2 * T * T * hd each per head, causal half, x3 for forward + backward
+    attention = args.n_layers * H * 2 * (2 * T * T * hd) * 0.5 * 3
+    return 6 * weights * B * T + attention * B
+
+
+def gemm_peak(n=1024, repeat=5):
+    """The best float32 GFLOP/s of a square n x n matmul with numpy (OpenBLAS) and with our C kernel."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
+    rates = {"numpy": 2 * n ** 3 / _env.best_of(lambda: a @ b, repeat) / 1e9}
+    if kernels.available():
+        rates["C"] = 2 * n ** 3 / _env.best_of(lambda: kernels.matmul(a, b), repeat) / 1e9
+    return rates
+
+
+def torch_model(model, torch, transformers):
+    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config_from_args(model.args).items()
+                                      if k not in ("architectures", "torch_dtype")})
+    cfg._attn_implementation = "eager"
+    hf = transformers.LlamaForCausalLM(cfg).float()
+    a = model.args
+    state = {}
+    for name, w in model.params.items():
+        if name.endswith("attention.wq.weight"):
+            w = permute_rotary(w, a.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            w = permute_rotary(w, a.n_kv_heads)
+        state[meta_to_hf_name(name)] = torch.from_numpy(np.ascontiguousarray(w))
+    hf.load_state_dict(state, strict=True)
+    hf.train()
+    return hf
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=3)
+    cli = parser.parse_args()
+    import torch
+    import transformers
+
+    print(ENV_NOTE)
+    print(f"llama3np backend: {backend.get_backend()}" + (f" (micro-kernel {kernels.isa()})" if kernels.available() else ""))
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}; float32, best of {cli.repeat}")
+    for n in cli.threads:
+        print(_env.pin_threads(n))
+        peak = gemm_peak()
+        best_peak = max(peak.values())
+        print("  GEMM peak (1024^3 float32): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
+        for name in cli.presets:
+            B, T = SHAPES[name]
+            args = preset(name, max_seq_len=max(T, preset(name).max_seq_len))
+            model = Transformer(args, seed=0)
+            hf = torch_model(model, torch, transformers)
+            rng = np.random.default_rng(0)
+            rows = rng.integers(0, args.vocab_size, size=(B, T + 1))
+            x, y = rows[:, :-1], rows[:, 1:]
+            opt = AdamW(model.params, lr=1e-4)
+            topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+            tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+            def ours():
+                loss, grads = model.loss_and_grads(x, y)
+                opt.step(grads)
+                return float(loss)
+
+            def theirs():
+                topt.zero_grad(set_to_none=True)
+                logits = hf(input_ids=tx).logits
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
+                loss.backward()
+                topt.step()
+                return float(loss)
+
+            l0, t0 = ours(), theirs()  # warm-up, and the first losses (same weights, same batch) must agree
+            t_ours, t_theirs = float("inf"), float("inf")
+            for _ in range(cli.repeat):  # interleaved: the load of a shared machine drifts
+                t = time.perf_counter(); ours(); t_ours = min(t_ours, time.perf_counter() - t)  # noqa: E702
+                t = time.perf_counter(); theirs(); t_theirs = min(t_theirs, time.perf_counter() - t)  # noqa: E702
+            fl = step_flops(args, B, T)
+            print(f"  {name} (batch {B}x{T}): llama3np {B * T / t_ours:7.0f} tok/s ({t_ours:.3f} s/step), "
+                  f"PyTorch {B * T / t_theirs:7.0f} tok/s ({t_theirs:.3f} s/step): ratio {t_theirs / t_ours:.2f}x; "
+                  f"MFU {fl / t_ours / 1e9 / best_peak:.0%} ours, {fl / t_theirs / 1e9 / best_peak:.0%} PyTorch "
+                  f"({fl / 1e9:.1f} GFLOP/step); first-step loss {l0:.5f} vs {t0:.5f}")
+
+
+if __name__ == "__main__":
+    main()
