@@ -213,7 +213,7 @@ def online_softmax_attention(q_row, k, v, tile):
 
 S_demo, hd_demo = 256, 16
 q1 = rng.standard_normal(hd_demo)
-k1 = rng.standard_normal((S_demo, hd_demo)) * 2
+k1 = rng.standard_normal((S_demo, hd_demo)) * np.linspace(0.3, 2.0, S_demo)[:, None]  # later keys score higher
 v1 = rng.standard_normal((S_demo, hd_demo))
 out_tiled, lse_tiled, history = online_softmax_attention(q1, k1, v1, tile=32)
 out_ref, lse_ref = ops.attention_forward(q1[None, None, None], k1[None, None], v1[None, None], causal=False)
@@ -236,9 +236,9 @@ for t0 in range(0, T_pic, tile_pic):
     for s0 in range(0, S_pic, tile_pic):
         if s0 > t0 + tile_pic - 1:
             ax1.text(s0 + 0.5, t0 + 0.5, "skipped", ha="center", va="center", fontsize=8, color="gray")
-ax1.annotate("", xy=(7.3, 5.0), xytext=(-0.3, 5.0), arrowprops=dict(arrowstyle="->", color="tab:red", lw=2))
-ax1.text(0, 4.3, "one block of queries walks over key tiles,\nupdating m, l, acc after each", color="tab:red",
-         fontsize=8)
+ax1.annotate("", xy=(5.4, 5.0), xytext=(-0.3, 5.0), arrowprops=dict(arrowstyle="->", color="tab:red", lw=2.5))
+ax1.text(-0.3, 4.2, "queries 4-5 walk over key tiles 0-2,\nupdating m, l, acc after each", color="tab:red",
+         fontsize=8, bbox=dict(facecolor="white", alpha=0.9, edgecolor="none"))
 ax1.set_xlabel("key position j")
 ax1.set_ylabel("query position i")
 ax1.set_title("scores in tiles: only one tile exists at a time")
