@@ -60,7 +60,9 @@ def supervise(run_dir, cfg, pcfg, max_restarts=3, heartbeat_timeout=30.0, total_
                 useful_s += beats[saved] - beats[start]
             failures.append({"kind": f.kind, "rank": f.rank, "step": f.step, "detect_s": f.detect_s,
                              "message": f.message.splitlines()[0][:300], "restart_from": saved,
-                             "lost_steps": max(0, reached - saved), "t_fail": t_fail - t_begin})
+                             "lost_steps": max(0, reached - saved), "t_fail": t_fail - t_begin,
+                             # work done after the checkpoint, thrown away (including the detection wait)
+                             "lost_s": t_fail - beats[saved] if saved in beats else None})
             log(f"failure {len(failures)}: rank {f.rank} {f.kind} near step {reached + 1}"
                 + (f", detected in {f.detect_s:.2f} s" if f.detect_s is not None else "")
                 + f"; restarting from the step-{saved} checkpoint ({max(0, reached - saved)} steps lost)")
@@ -81,6 +83,7 @@ def format_summary(summary):
              f"effective training time {summary['useful_s']:.1f} s, goodput {100 * summary['goodput']:.1f}%"]
     for i, f in enumerate(summary["failures"], 1):
         det = "n/a" if f["detect_s"] is None else f"{f['detect_s']:.2f} s"
+        lost = "" if f["lost_s"] is None else f" ({f['lost_s']:.2f} s of work)"
         lines.append(f"  failure {i}: rank {f['rank']} {f['kind']}, detected in {det}, "
-                     f"{f['lost_steps']} step(s) lost, restarted from step {f['restart_from']}")
+                     f"{f['lost_steps']} step(s) lost{lost}, restarted from step {f['restart_from']}")
     return "\n".join(lines)

@@ -1,0 +1,112 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 — Pipeline parallelism: schedules as data
+#
+# The layers are split into p stages, one per process, and the batch into m micro-batches that flow
+# through them. Who does what when is a **schedule**: for each stage, a list of actions (F j, B j, and
+# the sends and receives between neighbours). The same lists are run by the executor, drawn here and
+# checked by the tests (ShallowSpeed's idea). We measure two things on a logical clock, where they are
+# exact: the **bubble** (idle share of the pipeline) and the **activation memory** (how many
+# micro-batches a stage holds at once).
+
+# %%
+import os
+import shutil
+import tempfile
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from llama3np.parallel import engine
+from llama3np.parallel import schedule as S
+from llama3np.parallel.trace import Trace
+from llama3np.training import TrainConfig
+from llama3np.training import checkpoint as ckpt
+
+FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
+work = tempfile.mkdtemp(prefix="llama3np_nb05_")
+
+# %% [markdown]
+# ## 1. GPipe and 1F1B, as lists
+# GPipe runs all forwards, then all backwards. 1F1B (PipeDream-Flush, Megatron's default) runs p-s-1
+# warm-up forwards on stage s, then alternates one forward and one backward.
+
+# %%
+p, m = 4, 6
+for name in S.SCHEDULES:
+    print(name)
+    print(S.format_schedule(S.make_schedule(name, p, m)))
+print("\nthe full action list of stage 1 under 1F1B:", S.one_f_one_b(p, m)[1][:8], "...")
+
+# %% [markdown]
+# ## 2. On a logical clock
+# Forward = 1 tick, backward = 2 ticks (a backward does about twice the matrix products); a receive waits
+# for its send. Both schedules take (m + p - 1)(t_f + t_b) ticks where m (t_f + t_b) would be ideal: the
+# bubble is (p-1)/(m+p-1), exactly, whatever the schedule. What 1F1B changes is the memory.
+
+# %%
+for name in S.SCHEDULES:
+    events = S.simulate(S.make_schedule(name, p, m), t_f=1, t_b=2)
+    path = Trace.from_simulation(events).gantt(os.path.join(work, f"{name}.png"), title=f"{name}, p={p}, m={m}",
+                                              unit="ticks")
+    plt.figure(figsize=(10, 2.6)); plt.imshow(plt.imread(path)); plt.axis("off"); plt.show()
+    stages = S.make_schedule(name, p, m)
+    print(f"{name}: bubble {S.bubble_fraction(events)} (theory {S.theoretical_bubble(p, m)}), "
+          f"peak micro-batches held per stage {S.peak_activations(stages)}")
+
+# %% [markdown]
+# More micro-batches shrink the bubble; with GPipe they cost memory (every stage holds all m), with 1F1B
+# they do not (stage s holds at most p - s).
+
+# %%
+print(" m   bubble   GPipe peak   1F1B peak")
+for mm in (1, 2, 4, 8, 16, 32):
+    b = S.bubble_fraction(S.simulate(S.one_f_one_b(p, mm)))
+    print(f"{mm:2d}   {float(b):.3f}    {max(S.peak_activations(S.gpipe(p, mm))):3d}          "
+          f"{S.peak_activations(S.one_f_one_b(p, mm))}")
+
+# %% [markdown]
+# ## 3. The real thing: 2 stages in 2 processes
+# Same tiny Llama as notebook 04; 2 stages of 1 layer each, 4 micro-batches. Every rank records a trace
+# of timed events (the Gantt chart below is drawn from wall-clock times), and counts the micro-batches it
+# holds: the executor matches the schedule's prediction.
+
+# %%
+steps = 3 if FAST else 10
+cfg = TrainConfig(out=os.path.join(work, "base"), preset="tiny",
+                  model_overrides=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520),
+                  steps=steps, batch_size=8, seq_len=16, n_stories=80, val_stories=5, eval_every=10**6,
+                  save_every=steps, keep=10, progress=False)
+cfg = engine.prepare_run(cfg, log=print)
+reference = engine.reference_train(cfg.out, steps, np.float64).params
+
+for name in S.SCHEDULES:
+    out = os.path.join(work, name)
+    shutil.copytree(cfg.out, out)
+    c = TrainConfig(**{**cfg.__dict__, "out": out})
+    res = engine.run_grid(out, c, engine.ParallelConfig(pp=2, micro_batches=4, schedule=name, dtype="float64"))
+    params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
+    err = max(float(np.max(np.abs(params[n] - reference[n])) / np.max(np.abs(reference[n]))) for n in reference)
+    peaks = [o["peak_activations"] for o in sorted(res, key=lambda o: o["coords"][2])]
+    print(f"{name}: measured peak per stage {peaks}, predicted {S.peak_activations(S.make_schedule(name, 2, 4))}; "
+          f"max relative difference from one process {err:.1e}")
+    trace = Trace()
+    for o in res:
+        for ev in o["trace"]:
+            trace.add(*ev)
+    t0 = min(e[3] for e in trace.events)
+    trace.events = [(r, n, mb, s - t0, e - t0) for r, n, mb, s, e in trace.events]
+    path = trace.gantt(os.path.join(work, f"real_{name}.png"), title=f"{name} in 2 processes, last step")
+    plt.figure(figsize=(10, 2.4)); plt.imshow(plt.imread(path)); plt.axis("off"); plt.show()
