@@ -210,7 +210,7 @@ def _assert_grad_close(got, want, name):
     group=st.sampled_from([1, 2, 4, 8]),
     T=st.sampled_from([1, 3, 7, 33, 65]) | st.integers(1, 80),
     extra=st.sampled_from([0, 0, 1, 30, 100]),
-    hd=st.sampled_from([1, 4, 16, 64]),
+    hd=st.sampled_from([1, 4, 16, 64, 128]),
     causal=st.booleans(),
     layout=st.sampled_from(["contiguous", "cache", "transposed"]),
     isa=st.sampled_from(ISAS),
@@ -328,6 +328,42 @@ def test_attention_backward_rejects_mismatched_gradients_and_lse():
         kernels.attention_backward(out, q, k, v, out, lse.astype(np.float64))
     with pytest.raises(TypeError, match="causal"):
         kernels.attention_backward(out, q, k, v, out, lse, causal="yes")
+
+
+# ---------------------------------------------------------------------------------------------------
+# threads: Python threads calling at once (cffi releases the GIL), and forked children
+
+
+def test_concurrent_calls_from_python_threads_give_correct_results():
+    """Four Python threads multiplying at once (sharing or not the cached workspace) all get the right product."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kernels.set_num_threads(2)
+    rng = np.random.default_rng(11)
+    pairs = [(_operand(rng, 300 + 7 * i, 260, i % 2 == 0), _operand(rng, 260, 200 + 5 * i, i % 2 == 1)) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda ab: kernels.matmul(*ab), pairs))
+    for (a, b), c in zip(pairs, results):
+        _assert_matmul_close(c, a, b)
+
+
+def _child_matmul(seed):
+    rng = np.random.default_rng(seed)
+    a, b = _operand(rng, 70, 80, False), _operand(rng, 80, 90, True)
+    return float(np.abs(kernels.matmul(a, b) - a.astype(np.float64) @ b).max())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX")
+def test_forked_children_can_use_the_kernels_after_the_parent_did():
+    """No thread pool survives a call, so a child forked after the parent multiplied does not hang."""
+    import multiprocessing
+
+    kernels.set_num_threads(2)
+    _child_matmul(0)  # the parent uses the kernels (and their threads) first
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        errors = pool.map(_child_matmul, [1, 2, 3])
+    assert max(errors) < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------
