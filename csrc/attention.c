@@ -33,7 +33,7 @@
 /* ---------------------------------------------------------------------------------------------- */
 /* Row helpers compiled for several instruction sets: on x86-64 Linux the compiler builds an
  * AVX-512, an AVX2 and a baseline copy and the loader picks one for this CPU (target_clones). */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLAMA3NP_NO_SIMD)
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VECTOR_CLONES

@@ -24,7 +24,8 @@
 #include "llama3np_kernels.h"
 #include "parallel.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+/* LLAMA3NP_NO_SIMD builds only the portable kernel, as on arm64 (to check that path on x86 too) */
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LLAMA3NP_NO_SIMD)
 #define LLAMA3NP_X86 1
 #include <immintrin.h>
 #endif
