@@ -141,6 +141,7 @@ class ZeroAdamW:
         self.names = list(params)
         sizes = [params[n].size for n in self.names]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.offset_of = dict(zip(self.names, self.offsets[:-1].tolist()))
         self.total = int(self.offsets[-1])
         bounds = np.concatenate([[0], np.cumsum([len(c) for c in np.array_split(np.arange(self.total), group.size)])])
         self.lo, self.hi = int(bounds[group.rank]), int(bounds[group.rank + 1])
@@ -165,7 +166,7 @@ class ZeroAdamW:
     def piece_grads(self, shard_grad):
         out = {}
         for n, (start, view) in self.pieces.items():
-            a = int(self.offsets[self.names.index(n)]) + start - self.lo
+            a = self.offset_of[n] + start - self.lo
             out[n] = shard_grad[a:a + view.size].reshape(view.shape)
         return out
 
@@ -188,7 +189,7 @@ class ZeroAdamW:
         for key in ("m", "v"):
             piece = np.zeros_like(self.shard)
             for n, (start, view) in self.pieces.items():
-                a = int(self.offsets[self.names.index(n)]) + start - self.lo
+                a = self.offset_of[n] + start - self.lo
                 piece[a:a + view.size] = getattr(self.opt, key)[n].reshape(-1)
             flat = self.group.all_gather(piece)
             full[key] = {n: flat[a:b].reshape(self.params[n].shape).copy()

@@ -88,6 +88,9 @@ def check_config(args, pcfg, batch_rows):
         if rank >= pcfg.shape().world_size:
             raise ValueError(f"fault {kind}:{rank}@{step} names rank {rank}, but the grid has "
                              f"{pcfg.shape().world_size} ranks")
+    if args.tie_embeddings and pcfg.pp > 1 and pcfg.zero:
+        raise ValueError("tied embeddings with pipeline parallelism and ZeRO-1 are not supported: the two copies "
+                         "of the embedding would need their gradients summed across stages inside ZeRO's flat shards")
     if pcfg.dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {pcfg.dtype!r}")
 
@@ -160,8 +163,10 @@ class _Worker:
                 if kind == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 if kind == "hang":
-                    while True:  # alive but silent: only the heartbeat watch can tell
-                        time.sleep(1.0)
+                    parent = os.getppid()
+                    while os.getppid() == parent:  # alive but silent: only the heartbeat watch can tell
+                        time.sleep(0.2)
+                    os._exit(1)  # the parent is gone (it would have killed us): do not linger as an orphan
                 return True
         return False
 
@@ -239,8 +244,6 @@ class _Worker:
         """Tied embeddings over several stages: both copies get lookup gradient + output gradient."""
         if not (self.args.tie_embeddings and self.pcfg.pp > 1):
             return
-        if self.pcfg.zero:
-            raise ValueError("tied embeddings with pipeline parallelism and ZeRO-1 are not supported")
         pp, s = self.grid.pp_group, self.grid.pp_rank
         if s in (0, self.pcfg.pp - 1):
             other = self.pcfg.pp - 1 - s
@@ -306,7 +309,10 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
     log = open(w.run_dir / "log.jsonl", "a") if pg.rank == 0 else None
     try:
         while w.state["step"] < cfg.steps:
+            t_step, cpu_step = time.perf_counter(), time.process_time()
             rec = w.step()
+            rec["step_s"] = time.perf_counter() - t_step
+            rec["step_cpu_s"] = time.process_time() - cpu_step  # this process's CPU time (all its threads)
             records.append(rec)
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
