@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 
 from llama3np.parallel import engine as E
-from llama3np.training import TrainConfig
 from llama3np.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--override", "dim=32", "--override", "n_layers=2", "--override", "n_heads=4", "--override", "n_kv_heads=2",
         "--override", "hidden_dim=64", "--vocab-size", "520", "--steps", "3", "--batch-size", "8", "--seq-len", "16",
-        "--n-stories", "60", "--val-stories", "5", "--save-every", "3", "--dtype", "float64"]
+        "--n-stories", "60", "--val-stories", "5", "--save-every", "3", "--dtype", "float64"]  # keeps step 0 too
 
 
 def _mpiexec():
@@ -63,3 +62,20 @@ def test_mpiexec_with_the_wrong_number_of_processes_says_how_many_it_needs(tmp_p
                         "--out", str(tmp_path / "x"), *ARGS, "--dp", "2", "--tp", "2"], env=_env(),
                        capture_output=True, text=True, timeout=50)
     assert r.returncode != 0 and "mpiexec -n 4" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_mpiexec_dp2_tp2_trains_to_the_single_process_weights(tmp_path):
+    """The equivalence table's (2,2,1) under MPI: within 1e-12 of one process in float64."""
+    from threadpoolctl import threadpool_limits
+
+    mpiexec = _mpiexec()
+    out = tmp_path / "mpi"
+    r = subprocess.run([mpiexec, "-n", "4", sys.executable, "-m", "llama3np.parallel.cli", "train", "--backend", "mpi",
+                        "--out", str(out), *ARGS, "--dp", "2", "--tp", "2"], env=_env(), capture_output=True,
+                       text=True, timeout=100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with threadpool_limits(1):
+        reference = E.reference_train(out, 3, np.float64).params
+    ours = _final(out)
+    assert max(float(np.max(np.abs(ours[n] - reference[n])) / np.max(np.abs(reference[n]))) for n in reference) < 1e-12

@@ -144,11 +144,11 @@ def test_pipeline_executor_holds_the_activations_the_schedule_predicts(base_run,
 
 
 @pytest.mark.timeout(120)
-def test_a_checkpoint_saved_at_dp2_resumes_at_dp1_and_tp2_pp2(base_run, reference64, tmp_path):
+def test_a_checkpoint_saved_at_dp2_resumes_at_dp1_dp4_and_tp2_pp2(base_run, reference64, tmp_path):
     """Checkpoints hold full, unsharded tensors: stop a dp=2 run at step 2, finish it on other grids."""
     _, _, run = grid_run(base_run, tmp_path, "dp2", dp=2)
     (run / ckpt.ckpt_name(STEPS)).unlink()  # as if the dp=2 run had stopped after its step-2 checkpoint
-    for name, kw in (("as-dp1", {}), ("as-tp2pp2", dict(tp=2, pp=2))):
+    for name, kw in (("as-dp1", {}), ("as-dp4", dict(dp=4)), ("as-tp2pp2", dict(tp=2, pp=2))):
         again = tmp_path / name
         shutil.copytree(run, again)
         cfg = TrainConfig(**{**base_run.__dict__, "out": str(again)})
