@@ -105,7 +105,7 @@ def main():
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ty.reshape(-1))
                 loss.backward()
                 topt.step()
-                return float(loss)
+                return loss.item()
 
             l0, t0 = ours(), theirs()  # warm-up, and the first losses (same weights, same batch) must agree
             t_ours, t_theirs = float("inf"), float("inf")

@@ -89,6 +89,20 @@ def test_top_p_sampling_draws_from_the_truncated_renormalised_distribution():
     assert abs((draws == 0).mean() - 0.25 / 0.365) < 0.03
 
 
+def test_the_partial_sort_finds_the_same_nucleus_as_a_full_sort():
+    """Large vocabularies sort only the 1024 likeliest tokens: the nucleus must be the full sort's prefix."""
+    from llama3np.generation import _likeliest_first
+
+    rng = np.random.default_rng(0)
+    for scale, top_p in ((3.0, 0.9), (8.0, 0.5), (0.1, 0.9)):  # peaked, very peaked, flat (falls back)
+        z = rng.standard_normal(20000) * scale
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        full = np.argsort(-p, kind="stable")
+        n = int(np.searchsorted(np.cumsum(p[full]), top_p)) + 1  # tokens in the nucleus
+        assert np.array_equal(_likeliest_first(p, top_p)[:n], full[:n])
+
+
 def test_bad_generation_arguments_are_explained(model64):
     with pytest.raises(ValueError, match="empty"):
         generate(model64, [], 5)
