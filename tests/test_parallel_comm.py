@@ -64,15 +64,26 @@ def _silent_peer(pg):
 
 
 def _out_of_order(pg):
-    """Rank 0 does a broadcast while rank 1 does an all-reduce: the tag check must say so."""
+    """Rank 0 does a broadcast while rank 1 does an all-reduce: the tags must not be mixed up."""
     try:
         if pg.rank == 0:
             pg.send(np.zeros(2), 1, "broadcast")
+            time.sleep(1.5)  # stay alive: the peer must time out, not see us exit
             return "sent"
         pg.recv(0, "all_reduce")
-    except RuntimeError as e:
+    except CommTimeout as e:
         return str(e)
     return "no error"
+
+
+def _tags_matched_out_of_arrival_order(pg):
+    """Two kinds of message on one pipe, received in the other order (a pipeline's activations and
+    gradients): each receive gets the message with its tag."""
+    if pg.rank == 0:
+        pg.send(np.array([1.0]), 1, "pp_fwd")
+        pg.send(np.array([2.0]), 1, "pp_bwd")
+        return None
+    return [float(pg.recv(0, "pp_bwd")[0]), float(pg.recv(0, "pp_fwd")[0])]
 
 
 @pytest.mark.timeout(60)
@@ -123,9 +134,14 @@ def test_a_silent_peer_raises_a_timeout_naming_it_instead_of_hanging():
 
 
 @pytest.mark.timeout(60)
-def test_ranks_running_different_operations_get_a_clear_error():
-    outs = launch.run(_out_of_order, 2, timeout=5)
+def test_ranks_running_different_operations_get_a_clear_error_not_mixed_data():
+    outs = launch.run(_out_of_order, 2, timeout=1)
     assert "different order" in outs[1] and "broadcast" in outs[1]
+
+
+@pytest.mark.timeout(60)
+def test_receives_match_tags_like_mpi_whatever_the_arrival_order():
+    assert launch.run(_tags_matched_out_of_arrival_order, 2, timeout=5)[1] == [2.0, 1.0]
 
 
 def test_bad_grid_and_bad_reductions_are_rejected_with_clear_errors():

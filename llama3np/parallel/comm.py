@@ -16,8 +16,10 @@ the same ring, and the byte counters (`pg.stats`) can be checked against the tex
 
 Every receive has a timeout (`CommTimeout`, a TimeoutError naming the operation and the peer): a dead or
 hung peer turns into an error, never a hang. A closed pipe (the peer died) is a `PeerDied` error.
-Messages carry a tag (operation and sequence number); a mismatch means two ranks disagree on the order
-of operations, the classic distributed bug, and is reported as such instead of silently mixing data.
+Messages carry a tag (group, operation, sequence number per peer and operation) and a receive takes the
+message with its tag, as MPI does: a pipeline stage can receive activations and gradients from the same
+neighbour in any order. Ranks that disagree on the order of their collectives (the classic distributed
+bug) never mix data: the receive times out and lists the messages that came instead.
 """
 import pickle
 import queue
@@ -37,12 +39,32 @@ class PeerDied(ConnectionError):
     """The connection to a peer closed: its process exited."""
 
 
-class CommOrderError(RuntimeError):
-    """A message arrived with another tag than expected: the ranks run their operations in a different order."""
-
-
 # ----------------------------------------------------------------------------------------------------
 # transport: bytes between two global ranks
+
+
+def match_tag(transport, peer, tag, timeout, what, read_one):
+    """Receive the message with `tag` from peer, as MPI matches tags: messages that arrive first with
+    other tags (e.g. a pipeline stage's activations and gradients share one pipe) wait in a stash.
+
+    Waiting in vain while other tags arrive means the two ranks run their operations in a different
+    order: the timeout says so and lists what came instead.
+    """
+    stash = transport.stash.setdefault(peer, {})
+    if tag in stash:
+        return stash.pop(tag)
+    deadline = time.monotonic() + timeout
+    while True:
+        got = read_one(peer, max(0.0, deadline - time.monotonic()), what)
+        if got is None:
+            other = f"; meanwhile it sent {sorted(stash)}: the ranks issue their operations in a different order" \
+                if stash else " (the peer is hung, dead or running a different operation)"
+            raise CommTimeout(f"rank {transport.rank}: {what}: no message {tag!r} from rank {peer} within "
+                              f"{timeout:g} s" + other)
+        got_tag, meta, payload = got
+        if got_tag == tag:
+            return payload, meta
+        stash[got_tag] = (payload, meta)
 
 
 class PipeTransport:
@@ -57,6 +79,7 @@ class PipeTransport:
     def __init__(self, rank, world_size, conns):
         self.rank, self.world_size = rank, world_size
         self.conns = conns  # peer global rank -> Connection
+        self.stash = {}  # peer -> {tag: (payload, meta)}: arrived before they were asked for
         self._queues, self._errors = {}, {}
         for peer in conns:
             q = queue.Queue()
@@ -85,22 +108,19 @@ class PipeTransport:
         self._queues[peer].put(((tag, meta), payload))
 
     def recv(self, peer, tag, timeout, what):
+        return match_tag(self, peer, tag, timeout, what, self._read_one)
+
+    def _read_one(self, peer, timeout, what):
+        """The next message from peer -> (tag, meta, payload), or None after `timeout` seconds."""
         conn = self.conns[peer]
         try:
-            arrived = conn.poll(timeout)
-            if arrived:
-                got_tag, meta = conn.recv()
-                payload = conn.recv_bytes()
+            if not conn.poll(timeout):
+                return None
+            tag, meta = conn.recv()
+            return tag, meta, conn.recv_bytes()
         except (EOFError, OSError) as e:
             raise PeerDied(f"rank {self.rank}: {what}: the connection to rank {peer} closed "
                            f"(its process exited): {type(e).__name__}") from None
-        if not arrived:  # (CommTimeout is an OSError: raised outside the try above)
-            raise CommTimeout(f"rank {self.rank}: {what}: no message from rank {peer} within {timeout:g} s "
-                              "(the peer is hung, dead or running a different operation)")
-        if got_tag != tag:
-            raise CommOrderError(f"rank {self.rank}: {what}: expected message {tag!r} from rank {peer}, got "
-                                 f"{got_tag!r}: the ranks issue their operations in a different order")
-        return payload, meta
 
     def flush(self, timeout):
         """Wait until every queued message has been written (before a process exits)."""
@@ -140,7 +160,7 @@ class ProcessGroup:
         self.timeout = float(timeout)
         self.name = name
         self.stats, self.calls = {}, {}
-        self._seq = {}  # per peer: messages sent / received, part of every tag
+        self._seq = {}  # per (direction, peer, op): messages sent / received, part of every tag
 
     def new_group(self, ranks, name):
         """A sub-group of this group's transport (e.g. the data-parallel ranks of one model shard)."""
@@ -154,7 +174,7 @@ class ProcessGroup:
         self.stats[op] = self.stats.get(op, 0) + nbytes
 
     def _tag(self, direction, peer, op):
-        key = (direction, peer)
+        key = (direction, peer, op)
         n = self._seq.get(key, 0)
         self._seq[key] = n + 1
         return f"{self.name}:{op}:{n}"

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .comm import DEFAULT_TIMEOUT, CommOrderError, CommTimeout, ProcessGroup
+from .comm import DEFAULT_TIMEOUT, ProcessGroup, match_tag
 
 
 def _mpi():
@@ -35,23 +35,22 @@ class MPITransport:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
         self._pending = []
+        self.stash = {}
 
     def send(self, peer, tag, payload, meta):
         self._pending.append(self.comm.isend((tag, meta, payload), dest=peer, tag=0))
         self._pending = [r for r in self._pending if not r.Test()]  # forget the delivered ones
 
     def recv(self, peer, tag, timeout, what):
+        return match_tag(self, peer, tag, timeout, what, self._read_one)
+
+    def _read_one(self, peer, timeout, what):
         deadline = time.monotonic() + timeout
         while not self.comm.iprobe(source=peer, tag=0):
             if time.monotonic() > deadline:
-                raise CommTimeout(f"rank {self.rank}: {what}: no message from rank {peer} within {timeout:g} s "
-                                  "(the peer is hung, dead or running a different operation)")
+                return None
             time.sleep(0.0002)
-        got_tag, meta, payload = self.comm.recv(source=peer, tag=0)
-        if got_tag != tag:
-            raise CommOrderError(f"rank {self.rank}: {what}: expected message {tag!r} from rank {peer}, got "
-                                 f"{got_tag!r}: the ranks issue their operations in a different order")
-        return payload, meta
+        return self.comm.recv(source=peer, tag=0)  # (tag, meta, payload)
 
     def flush(self, timeout):
         deadline = time.monotonic() + timeout
