@@ -92,9 +92,10 @@ else:
                       save_every=100, progress=True)
 
 
-def show_sample(step, model, val_loss):
+def show_sample(step, model, val_loss, rng):
+    """Called after each validation; rng is the run's generator (checkpointed with the run)."""
     prompt = model.tokenizer.encode("Once upon a time", bos=True, eos=False)
-    ids = generate(model, prompt, 40, temperature=0.8, seed=0)
+    ids = generate(model, prompt, 40, temperature=0.8, seed=int(rng.integers(2**31)))
     print(f"[step {step}, val loss {val_loss:.3f}] Once upon a time{model.tokenizer.decode(ids)}\n")
 
 

@@ -43,6 +43,21 @@ def test_chat_answers_each_line_until_an_empty_one(run_dir, capsys, monkeypatch)
     assert capsys.readouterr().out.count("assistant> ") == 2
 
 
+def test_chat_uses_llama3_chat_template_with_a_hugging_face_folder(tmp_path, capsys, monkeypatch):
+    """A (random, tiny) model with Meta's tokenizer saved as a Hugging Face folder: what a downloaded
+    Llama 3 Instruct checkpoint looks like to `llama3np chat`."""
+    import llama3np
+
+    args = llama3np.ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128256, hidden_dim=64,
+                              max_seq_len=128)
+    model = llama3np.Transformer(args, seed=0)
+    model.tokenizer = llama3np.Tokenizer()
+    llama3np.save(model, tmp_path / "hf", format="hf")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n\n"))
+    assert main(["chat", "--model", str(tmp_path / "hf"), "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "/no/such/model", "--prompt", "hi"], "model path not found"),
     (["chat", "--model", "/no/such/model"], "model path not found"),

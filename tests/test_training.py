@@ -51,6 +51,20 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path):
         assert np.array_equal(loaded.params[k], p)
 
 
+def test_training_on_your_own_text_folder(tmp_path):
+    """--data: a folder of text files, split into train/validation documents; no entropy floor there."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    for i in range(20):
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, 200)) + ".\n")
+    model = train(micro_config(tmp_path / "run", data=str(corpus), steps=4, save_every=4), log=quiet)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "floor" not in recs[-1] and recs[-1]["val_loss"] > 0
+    assert model.tokenizer.decode(model.tokenizer.encode("the cat", bos=False, eos=False)) == "the cat"
+
+
 def test_llama3np_load_reads_a_run_folder(tmp_path):
     import llama3np
 
@@ -104,17 +118,26 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
 
 
 def test_resume_in_process_continues_bit_for_bit(tmp_path):
-    full = train(micro_config(tmp_path / "full", steps=8), log=quiet)
+    """Stop after step 4 (by deleting the step-8 checkpoint), resume: same weights, log and random draws."""
+    draws = {"full": {}, "first": {}, "part": {}}
+
+    def recorder(name):
+        def on_eval(step, model, val, rng):
+            draws[name][step] = int(rng.integers(1 << 62))  # what a sampling callback would draw
+        return on_eval
+
+    full = train(micro_config(tmp_path / "full", steps=8), log=quiet, on_eval=recorder("full"))
     part = micro_config(tmp_path / "part", steps=8)
-    train(micro_config(tmp_path / "part", steps=8, save_every=4), log=quiet)
+    train(micro_config(tmp_path / "part", steps=8, save_every=4), log=quiet, on_eval=recorder("first"))
     # throw away the final checkpoint: the run must continue from step 4
     (tmp_path / "part" / "ckpt_00000008.npz").unlink()
     part.resume = True
-    resumed = train(part, log=quiet)
+    resumed = train(part, log=quiet, on_eval=recorder("part"))
     for k in full.params:
         assert np.array_equal(full.params[k], resumed.params[k]), k
     recs = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 9))  # no step logged twice
+    assert draws["part"] == {8: draws["full"][8]}  # the run's generator state was restored too
 
 
 def test_resume_refuses_changed_arguments_and_fresh_runs_refuse_used_folders(tmp_path):
@@ -176,7 +199,7 @@ def test_a_nan_gradient_skips_the_step_and_is_logged(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "compute_loss_and_grads", _nan_at({3}))
     seen = {}
 
-    def snapshot(step, model, val):
+    def snapshot(step, model, val, rng):
         seen[step] = {k: v.copy() for k, v in model.params.items()}
 
     model = train(micro_config(tmp_path, steps=4, eval_every=1), log=quiet, on_eval=snapshot)

@@ -10,8 +10,9 @@ One step (Llama 3's recipe, scaled down):
     clip the global gradient norm, AdamW update in place
 
 Exact resume: everything that decides the future of the run is in the checkpoint (weights, AdamW
-moments and step count, the loader's position, the RNG state, the recent losses the spike detector
-compares against, the data itself in data.npz). Nothing depends on the wall clock, so a run resumed
+moments and step count, the loader's position, the recent losses the spike detector compares against,
+the data itself in data.npz, and the state of the run's random generator, which the loop hands to
+callbacks that sample text; the batch order needs no generator state: it is a function of (seed, epoch)). Nothing depends on the wall clock, so a run resumed
 from step k does the same arithmetic in the same order as one that never stopped, and ends with
 bitwise identical weights (for a fixed BLAS/kernel thread count).
 """
@@ -311,8 +312,9 @@ def _save(cfg, model, tok, opt, loader, state):
 def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
     """Run (or resume) training as configured; returns the trained model (tokenizer attached).
 
-    log(msg) receives progress messages (default: print to stderr). on_eval(step, model, val_loss) is
-    called after every validation, e.g. to print samples; on_start(model) once before the first step.
+    log(msg) receives progress messages (default: print to stderr). on_eval(step, model, val_loss, rng)
+    is called after every validation, e.g. to print samples drawn with `rng`, the run's random generator
+    (its state is checkpointed, so a resumed run prints the same samples); on_start(model) once before the first step.
     Raises TrainingError after max_bad_steps bad
     steps in a row (a checkpoint of the last good weights is saved first).
     """
@@ -402,7 +404,7 @@ def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
                     msg += f" (entropy floor {floor:.4f}, {val - floor:+.4f} above it)"
                 (bar.write if bar is not None else log)(msg)
                 if on_eval is not None:
-                    on_eval(state["step"], model, val)
+                    on_eval(state["step"], model, val, state["rng"])
             if state["step"] % cfg.save_every == 0 or done:
                 _save(cfg, model, tok, opt, loader, state)
             if state["step"] % cfg.eval_every == 0 or done:
