@@ -40,8 +40,8 @@ def main():
           f"prompt {cli.prompt_len} tokens, {cli.new} new tokens, best of {cli.repeat}")
     for n in cli.threads:
         print(_env.pin_threads(n))
-        for name in cli.presets:
-            args = preset(name)
+        for name_ in cli.presets:
+            args = preset(name_)
             model = Transformer(args, seed=0)
             # scale the LM head so greedy choices are not near-ties of a random model
             model.params["output.weight"] *= 20
@@ -60,14 +60,25 @@ def main():
                                       use_cache=True, temperature=None, top_p=None, top_k=None)
                 return out[0, len(prompt):].tolist()
 
-            a, b = ours(), theirs()
-            agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            t_ours, t_theirs = float("inf"), float("inf")
-            for _ in range(cli.repeat):
-                t = time.perf_counter(); ours(); t_ours = min(t_ours, time.perf_counter() - t)  # noqa: E702
+            backends = ["c", "numpy"] if kernels.available() else ["numpy"]
+            ref = theirs()
+            t_theirs, t_ours = float("inf"), {name: float("inf") for name in backends}
+            agree = {}
+            for name in backends:
+                backend.set_backend(name)
+                a = ours()
+                agree[name] = next((i for i, (x, y) in enumerate(zip(a, ref)) if x != y), min(len(a), len(ref)))
+            for _ in range(cli.repeat):  # interleaved, best of: the load of a shared machine drifts
+                for name in backends:
+                    backend.set_backend(name)
+                    t = time.perf_counter(); ours(); t_ours[name] = min(t_ours[name], time.perf_counter() - t)  # noqa: E702
                 t = time.perf_counter(); theirs(); t_theirs = min(t_theirs, time.perf_counter() - t)  # noqa: E702
-            print(f"  {name}: llama3np {cli.new / t_ours:7.1f} tok/s, transformers {cli.new / t_theirs:7.1f} tok/s: "
-                  f"ratio {t_theirs / t_ours:.2f}x (target >= 2x); first {agree}/{cli.new} greedy ids identical")
+            line = f"  {name_}: transformers {cli.new / t_theirs:7.1f} tok/s"
+            for name in backends:
+                line += (f"; llama3np[{name}] {cli.new / t_ours[name]:7.1f} tok/s = {t_theirs / t_ours[name]:.2f}x "
+                         f"({agree[name]}/{cli.new} greedy ids identical)")
+            print(line + "  (target >= 2x)")
+            backend.set_backend(backends[0])
 
 
 if __name__ == "__main__":

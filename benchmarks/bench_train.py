@@ -107,16 +107,25 @@ def main():
                 topt.step()
                 return loss.item()
 
-            l0, t0 = ours(), theirs()  # warm-up, and the first losses (same weights, same batch) must agree
-            t_ours, t_theirs = float("inf"), float("inf")
-            for _ in range(cli.repeat):  # interleaved: the load of a shared machine drifts
-                t = time.perf_counter(); ours(); t_ours = min(t_ours, time.perf_counter() - t)  # noqa: E702
+            backends = ["c", "numpy"] if kernels.available() else ["numpy"]
+            t_theirs, t_ours, first = float("inf"), {k: float("inf") for k in backends}, {}
+            first["torch"] = theirs()  # warm-up; same weights and batch: the first losses must agree
+            for k in backends:
+                backend.set_backend(k)
+                first[k] = ours()
+            for _ in range(cli.repeat):  # interleaved, best of: the load of a shared machine drifts
+                for k in backends:
+                    backend.set_backend(k)
+                    t = time.perf_counter(); ours(); t_ours[k] = min(t_ours[k], time.perf_counter() - t)  # noqa: E702
                 t = time.perf_counter(); theirs(); t_theirs = min(t_theirs, time.perf_counter() - t)  # noqa: E702
             fl = step_flops(args, B, T)
-            print(f"  {name} (batch {B}x{T}): llama3np {B * T / t_ours:7.0f} tok/s ({t_ours:.3f} s/step), "
-                  f"PyTorch {B * T / t_theirs:7.0f} tok/s ({t_theirs:.3f} s/step): ratio {t_theirs / t_ours:.2f}x; "
-                  f"MFU {fl / t_ours / 1e9 / best_peak:.0%} ours, {fl / t_theirs / 1e9 / best_peak:.0%} PyTorch "
-                  f"({fl / 1e9:.1f} GFLOP/step); first-step loss {l0:.5f} vs {t0:.5f}")
+            print(f"  {name} (batch {B}x{T}, {fl / 1e9:.1f} GFLOP/step): PyTorch {B * T / t_theirs:6.0f} tok/s "
+                  f"(MFU {fl / t_theirs / 1e9 / best_peak:.0%})")
+            for k in backends:
+                print(f"      llama3np[{k}] {B * T / t_ours[k]:6.0f} tok/s = {t_theirs / t_ours[k]:.2f}x PyTorch "
+                      f"(MFU {fl / t_ours[k] / 1e9 / best_peak:.0%})")
+            print(f"      first-step loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
+            backend.set_backend(backends[0])
 
 
 if __name__ == "__main__":
