@@ -116,8 +116,12 @@ def cmd_train(a):
                       seed=a.seed, resume=a.resume, progress=not a.no_progress, n_stories=a.n_stories,
                       val_stories=a.val_stories)
     model = train(cfg)
-    print(f"done: {model.train_records[-1]} -- checkpoints in {a.out}; try: llama3np generate --model {a.out} "
-          f"--prompt \"Once upon a time\"", file=sys.stderr)
+    vals = [r for r in model.train_records if "val_loss" in r]
+    summary = f"validation loss {vals[-1]['val_loss']:.4f}" if vals else "no validation yet"
+    if vals and "floor" in vals[-1]:
+        summary += f" (entropy floor {vals[-1]['floor']:.4f})"
+    print(f"done: step {cfg.steps}, {summary}; checkpoints in {a.out}\n"
+          f"try: llama3np generate --model {a.out} --prompt \"Once upon a time\"", file=sys.stderr)
 
 
 def cmd_generate(a):
