@@ -109,10 +109,18 @@ def main():
 
             backends = ["c", "numpy"] if kernels.available() else ["numpy"]
             t_theirs, t_ours, first = float("inf"), {k: float("inf") for k in backends}, {}
-            first["torch"] = theirs()  # warm-up; same weights and batch: the first losses must agree
+            # same weights, same batch: the losses before any update must agree
+            with torch.no_grad():
+                logits = hf(input_ids=tx).logits
+                first["torch"] = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                   ty.reshape(-1)).item()
             for k in backends:
                 backend.set_backend(k)
-                first[k] = ours()
+                first[k] = float(model.loss_and_grads(x, y)[0])
+            theirs()  # warm-up
+            for k in backends:
+                backend.set_backend(k)
+                ours()
             for _ in range(cli.repeat):  # interleaved, best of: the load of a shared machine drifts
                 for k in backends:
                     backend.set_backend(k)
@@ -124,7 +132,7 @@ def main():
             for k in backends:
                 print(f"      llama3np[{k}] {B * T / t_ours[k]:6.0f} tok/s = {t_theirs / t_ours[k]:.2f}x PyTorch "
                       f"(MFU {fl / t_ours[k] / 1e9 / best_peak:.0%})")
-            print(f"      first-step loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
+            print(f"      loss before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
             backend.set_backend(backends[0])
 
 
