@@ -25,6 +25,7 @@
 import os
 import shutil
 import tempfile
+from fractions import Fraction
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -45,7 +46,7 @@ work = tempfile.mkdtemp(prefix="llama3np_nb05_")
 
 # %%
 p, m = 4, 6
-for name in S.SCHEDULES:
+for name in ("gpipe", "1f1b"):
     print(name)
     print(S.format_schedule(S.make_schedule(name, p, m)))
 print("\nthe full action list of stage 1 under 1F1B:", S.one_f_one_b(p, m)[1][:8], "...")
@@ -57,7 +58,7 @@ print("\nthe full action list of stage 1 under 1F1B:", S.one_f_one_b(p, m)[1][:8
 # bubble is (p-1)/(m+p-1), exactly, whatever the schedule. What 1F1B changes is the memory.
 
 # %%
-for name in S.SCHEDULES:
+for name in ("gpipe", "1f1b"):
     events = S.simulate(S.make_schedule(name, p, m), t_f=1, t_b=2)
     path = Trace.from_simulation(events).gantt(os.path.join(work, f"{name}.png"), title=f"{name}, p={p}, m={m}",
                                               unit="ticks")
@@ -78,15 +79,37 @@ for mm in (1, 2, 4, 8, 16, 32):
           f"{S.peak_activations(S.one_f_one_b(p, mm))}")
 
 # %% [markdown]
-# ## 3. The real thing: 2 stages in 2 processes
-# Same tiny Llama as notebook 04; 2 stages of 1 layer each, 4 micro-batches. Every rank records a trace
-# of timed events (the Gantt chart below is drawn from wall-clock times), and counts the micro-batches it
-# holds: the executor matches the schedule's prediction.
+# ## 3. Interleaving: a smaller bubble for more messages and more memory
+# Megatron's interleaved 1F1B gives every rank v model chunks (rank s holds virtual stages s, s+p, ...),
+# so a micro-batch passes through every rank v times. The warm-up and cool-down are made of chunks 1/v
+# the size of a stage: the bubble becomes (p-1)/(v m + p - 1). The price: v times more point-to-point
+# messages, and more activations held (counted below in chunk-micro-batches, each 1/v of a stage's).
+# `F3.1` is micro-batch 3 on chunk 1.
+
+# %%
+m_i, v = 8, 2
+stages_i = S.interleaved(p, m_i, v)
+print(S.format_schedule(stages_i))
+events = S.simulate(stages_i, t_f=Fraction(1, v), t_b=Fraction(2, v))  # a chunk is 1/v of a stage's work
+path = Trace.from_simulation(events).gantt(os.path.join(work, "interleaved.png"),
+                                          title=f"interleaved 1F1B, p={p}, m={m_i}, v={v}", unit="ticks")
+plt.figure(figsize=(10, 2.6)); plt.imshow(plt.imread(path)); plt.axis("off"); plt.show()
+print(f"bubble {S.bubble_fraction(events)} (theory (p-1)/(vm+p-1) = {S.theoretical_bubble(p, m_i, v)}; 1F1B: "
+      f"{S.theoretical_bubble(p, m_i)})")
+print(f"peak chunk-micro-batches held: {S.peak_activations(stages_i)} = "
+      f"{[x / v for x in S.peak_activations(stages_i)]} stage-micro-batches (1F1B: {S.peak_activations(S.one_f_one_b(p, m_i))})")
+
+# %% [markdown]
+# ## 4. The real thing: 2 stages in 2 processes
+# A tiny Llama of 4 layers; 2 stages of 2 layers each (interleaved: 4 chunks of 1 layer, 2 per rank),
+# 4 micro-batches. Every rank records a trace of timed events (the Gantt chart below is drawn from
+# wall-clock times), and counts the micro-batches it holds: the executor matches the schedule's
+# prediction, and the weights match one process.
 
 # %%
 steps = 3 if FAST else 10
 cfg = TrainConfig(out=os.path.join(work, "base"), preset="tiny",
-                  model_overrides=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520),
+                  model_overrides=dict(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520),
                   steps=steps, batch_size=8, seq_len=16, n_stories=80, val_stories=5, eval_every=10**6,
                   save_every=steps, keep=10, progress=False)
 cfg = engine.prepare_run(cfg, log=print)
@@ -100,7 +123,7 @@ for name in S.SCHEDULES:
     params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
     err = max(float(np.max(np.abs(params[n] - reference[n])) / np.max(np.abs(reference[n]))) for n in reference)
     peaks = [o["peak_activations"] for o in sorted(res, key=lambda o: o["coords"][2])]
-    print(f"{name}: measured peak per stage {peaks}, predicted {S.peak_activations(S.make_schedule(name, 2, 4))}; "
+    print(f"{name}: measured peak per stage {peaks}, predicted {S.peak_activations(S.make_schedule(name, 2, 4, 2))}; "
           f"max relative difference from one process {err:.1e}")
     trace = Trace()
     for o in res:

@@ -16,19 +16,50 @@ from llama3np.parallel.trace import Trace
 
 stages = st.integers(1, 6)
 micro = st.integers(1, 12)
+plain = st.sampled_from(["gpipe", "1f1b"])
 
 
-@given(p=stages, m=micro, name=st.sampled_from(S.SCHEDULES))
+@st.composite
+def interleaved_shapes(draw):
+    """(p, m, v) with m a multiple of p, as Megatron's interleaved schedule requires."""
+    p = draw(st.integers(1, 5))
+    return p, p * draw(st.integers(1, 4)), draw(st.integers(2, 4))
+
+
+@given(p=stages, m=micro, name=plain)
 def test_every_schedule_is_complete_ordered_matched_and_deadlock_free(p, m, name):
     """Each stage runs F and B once per micro-batch, each F before its B, every send meets its receive."""
     S.validate(S.make_schedule(name, p, m), m)
 
 
-@given(p=stages, m=micro, name=st.sampled_from(S.SCHEDULES), t_b=st.sampled_from([1, 2, Fraction(3, 2)]))
+@given(shape=interleaved_shapes())
+def test_interleaved_schedules_are_complete_ordered_matched_and_deadlock_free(shape):
+    p, m, v = shape
+    S.validate(S.interleaved(p, m, v), m)
+
+
+@given(p=stages, m=micro, name=plain, t_b=st.sampled_from([1, 2, Fraction(3, 2)]))
 def test_bubble_fraction_is_exactly_p_minus_1_over_m_plus_p_minus_1(p, m, name, t_b):
     """On a logical clock, idle time / total time = (p-1)/(m+p-1) for GPipe and 1F1B, whatever tb/tf is."""
     events = S.simulate(S.make_schedule(name, p, m), t_f=1, t_b=t_b)
     assert S.bubble_fraction(events) == S.theoretical_bubble(p, m)
+
+
+@given(shape=interleaved_shapes(), t_b=st.sampled_from([1, 2]))
+def test_interleaving_v_chunks_shrinks_the_bubble_to_p_minus_1_over_vm_plus_p_minus_1(shape, t_b):
+    """Each chunk is 1/v of a rank's layers: with unit time per chunk the bubble is (p-1)/(vm+p-1)."""
+    p, m, v = shape
+    events = S.simulate(S.interleaved(p, m, v), t_f=1, t_b=t_b)
+    assert S.bubble_fraction(events) == S.theoretical_bubble(p, m, v)
+
+
+@given(shape=interleaved_shapes())
+def test_interleaving_holds_more_chunk_activations_than_1f1b(shape):
+    """The price of the smaller bubble: rank s holds 2(p-s-1) + (v-1)p + 1 chunk-micro-batches (all v m
+    when m = p), each 1/v of the rank's layers, against min(p - s, m) whole micro-batches with 1F1B."""
+    p, m, v = shape
+    expect = [m * v if m == p else min(2 * (p - s - 1) + (v - 1) * p + 1, m * v) for s in range(p)]
+    assert S.peak_activations(S.interleaved(p, m, v)) == expect
 
 
 @given(p=stages, m=micro)
@@ -41,6 +72,9 @@ def test_1f1b_on_four_stages_reads_like_the_textbook_picture():
     text = S.format_schedule(S.one_f_one_b(4, 6))
     assert text.splitlines()[0] == "stage 0: F0 F1 F2 F3 B0 F4 B1 F5 B2 B3 B4 B5"
     assert text.splitlines()[3] == "stage 3: F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5"
+    # interleaved, 2 chunks: groups of p=2 micro-batches per chunk, backwards in reverse chunk order
+    text = S.format_schedule(S.interleaved(2, 4, 2))
+    assert text.splitlines()[0] == "stage 0: F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0"
 
 
 def test_broken_schedules_are_rejected_with_the_reason():
@@ -49,7 +83,7 @@ def test_broken_schedules_are_rejected_with_the_reason():
     with pytest.raises(ValueError, match="backward of micro-batch 0 before its forward"):
         S.validate(swapped, 2)
     lost = [good[0], [a for a in good[1] if not (a.kind == "send_bwd" and a.mb == 1)]]
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="do not match"):
         S.validate(lost, 2)
     # both stages wait for the other first: a deadlock the simulation must report, not loop on
     dead = [[S.Action("recv_bwd", 0), S.Action("F", 0), S.Action("send_fwd", 0), S.Action("B", 0)],
@@ -60,6 +94,10 @@ def test_broken_schedules_are_rejected_with_the_reason():
         S.make_schedule("zigzag", 2, 2)
     with pytest.raises(ValueError, match="micro-batches must be a positive integer"):
         S.gpipe(2, 0)
+    with pytest.raises(ValueError, match="divisible by the stages"):
+        S.interleaved(2, 3, 2)
+    with pytest.raises(ValueError, match="at least 2 model chunks"):
+        S.interleaved(2, 2, 1)
 
 
 def test_trace_exports_chrome_json_and_a_gantt_png(tmp_path):

@@ -162,6 +162,8 @@ def test_a_checkpoint_saved_at_dp2_resumes_at_dp1_dp4_and_tp2_pp2(base_run, refe
     (dict(tp=3), "n_heads=4 divisible by 3"),
     (dict(tp=4), "n_kv_heads=2 divisible by 4"),
     (dict(pp=3), "needs at least as many layers"),
+    (dict(pp=2, schedule="interleaved", chunks=2, micro_batches=2), "pp=2 stages x 2 chunks needs at least"),
+    (dict(pp=2, schedule="interleaved", micro_batches=1), "divisible by the stages"),
     (dict(dp=3), "does not split into dp=3"),
     (dict(dp=2, micro_batches=3), "multiple of 6"),
     (dict(schedule="zigzag"), "unknown pipeline schedule"),
@@ -181,3 +183,34 @@ def test_fault_specs_parse_or_say_what_is_expected():
     for bad in ("kill:1", "boom:1@2", "hang:x@2", "nan:0@0"):
         with pytest.raises(ValueError, match="bad fault"):
             E.parse_fault(bad)
+
+
+@pytest.fixture(scope="module")
+def tied_run(tmp_path_factory):
+    """4 layers with tied embeddings (as Llama 3.2 1B/3B): room for 2 stages x 2 chunks."""
+    out = tmp_path_factory.mktemp("tied") / "base"
+    cfg = TrainConfig(out=str(out), preset="tiny", model_overrides=dict(OVERRIDES, n_layers=4, tie_embeddings=True),
+                      steps=3, batch_size=8, seq_len=16, progress=False, n_stories=60, val_stories=5, eval_every=1000,
+                      save_every=3, keep=10)
+    cfg = E.prepare_run(cfg, log=lambda m: None)
+    with threadpool_limits(1):
+        return cfg, E.reference_train(cfg.out, 3, np.float64).params
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("grid", [dict(pp=2, schedule="interleaved", chunks=2, micro_batches=2),
+                                  dict(tp=2, pp=2, micro_batches=2)], ids=["interleaved-pp2x2chunks", "tp2-pp2"])
+def test_tied_embeddings_across_stages_and_interleaved_chunks_match_one_process(tied_run, tmp_path, grid):
+    """The embedding lives on the first stage and, as the output layer, on the last: both copies get the
+    sum of both gradients. Interleaved 1F1B passes each micro-batch through every rank twice."""
+    cfg, reference = tied_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg.out, run)
+    out = E.run_grid(run, TrainConfig(**{**cfg.__dict__, "out": str(run)}),
+                     E.ParallelConfig(dtype="float64", timeout=30, **grid), total_timeout=60)
+    params = ckpt.read_checkpoint(ckpt.list_checkpoints(run)[0])["params"]
+    assert "output.weight" not in params
+    assert max_rel_err(params, reference) < 1e-12
+    if grid.get("schedule") == "interleaved":
+        measured = [o["peak_activations"] for o in sorted(out, key=lambda o: o["coords"][2])]
+        assert measured == peak_activations(make_schedule("interleaved", 2, 2, 2))

@@ -49,7 +49,8 @@ def add_parallel_arguments(t):
     t.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per layer")
     t.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    t.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    t.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b")
+    t.add_argument("--chunks", type=int, default=2, help="model chunks per pipeline rank (interleaved schedule)")
     t.add_argument("--micro-batches", type=int, default=1, help="micro-batches per replica and step")
     t.add_argument("--zero", action="store_true", help="ZeRO-1: shard the AdamW moments over the replicas")
     t.add_argument("--bucket-kb", type=int, default=1024, help="DDP gradient bucket size (KiB)")
@@ -90,6 +91,7 @@ def _configs(a):
                       lr=a.lr, warmup_steps=a.warmup_steps, save_every=a.save_every, eval_every=a.eval_every,
                       seed=a.seed, resume=a.resume, progress=False, n_stories=a.n_stories, val_stories=a.val_stories)
     pcfg = engine.ParallelConfig(dp=a.dp, tp=a.tp, pp=a.pp, schedule=a.schedule, micro_batches=a.micro_batches,
+                                 chunks=a.chunks,
                                  zero=a.zero, bucket_bytes=a.bucket_kb * 1024, overlap=a.overlap, dtype=a.dtype,
                                  timeout=a.timeout, kernels=a.kernels,
                                  faults=[engine.parse_fault(s) for s in a.inject_fault])

@@ -45,8 +45,9 @@ class ParallelConfig:
     dp: int = 1
     tp: int = 1
     pp: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     micro_batches: int = 1  # per replica and step
+    chunks: int = 2  # model chunks per rank, for the interleaved schedule
     zero: bool = False  # ZeRO-1: AdamW moments sharded over the dp ranks
     bucket_bytes: int = 1 << 20  # DDP bucket size
     overlap: bool = False  # all-reduce buckets during the backward
@@ -58,6 +59,10 @@ class ParallelConfig:
 
     def shape(self):
         return GridShape(self.dp, self.tp, self.pp)
+
+    def n_chunks(self):
+        """Model chunks per pipeline rank: `chunks` for the interleaved schedule, else 1."""
+        return self.chunks if self.schedule == "interleaved" else 1
 
 
 def parse_fault(spec):
@@ -79,11 +84,12 @@ def check_config(args, pcfg, batch_rows):
     """Every error a grid can have, before any process starts: sizes that do not divide, too many stages."""
     pcfg.shape()
     tp_mod.check_tp(args, pcfg.tp)
-    if pcfg.pp > args.n_layers:
-        raise ValueError(f"pipeline parallelism over pp={pcfg.pp} stages needs at least as many layers, "
+    make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches, pcfg.chunks)
+    if pcfg.pp * pcfg.n_chunks() > args.n_layers:
+        chunks = f" x {pcfg.n_chunks()} chunks" if pcfg.n_chunks() > 1 else ""
+        raise ValueError(f"pipeline parallelism over pp={pcfg.pp} stages{chunks} needs at least as many layers, "
                          f"the model has n_layers={args.n_layers}")
     shard_rows(batch_rows, pcfg.dp, 0, pcfg.micro_batches)
-    make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches)
     for kind, rank, step in pcfg.faults:
         if rank >= pcfg.shape().world_size:
             raise ValueError(f"fault {kind}:{rank}@{step} names rank {rank}, but the grid has "
@@ -114,9 +120,13 @@ class _Worker:
         meta = ck["meta"]
         self.args = args = ModelArgs.from_dict(meta["model_args"])
         self.tokenizer_bytes = ck["tokenizer_bytes"]
-        self.names = stage_param_names(args, pcfg.pp, g.pp_rank)
+        # this rank's virtual stages: chunk c is stage c * pp + pp_rank of pp * chunks (one chunk unless interleaved)
+        v = pcfg.n_chunks()
+        self.vstages = [c * pcfg.pp + g.pp_rank for c in range(v)]
+        self.names = list(dict.fromkeys(n for vs in self.vstages for n in stage_param_names(args, pcfg.pp * v, vs)))
         self.params = {n: tp_mod.shard(n, ck["params"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
-        self.model = StageModel(args, self.params, pcfg.pp, g.pp_rank, g.tp_group)
+        self.models = [StageModel(args, self.params, pcfg.pp * v, vs, g.tp_group) for vs in self.vstages]
+        self.holds_first, self.holds_last = self.models[0].is_first, self.models[-1].is_last
         kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         opt = ck["opt_state"]
         local_m = {n: tp_mod.shard(n, opt["m"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
@@ -138,7 +148,7 @@ class _Worker:
         rng.bit_generator.state = meta["rng"]
         self.state = dict(step=meta["step"], recent=list(meta["recent"]), bad_in_row=meta["bad_in_row"],
                           n_skipped=meta["n_skipped"], tokens=meta["tokens"], rng=rng)
-        self.actions = make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches)[g.pp_rank]
+        self.actions = make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches, pcfg.chunks)[g.pp_rank]
         self.start_step = self.state["step"]
         self.peak = 0
         self.trace = Trace()
@@ -180,7 +190,7 @@ class _Worker:
         if not pcfg.zero:
             self.reducer.start(grads)
         on_ready = self.reducer.ready if (pcfg.overlap and not pcfg.zero) else None
-        losses, peak = run_schedule(self.actions, self.model, g.pp_group, mbs, grads, on_ready=on_ready,
+        losses, peak = run_schedule(self.actions, self.models, g.pp_group, mbs, grads, on_ready=on_ready,
                                     trace=self.trace, rank=self.pg.rank)
         self.peak = max(self.peak, peak)
         self.fault(step + 1, "compute")
@@ -192,7 +202,7 @@ class _Worker:
         self.sync_tied_grads(grads if not pcfg.zero else None)
         self.trace.add(self.pg.rank, "allreduce", None, t0, time.time())
         # one world all-reduce: [share of the mean loss, share of the squared gradient norm]
-        loss_share = float(np.mean(losses)) / pcfg.dp if (self.model.is_last and g.tp_rank == 0) else 0.0
+        loss_share = float(np.mean(losses)) / pcfg.dp if (self.holds_last and g.tp_rank == 0) else 0.0
         if self.fault(step + 1, "loss"):
             loss_share = float("nan")
         sq = self.sq_norm_share(grads if not pcfg.zero else self.opt.piece_grads(gshard))
@@ -234,7 +244,7 @@ class _Worker:
                 continue
             if g.tp_rank != 0 and tp_mod.shard_axis(name) is None:
                 continue  # replicated over tp (norm weights): counted by tp rank 0
-            if name == "tok_embeddings.weight" and self.model.is_last and not self.model.is_first:
+            if name == "tok_embeddings.weight" and self.holds_last and not self.holds_first:
                 continue  # the last stage's copy of tied embeddings: counted on the first stage
             g64 = grads[name].astype(np.float64, copy=False).ravel()
             total += float(g64 @ g64)
@@ -273,8 +283,9 @@ class _Worker:
                 r = pcfg.shape().rank_of(0, t_, p)
                 parts[t_, p] = mine if r == 0 else g.world.recv_object(r, "checkpoint")
         full = {"params": {}, "m": {}, "v": {}}
+        n_vs = pcfg.pp * pcfg.n_chunks()
         for name in all_param_names(self.args):
-            stage = next(p for p in range(pcfg.pp) if name in stage_param_names(self.args, pcfg.pp, p))
+            stage = next(vs for vs in range(n_vs) if name in stage_param_names(self.args, n_vs, vs)) % pcfg.pp
             for key in full:
                 full[key][name] = tp_mod.unshard(name, [parts[t_, stage][key][name] for t_ in range(pcfg.tp)])
         cfg, st = self.cfg, self.state

@@ -123,46 +123,46 @@ def _notify(on_ready, names):
         on_ready(names)
 
 
-def run_schedule(actions, model, pp_group, micro_batches, grads, on_ready=None, trace=None, rank=0):
-    """Execute this stage's action list for one training step.
+def run_schedule(actions, models, pp_group, micro_batches, grads, on_ready=None, trace=None, rank=0):
+    """Execute this rank's action list for one training step.
 
+    models: this rank's StageModel per model chunk (one, unless the schedule is interleaved).
     micro_batches: list of (tokens, targets) (only the first stage reads the tokens, only the last the
     targets). The gradients (each micro-batch's loss weighted 1/m) are added into the dict `grads`;
-    on_ready is passed to the backward of the last micro-batch (the gradients are final then).
-    -> (the micro-batch losses (last stage), the peak number of micro-batches whose activations were
-    held at once).
+    on_ready is passed to the backward of each chunk's last micro-batch (its gradients are final then).
+    -> (the micro-batch losses (last stage), the peak number of (micro-batch, chunk) activations held
+    at once).
     """
-    m = len(micro_batches)
+    m, p, s = len(micro_batches), pp_group.size, pp_group.rank
+    nxt, prv = (s + 1) % p, (s - 1) % p  # with chunks, the last rank passes on to the first
     losses = []
-    inputs, outputs, dys, dxs, caches = {}, {}, {}, {}, {}
+    inputs, outputs, dys, dxs, caches = {}, {}, {}, {}, {}  # keyed by (micro-batch, chunk)
     peak = 0
-    s = model.stage
     for a in actions:
-        j = a.mb
+        key, model = (a.mb, a.chunk), models[a.chunk]
         t0 = time.time()
         if a.kind == "recv_fwd":
-            inputs[j] = pp_group.recv(s - 1, "pp_fwd")
+            inputs[key] = pp_group.recv(prv, "pp_fwd")
         elif a.kind == "F":
-            inp = micro_batches[j][0] if model.is_first else inputs.pop(j)
-            out, caches[j] = model.forward(inp, micro_batches[j][1])
+            inp = micro_batches[a.mb][0] if model.is_first else inputs.pop(key)
+            out, caches[key] = model.forward(inp, micro_batches[a.mb][1])
             if model.is_last:
                 losses.append(out)
             else:
-                outputs[j] = out
+                outputs[key] = out
             peak = max(peak, len(caches))
         elif a.kind == "send_fwd":
-            pp_group.send(outputs.pop(j), s + 1, "pp_fwd")
+            pp_group.send(outputs.pop(key), nxt, "pp_fwd")
         elif a.kind == "recv_bwd":
-            dys[j] = pp_group.recv(s + 1, "pp_bwd")
+            dys[key] = pp_group.recv(nxt, "pp_bwd")
         elif a.kind == "B":
-            last = j == m - 1 and all(k == j for k in caches)  # the final backward of the step on this stage
-            dx = model.backward(dys.pop(j, None), caches.pop(j), grads, dloss=1.0 / m,
-                                on_ready=on_ready if last else None)
+            dx = model.backward(dys.pop(key, None), caches.pop(key), grads, dloss=1.0 / m,
+                                on_ready=on_ready if a.mb == m - 1 else None)
             if dx is not None:
-                dxs[j] = dx
+                dxs[key] = dx
         elif a.kind == "send_bwd":
-            pp_group.send(dxs.pop(j), s - 1, "pp_bwd")
+            pp_group.send(dxs.pop(key), prv, "pp_bwd")
         if trace is not None and a.kind in ("F", "B"):
-            trace.add(rank, a.kind, j, t0, time.time())
+            trace.add(rank, a.kind, a.mb, t0, time.time())
     assert not (inputs or outputs or dys or dxs or caches), "the schedule left work in flight"
     return losses, peak

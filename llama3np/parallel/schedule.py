@@ -20,19 +20,22 @@ m (tf + tb): the bubble fraction is (p - 1) / (m + p - 1), measured exactly belo
 from collections import namedtuple
 from fractions import Fraction
 
-Action = namedtuple("Action", "kind mb")
+Action = namedtuple("Action", "kind mb chunk", defaults=(0,))
 KINDS = ("F", "B", "send_fwd", "recv_fwd", "send_bwd", "recv_bwd")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
-def _forward(s, p, j):
-    return ([Action("recv_fwd", j)] if s > 0 else []) + [Action("F", j)] + \
-        ([Action("send_fwd", j)] if s < p - 1 else [])
+def _forward(s, p, j, c=0, v=1):
+    """F of micro-batch j on rank s, model chunk c: virtual stage c*p + s of the p*v stages."""
+    vs, last = c * p + s, p * v - 1
+    return ([Action("recv_fwd", j, c)] if vs > 0 else []) + [Action("F", j, c)] + \
+        ([Action("send_fwd", j, c)] if vs < last else [])
 
 
-def _backward(s, p, j):
-    return ([Action("recv_bwd", j)] if s < p - 1 else []) + [Action("B", j)] + \
-        ([Action("send_bwd", j)] if s > 0 else [])
+def _backward(s, p, j, c=0, v=1):
+    vs, last = c * p + s, p * v - 1
+    return ([Action("recv_bwd", j, c)] if vs < last else []) + [Action("B", j, c)] + \
+        ([Action("send_bwd", j, c)] if vs > 0 else [])
 
 
 def gpipe(p, m):
@@ -57,12 +60,52 @@ def one_f_one_b(p, m):
     return stages
 
 
-def make_schedule(name, p, m):
+def interleaved(p, m, v=2):
+    """Interleaved 1F1B (Megatron-LM's virtual pipeline, Narayanan et al. 2021): every rank holds v model
+    chunks, virtual stage c*p + s being chunk c of rank s, so a micro-batch visits each rank v times.
+
+    Units of work go in groups of p micro-batches per chunk: forward unit k runs chunk (k mod pv) // p
+    on micro-batch (k // pv) p + k mod p, the backward units the chunks in reverse. Rank s warms up with
+    2(p-s-1) + (v-1)p forwards (all of them when m = p), then alternates. The bubble shrinks v times:
+    (p-1) / (v m + p - 1). Needs m divisible by p (Megatron's rule).
+    """
+    _check(p, m)
+    if not isinstance(v, int) or v < 2:
+        raise ValueError(f"the interleaved schedule needs at least 2 model chunks per rank, got {v!r}")
+    if m % p:
+        raise ValueError(f"the interleaved schedule needs the micro-batches ({m}) divisible by the stages ({p})")
+    total = m * v
+
+    def unit(k, backward):
+        c = (k % (p * v)) // p
+        return (k // (p * v)) * p + k % p, (v - 1 - c if backward else c)
+
+    stages = []
+    for s in range(p):
+        warmup = total if m == p else min((p - s - 1) * 2 + (v - 1) * p, total)
+        acts = sum((_forward(s, p, *unit(k, False), v) for k in range(warmup)), [])
+        for i in range(total - warmup):
+            acts += _forward(s, p, *unit(warmup + i, False), v) + _backward(s, p, *unit(i, True), v)
+        for i in range(total - warmup, total):
+            acts += _backward(s, p, *unit(i, True), v)
+        stages.append(acts)
+    return stages
+
+
+def make_schedule(name, p, m, v=2):
+    """The action lists of schedule `name` for p stages (ranks) and m micro-batches; v: chunks per rank
+    (interleaved only)."""
     if name == "gpipe":
         return gpipe(p, m)
     if name == "1f1b":
         return one_f_one_b(p, m)
+    if name == "interleaved":
+        return interleaved(p, m, v)
     raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {SCHEDULES}")
+
+
+def n_chunks(stages):
+    return 1 + max(a.chunk for acts in stages for a in acts)
 
 
 def _check(p, m):
@@ -76,50 +119,64 @@ def _check(p, m):
 
 
 def validate(stages, m):
-    """Raise ValueError unless every stage runs F and B once per micro-batch, each F before its B,
-    every send has its matching receive on the neighbour, and the whole schedule runs to the end."""
-    p = len(stages)
+    """Raise ValueError unless every rank runs F and B once per micro-batch and chunk, each F before its
+    B, every send has its matching receive on the neighbour, and the whole schedule runs to the end."""
+    p, v = len(stages), n_chunks(stages)
+    sent, received = [], []
     for s, acts in enumerate(stages):
-        for kind in ("F", "B"):
-            mbs = sorted(a.mb for a in acts if a.kind == kind)
-            if mbs != list(range(m)):
-                raise ValueError(f"stage {s} runs {kind} for micro-batches {mbs}, expected each of 0..{m - 1} once")
-        pos = {(a.kind, a.mb): i for i, a in enumerate(acts)}
-        for j in range(m):
-            if pos["F", j] > pos["B", j]:
-                raise ValueError(f"stage {s} runs the backward of micro-batch {j} before its forward")
-        for kind, peer, match in (("send_fwd", s + 1, "recv_fwd"), ("send_bwd", s - 1, "recv_bwd")):
-            sent = [a.mb for a in acts if a.kind == kind]
-            got = [a.mb for a in stages[peer] if a.kind == match] if 0 <= peer < p else []
-            if sent != got:
-                raise ValueError(f"stage {s} {kind} {sent} does not match stage {peer} {match} {got}")
+        for c in range(v):
+            for kind in ("F", "B"):
+                mbs = sorted(a.mb for a in acts if a.kind == kind and a.chunk == c)
+                if mbs != list(range(m)):
+                    what = f"stage {s}" + (f" chunk {c}" if v > 1 else "")
+                    raise ValueError(f"{what} runs {kind} for micro-batches {mbs}, expected each of 0..{m - 1} once")
+        pos = {(a.kind, a.mb, a.chunk): i for i, a in enumerate(acts)}
+        for c in range(v):
+            for j in range(m):
+                if pos["F", j, c] > pos["B", j, c]:
+                    raise ValueError(f"stage {s} runs the backward of micro-batch {j} before its forward")
+        for a in acts:
+            vs = a.chunk * p + s
+            if a.kind == "send_fwd":
+                sent.append(("fwd", vs + 1, a.mb))
+            elif a.kind == "send_bwd":
+                sent.append(("bwd", vs - 1, a.mb))
+            elif a.kind == "recv_fwd":
+                received.append(("fwd", vs, a.mb))
+            elif a.kind == "recv_bwd":
+                received.append(("bwd", vs, a.mb))
+    if sorted(sent) != sorted(received):
+        extra = sorted(set(sent) ^ set(received))[:4]
+        raise ValueError(f"sends and receives do not match: e.g. {extra} (direction, virtual stage, micro-batch)")
     simulate(stages)  # raises if something waits for a message that never comes
 
 
 def simulate(stages, t_f=1, t_b=1, t_comm=0):
-    """Run the schedule on a logical clock -> per stage a list of (kind, mb, start, end) for F and B.
+    """Run the schedule on a logical clock -> per rank a list of (kind, mb, start, end) for F and B.
 
-    F takes t_f, B takes t_b, a message arrives t_comm after it is sent; a receive waits for its
-    message. Exact (use ints or Fractions). Raises ValueError on a deadlock (nothing can proceed).
+    F takes t_f, B takes t_b (per chunk), a message arrives t_comm after it is sent; a receive waits for
+    its message. Exact (use ints or Fractions). Raises ValueError on a deadlock (nothing can proceed).
     """
     p = len(stages)
     clock, pc = [0] * p, [0] * p
-    mailbox = {}  # (kind, src stage, mb) -> arrival time
+    mailbox = {}  # (direction, virtual stage it is for, mb) -> arrival time
     events = [[] for _ in range(p)]
     while True:
         progressed = False
         for s in range(p):
             while pc[s] < len(stages[s]):
                 a = stages[s][pc[s]]
+                vs = a.chunk * p + s
                 if a.kind in ("F", "B"):
                     t = clock[s] + (t_f if a.kind == "F" else t_b)
                     events[s].append((a.kind, a.mb, clock[s], t))
                     clock[s] = t
-                elif a.kind.startswith("send"):
-                    mailbox[a.kind[5:], s, a.mb] = clock[s] + t_comm
+                elif a.kind == "send_fwd":
+                    mailbox["fwd", vs + 1, a.mb] = clock[s] + t_comm
+                elif a.kind == "send_bwd":
+                    mailbox["bwd", vs - 1, a.mb] = clock[s] + t_comm
                 else:
-                    src = s - 1 if a.kind == "recv_fwd" else s + 1
-                    key = (a.kind[5:], src, a.mb)
+                    key = (a.kind[5:], vs, a.mb)
                     if key not in mailbox:
                         break  # wait for the neighbour
                     clock[s] = max(clock[s], mailbox.pop(key))
@@ -141,8 +198,9 @@ def bubble_fraction(events):
     return 1 - Fraction(busy) / (len(events) * Fraction(makespan))
 
 
-def theoretical_bubble(p, m):
-    return Fraction(p - 1, m + p - 1)
+def theoretical_bubble(p, m, v=1):
+    """(p-1)/(m+p-1); with v chunks per rank (interleaved) the warm-up and cool-down shrink v times."""
+    return Fraction(p - 1, v * m + p - 1)
 
 
 def peak_activations(stages):
@@ -158,6 +216,9 @@ def peak_activations(stages):
 
 
 def format_schedule(stages):
-    """A compact text view: one line per stage, e.g. `stage 1: F0 F1 B0 F2 B1 B2`."""
-    return "\n".join(f"stage {s}: " + " ".join(f"{a.kind}{a.mb}" for a in acts if a.kind in ("F", "B"))
+    """A compact text view: one line per stage, e.g. `stage 1: F0 F1 B0 F2 B1 B2` (interleaved: F0.1 is
+    micro-batch 0 on chunk 1)."""
+    v = n_chunks(stages)
+    return "\n".join(f"stage {s}: " + " ".join(f"{a.kind}{a.mb}" + (f".{a.chunk}" if v > 1 else "")
+                                               for a in acts if a.kind in ("F", "B"))
                      for s, acts in enumerate(stages))
