@@ -16,7 +16,8 @@
  *   dq += ds k,      dk += ds^T q.
  * The products are small matrix multiplies done by the packed SIMD micro-kernel of gemm.c. Operands
  * used by many tiles (k and v of a kv head, q and dout of a query head) are packed once into the
- * micro-kernel's layout; only the probability tiles are packed per tile.
+ * micro-kernel's layout. The probability tiles are multiplied in place where they are the left
+ * operand, and packed (a contiguous copy) where their transpose is.
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,7 +29,11 @@
 #include "parallel.h"
 
 #define BR 64 /* query rows per tile */
-#define BC 64 /* keys per tile */
+#define BC 64 /* keys per tile, and the leading dimension of every score tile */
+#if BC != GEMM_TILE_LD
+#error "score tiles are multiplied in place by gemm_rowmajor_a, which needs their leading dimension"
+#endif
+#define TILE_ROWS (BR + 8) /* gemm_rowmajor_a may read up to 7 rows past the last one (zeros) */
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Row helpers compiled for several instruction sets: on x86-64 Linux the compiler builds an
@@ -156,7 +161,7 @@ static int scratch_alloc(const attn_ctx *a, scratch_t *w, int backward) {
     const int n_blocks = (T + BR - 1) / BR;
     long a_blk = gemm_packed_a_floats(isa, BR, hd); /* one packed block of BR query rows */
     long pp = gemm_packed_a_floats(isa, BR > BC ? BR : BC, BR > BC ? BR : BC);
-    long sizes[15] = {BR * BC, BR * BC, pp, a_blk, (long)BR * hd, BR, BR, 0, 0, 0, 0, 0, 0, 0, 0};
+    long sizes[15] = {TILE_ROWS * BC, TILE_ROWS * BC, pp, a_blk, (long)BR * hd, BR, BR, 0, 0, 0, 0, 0, 0, 0, 0};
     if (backward) {
         sizes[7] = T;
         sizes[8] = sizes[9] = UP16(a_blk) * n_blocks;
@@ -168,6 +173,7 @@ static int scratch_alloc(const attn_ctx *a, scratch_t *w, int backward) {
     long total = 0;
     for (int i = 0; i < 15; i++) total += UP16(sizes[i]);
     if (posix_memalign(&w->mem, 64, (size_t)total * sizeof(float)) != 0) return -1;
+    memset(w->mem, 0, (size_t)UP16(TILE_ROWS * BC) * 2 * sizeof(float)); /* the tiles' padding rows */
     float *cur = (float *)w->mem;
     float **slots[15] = {&w->s, &w->p, &w->pp, &w->qp, &w->acc, &w->m, &w->l, &w->D,
                          &w->qa, &w->da, &w->qb, &w->db, &w->kt, &w->kp, &w->vt};
@@ -202,9 +208,9 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
     for (int j0 = 0; j0 < n_keys; j0 += BC) {
         int bc = n_keys - j0 < BC ? n_keys - j0 : BC;
         /* scores of the tile: s (br, bc) = Q (br, hd) @ K[j0:j0+bc]^T (hd, bc) */
-        gemm_packed(isa, br, bc, hd, w->qp, kt + (long)j0 * hd, (long)NR * hd, w->s, bc, 0);
+        gemm_packed(isa, br, bc, hd, w->qp, kt + (long)j0 * hd, (long)NR * hd, w->s, BC, 0);
         for (int r = 0; r < br; r++) {
-            float *s = w->s + r * bc;
+            float *s = w->s + r * BC;
             int nv = visible_keys(a, i0 + r, j0, bc);
             if (nv == 0) { /* the whole row is in the future: probability 0, statistics unchanged */
                 memset(s, 0, (size_t)bc * sizeof(float));
@@ -222,9 +228,8 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
             }
             w->m[r] = mx;
         }
-        /* acc (br, hd) += p (br, bc) @ V[j0:j0+bc] (bc, hd) */
-        gemm_pack_a(isa, 0, w->s, bc, br, bc, w->pp);
-        gemm_packed(isa, br, hd, bc, w->pp, vp + (long)j0 * NR, (long)NR * a->S, w->acc, hd, 1);
+        /* acc (br, hd) += p (br, bc) @ V[j0:j0+bc] (bc, hd), p read in place */
+        gemm_rowmajor_a(isa, br, hd, bc, w->s, vp + (long)j0 * NR, (long)NR * a->S, w->acc, hd, 1);
     }
     /* every row saw key 0 (S >= T), so l > 0 */
     for (int r = 0; r < br; r++) {
@@ -324,25 +329,24 @@ static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *
             int br = T - i0 < BR ? T - i0 : BR;
             const float *qa = w->qa + (i0 / BR) * a_blk, *da = w->da + (i0 / BR) * a_blk;
             /* p (br, bc) = exp(Q_i K_j^T * scale - lse_i), recomputed; masked entries 0 */
-            gemm_packed(isa, br, bc, hd, qa, w->kt + (long)j0 * hd, (long)NR * hd, w->p, bc, 0);
+            gemm_packed(isa, br, bc, hd, qa, w->kt + (long)j0 * hd, (long)NR * hd, w->p, BC, 0);
             for (int r = 0; r < br; r++) {
-                float *p = w->p + r * bc;
+                float *p = w->p + r * BC;
                 int nv = visible_keys(a, i0 + r, j0, bc);
                 exp_affine_sum(p, nv, a->scale, L[(i0 + r) * a->lses[2]]);
                 for (int c = nv; c < bc; c++) p[c] = 0.0f;
             }
             /* dV_j (bc, hd) += p^T (bc, br) @ dout_i (br, hd) */
-            gemm_pack_a(isa, 1, w->p, bc, bc, br, w->pp);
+            gemm_pack_a(isa, 1, w->p, BC, bc, br, w->pp);
             gemm_packed(isa, bc, hd, br, w->pp, w->db + (long)i0 * NR, (long)NR * T, dV + (long)j0 * hd, hd, 1);
             /* dp (br, bc) = dout_i (br, hd) @ V_j^T (hd, bc) */
-            gemm_packed(isa, br, bc, hd, da, w->vt + (long)j0 * hd, (long)NR * hd, w->s, bc, 0);
+            gemm_packed(isa, br, bc, hd, da, w->vt + (long)j0 * hd, (long)NR * hd, w->s, BC, 0);
             for (int r = 0; r < br; r++)
-                softmax_backward_row(w->s + r * bc, w->p + r * bc, bc, w->D[i0 + r], a->scale);
-            /* dQ_i (br, hd) += ds (br, bc) @ K_j (bc, hd) */
-            gemm_pack_a(isa, 0, w->s, bc, br, bc, w->pp);
-            gemm_packed(isa, br, hd, bc, w->pp, w->kp + (long)j0 * NR, (long)NR * S, dQ + (long)i0 * hd, hd, 1);
+                softmax_backward_row(w->s + r * BC, w->p + r * BC, bc, w->D[i0 + r], a->scale);
+            /* dQ_i (br, hd) += ds (br, bc) @ K_j (bc, hd), ds read in place */
+            gemm_rowmajor_a(isa, br, hd, bc, w->s, w->kp + (long)j0 * NR, (long)NR * S, dQ + (long)i0 * hd, hd, 1);
             /* dK_j (bc, hd) += ds^T (bc, br) @ Q_i (br, hd) */
-            gemm_pack_a(isa, 1, w->s, bc, bc, br, w->pp);
+            gemm_pack_a(isa, 1, w->s, BC, bc, br, w->pp);
             gemm_packed(isa, bc, hd, br, w->pp, w->qb + (long)i0 * NR, (long)NR * T, dK + (long)j0 * hd, hd, 1);
         }
     }

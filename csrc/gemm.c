@@ -39,22 +39,29 @@
 #define MAX_NR 32
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Micro-kernels: C[0:MR, 0:NR] (+)= Ap (KC x MR, packed) ^T-ish @ Bp (KC x NR, packed).           */
-/* Ap holds, for each p, the MR values A[i, p]; Bp holds, for each p, the NR values B[p, j].        */
+/* Micro-kernels: C[0:MR, 0:NR] (+)= A (MR x kc) @ Bp (kc x NR, packed).                           */
+/* Bp holds, for each p, the NR values B[p, j]. A's element (i, p) is at A[i * rs + p * cs]: each   */
+/* kernel body is written once over those strides and compiled twice, for a packed A sliver         */
+/* (rs = 1, cs = MR: the MR values of column p side by side) and for a row-major tile with the      */
+/* fixed leading dimension GEMM_TILE_LD (rs = GEMM_TILE_LD, cs = 1), which attention.c multiplies   */
+/* without packing it. Both strides are compile-time constants, so every load is a plain offset.    */
 
-typedef void (*ukernel_fn)(int kc, const float *Ap, const float *Bp, float *C, long ldc, int accumulate);
+typedef void (*ukernel_fn)(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate);
+
+#define INLINE static inline __attribute__((always_inline))
 
 /* The portable kernel: plain C that any compiler vectorizes; the reference for the SIMD ones.
  * 4 x 8 keeps the 32 accumulators in 8 SSE (or NEON) registers: with 4 x 16 gcc spills them to memory
  * and runs 6x slower. */
 #define PORTABLE_MR 4
 #define PORTABLE_NR 8
-static void ukernel_portable(int kc, const float *Ap, const float *Bp, float *C, long ldc, int accumulate) {
+INLINE void portable_tile(int kc, const float *A, long rs, long cs, const float *Bp, float *C, long ldc,
+                          int accumulate) {
     float acc[PORTABLE_MR][PORTABLE_NR] = {{0}};
     for (int p = 0; p < kc; p++) {
         for (int i = 0; i < PORTABLE_MR; i++)
-            for (int j = 0; j < PORTABLE_NR; j++) acc[i][j] += Ap[i] * Bp[j];
-        Ap += PORTABLE_MR; /* pointer steps, not p * MR: with -fwrapv (Python's flags) gcc cannot */
+            for (int j = 0; j < PORTABLE_NR; j++) acc[i][j] += A[i * rs] * Bp[j];
+        A += cs;           /* pointer steps, not p * MR: with -fwrapv (Python's flags) gcc cannot */
         Bp += PORTABLE_NR; /* prove p * MR + i never wraps and vectorizes the wrong loop */
     }
     for (int i = 0; i < PORTABLE_MR; i++)
@@ -62,13 +69,21 @@ static void ukernel_portable(int kc, const float *Ap, const float *Bp, float *C,
             C[i * ldc + j] = accumulate ? C[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
+static void ukernel_portable(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    portable_tile(kc, A, 1, PORTABLE_MR, Bp, C, ldc, accumulate);
+}
+
+static void ukernel_portable_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    portable_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
+
 #if LLAMA3NP_X86
 /* AVX2 + FMA: 16 ymm registers of 8 floats. A 6 x 16 tile is 12 accumulators, plus 2 for the row
  * of B and 1 for the broadcast of A: 15 of the 16 registers, 12 FMAs per 2 loads + 6 broadcasts. */
 #define AVX2_MR 6
 #define AVX2_NR 16
-__attribute__((target("avx2,fma")))
-static void ukernel_avx2(int kc, const float *Ap, const float *Bp, float *C, long ldc, int accumulate) {
+__attribute__((target("avx2,fma"))) INLINE void avx2_tile(int kc, const float *A, long rs, long cs, const float *Bp,
+                                                         float *C, long ldc, int accumulate) {
     __m256 c[AVX2_MR][2];
     /* every loop over i fully unrolled, so that c lives in registers only (a loop left rolled makes
      * gcc keep c in memory too, storing it on every step: half the speed) */
@@ -78,11 +93,11 @@ static void ukernel_avx2(int kc, const float *Ap, const float *Bp, float *C, lon
         __m256 b0 = _mm256_load_ps(Bp), b1 = _mm256_load_ps(Bp + 8);
 #pragma GCC unroll 6
         for (int i = 0; i < AVX2_MR; i++) {
-            __m256 a = _mm256_broadcast_ss(Ap + i);
+            __m256 a = _mm256_broadcast_ss(A + i * rs);
             c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
             c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
         }
-        Ap += AVX2_MR;
+        A += cs;
         Bp += AVX2_NR;
     }
 #pragma GCC unroll 6
@@ -97,14 +112,24 @@ static void ukernel_avx2(int kc, const float *Ap, const float *Bp, float *C, lon
     }
 }
 
+__attribute__((target("avx2,fma")))
+static void ukernel_avx2(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    avx2_tile(kc, A, 1, AVX2_MR, Bp, C, ldc, accumulate);
+}
+
+__attribute__((target("avx2,fma")))
+static void ukernel_avx2_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    avx2_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
+
 /* AVX-512: 32 zmm registers of 16 floats. An 8 x 32 tile is 16 accumulators + 2 for B + 1 for the
  * broadcast: 16 independent FMAs per step hide their 4-cycle latency, and 8 rows divide the 64-row
  * tiles of the attention kernel exactly (14 x 32 fills more registers but wastes 6 of 70 rows there,
  * and measured no faster on the 1024^3 product here). */
 #define AVX512_MR 8
 #define AVX512_NR 32
-__attribute__((target("avx512f")))
-static void ukernel_avx512(int kc, const float *Ap, const float *Bp, float *C, long ldc, int accumulate) {
+__attribute__((target("avx512f"))) INLINE void avx512_tile(int kc, const float *A, long rs, long cs, const float *Bp,
+                                                          float *C, long ldc, int accumulate) {
     __m512 c[AVX512_MR][2];
 #pragma GCC unroll 16
     for (int i = 0; i < AVX512_MR; i++) c[i][0] = c[i][1] = _mm512_setzero_ps(); /* unrolled: see AVX2 */
@@ -112,11 +137,11 @@ static void ukernel_avx512(int kc, const float *Ap, const float *Bp, float *C, l
         __m512 b0 = _mm512_load_ps(Bp), b1 = _mm512_load_ps(Bp + 16);
 #pragma GCC unroll 16
         for (int i = 0; i < AVX512_MR; i++) {
-            __m512 a = _mm512_set1_ps(Ap[i]);
+            __m512 a = _mm512_set1_ps(A[i * rs]);
             c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
             c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
         }
-        Ap += AVX512_MR;
+        A += cs;
         Bp += AVX512_NR;
     }
 #pragma GCC unroll 16
@@ -130,22 +155,33 @@ static void ukernel_avx512(int kc, const float *Ap, const float *Bp, float *C, l
         _mm512_storeu_ps(Ci + 16, c[i][1]);
     }
 }
+
+__attribute__((target("avx512f")))
+static void ukernel_avx512(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    avx512_tile(kc, A, 1, AVX512_MR, Bp, C, ldc, accumulate);
+}
+
+__attribute__((target("avx512f")))
+static void ukernel_avx512_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    avx512_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
 #endif
 
 typedef struct {
     const char *name;
     int mr, nr;
-    ukernel_fn kernel;
+    ukernel_fn kernel;      /* A packed */
+    ukernel_fn kernel_rows; /* A a row-major tile with leading dimension GEMM_TILE_LD */
 } isa_t;
 
 static const isa_t ISAS[3] = {
-    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable},
+    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows},
 #if LLAMA3NP_X86
-    {"avx2", AVX2_MR, AVX2_NR, ukernel_avx2},
-    {"avx512", AVX512_MR, AVX512_NR, ukernel_avx512},
+    {"avx2", AVX2_MR, AVX2_NR, ukernel_avx2, ukernel_avx2_rows},
+    {"avx512", AVX512_MR, AVX512_NR, ukernel_avx512, ukernel_avx512_rows},
 #else
-    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable},
-    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable},
+    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows},
+    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows},
 #endif
 };
 
@@ -215,23 +251,25 @@ static void pack_b_sliver(int trans_b, const float *B, long ldb, int p0, int kc,
 
 /* ---------------------------------------------------------------------------------------------- */
 /* The macro-kernel: slivers [s0, s1) of a packed A panel times a packed B block (kc x nc), into C.
- * A's slivers are MR * kc floats apart, B's b_stride apart (kc * NR when packed for this call). */
+ * A's slivers are MR * kc floats apart (or, if a_rows, A is a row-major tile with leading dimension
+ * GEMM_TILE_LD), B's b_stride apart (kc * NR when packed for this call). */
 
 static void macro_kernel(const isa_t *isa, int s0, int s1, int mc, int nc, int kc, const float *Ap,
-                         const float *Bp, long b_stride, float *C, long ldc, int accumulate) {
+                         const float *Bp, long b_stride, float *C, long ldc, int accumulate, int a_rows) {
     const int MR = isa->mr, NR = isa->nr;
+    const ukernel_fn kernel = a_rows ? isa->kernel_rows : isa->kernel;
     float edge[MAX_MR * MAX_NR] __attribute__((aligned(64)));
     for (int s = s0; s < s1; s++) {
         int ir = s * MR, mr = mc - ir < MR ? mc - ir : MR;
         for (int jr = 0; jr < nc; jr += NR) {
             int nr = nc - jr < NR ? nc - jr : NR;
-            const float *a = Ap + (long)ir * kc, *b = Bp + (jr / NR) * b_stride;
+            const float *a = Ap + (long)ir * (a_rows ? GEMM_TILE_LD : kc), *b = Bp + (jr / NR) * b_stride;
             float *c = C + (long)ir * ldc + jr;
             if (mr == MR && nr == NR) {
-                isa->kernel(kc, a, b, c, ldc, accumulate);
+                kernel(kc, a, b, c, ldc, accumulate);
             } else {
                 /* a partial tile at the edge of C: compute the full tile aside, keep the valid part */
-                isa->kernel(kc, a, b, edge, NR, 0);
+                kernel(kc, a, b, edge, NR, 0);
                 for (int i = 0; i < mr; i++)
                     for (int j = 0; j < nr; j++)
                         c[(long)i * ldc + j] = accumulate ? c[(long)i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
@@ -294,7 +332,7 @@ static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
                 }
                 int s0 = (int)((long)chunk * n_slivers / n_chunks), s1 = (int)((long)(chunk + 1) * n_slivers / n_chunks);
                 macro_kernel(isa, s0, s1, mc, nc, kc, g->Ap, Bp, (long)kc * NR, g->C + (long)ic * g->ldc + jc, g->ldc,
-                             accumulate);
+                             accumulate, 0);
             }
             barrier_wait(barrier);  /* the A panel is reused for the next block: wait for everyone */
         }
@@ -424,7 +462,14 @@ void gemm_packed(int isa, int m, int n, int k, const float *Ap, const float *Bp,
                  int accumulate) {
     const isa_t *I = &ISAS[isa];
     if (m <= 0 || n <= 0) return;
-    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, Ap, Bp, b_stride, C, ldc, accumulate);
+    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, Ap, Bp, b_stride, C, ldc, accumulate, 0);
+}
+
+void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *Bp, long b_stride, float *C,
+                     long ldc, int accumulate) {
+    const isa_t *I = &ISAS[isa];
+    if (m <= 0 || n <= 0) return;
+    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, A, Bp, b_stride, C, ldc, accumulate, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------- */

@@ -25,4 +25,11 @@ void gemm_pack_b(int isa, int trans, const float *B, long ldb, int k, int n, flo
 void gemm_packed(int isa, int m, int n, int k, const float *Ap, const float *Bp, long b_stride, float *C, long ldc,
                  int accumulate);
 
+/* The same with A a row-major (m x k) tile whose leading dimension is GEMM_TILE_LD, read in place:
+ * no packing. Rows up to m rounded up to a multiple of MR (at most m + 7) must be readable; their
+ * results are dropped. */
+#define GEMM_TILE_LD 64
+void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *Bp, long b_stride, float *C,
+                     long ldc, int accumulate);
+
 #endif
