@@ -94,13 +94,9 @@ def run_on(name, **grid):
     return ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"], results
 
 
-def max_rel_err(a, b):
-    return max(float(np.max(np.abs(a[n] - b[n])) / np.max(np.abs(b[n]))) for n in b)
-
-
 params_dp2, res = run_on("dp2", dp=2)
 print("losses:", [round(r["loss"], 4) for r in res[0]["records"]])
-print(f"max relative difference from one process: {max_rel_err(params_dp2, reference):.2e}")
+print(f"max relative difference from one process: {engine.relative_error(params_dp2, reference):.2e}")
 
 # %% [markdown]
 # ## 4. Buckets, the way PyTorch's DDP does it

@@ -121,7 +121,7 @@ for name in S.SCHEDULES:
     c = TrainConfig(**{**cfg.__dict__, "out": out})
     res = engine.run_grid(out, c, engine.ParallelConfig(pp=2, micro_batches=4, schedule=name, dtype="float64"))
     params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
-    err = max(float(np.max(np.abs(params[n] - reference[n])) / np.max(np.abs(reference[n]))) for n in reference)
+    err = engine.relative_error(params, reference)
     peaks = [o["peak_activations"] for o in sorted(res, key=lambda o: o["coords"][2])]
     print(f"{name}: measured peak per stage {peaks}, predicted {S.peak_activations(S.make_schedule(name, 2, 4, 2))}; "
           f"max relative difference from one process {err:.1e}")

@@ -95,7 +95,7 @@ out = os.path.join(work, "tp2")
 shutil.copytree(cfg.out, out)
 res = engine.run_grid(out, TrainConfig(**{**cfg.__dict__, "out": out}), engine.ParallelConfig(tp=2, dtype="float64"))
 params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
-err = max(float(np.max(np.abs(params[n] - reference[n])) / np.max(np.abs(reference[n]))) for n in reference)
+err = engine.relative_error(params, reference)
 print(f"max relative difference from one process: {err:.1e}")
 
 # %% [markdown]

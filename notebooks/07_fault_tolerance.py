@@ -90,6 +90,6 @@ for f in ckpt.list_checkpoints(out):
 c = TrainConfig(**{**cfg.__dict__, "out": out})
 res = engine.run_grid(out, c, engine.ParallelConfig(tp=2, pp=2))
 params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
-err = max(float(np.max(np.abs(params[n] - clean[n])) / np.max(np.abs(clean[n]))) for n in clean)
+err = engine.relative_error(params, clean)
 print(f"resumed at step {res[0]['start_step']} on tp=2 x pp=2; max relative difference from the dp=2 run: {err:.1e}"
       " (float32: only the order of sums differs)")

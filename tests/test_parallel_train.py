@@ -7,9 +7,10 @@ split over replicas and micro-batches, features split over tensor-parallel ranks
 plain-vs-ZeRO are bitwise equal because their arithmetic is the same. In float32 the grids match
 `llama3np.training.train` itself within 1e-5.
 
-Relative error = max |ours - reference| / max |reference| per tensor (entries near zero would make an
-elementwise ratio meaningless). Both sides run with one BLAS thread: a different thread count changes
-the blocking of the matrix products, hence their rounding.
+Relative error = max over tensors of ||ours - reference|| / ||reference|| (engine.relative_error: an
+entry by entry ratio would be dominated by the few entries whose gradient is rounding noise, which AdamW
+rescales to a full step). Both sides run with one BLAS thread: a different thread count changes the
+blocking of the matrix products, hence their rounding.
 """
 import shutil
 
@@ -55,8 +56,7 @@ def grid_run(base_run, tmp_path, name="run", **kw):
     return ck["params"], out, run
 
 
-def max_rel_err(a, b):
-    return max(float(np.max(np.abs(a[n] - b[n])) / np.max(np.abs(b[n]))) for n in b)
+max_rel_err = E.relative_error
 
 
 GRIDS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 1), (2, 2, 2)]
@@ -198,11 +198,16 @@ def tied_run(tmp_path_factory):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("grid", [dict(pp=2, schedule="interleaved", chunks=2, micro_batches=2),
-                                  dict(tp=2, pp=2, micro_batches=2)], ids=["interleaved-pp2x2chunks", "tp2-pp2"])
-def test_tied_embeddings_across_stages_and_interleaved_chunks_match_one_process(tied_run, tmp_path, grid):
+@pytest.mark.parametrize("grid", [
+    dict(pp=2, schedule="interleaved", chunks=2, micro_batches=2),
+    dict(tp=2, pp=2, micro_batches=2),
+    dict(dp=2, pp=2, schedule="interleaved", micro_batches=2, overlap=True, bucket_bytes=2048),
+    dict(dp=2, tp=2, zero=True),
+], ids=["interleaved-pp2x2chunks", "tp2-pp2", "dp2-interleaved-overlap", "dp2-tp2-zero1"])
+def test_tied_embeddings_interleaving_overlap_and_zero_on_grids_match_one_process(tied_run, tmp_path, grid):
     """The embedding lives on the first stage and, as the output layer, on the last: both copies get the
-    sum of both gradients. Interleaved 1F1B passes each micro-batch through every rank twice."""
+    sum of both gradients. Interleaved 1F1B passes each micro-batch through every rank twice; the
+    overlapped buckets and ZeRO-1's shards work inside a replica that is itself split over processes."""
     cfg, reference = tied_run
     run = tmp_path / "run"
     shutil.copytree(cfg.out, run)
@@ -212,5 +217,5 @@ def test_tied_embeddings_across_stages_and_interleaved_chunks_match_one_process(
     assert "output.weight" not in params
     assert max_rel_err(params, reference) < 1e-12
     if grid.get("schedule") == "interleaved":
-        measured = [o["peak_activations"] for o in sorted(out, key=lambda o: o["coords"][2])]
-        assert measured == peak_activations(make_schedule("interleaved", 2, 2, 2))
+        replica0 = sorted((o for o in out if o["coords"][0] == 0), key=lambda o: o["coords"][2])
+        assert [o["peak_activations"] for o in replica0] == peak_activations(make_schedule("interleaved", 2, 2, 2))

@@ -395,6 +395,16 @@ def reference_train(run_dir, steps, dtype=np.float64):
     return model
 
 
+def relative_error(ours, reference):
+    """max over tensors of ||ours - reference|| / ||reference|| (Frobenius): how far two sets of weights are.
+
+    Norm-wise rather than entry by entry: AdamW divides every gradient entry by its own running RMS, so
+    an entry whose gradient is mostly rounding noise moves by a noisy ~lr after one step whatever the
+    noise's size; such entries are few and small, and a norm-wise error weighs them by their size.
+    """
+    return max(float(np.linalg.norm(ours[n] - reference[n]) / np.linalg.norm(reference[n])) for n in reference)
+
+
 def run_grid(run_dir, cfg, pcfg, heartbeat_timeout=None, total_timeout=None, on_message=None):
     """Run the workers of one attempt on a spawned group (mp backend) -> the per-rank summaries."""
     saved = json.loads((Path(run_dir) / "config.json").read_text())
