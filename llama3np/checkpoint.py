@@ -11,7 +11,7 @@ What each folder holds (the file that identifies it first):
 - Meta: `params.json` and `consolidated.00.pth` (more shards for 70B+), Meta's names, bf16.
 - a training run of `llama3np train`: `ckpt_*.npz` files or a `latest` file (read by llama3np.training).
 
-Loading creates the model with `Transformer(args)` and copies each tensor, converted to the model's
+Loading creates the model with `Transformer(args, init=False)` (zeros: no memory until written) and copies each tensor, converted to the model's
 dtype, straight from the memory-mapped file into the model's arrays: the weights are never held twice.
 """
 import json
@@ -288,7 +288,7 @@ def _load_llama3np(folder, dtype, max_seq_len=None):
         args = ModelArgs.from_dict(d)
     except TypeError as e:
         raise ValueError(f"{LLAMA3NP_CONFIG} has bad args: {e}") from None
-    model = Transformer(args, dtype=dtype)
+    model = Transformer(args, dtype=dtype, init=False)
     with SafeTensorsFile(os.path.join(folder, HF_WEIGHTS)) as f:
         sources = {name: (_float_shape(f, name), _plain_fill(f, name)) for name in f.keys()}
         _fill(model, sources, f.path)
@@ -335,7 +335,7 @@ def _load_hf(folder, dtype, max_seq_len=None):
         raise FileNotFoundError(f"{folder} has {HF_CONFIG} but neither {HF_WEIGHTS} nor {HF_INDEX} "
                                 "(pytorch_model.bin files are not read: re-save them as safetensors)")
     try:
-        model = Transformer(args, dtype=dtype)
+        model = Transformer(args, dtype=dtype, init=False)
         sources = {}
         for hf_name, shard in where.items():
             name = hf_to_meta_name(hf_name)
@@ -392,7 +392,7 @@ def _load_meta(folder, dtype, rope_scale_factor=None, max_seq_len=None):
             t.release()
     args = args_from_meta_params(params, rope_scale_factor, max_seq_len,
                                  vocab_size=emb.shape[0] * len(shards), tie_embeddings=tied)
-    model = Transformer(args, dtype=dtype)
+    model = Transformer(args, dtype=dtype, init=False)
     mp = len(shards)
     # with more shards than kv heads, each kv head was stored in mp // n_kv_heads shards: keep one copy
     kv_step = max(mp // args.n_kv_heads, 1)

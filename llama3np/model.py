@@ -29,14 +29,16 @@ class KVCache:
 
 
 class Transformer:
-    def __init__(self, args: ModelArgs, seed: int = 0, dtype=np.float32):
+    def __init__(self, args: ModelArgs, seed: int = 0, dtype=np.float32, init: bool = True):
+        """Random weights (`init_params`) or, with init=False, zeros for a loader to fill: zeros cost no
+        memory until written (the OS maps pages on first touch), so loading holds ~1 copy of the weights."""
         if not isinstance(args, ModelArgs):
             raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         self.args, self.dtype = args, dtype
-        self.params = init_params(args, seed, dtype)
+        self.params = init_params(args, seed, dtype) if init else zero_params(args, dtype)
         self.freqs = ops.rope_frequencies(args)  # (hd/2,) float64, scaled for Llama 3.1+
         self.tokenizer = None  # set by the loaders when a checkpoint ships one
         self._acts = None  # what the last cache-less forward kept for the backward
@@ -207,32 +209,45 @@ class Transformer:
                              f"{cache.max_seq_len} positions (max_seq_len)")
 
 
+def param_shapes(args: ModelArgs) -> dict:
+    """The shape of every weight, keyed by Meta's names, in checkpoint order."""
+    C, hd, hidden = args.dim, args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, C)}
+    for i in range(args.n_layers):
+        pre = f"layers.{i}."
+        shapes[pre + "attention.wq.weight"] = (args.n_heads * hd, C)
+        shapes[pre + "attention.wk.weight"] = (args.n_kv_heads * hd, C)
+        shapes[pre + "attention.wv.weight"] = (args.n_kv_heads * hd, C)
+        shapes[pre + "attention.wo.weight"] = (C, args.n_heads * hd)
+        shapes[pre + "feed_forward.w1.weight"] = (hidden, C)
+        shapes[pre + "feed_forward.w2.weight"] = (C, hidden)
+        shapes[pre + "feed_forward.w3.weight"] = (hidden, C)
+        shapes[pre + "attention_norm.weight"] = (C,)
+        shapes[pre + "ffn_norm.weight"] = (C,)
+    shapes["norm.weight"] = (C,)
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, C)
+    return shapes
+
+
+def zero_params(args: ModelArgs, dtype=np.float32) -> dict:
+    return {name: np.zeros(shape, dtype=dtype) for name, shape in param_shapes(args).items()}
+
+
 def init_params(args: ModelArgs, seed: int = 0, dtype=np.float32) -> dict:
     """Random weights, keyed by Meta's names. Linear weights (out, in) ~ N(0, 0.02), norms = 1.
 
     The residual projections (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so that the
-    residual stream does not grow with depth at initialisation.
+    residual stream does not grow with depth at initialisation. The numbers are drawn in float64 and
+    then cast, so float32 and float64 models with the same seed hold the same weights.
     """
     rng = np.random.default_rng(seed)
-    C, hd, hidden = args.dim, args.head_dim, args.ffn_hidden_dim
-
-    def normal(shape, std=0.02):
-        return (rng.standard_normal(shape) * std).astype(dtype)
-
     resid_std = 0.02 / np.sqrt(2 * args.n_layers)
-    p = {"tok_embeddings.weight": normal((args.vocab_size, C))}
-    for i in range(args.n_layers):
-        pre = f"layers.{i}."
-        p[pre + "attention.wq.weight"] = normal((args.n_heads * hd, C))
-        p[pre + "attention.wk.weight"] = normal((args.n_kv_heads * hd, C))
-        p[pre + "attention.wv.weight"] = normal((args.n_kv_heads * hd, C))
-        p[pre + "attention.wo.weight"] = normal((C, args.n_heads * hd), resid_std)
-        p[pre + "feed_forward.w1.weight"] = normal((hidden, C))
-        p[pre + "feed_forward.w2.weight"] = normal((C, hidden), resid_std)
-        p[pre + "feed_forward.w3.weight"] = normal((hidden, C))
-        p[pre + "attention_norm.weight"] = np.ones(C, dtype=dtype)
-        p[pre + "ffn_norm.weight"] = np.ones(C, dtype=dtype)
-    p["norm.weight"] = np.ones(C, dtype=dtype)
-    if not args.tie_embeddings:
-        p["output.weight"] = normal((args.vocab_size, C))
-    return p
+    params = {}
+    for name, shape in param_shapes(args).items():
+        if len(shape) == 1:
+            params[name] = np.ones(shape, dtype=dtype)  # RMSNorm gains start at 1: the identity
+        else:
+            std = resid_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            params[name] = (rng.standard_normal(shape) * std).astype(dtype)
+    return params

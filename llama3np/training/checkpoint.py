@@ -191,7 +191,7 @@ def load_run(path, dtype=np.float32):
         if ck is None:
             raise FileNotFoundError(f"{path} holds no checkpoint (ckpt_XXXXXXXX.npz files)")
     args = ModelArgs.from_dict(ck["meta"]["model_args"])
-    model = Transformer(args, dtype=dtype)
+    model = Transformer(args, dtype=dtype, init=False)
     for name, p in model.params.items():
         if name not in ck["params"]:
             raise ValueError(f"{ck_path}: weight {name!r} is missing")
