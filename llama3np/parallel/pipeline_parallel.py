@@ -5,12 +5,11 @@
     last:     layers ..., norm, output, cross-entropy  <- the loss starts the backward here
 
 `StageModel` is this rank's part of the model (its layers, tensor-parallel slices included: a stage is
-run by tp ranks together). `run_schedule` is the one executor: it walks the action list that
-schedule.py made for this stage (F, B, send/recv of activations and gradients) and records a trace.
+run by tp ranks together; with the interleaved schedule a rank holds several, one per model chunk).
+`run_schedule` is the one executor: it walks the action list that schedule.py made for this rank
+(F, B, send/recv of activations and gradients) and records a trace.
 """
 import time
-
-import numpy as np
 
 from .. import ops
 from . import tensor_parallel as tp_mod
