@@ -25,7 +25,9 @@ def test_parallel_train_recovers_from_a_kill_and_writes_its_reports(tmp_path):
     trace = json.loads((out / "trace.json").read_text())
     assert {e["cat"] for e in trace["traceEvents"]} >= {"F", "B", "allreduce"}
     assert (out / "gantt.png").read_bytes()[:4] == b"\x89PNG"
-    assert len([line for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]) == 4
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]  # the steps redone after the kill once
+    assert lines[-1]["step"] == 4 and lines[-1]["val_loss"] > lines[-1]["floor"]  # validated at the end
 
 
 @pytest.mark.parametrize("grid,match", [(["--tp", "3"], "divisible by 3"), (["--pp", "3"], "at least as many layers"),

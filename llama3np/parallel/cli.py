@@ -37,7 +37,8 @@ def add_train_arguments(t):
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int, default=None)
     t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument("--eval-every", type=int, default=50,
+                   help="accepted for llama3np train's config; the parallel run validates once, at the end")
     t.add_argument("--n-stories", type=int, default=None)
     t.add_argument("--val-stories", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
@@ -123,6 +124,7 @@ def main(a):
         return 1
     write_report(cfg.out, pcfg, summary)
     log(supervisor.format_summary(summary))
+    engine.final_eval(cfg, log)
     last = [r for o in summary["results"] for r in o["records"]][-1:] or [None]
     log(f"done: {last[0]} -- checkpoints in {cfg.out} (trace.json, gantt.png, parallel.json beside them)")
     return 0

@@ -360,6 +360,27 @@ def prepare_run(cfg, log=print):
     return cfg
 
 
+def final_eval(cfg, log=print):
+    """Validation loss of the run's final weights (as llama3np train does after its last step), appended
+    to log.jsonl. The parallel run itself does not pause for validation every eval_every steps."""
+    from ..training.checkpoint import load_run
+
+    model = load_run(cfg.out)
+    with np.load(Path(cfg.out) / "data.npz") as z:
+        val_stream = z["val"]
+        floor = float(z["val_floor"]) if "val_floor" in z.files else None
+    val = train_mod.evaluate(model, val_stream, cfg.seq_len)
+    rec = {"step": model.train_step, "val_loss": val}
+    msg = f"step {model.train_step}: val loss {val:.4f}"
+    if floor is not None:
+        rec["floor"] = floor
+        msg += f" (entropy floor {floor:.4f}, {val - floor:+.4f} above it)"
+    with open(Path(cfg.out) / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    log(msg)
+    return val
+
+
 def cfg_json(cfg):
     d = cfg.to_json()
     d["betas"] = tuple(d["betas"])

@@ -109,6 +109,7 @@ def main(cfg, pcfg, log):
     wall = time.time() - t0
     write_report(cfg.out, pcfg, {"results": results, "failures": [], "restarts": 0, "wall_s": wall,
                                  "useful_s": wall, "goodput": 1.0})
+    engine.final_eval(cfg, log)
     log(f"done on {pg.size} MPI ranks in {wall:.1f} s: {results[0]['records'][-1]} -- checkpoints in {cfg.out}")
     return 0
 
