@@ -64,14 +64,7 @@ else:
     nbytes = sum(w.nbytes for w in model.params.values())
 seconds = time.perf_counter() - t0
 peak = status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-init = 0.0
-if kind != "transformers":  # how much of the load is Transformer(args)'s random init (thrown away)
-    args = model.args
-    del model
-    t0 = time.perf_counter()
-    llama3np.Transformer(args)
-    init = time.perf_counter() - t0
-print(json.dumps(dict(base=base, peak=peak, weights=nbytes, seconds=seconds, init=init, reset=reset)))
+print(json.dumps(dict(base=base, peak=peak, weights=nbytes, seconds=seconds, reset=reset)))
 """
 
 
@@ -152,18 +145,16 @@ def main():
                 rows.append(("transformers from_pretrained(float32)", measure("transformers", folders["hf"])))
             except ImportError:
                 print("(transformers not installed: no comparison)")
-    print(f"{'loader':40s} {'weights':>9s} {'peak extra':>11s} {'extra/weights':>14s} {'time':>7s} "
-          f"{'of which random init':>21s}")
+    print(f"{'loader':40s} {'weights':>9s} {'peak extra':>11s} {'extra/weights':>14s} {'time':>7s}")
     for name, r in rows:
         extra = r["peak"] - r["base"]
-        init = f"{r['init']:6.1f}s" if r["init"] else "-"
         print(f"{name:40s} {r['weights'] / 2**20:6.0f} MiB {extra / 2**20:7.0f} MiB "
-              f"{extra / r['weights']:14.2f} {r['seconds']:6.1f}s {init:>21s}")
+              f"{extra / r['weights']:14.2f} {r['seconds']:6.1f}s")
         if not r["reset"]:
             print("   (could not reset VmHWM: the peak includes the imports)")
     print("\nextra/weights = (peak RSS during load - RSS before) / float32 weight bytes; 1.00 = the weights "
-          "held exactly once.\nllama3np.load builds Transformer(args) (random init, whose float64 "
-          "temporaries set most of the peak above 1) and then copies each tensor into it in place.")
+          "held exactly once.\nllama3np.load builds Transformer(args, init=False) (zeros, mapped by the OS "
+          "only when written) and copies each tensor into it in place.")
 
 
 if __name__ == "__main__":

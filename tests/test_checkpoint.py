@@ -396,8 +396,8 @@ def test_loading_copies_tensors_into_the_model_without_temporary_copies(tmp_path
     save(Transformer(args), tmp_path / "c", format=fmt, dtype=dtype)
     after_build = {}
 
-    def build(args, dtype=np.float32):  # the loader's Transformer, then start counting
-        model = Transformer(args, dtype=dtype)
+    def build(args, dtype=np.float32, init=True):  # the loader's Transformer, then start counting
+        model = Transformer(args, dtype=dtype, init=init)
         tracemalloc.reset_peak()
         after_build["bytes"] = tracemalloc.get_traced_memory()[0]
         return model
