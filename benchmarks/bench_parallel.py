@@ -8,7 +8,8 @@ Two cores cannot show anything beyond 2 processes, so tp=2 and pp=2 are run for 
 
 Counters (exact, noise-free): bytes sent per rank and step per group (against the ring's 2(N-1)/N),
 the pipeline bubble on a logical clock against (p-1)/(m+p-1), the peak number of micro-batches whose
-activations a stage holds (GPipe m, 1F1B min(p-s, m)), ZeRO-1's bytes per parameter against 8 + 8/N.
+activations a stage holds (GPipe m, 1F1B min(p-s, m)) and the bytes of those activations (the arrays
+the forward caches keep for the backward), ZeRO-1's bytes per parameter against 8 + 8/N.
 
     python benchmarks/bench_parallel.py [--steps 10] [--dim 128] [--layers 4] [--batch 16] [--seq 64] [--repeat 2]
 """
@@ -118,11 +119,13 @@ def main():
             rp = run(cfg, work, f"pp2-{sched}", pp=2, micro_batches=m, schedule=sched, chunks=2, kernels=a.kernels)
             stages = S.make_schedule(sched, 2, m, 2)
             logical = S.bubble_fraction(S.simulate(stages, 1, 2))
-            peaks = [o["peak_activations"] for o in sorted(rp, key=lambda o: o["coords"][2])]
+            rp_sorted = sorted(rp, key=lambda o: o["coords"][2])
+            peaks = [o["peak_activations"] for o in rp_sorted]
             print(f"pp=2 {sched:11s} m={m}: bubble {float(logical):.3f} on the logical clock (theory "
                   f"{float(S.theoretical_bubble(2, m, v)):.3f}), {wall_bubble(rp):.3f} measured on the wall clock; "
                   f"peak {'chunk-' if v > 1 else ''}micro-batches held per stage {peaks} (predicted "
-                  f"{S.peak_activations(stages)}); throughput {tokens_per_s(rp, cfg, skip)[0]:,.0f} tok/s")
+                  f"{S.peak_activations(stages)}) = {[round(o['peak_activation_bytes'] / 2**20, 1) for o in rp_sorted]} "
+                  f"MiB of activations; throughput {tokens_per_s(rp, cfg, skip)[0]:,.0f} tok/s")
 
         # --- ZeRO-1 memory -----------------------------------------------------------------------
         rz = run(cfg, work, "zero", dp=2, zero=True, kernels=a.kernels)

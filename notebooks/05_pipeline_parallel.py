@@ -123,7 +123,9 @@ for name in S.SCHEDULES:
     params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
     err = engine.relative_error(params, reference)
     peaks = [o["peak_activations"] for o in sorted(res, key=lambda o: o["coords"][2])]
-    print(f"{name}: measured peak per stage {peaks}, predicted {S.peak_activations(S.make_schedule(name, 2, 4, 2))}; "
+    mib = [round(o["peak_activation_bytes"] / 2**20, 2) for o in sorted(res, key=lambda o: o["coords"][2])]
+    print(f"{name}: measured peak per stage {peaks} ({mib} MiB of activations), predicted "
+          f"{S.peak_activations(S.make_schedule(name, 2, 4, 2))}; "
           f"max relative difference from one process {err:.1e}")
     trace = Trace()
     for o in res:

@@ -134,13 +134,18 @@ def test_ddp_buckets_are_filled_in_reverse_layer_order():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_pipeline_executor_holds_the_activations_the_schedule_predicts(base_run, reference64, tmp_path, schedule):
-    """Measured peak micro-batches held per stage = schedule.peak_activations: GPipe m, 1F1B min(p - s, m)."""
-    params, out, _ = grid_run(base_run, tmp_path, schedule, pp=2, micro_batches=4, schedule=schedule)
-    assert max_rel_err(params, reference64) < 1e-12
-    measured = [o["peak_activations"] for o in sorted(out, key=lambda o: o["coords"][2])]
-    assert measured == peak_activations(make_schedule(schedule, 2, 4)) == ([4, 4] if schedule == "gpipe" else [2, 1])
+def test_pipeline_executor_holds_the_activations_the_schedule_predicts(base_run, reference64, tmp_path):
+    """Measured peak micro-batches held per stage = schedule.peak_activations: GPipe m, 1F1B min(p - s, m);
+    and the bytes those activations occupy scale with that count (equal micro-batches, equal bytes)."""
+    per_stage = {}
+    for schedule in ("gpipe", "1f1b"):
+        params, out, _ = grid_run(base_run, tmp_path, schedule, pp=2, micro_batches=4, schedule=schedule)
+        assert max_rel_err(params, reference64) < 1e-12
+        out = sorted(out, key=lambda o: o["coords"][2])
+        measured = [o["peak_activations"] for o in out]
+        assert measured == peak_activations(make_schedule(schedule, 2, 4)) == ([4, 4] if schedule == "gpipe" else [2, 1])
+        per_stage[schedule] = [o["peak_activation_bytes"] / o["peak_activations"] for o in out]
+    assert per_stage["gpipe"] == per_stage["1f1b"] and min(per_stage["gpipe"]) > 0
 
 
 @pytest.mark.timeout(120)

@@ -149,7 +149,8 @@ def write_report(run_dir, pcfg, summary):
                     f"{pcfg.schedule}, {pcfg.micro_batches} micro-batches", labels=labels)
     report = {"grid": asdict(pcfg), "failures": summary["failures"], "restarts": summary["restarts"],
               "wall_s": summary["wall_s"], "useful_s": summary["useful_s"], "goodput": summary["goodput"],
-              "ranks": [{k: o[k] for k in ("rank", "coords", "peak_activations", "bytes_sent", "memory", "seconds")}
+              "ranks": [{k: o[k] for k in ("rank", "coords", "peak_activations", "peak_activation_bytes", "bytes_sent",
+                                            "memory", "seconds")}
                         for o in results]}
     _write_atomic(Path(run_dir) / "parallel.json", json.dumps(report, indent=1, default=str).encode())
 

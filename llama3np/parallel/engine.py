@@ -150,7 +150,7 @@ class _Worker:
                           n_skipped=meta["n_skipped"], tokens=meta["tokens"], rng=rng)
         self.actions = make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches, pcfg.chunks)[g.pp_rank]
         self.start_step = self.state["step"]
-        self.peak = 0
+        self.peak = self.peak_bytes = 0  # micro-batch activations held at once: count and bytes
         self.trace = Trace()
         if pg.rank == 0:  # the log holds the steps up to the checkpoint we start from
             log_path = self.run_dir / "log.jsonl"
@@ -190,9 +190,10 @@ class _Worker:
         if not pcfg.zero:
             self.reducer.start(grads)
         on_ready = self.reducer.ready if (pcfg.overlap and not pcfg.zero) else None
-        losses, peak = run_schedule(self.actions, self.models, g.pp_group, mbs, grads, on_ready=on_ready,
-                                    trace=self.trace, rank=self.pg.rank)
+        losses, peak, peak_bytes = run_schedule(self.actions, self.models, g.pp_group, mbs, grads,
+                                                on_ready=on_ready, trace=self.trace, rank=self.pg.rank)
         self.peak = max(self.peak, peak)
+        self.peak_bytes = max(self.peak_bytes, peak_bytes)
         self.fault(step + 1, "compute")
         t0 = time.time()
         if pcfg.zero:
@@ -338,7 +339,8 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
     g = w.grid
     stats = {grp.name: dict(grp.stats) for grp in (g.dp_group, g.tp_group, g.pp_group, g.world)}
     return {"rank": pg.rank, "coords": (g.dp_rank, g.tp_rank, g.pp_rank), "start_step": w.start_step,
-            "records": records, "peak_activations": w.peak, "bytes_sent": stats,
+            "records": records, "peak_activations": w.peak, "peak_activation_bytes": w.peak_bytes,
+            "bytes_sent": stats,
             "memory": w.memory_bytes() if records else None, "trace": w.trace.events,
             "seconds": time.time() - t_start,
             "bucket_launch_order": list(getattr(getattr(w, "reducer", None), "launch_log", []))}

@@ -11,6 +11,8 @@ run by tp ranks together; with the interleaved schedule a rank holds several, on
 """
 import time
 
+import numpy as np
+
 from .. import ops
 from . import tensor_parallel as tp_mod
 from .tensor_parallel import accumulate
@@ -130,13 +132,15 @@ def run_schedule(actions, models, pp_group, micro_batches, grads, on_ready=None,
     targets). The gradients (each micro-batch's loss weighted 1/m) are added into the dict `grads`;
     on_ready is passed to the backward of each chunk's last micro-batch (its gradients are final then).
     -> (the micro-batch losses (last stage), the peak number of (micro-batch, chunk) activations held
-    at once).
+    at once, the peak bytes of those activations).
     """
     m, p, s = len(micro_batches), pp_group.size, pp_group.rank
     nxt, prv = (s + 1) % p, (s - 1) % p  # with chunks, the last rank passes on to the first
     losses = []
     inputs, outputs, dys, dxs, caches = {}, {}, {}, {}, {}  # keyed by (micro-batch, chunk)
-    peak = 0
+    sizes = {}  # (micro-batch, chunk) -> bytes of activations its cache keeps alive
+    weights = {id(w) for model in models for w in model.params.values()}
+    peak = peak_bytes = 0
     for a in actions:
         key, model = (a.mb, a.chunk), models[a.chunk]
         t0 = time.time()
@@ -149,7 +153,9 @@ def run_schedule(actions, models, pp_group, micro_batches, grads, on_ready=None,
                 losses.append(out)
             else:
                 outputs[key] = out
+            sizes[key] = cache_bytes(caches[key], weights)
             peak = max(peak, len(caches))
+            peak_bytes = max(peak_bytes, sum(sizes.values()))
         elif a.kind == "send_fwd":
             pp_group.send(outputs.pop(key), nxt, "pp_fwd")
         elif a.kind == "recv_bwd":
@@ -157,6 +163,7 @@ def run_schedule(actions, models, pp_group, micro_batches, grads, on_ready=None,
         elif a.kind == "B":
             dx = model.backward(dys.pop(key, None), caches.pop(key), grads, dloss=1.0 / m,
                                 on_ready=on_ready if a.mb == m - 1 else None)
+            del sizes[key]
             if dx is not None:
                 dxs[key] = dx
         elif a.kind == "send_bwd":
@@ -164,4 +171,21 @@ def run_schedule(actions, models, pp_group, micro_batches, grads, on_ready=None,
         if trace is not None and a.kind in ("F", "B"):
             trace.add(rank, a.kind, a.mb, t0, time.time())
     assert not (inputs or outputs or dys or dxs or caches), "the schedule left work in flight"
-    return losses, peak
+    return losses, peak, peak_bytes
+
+
+def cache_bytes(cache, exclude):
+    """Bytes of the distinct arrays a forward cache holds (views count as their base), weights excluded."""
+    seen, total, stack = set(), 0, [cache]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, (tuple, list)):
+            stack.extend(obj)
+        elif isinstance(obj, np.ndarray):
+            base = obj
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            if id(base) not in seen and id(base) not in exclude:
+                seen.add(id(base))
+                total += base.nbytes
+    return total
