@@ -36,14 +36,6 @@
 #define TILE_ROWS (BR + 8) /* gemm_rowmajor_a may read up to 7 rows past the last one (zeros) */
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Row helpers compiled for several instruction sets: on x86-64 Linux the compiler builds an
- * AVX-512, an AVX2 and a baseline copy and the loader picks one for this CPU (target_clones). */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLAMA3NP_NO_SIMD)
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
-
 /* exp of a row of scores, written so the compiler vectorizes it (libm's expf is one call per value).
  * Cephes' expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n built in the
  * exponent bits. Relative error ~1e-7. Inputs are <= ~0 here (scores minus their max or their lse);
@@ -240,6 +232,87 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
     }
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Forward for a few queries (a KV-cache decode step, T small): packing k and v would cost as much  */
+/* as using them once, and a micro-kernel tile would be mostly empty rows. Instead the G * T query  */
+/* rows that share a kv head walk its keys together: each key and value row is loaded once and used */
+/* by all of them (dot products for the scores, out += p v), with the same online softmax.          */
+
+#define ROWS_MAX_T 4 /* below this many queries the row path is faster (measured: T = 1, 2 clearly, 3 even) */
+
+/* all T query rows of the G heads of kv head g in batch b; row r is head g*G + r / T, query r % T */
+static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, float *l, int b, int g) {
+    const int hd = a->hd, G = a->H / a->KV, T = a->T, R = G * T;
+    const float *K = a->k + b * a->ks[0] + g * a->ks[1];
+    const float *V = a->v + b * a->vs[0] + g * a->vs[1];
+    const float *q[R];
+    int n_vis[R]; /* keys row r may see in the current tile */
+    for (int r = 0; r < R; r++) {
+        q[r] = a->q + b * a->qs[0] + (g * G + r / T) * a->qs[1] + (r % T) * a->qs[2];
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, (size_t)R * hd * sizeof(float));
+    const int n_keys = a->S; /* the last query sees every key (S - T + T - 1) */
+    for (int j0 = 0; j0 < n_keys; j0 += BC) {
+        int bc = n_keys - j0 < BC ? n_keys - j0 : BC;
+        for (int r = 0; r < R; r++) n_vis[r] = visible_keys(a, r % T, j0, bc);
+        /* scores, four keys at a time (each key row is loaded once and used by every query row) */
+        const long ldk = a->ks[2], ldv = a->vs[2];
+        for (int c = 0; c < bc; c += 4) {
+            const float *k = K + (j0 + c) * ldk;
+            for (int r = 0; r < R; r++) {
+                if (c + 4 <= n_vis[r])
+                    vec_dot4(q[r], k, k + ldk, k + 2 * ldk, k + 3 * ldk, hd, s + r * BC + c);
+                else
+                    for (int cc = c; cc < n_vis[r]; cc++) s[r * BC + cc] = vec_dot(q[r], K + (j0 + cc) * ldk, hd);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            if (n_vis[r] == 0) continue;
+            float *sr = s + r * BC;
+            float mx = scale_and_max(sr, n_vis[r], a->scale, m[r]);
+            float correction = expf(m[r] - mx); /* the online softmax, as in forward_block */
+            l[r] = l[r] * correction + exp_affine_sum(sr, n_vis[r], 1.0f, mx);
+            if (correction != 1.0f)
+                for (int d = 0; d < hd; d++) acc[r * hd + d] *= correction;
+            m[r] = mx;
+        }
+        /* out += p v, four value rows at a time */
+        for (int c = 0; c < bc; c += 4) {
+            const float *v = V + (j0 + c) * ldv;
+            for (int r = 0; r < R; r++) {
+                if (c + 4 <= n_vis[r])
+                    vec_axpy4(acc + r * hd, s + r * BC + c, v, v + ldv, v + 2 * ldv, v + 3 * ldv, hd);
+                else
+                    for (int cc = c; cc < n_vis[r]; cc++) vec_axpy(acc + r * hd, s[r * BC + cc], V + (j0 + cc) * ldv, hd);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        long row = ((long)b * a->H + g * G + r / T) * T + r % T;
+        for (int d = 0; d < hd; d++) a->out_c[row * hd + d] = acc[r * hd + d] / l[r];
+        a->lse_c[row] = m[r] + logf(l[r]);
+    }
+}
+
+static void forward_rows_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
+    (void)tid, (void)nthreads, (void)barrier;
+    attn_ctx *a = (attn_ctx *)arg;
+    const long R = (long)(a->H / a->KV) * a->T;
+    float *mem = malloc((size_t)R * (BC + a->hd + 2) * sizeof(float));
+    if (!mem) {
+        __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (;;) {
+        int t = __atomic_fetch_add(&a->next_task, 1, __ATOMIC_RELAXED);
+        if (t >= a->B * a->KV) break;
+        forward_rows(a, mem, mem + R * BC, mem + R * (BC + a->hd), mem + R * (BC + a->hd + 1), t / a->KV, t % a->KV);
+    }
+    free(mem);
+}
+
 static void forward_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
     (void)tid, (void)nthreads;
     attn_ctx *a = (attn_ctx *)arg;
@@ -282,10 +355,15 @@ int attention_forward(const float *q, const long *q_strides, const float *k, con
     attn_ctx a = {.q = q, .k = k, .v = v, .qs = q_strides, .ks = k_strides, .vs = v_strides,
                   .out_c = out, .lse_c = lse, .B = B, .H = H, .KV = KV, .T = T, .S = S, .hd = hd,
                   .causal = causal, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
+    int nthreads = attention_threads(4.0 * B * H * T * (double)S * hd);
+    if (T < ROWS_MAX_T) {
+        parallel_run(nthreads, forward_rows_thread, &a);
+        return a.failed && a.next_task == 0 ? -1 : 0;
+    }
     void *packed = NULL;
     if (posix_memalign(&packed, 64, (size_t)B * KV * kv_pack_floats(&a) * sizeof(float)) != 0) return -1;
     a.kv_packed = (float *)packed;
-    parallel_run(attention_threads(4.0 * B * H * T * (double)S * hd), forward_thread, &a);
+    parallel_run(nthreads, forward_thread, &a);
     free(packed);
     /* a thread without scratch skipped its share; only if every thread failed is work undone */
     return a.failed && a.next_task == 0 ? -1 : 0;

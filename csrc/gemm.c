@@ -236,15 +236,21 @@ static void pack_a_sliver(int trans_a, const float *A, long lda, int i0, int mr,
 /* rows p0..p0+kc of op(B), columns j0..j0+nr, into one sliver of NR columns (zero past nr) */
 static void pack_b_sliver(int trans_b, const float *B, long ldb, int p0, int kc, int j0, int nr, int NR,
                           float *dst) {
+    if (trans_b) {
+        /* column j of op(B) is row j0 + j of the stored B^T: read it along its length (sequential
+         * reads the prefetcher follows), write it down the sliver with stride NR */
+        for (int j = 0; j < nr; j++) {
+            const float *src = B + (long)(j0 + j) * ldb + p0;
+            for (int p = 0; p < kc; p++) dst[(long)p * NR + j] = src[p];
+        }
+        for (int p = 0; p < kc; p++)
+            for (int j = nr; j < NR; j++) dst[(long)p * NR + j] = 0.0f;
+        return;
+    }
     for (int p = 0; p < kc; p++) {
         float *d = dst + (long)p * NR;
-        if (trans_b) {
-            const float *src = B + (long)j0 * ldb + p0 + p;  /* a column of the stored B^T */
-            for (int j = 0; j < nr; j++) d[j] = src[(long)j * ldb];
-        } else {
-            const float *src = B + (long)(p0 + p) * ldb + j0;  /* a row of B: contiguous */
-            for (int j = 0; j < nr; j++) d[j] = src[j];
-        }
+        const float *src = B + (long)(p0 + p) * ldb + j0; /* a row of B: contiguous */
+        for (int j = 0; j < nr; j++) d[j] = src[j];
         for (int j = nr; j < NR; j++) d[j] = 0.0f;
     }
 }
@@ -421,12 +427,122 @@ void sgemm_serial(int trans_a, int trans_b, int M, int N, int K, const float *A,
     sgemm_team(1, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, work);
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* A few rows of A (a decode step: one token per sequence). Packing B would cost as much as using it */
+/* once, so B is streamed in its own layout. With B stored transposed (the model's x @ w.T, w (N, K) */
+/* row-major) each C[i, n] is a dot product of two contiguous rows; otherwise each row of C is a sum */
+/* of rows of B scaled by A[i, p]. Threads take chunks of columns of C.                              */
+
+#define SMALL_M 16   /* up to this many rows of A streaming beats packing (measured, M = 1..32, K = N = 2048) */
+#define SMALL_CHUNK 256
+
+VECTOR_CLONES
+float vec_dot(const float *x, const float *y, int n) {
+    float s = 0.0f;
+    /* allow this one sum to be reordered into vector lanes (-fopenmp-simd: no OpenMP runtime) */
+#pragma omp simd reduction(+ : s)
+    for (int d = 0; d < n; d++) s += x[d] * y[d];
+    return s;
+}
+
+VECTOR_CLONES
+void vec_axpy(float *y, float alpha, const float *x, int n) {
+    for (int d = 0; d < n; d++) y[d] += alpha * x[d];
+}
+
+/* out[r] = x . y_r for four rows y_r at once: four independent sums keep the FMA units busy */
+VECTOR_CLONES
+void vec_dot4(const float *x, const float *y0, const float *y1, const float *y2, const float *y3, int n,
+                     float *out) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int d = 0; d < n; d++) {
+        s0 += x[d] * y0[d];
+        s1 += x[d] * y1[d];
+        s2 += x[d] * y2[d];
+        s3 += x[d] * y3[d];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+/* y += a0 x0 + a1 x1 + a2 x2 + a3 x3: four rows per pass over y, so y is loaded and stored 4x less */
+VECTOR_CLONES
+void vec_axpy4(float *y, const float *a, const float *x0, const float *x1, const float *x2, const float *x3,
+                      int n) {
+    for (int d = 0; d < n; d++) y[d] += a[0] * x0[d] + a[1] * x1[d] + a[2] * x2[d] + a[3] * x3[d];
+}
+
+typedef struct {
+    int trans_b, M, N, K, accumulate;
+    const float *A; /* a contiguous (M, K) copy of op(A) */
+    const float *B;
+    long ldb, ldc;
+    float *C;
+    int next_chunk;
+} small_m_ctx;
+
+static void small_m_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
+    (void)tid, (void)nthreads, (void)barrier;
+    small_m_ctx *g = (small_m_ctx *)arg;
+    const int K = g->K;
+    for (;;) {
+        int n0 = __atomic_fetch_add(&g->next_chunk, 1, __ATOMIC_RELAXED) * SMALL_CHUNK;
+        if (n0 >= g->N) break;
+        int n1 = n0 + SMALL_CHUNK < g->N ? n0 + SMALL_CHUNK : g->N;
+        /* each row (or row segment) of B is read once, for all M rows of A, while it is in L1 */
+        if (g->trans_b) {
+            for (int n = n0; n < n1; n += 4) {
+                const float *b = g->B + (long)n * g->ldb; /* rows n.. of the stored B^T */
+                int nb = n1 - n < 4 ? n1 - n : 4;
+                for (int i = 0; i < g->M; i++) {
+                    const float *a = g->A + (long)i * K;
+                    float v[4];
+                    if (nb == 4) {
+                        vec_dot4(a, b, b + g->ldb, b + 2 * g->ldb, b + 3 * g->ldb, K, v);
+                    } else {
+                        for (int r = 0; r < nb; r++) v[r] = vec_dot(a, b + r * g->ldb, K);
+                    }
+                    float *c = g->C + (long)i * g->ldc + n;
+                    for (int r = 0; r < nb; r++) c[r] = g->accumulate ? c[r] + v[r] : v[r];
+                }
+            }
+        } else {
+            if (!g->accumulate)
+                for (int i = 0; i < g->M; i++) memset(g->C + (long)i * g->ldc + n0, 0, (size_t)(n1 - n0) * sizeof(float));
+            int p = 0;
+            for (; p + 4 <= K; p += 4) {
+                const float *b = g->B + (long)p * g->ldb + n0;
+                for (int i = 0; i < g->M; i++)
+                    vec_axpy4(g->C + (long)i * g->ldc + n0, g->A + (long)i * K + p, b, b + g->ldb, b + 2 * g->ldb,
+                              b + 3 * g->ldb, n1 - n0);
+            }
+            for (; p < K; p++)
+                for (int i = 0; i < g->M; i++)
+                    vec_axpy(g->C + (long)i * g->ldc + n0, g->A[(long)i * K + p], g->B + (long)p * g->ldb + n0, n1 - n0);
+        }
+    }
+}
+
+static int sgemm_small_m(int nthreads, int trans_a, int trans_b, int M, int N, int K, const float *A, long lda,
+                         const float *B, long ldb, float *C, long ldc, int accumulate) {
+    float *a = malloc((size_t)M * K * sizeof(float) + 1);
+    if (!a) return -1;
+    for (int i = 0; i < M; i++)
+        for (int p = 0; p < K; p++) a[(long)i * K + p] = trans_a ? A[(long)p * lda + i] : A[(long)i * lda + p];
+    small_m_ctx g = {trans_b, M, N, K, accumulate, a, B, ldb, ldc, C, 0};
+    parallel_run(nthreads, small_m_thread, &g);
+    free(a);
+    return 0;
+}
+
 int sgemm(int trans_a, int trans_b, int M, int N, int K, const float *A, long lda, const float *B, long ldb,
           float *C, long ldc, int accumulate) {
     /* starting a thread costs ~20 us: only worth it above ~4 MFLOP of work per extra thread */
     double flops = 2.0 * M * N * K;
     int nthreads = g_num_threads;
     while (nthreads > 1 && flops < 4e6 * nthreads) nthreads--;
+    if (M <= SMALL_M && N > 0 && K > 0)
+        return sgemm_small_m(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
     return sgemm_team(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, NULL);
 }
 

@@ -2,6 +2,22 @@
 #ifndef LLAMA3NP_GEMM_H
 #define LLAMA3NP_GEMM_H
 
+/* Functions marked VECTOR_CLONES are compiled for several instruction sets: on x86-64 Linux the
+ * compiler builds an AVX-512, an AVX2 and a baseline copy and the loader picks one for this CPU
+ * (target_clones); elsewhere they are plain functions. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && !defined(LLAMA3NP_NO_SIMD)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* x . y and y += alpha * x over n floats, vectorized */
+float vec_dot(const float *x, const float *y, int n);
+void vec_axpy(float *y, float alpha, const float *x, int n);
+/* out[r] = x . y_r for r < 4; and y += a[0] x0 + a[1] x1 + a[2] x2 + a[3] x3 */
+void vec_dot4(const float *x, const float *y0, const float *y1, const float *y2, const float *y3, int n, float *out);
+void vec_axpy4(float *y, const float *a, const float *x0, const float *x1, const float *x2, const float *x3, int n);
+
 /* floats of workspace sgemm_serial needs for an (M, N, K) product (64-byte aligned by the caller) */
 long sgemm_work_floats(int M, int N, int K);
 
