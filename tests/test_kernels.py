@@ -419,6 +419,28 @@ def test_whole_model_gives_the_same_loss_and_gradients_on_both_backends():
         np.testing.assert_allclose(g_c[key], g_np[key], rtol=1e-3, atol=1e-4 * scale, err_msg=key)
 
 
+@pytest.mark.timeout(120)
+def test_kv_cache_decoding_gives_the_same_logits_on_both_backends():
+    """A prompt then one-token steps through the KV cache (the decode paths of matmul and attention):
+    "c" and "numpy" agree, and both agree with the cache-less forward of the whole sequence."""
+    from llama3np.args import ModelArgs
+    from llama3np.model import Transformer
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
+    model = Transformer(args, seed=1)
+    tokens = np.random.default_rng(12).integers(0, 97, size=(2, 12))
+    logits = {}
+    for name in ("numpy", "c"):
+        backend.set_backend(name)
+        cache = model.new_cache(2)
+        steps = [model.forward(tokens[:, :6], 0, cache)]
+        steps += [model.forward(tokens[:, t:t + 1], t, cache) for t in range(6, 12)]
+        logits[name] = np.concatenate(steps, axis=1)  # (2, 12, vocab)
+    whole = model.forward(tokens)  # still the "c" backend, no cache
+    np.testing.assert_allclose(logits["c"], logits["numpy"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits["c"], whole, rtol=1e-4, atol=1e-5)
+
+
 def _run(code, env_extra, cwd=ROOT):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA3NP_")}
     env.update(PYTHONPATH=cwd, **env_extra)
