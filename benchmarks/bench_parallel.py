@@ -45,8 +45,8 @@ def tokens_per_s(results, cfg, skip):
 
 
 def wall_bubble(results):
-    """1 - busy / (ranks x span) over the F/B events of the last step (wall clock: noisy)."""
-    ev = [e for o in results for e in o["trace"] if e[1] in ("F", "B")]
+    """1 - busy / (ranks x span) over the F/B/W events of the last step (wall clock: noisy)."""
+    ev = [e for o in results for e in o["trace"] if e[1] in ("F", "B", "W")]
     span = max(e[4] for e in ev) - min(e[3] for e in ev)
     return 1 - sum(e[4] - e[3] for e in ev) / (len(results) * span)
 
@@ -118,11 +118,12 @@ def main():
                 continue
             rp = run(cfg, work, f"pp2-{sched}", pp=2, micro_batches=m, schedule=sched, chunks=2, kernels=a.kernels)
             stages = S.make_schedule(sched, 2, m, 2)
-            logical = S.bubble_fraction(S.simulate(stages, 1, 2))
+            zb = sched == "zb"  # its backward is B + W: unit time each, the others' backward takes 2
+            logical = S.bubble_fraction(S.simulate(stages, 1, 1, t_w=1) if zb else S.simulate(stages, 1, 2))
             rp_sorted = sorted(rp, key=lambda o: o["coords"][2])
             peaks = [o["peak_activations"] for o in rp_sorted]
             print(f"pp=2 {sched:11s} m={m}: bubble {float(logical):.3f} on the logical clock (theory "
-                  f"{float(S.theoretical_bubble(2, m, v)):.3f}), {wall_bubble(rp):.3f} measured on the wall clock; "
+                  f"{float(S.theoretical_bubble(2, m, v, zero_bubble=zb)):.3f}), {wall_bubble(rp):.3f} measured on the wall clock; "
                   f"peak {'chunk-' if v > 1 else ''}micro-batches held per stage {peaks} (predicted "
                   f"{S.peak_activations(stages)}) = {[round(o['peak_activation_bytes'] / 2**20, 1) for o in rp_sorted]} "
                   f"MiB of activations; throughput {tokens_per_s(rp, cfg, skip)[0]:,.0f} tok/s")

@@ -63,6 +63,25 @@ def test_interleaving_holds_more_chunk_activations_than_1f1b(shape):
 
 
 @given(p=stages, m=micro)
+def test_zero_bubble_schedules_are_valid_and_hold_at_most_2p_minus_s_minus_1(p, m):
+    """Each micro-batch gets F, B and W once, W after B; a stage holds at most 2p-s-1 micro-batches'
+    layer inputs between F and W."""
+    stages = S.zero_bubble(p, m)
+    S.validate(stages, m)
+    assert S.peak_activations(stages) == [min(2 * p - s - 1, m) for s in range(p)]
+
+
+@given(p=stages, m=micro)
+def test_zero_bubble_cuts_the_bubble_to_p_minus_1_over_3m_plus_p_minus_1(p, m):
+    """With F, B, W of equal time (1F1B's backward = B + W), the postponed W's fill the cool-down."""
+    zb = S.bubble_fraction(S.simulate(S.zero_bubble(p, m), t_f=1, t_b=1, t_w=1))
+    one_f_one_b = S.bubble_fraction(S.simulate(S.one_f_one_b(p, m), t_f=1, t_b=2))
+    assert zb < one_f_one_b or p == 1
+    if m >= p:
+        assert zb == S.theoretical_bubble(p, m, zero_bubble=True)
+
+
+@given(p=stages, m=micro)
 def test_gpipe_holds_all_m_micro_batches_and_1f1b_at_most_p_minus_stage(p, m):
     assert S.peak_activations(S.gpipe(p, m)) == [m] * p
     assert S.peak_activations(S.one_f_one_b(p, m)) == [min(p - s, m) for s in range(p)]

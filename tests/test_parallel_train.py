@@ -135,17 +135,22 @@ def test_ddp_buckets_are_filled_in_reverse_layer_order():
 
 @pytest.mark.timeout(120)
 def test_pipeline_executor_holds_the_activations_the_schedule_predicts(base_run, reference64, tmp_path):
-    """Measured peak micro-batches held per stage = schedule.peak_activations: GPipe m, 1F1B min(p - s, m);
-    and the bytes those activations occupy scale with that count (equal micro-batches, equal bytes)."""
-    per_stage = {}
-    for schedule in ("gpipe", "1f1b"):
+    """Measured peak micro-batches held per stage = schedule.peak_activations: GPipe m, 1F1B min(p - s, m),
+    zero-bubble min(2p - s - 1, m); the bytes those activations occupy scale with that count (equal
+    micro-batches, equal bytes); zero-bubble gives 1F1B's bits."""
+    per_stage, final = {}, {}
+    for schedule, expect in (("gpipe", [4, 4]), ("1f1b", [2, 1]), ("zb", [3, 2])):
         params, out, _ = grid_run(base_run, tmp_path, schedule, pp=2, micro_batches=4, schedule=schedule)
         assert max_rel_err(params, reference64) < 1e-12
         out = sorted(out, key=lambda o: o["coords"][2])
         measured = [o["peak_activations"] for o in out]
-        assert measured == peak_activations(make_schedule(schedule, 2, 4)) == ([4, 4] if schedule == "gpipe" else [2, 1])
+        assert measured == peak_activations(make_schedule(schedule, 2, 4)) == expect
         per_stage[schedule] = [o["peak_activation_bytes"] / o["peak_activations"] for o in out]
+        final[schedule] = params
     assert per_stage["gpipe"] == per_stage["1f1b"] and min(per_stage["gpipe"]) > 0
+    # zero-bubble only moves the weight-gradient products later: the same products, the same sums, the same bits
+    for n in final["1f1b"]:
+        np.testing.assert_array_equal(final["zb"][n], final["1f1b"][n], err_msg=n)
 
 
 @pytest.mark.timeout(120)
@@ -208,7 +213,8 @@ def tied_run(tmp_path_factory):
     dict(tp=2, pp=2, micro_batches=2),
     dict(dp=2, pp=2, schedule="interleaved", micro_batches=2, overlap=True, bucket_bytes=2048),
     dict(dp=2, tp=2, zero=True),
-], ids=["interleaved-pp2x2chunks", "tp2-pp2", "dp2-interleaved-overlap", "dp2-tp2-zero1"])
+    dict(dp=2, pp=2, schedule="zb", micro_batches=2, overlap=True, bucket_bytes=2048),
+], ids=["interleaved-pp2x2chunks", "tp2-pp2", "dp2-interleaved-overlap", "dp2-tp2-zero1", "dp2-zb-overlap"])
 def test_tied_embeddings_interleaving_overlap_and_zero_on_grids_match_one_process(tied_run, tmp_path, grid):
     """The embedding lives on the first stage and, as the output layer, on the last: both copies get the
     sum of both gradients. Interleaved 1F1B passes each micro-batch through every rank twice; the

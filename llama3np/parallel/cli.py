@@ -50,7 +50,8 @@ def add_parallel_arguments(t):
     t.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per layer")
     t.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    t.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b")
+    t.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb"), default="1f1b",
+                   help="pipeline schedule (zb: zero-bubble, the backward split into B and W)")
     t.add_argument("--chunks", type=int, default=2, help="model chunks per pipeline rank (interleaved schedule)")
     t.add_argument("--micro-batches", type=int, default=1, help="micro-batches per replica and step")
     t.add_argument("--zero", action="store_true", help="ZeRO-1: shard the AdamW moments over the replicas")

@@ -45,7 +45,7 @@ class ParallelConfig:
     dp: int = 1
     tp: int = 1
     pp: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb
     micro_batches: int = 1  # per replica and step
     chunks: int = 2  # model chunks per rank, for the interleaved schedule
     zero: bool = False  # ZeRO-1: AdamW moments sharded over the dp ranks

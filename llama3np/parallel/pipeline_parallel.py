@@ -57,6 +57,7 @@ class StageModel:
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
         self.freqs = ops.rope_frequencies(args)
         self.out_name = "tok_embeddings.weight" if args.tie_embeddings else "output.weight"
+        self.param_names = stage_param_names(args, n_stages, stage)
 
     def forward(self, inp, targets=None):
         """First stage: inp = tokens (B, T); others: activations (B, T, dim).
@@ -81,35 +82,43 @@ class StageModel:
         loss, ce_c = tp_mod.cross_entropy_forward(logits, targets, g)
         return loss, (emb_c, layer_caches, (norm_c, out_c, ce_c))
 
-    def backward(self, dout, cache, grads, dloss=1.0, on_ready=None):
+    def backward(self, dout, cache, grads, dloss=1.0, on_ready=None, defer=None):
         """dout: gradient from the next stage (None on the last stage, which starts from the loss).
         Adds this micro-batch's gradients into `grads`; -> dx for the previous stage (None on the first).
-        on_ready(names) is called as soon as the gradients of `names` are complete (for overlap)."""
+        on_ready(names) is called as soon as the gradients of `names` are complete (for overlap).
+        With a list `defer` (zero-bubble), the weight gradients of the matrices are appended to it as
+        closures for a later W step, and on_ready is the W step's business."""
         emb_c, layer_caches, head = cache
         g = self.tp_group
+        tied_here = self.args.tie_embeddings and self.is_first and self.is_last
         if self.is_last:
             norm_c, out_c, ce_c = head
             dlogits = tp_mod.cross_entropy_backward(dloss, ce_c)
-            dx, dout_w = tp_mod.output_backward(dlogits, out_c, g)
+            # a single stage with tied embeddings: the LM head's gradient waits under a temporary name and
+            # is added to the lookup's gradient below (one matrix used twice: the sum of both uses)
+            dx = tp_mod.output_backward(dlogits, out_c, g, grads, "_tied_output" if tied_here else self.out_name,
+                                        defer)
             dx, dnorm = ops.rmsnorm_backward(dx, norm_c)
             accumulate(grads, "norm.weight", dnorm)
-            if self.args.tie_embeddings and self.is_first:
-                grads["_tied_output"] = dout_w  # added to the lookup's gradient below
-            else:
-                accumulate(grads, self.out_name, dout_w)
-                _notify(on_ready, [self.out_name])
-            _notify(on_ready, ["norm.weight"])
+            _notify(on_ready, ["norm.weight"] if tied_here else [self.out_name, "norm.weight"])
         else:
             dx = dout
         for i, lc in zip(reversed(self.layers), reversed(layer_caches)):
-            dx = tp_mod.block_backward(i, dx, lc, grads, self.args, g)
+            dx = tp_mod.block_backward(i, dx, lc, grads, self.args, g, defer)
             _notify(on_ready, [f"layers.{i}.{n}" for n in _LAYER_NAMES])
         if not self.is_first:
             return dx
-        demb = tp_mod.embedding_backward(dx, emb_c)
-        if "_tied_output" in grads:  # one matrix used twice on this stage: the sum of both uses
-            demb = demb + grads.pop("_tied_output")
-        accumulate(grads, "tok_embeddings.weight", demb)
+
+        def embedding_grad():
+            demb = tp_mod.embedding_backward(dx, emb_c)
+            if tied_here:
+                demb = demb + grads.pop("_tied_output")
+            accumulate(grads, "tok_embeddings.weight", demb)
+
+        if defer is None:
+            embedding_grad()
+        else:
+            defer.append(embedding_grad)  # after the LM head's closure (appended first): the tied sum is ready
         _notify(on_ready, ["tok_embeddings.weight"])
         return None
 
@@ -140,6 +149,8 @@ def run_schedule(actions, models, pp_group, micro_batches, grads, on_ready=None,
     inputs, outputs, dys, dxs, caches = {}, {}, {}, {}, {}  # keyed by (micro-batch, chunk)
     sizes = {}  # (micro-batch, chunk) -> bytes of activations its cache keeps alive
     weights = {id(w) for model in models for w in model.params.values()}
+    split_w = any(a.kind == "W" for a in actions)
+    deferred = {}  # (micro-batch, chunk) -> closures computing its weight gradients (zero-bubble's W)
     peak = peak_bytes = 0
     for a in actions:
         key, model = (a.mb, a.chunk), models[a.chunk]
@@ -154,23 +165,38 @@ def run_schedule(actions, models, pp_group, micro_batches, grads, on_ready=None,
             else:
                 outputs[key] = out
             sizes[key] = cache_bytes(caches[key], weights)
-            peak = max(peak, len(caches))
+            peak = max(peak, len(sizes))  # held from F to B (to W with zero-bubble)
             peak_bytes = max(peak_bytes, sum(sizes.values()))
         elif a.kind == "send_fwd":
             pp_group.send(outputs.pop(key), nxt, "pp_fwd")
         elif a.kind == "recv_bwd":
             dys[key] = pp_group.recv(nxt, "pp_bwd")
         elif a.kind == "B":
-            dx = model.backward(dys.pop(key, None), caches.pop(key), grads, dloss=1.0 / m,
-                                on_ready=on_ready if a.mb == m - 1 else None)
-            del sizes[key]
+            last = a.mb == m - 1
+            if split_w:  # zero-bubble: the weight gradients wait for this micro-batch's W
+                deferred[key] = []
+                dx = model.backward(dys.pop(key, None), caches.pop(key), grads, dloss=1.0 / m,
+                                    defer=deferred[key])
+                # what W still needs: the arrays its closures hold (layer inputs, output gradients)
+                sizes[key] = cache_bytes([c.cell_contents for f in deferred[key] for c in f.__closure__ or ()],
+                                         weights)
+            else:
+                dx = model.backward(dys.pop(key, None), caches.pop(key), grads, dloss=1.0 / m,
+                                    on_ready=on_ready if last else None)
+                del sizes[key]
             if dx is not None:
                 dxs[key] = dx
+        elif a.kind == "W":
+            for weight_grad in deferred.pop(key):
+                weight_grad()
+            del sizes[key]  # the layer inputs kept for W can go now
+            if a.mb == m - 1 and on_ready is not None:
+                on_ready(model.param_names)
         elif a.kind == "send_bwd":
             pp_group.send(dxs.pop(key), prv, "pp_bwd")
-        if trace is not None and a.kind in ("F", "B"):
+        if trace is not None and a.kind in ("F", "B", "W"):
             trace.add(rank, a.kind, a.mb, t0, time.time())
-    assert not (inputs or outputs or dys or dxs or caches), "the schedule left work in flight"
+    assert not (inputs or outputs or dys or dxs or caches or deferred), "the schedule left work in flight"
     return losses, peak, peak_bytes
 
 

@@ -13,6 +13,8 @@ GPipe: all forwards, then all backwards. Every stage holds all m micro-batches' 
 1F1B (PipeDream-Flush, Megatron's default): stage s runs p-s-1 warm-up forwards, then alternates one
 forward and one backward, then drains the backwards. Same bubble as GPipe, but stage s never holds
 more than min(p-s, m) micro-batches: memory no longer grows with m.
+Interleaved 1F1B (v model chunks per rank) and zero-bubble (the backward split into B and W) shrink
+the bubble further; see their functions.
 
 With forward time tf and backward tb, both schedules take (m + p - 1)(tf + tb) where the ideal is
 m (tf + tb): the bubble fraction is (p - 1) / (m + p - 1), measured exactly below with a logical clock.
@@ -21,8 +23,8 @@ from collections import namedtuple
 from fractions import Fraction
 
 Action = namedtuple("Action", "kind mb chunk", defaults=(0,))
-KINDS = ("F", "B", "send_fwd", "recv_fwd", "send_bwd", "recv_bwd")
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+KINDS = ("F", "B", "W", "send_fwd", "recv_fwd", "send_bwd", "recv_bwd")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
 
 
 def _forward(s, p, j, c=0, v=1):
@@ -92,6 +94,64 @@ def interleaved(p, m, v=2):
     return stages
 
 
+def zero_bubble(p, m):
+    """A zero-bubble schedule (after Qi et al. 2023, "Zero Bubble Pipeline Parallelism"): the backward is
+    split in two,
+
+        B j   the gradient with respect to the stage's input (what the previous stage waits for)
+        W j   the gradients of the weights (which nobody waits for)
+
+    so the W's can be postponed into the slots where 1F1B idles. Built greedily on a logical clock with
+    unit-time F, B and W: an idle stage runs a B if a gradient has arrived; else a forward, if fewer
+    than p - s micro-batches are between their F and B (1F1B's rule) and fewer than 2p - s - 1 between
+    their F and W (W still reads the layer inputs: the memory bound); else its oldest postponed W.
+    For m >= p the bubble is (p-1)/(3m+p-1), a third of 1F1B's (p-1)/(m+p-1) when B and W each take
+    the time of F; the price is holding up to 2p - s - 1 micro-batches' layer inputs instead of p - s.
+    """
+    _check(p, m)
+    INF = float("inf")
+    f_end, b_end = {}, {}  # (stage, mb) -> tick its F / B finished
+    nf, to_b, to_w, busy = [0] * p, [0] * p, [0] * p, [0] * p  # next F; counts F..B and F..W; busy until
+    done_b, waiting_w = [set() for _ in range(p)], [[] for _ in range(p)]
+    order = [[] for _ in range(p)]
+    t = 0
+    while any(len(o) < 3 * m for o in order):
+        for s in range(p):
+            if busy[s] > t:
+                continue
+            grad_at = (lambda j: f_end.get((s, j), INF)) if s == p - 1 else (lambda j: b_end.get((s + 1, j), INF))
+            ready_b = [j for j in range(nf[s]) if j not in done_b[s] and grad_at(j) <= t]
+            input_ok = nf[s] < m and (s == 0 or f_end.get((s - 1, nf[s]), INF) <= t)
+            if ready_b:
+                j = min(ready_b)
+                done_b[s].add(j)
+                to_b[s] -= 1
+                b_end[s, j] = t + 1
+                waiting_w[s].append(j)
+                order[s].append(("B", j))
+            elif input_ok and to_b[s] < p - s and to_w[s] < 2 * p - s - 1:
+                j = nf[s]
+                nf[s] += 1
+                to_b[s] += 1
+                to_w[s] += 1
+                f_end[s, j] = t + 1
+                order[s].append(("F", j))
+            elif waiting_w[s]:
+                order[s].append(("W", waiting_w[s].pop(0)))
+                to_w[s] -= 1
+            else:
+                continue
+            busy[s] = t + 1
+        t += 1
+    stages = []
+    for s in range(p):
+        acts = []
+        for kind, j in order[s]:
+            acts += _forward(s, p, j) if kind == "F" else _backward(s, p, j) if kind == "B" else [Action("W", j)]
+        stages.append(acts)
+    return stages
+
+
 def make_schedule(name, p, m, v=2):
     """The action lists of schedule `name` for p stages (ranks) and m micro-batches; v: chunks per rank
     (interleaved only)."""
@@ -101,6 +161,8 @@ def make_schedule(name, p, m, v=2):
         return one_f_one_b(p, m)
     if name == "interleaved":
         return interleaved(p, m, v)
+    if name == "zb":
+        return zero_bubble(p, m)
     raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {SCHEDULES}")
 
 
@@ -131,10 +193,15 @@ def validate(stages, m):
                     what = f"stage {s}" + (f" chunk {c}" if v > 1 else "")
                     raise ValueError(f"{what} runs {kind} for micro-batches {mbs}, expected each of 0..{m - 1} once")
         pos = {(a.kind, a.mb, a.chunk): i for i, a in enumerate(acts)}
+        ws = sorted(a.mb for a in acts if a.kind == "W")
+        if ws and ws != list(range(m)):
+            raise ValueError(f"stage {s} runs W for micro-batches {ws}, expected each of 0..{m - 1} once")
         for c in range(v):
             for j in range(m):
                 if pos["F", j, c] > pos["B", j, c]:
                     raise ValueError(f"stage {s} runs the backward of micro-batch {j} before its forward")
+                if ws and pos["B", j, c] > pos["W", j, c]:
+                    raise ValueError(f"stage {s} runs the weight gradient of micro-batch {j} before its backward")
         for a in acts:
             vs = a.chunk * p + s
             if a.kind == "send_fwd":
@@ -151,10 +218,11 @@ def validate(stages, m):
     simulate(stages)  # raises if something waits for a message that never comes
 
 
-def simulate(stages, t_f=1, t_b=1, t_comm=0):
-    """Run the schedule on a logical clock -> per rank a list of (kind, mb, start, end) for F and B.
+def simulate(stages, t_f=1, t_b=1, t_comm=0, t_w=1):
+    """Run the schedule on a logical clock -> per rank a list of (kind, mb, start, end) for F, B (and W).
 
-    F takes t_f, B takes t_b (per chunk), a message arrives t_comm after it is sent; a receive waits for
+    F takes t_f, B takes t_b (per chunk; with a zero-bubble schedule B is the input gradient only and
+    W, the weight gradient, takes t_w), a message arrives t_comm after it is sent; a receive waits for
     its message. Exact (use ints or Fractions). Raises ValueError on a deadlock (nothing can proceed).
     """
     p = len(stages)
@@ -167,8 +235,8 @@ def simulate(stages, t_f=1, t_b=1, t_comm=0):
             while pc[s] < len(stages[s]):
                 a = stages[s][pc[s]]
                 vs = a.chunk * p + s
-                if a.kind in ("F", "B"):
-                    t = clock[s] + (t_f if a.kind == "F" else t_b)
+                if a.kind in ("F", "B", "W"):
+                    t = clock[s] + {"F": t_f, "B": t_b, "W": t_w}[a.kind]
                     events[s].append((a.kind, a.mb, clock[s], t))
                     clock[s] = t
                 elif a.kind == "send_fwd":
@@ -198,18 +266,25 @@ def bubble_fraction(events):
     return 1 - Fraction(busy) / (len(events) * Fraction(makespan))
 
 
-def theoretical_bubble(p, m, v=1):
-    """(p-1)/(m+p-1); with v chunks per rank (interleaved) the warm-up and cool-down shrink v times."""
+def theoretical_bubble(p, m, v=1, zero_bubble=False):
+    """(p-1)/(m+p-1); with v chunks per rank (interleaved) the warm-up and cool-down shrink v times;
+    zero-bubble with F, B, W of equal time and m >= p: (p-1)/(3m+p-1)."""
+    if zero_bubble:
+        if m < p:
+            raise ValueError(f"the zero-bubble formula holds for m >= p micro-batches, got m={m}, p={p}")
+        return Fraction(p - 1, 3 * m + p - 1)
     return Fraction(p - 1, v * m + p - 1)
 
 
 def peak_activations(stages):
-    """Per stage, the largest number of micro-batches whose activations are held at once (F +1, B -1)."""
+    """Per stage, the largest number of micro-batches whose activations are held at once (F +1, B -1;
+    with a zero-bubble schedule W -1, since the weight gradients still read the layer inputs)."""
     peaks = []
     for acts in stages:
         live = peak = 0
+        release = "W" if any(a.kind == "W" for a in acts) else "B"  # W still needs the layer inputs
         for a in acts:
-            live += {"F": 1, "B": -1}.get(a.kind, 0)
+            live += {"F": 1, release: -1}.get(a.kind, 0)
             peak = max(peak, live)
         peaks.append(peak)
     return peaks
@@ -220,5 +295,5 @@ def format_schedule(stages):
     micro-batch 0 on chunk 1)."""
     v = n_chunks(stages)
     return "\n".join(f"stage {s}: " + " ".join(f"{a.kind}{a.mb}" + (f".{a.chunk}" if v > 1 else "")
-                                               for a in acts if a.kind in ("F", "B"))
+                                               for a in acts if a.kind in ("F", "B", "W"))
                      for s, acts in enumerate(stages))

@@ -116,36 +116,52 @@ def block_forward(p, i, x, cos, sin, args, group):
     return out, (an_c, q_c, k_c, v_c, cos, sin, (q, k, v, att, lse), o_c, fn_c, w1_c, w3_c, sw_c, w2_c)
 
 
-def block_backward(i, dout, lc, grads, args, group):
-    """dout (B, T, dim) -> dx; writes this rank's weight gradients into grads (adding if present)."""
+def block_backward(i, dout, lc, grads, args, group, defer=None):
+    """dout (B, T, dim) -> dx; adds this rank's weight gradients into grads. With a list `defer`, the
+    gradients of the seven matrices are left as closures appended to it (zero-bubble's W step)."""
     pre = f"layers.{i}."
     an_c, q_c, k_c, v_c, cos, sin, (q, k, v, att, lse), o_c, fn_c, w1_c, w3_c, sw_c, w2_c = lc
     B, H, T, hd = q.shape
     KV = k.shape[1]
+
+    def linear(dy, cache, name):
+        return linear_backward_into(dy, cache, grads, pre + name, defer)
+
     # feed-forward, reversed; dout flows into the residual h as well
-    dg, dw2 = ops.linear_backward(g_backward(dout, group), w2_c)
+    dg = linear(g_backward(dout, group), w2_c, "feed_forward.w2.weight")
     da, db = ops.swiglu_backward(dg, sw_c)
-    dhn, dw1 = ops.linear_backward(da, w1_c)
-    dhn3, dw3 = ops.linear_backward(db, w3_c)
+    dhn = linear(da, w1_c, "feed_forward.w1.weight")
+    dhn3 = linear(db, w3_c, "feed_forward.w3.weight")
     dh, dffn_norm = ops.rmsnorm_backward(f_backward(dhn + dhn3, group), fn_c)
+    accumulate(grads, pre + "ffn_norm.weight", dffn_norm)
     dh += dout
     # attention, reversed
-    datt2, dwo = ops.linear_backward(g_backward(dh, group), o_c)
+    datt2 = linear(g_backward(dh, group), o_c, "attention.wo.weight")
     datt = datt2.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
     dq, dk, dv = backend.attention_backward(datt, q, k, v, att, lse, causal=True)
     dxq = ops.rope_backward(dq.transpose(0, 2, 1, 3), (cos, sin)).reshape(B, T, H * hd)
     dxk = ops.rope_backward(dk.transpose(0, 2, 1, 3), (cos, sin)).reshape(B, T, KV * hd)
     dxv = dv.transpose(0, 2, 1, 3).reshape(B, T, KV * hd)
-    dxn, dwq = ops.linear_backward(dxq, q_c)
-    dxn_k, dwk = ops.linear_backward(dxk, k_c)
-    dxn_v, dwv = ops.linear_backward(dxv, v_c)
+    dxn = linear(dxq, q_c, "attention.wq.weight")
+    dxn_k = linear(dxk, k_c, "attention.wk.weight")
+    dxn_v = linear(dxv, v_c, "attention.wv.weight")
     dx, dattention_norm = ops.rmsnorm_backward(f_backward(dxn + dxn_k + dxn_v, group), an_c)
-    for name, g in (("feed_forward.w2.weight", dw2), ("feed_forward.w1.weight", dw1), ("feed_forward.w3.weight", dw3),
-                    ("ffn_norm.weight", dffn_norm), ("attention.wo.weight", dwo), ("attention.wq.weight", dwq),
-                    ("attention.wk.weight", dwk), ("attention.wv.weight", dwv),
-                    ("attention_norm.weight", dattention_norm)):
-        accumulate(grads, pre + name, g)
+    accumulate(grads, pre + "attention_norm.weight", dattention_norm)
     return dx + dh
+
+
+def linear_backward_into(dout, cache, grads, name, defer=None):
+    """dx of y = x @ w.T; the weight gradient dout^T x goes into grads[name] now, or, with a list
+    `defer`, later: zero-bubble's split of ops.linear_backward into its two halves (same products)."""
+    if defer is None:
+        dx, dweight = ops.linear_backward(dout, cache)
+        accumulate(grads, name, dweight)
+        return dx
+    x, weight = cache
+    dout2 = dout.reshape(-1, dout.shape[-1])  # (B*T, out)
+    dx = backend.matmul(dout2, weight).reshape(x.shape)  # (B*T, in): what the previous layer waits for
+    defer.append(lambda: accumulate(grads, name, backend.matmul(dout2.T, x.reshape(-1, x.shape[-1]))))
+    return dx
 
 
 def accumulate(grads, name, g):
@@ -183,9 +199,9 @@ def output_forward(x, weight, group):
     return ops.linear_forward(f_forward(x, group), weight)
 
 
-def output_backward(dlogits, cache, group):
-    dx, dweight = ops.linear_backward(dlogits, cache)
-    return f_backward(dx, group), dweight
+def output_backward(dlogits, cache, group, grads, name, defer=None):
+    """-> dx (B, T, dim); the output layer's weight gradient goes into grads[name] (or `defer`)."""
+    return f_backward(linear_backward_into(dlogits, cache, grads, name, defer), group)
 
 
 def cross_entropy_forward(logits, targets, group):
