@@ -23,7 +23,8 @@ which `entropy_per_token` computes for any tokenizer (the tokenizer only changes
 tokenizer is a one-to-one map from text to token ids, so it cannot change the information).
 
 The grammar is small enough that a 5M-parameter model learns most of it in two minutes, and large enough
-(over 10^14 different stories) that it cannot memorise the corpus.
+(1.7 * 10^10 different stories: 20,736 openings x 104,472 plots x 8 endings; an entropy of ~20 nats
+per story means about e^20 = 5 * 10^8 equally likely ones) that a model cannot memorise it.
 """
 import math
 import random
