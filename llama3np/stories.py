@@ -14,15 +14,16 @@ tests run it on thousands of stories.
 
 Per token: a model reads BOS story EOS BOS story EOS ... and predicts every token after the first.
 The decision "which token comes next" is made by the grammar for each story token and for EOS (where
-the story ends is part of p(story), because the grammar decides when to stop); the BOS after an EOS is
-certain (0 nats). So the floor per predicted token is
+the story ends is part of p(story): every story ends with " The end." and no story is the beginning of
+another, so EOS after a whole story is certain and nowhere else possible); the BOS after an EOS is
+certain too (0 nats). So the floor per predicted token is
 
     sum over stories of -log p(story)  /  (number of tokens in the packed stream - 1)
 
 which `entropy_per_token` computes for any tokenizer (the tokenizer only changes the denominator: a
 tokenizer is a one-to-one map from text to token ids, so it cannot change the information).
 
-The grammar is small enough that a 5M-parameter model learns most of it in two minutes, and large enough
+The grammar is small enough that a 4M-parameter model learns most of it in two minutes, and large enough
 (1.7 * 10^10 different stories: 20,736 openings x 104,472 plots x 8 endings; an entropy of ~20 nats
 per story means about e^20 = 5 * 10^8 equally likely ones) that a model cannot memorise it.
 """

@@ -26,6 +26,8 @@ def test_every_story_has_exactly_one_derivation_with_the_reported_probability():
         found = stories.derivations(text)
         assert len(found) == 1, f"{len(found)} derivations of {text!r}"
         assert found[0][1] == pytest.approx(logp, abs=1e-12)
+        # no story is the start of another (so where a story ends carries no extra information)
+        assert text.endswith(" The end.") and text.count("The end.") == 1
 
 
 def test_the_derivation_checker_finds_ambiguity_when_there_is_some():
