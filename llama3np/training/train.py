@@ -131,7 +131,8 @@ def prepare_data(cfg, args_vocab, log=print):
         arrays["train_floor"] = np.float64(stories.entropy_per_token(train_logp, train_lens))
         arrays["val_floor"] = np.float64(stories.entropy_per_token(val_logp, val_lens))
         log(f"corpus: {n_train:,} generated stories ({len(train_stream):,} tokens), {len(val_docs)} for "
-            f"validation; entropy floor {float(arrays['val_floor']):.4f} nats/token on the validation tokens")
+            f"validation; entropy floor {float(arrays['val_floor']):.4f} nats/token on the validation tokens "
+            f"(every token after the first is predicted, EOS included; a BOS after an EOS costs 0)")
     else:
         docs = data_mod.read_documents(cfg.data)
         train_docs, val_docs = data_mod.train_val_split(docs, cfg.val_fraction)
