@@ -125,6 +125,10 @@ def main(a):
         return 1
     write_report(cfg.out, pcfg, summary)
     log(supervisor.format_summary(summary))
+    stopped = summary["results"][0].get("stopped")
+    if stopped:
+        print(f"llama3np parallel: training stopped: {stopped}", file=sys.stderr)
+        return 1
     engine.final_eval(cfg, log)
     last = [r for o in summary["results"] for r in o["records"]][-1:] or [None]
     log(f"done: {last[0]} -- checkpoints in {cfg.out} (trace.json, gantt.png, parallel.json beside them)")

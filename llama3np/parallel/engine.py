@@ -110,6 +110,8 @@ def all_param_names(args):
 
 
 class _Worker:
+    """One rank's state: its grid coordinates, parameter shards, optimizer, loader, schedule."""
+
     def __init__(self, pg, run_dir, cfg, pcfg):
         self.pg, self.run_dir, self.cfg, self.pcfg = pg, Path(run_dir), cfg, pcfg
         self.grid = g = Grid(pg, pcfg.shape())
@@ -317,7 +319,7 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
         backend.set_backend(pcfg.kernels)
     w = _Worker(pg, run_dir, cfg, pcfg)
     launch.heartbeat(w.state["step"])
-    records, t_start = [], time.time()
+    records, t_start, stopped = [], time.time(), None
     log = open(w.run_dir / "log.jsonl", "a") if pg.rank == 0 else None
     try:
         while w.state["step"] < cfg.steps:
@@ -329,6 +331,12 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+            if w.state["bad_in_row"] >= cfg.max_bad_steps:
+                # as llama3np train: save the last good weights and stop; every rank decides alike (same loss)
+                w.save()
+                stopped = (f"{w.state['bad_in_row']} bad steps in a row (last: {rec['skipped']}) at step "
+                           f"{w.state['step']}: stopping; lower --lr or check the data")
+                break
             done = w.state["step"] == cfg.steps
             if w.state["step"] % cfg.save_every == 0 or done:
                 w.save()
@@ -343,7 +351,8 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
             "bytes_sent": stats,
             "memory": w.memory_bytes() if records else None, "trace": w.trace.events,
             "seconds": time.time() - t_start,
-            "bucket_launch_order": list(getattr(getattr(w, "reducer", None), "launch_log", []))}
+            "bucket_launch_order": list(getattr(getattr(w, "reducer", None), "launch_log", [])),
+            "stopped": stopped}
 
 
 # ----------------------------------------------------------------------------------------------------

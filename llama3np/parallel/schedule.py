@@ -2,8 +2,11 @@
 
     F j         forward of micro-batch j through this stage's layers (keeps its activations)
     B j         backward of micro-batch j (frees them)
+    W j         (zero-bubble only) the weight gradients of j, postponed from its B
     send_fwd j  activations of j to the next stage      recv_fwd j  from the previous stage
     send_bwd j  gradient of j to the previous stage     recv_bwd j  from the next stage
+
+Every action also names a model chunk (0 unless the schedule is interleaved).
 
 The same lists drive the executor (pipeline_parallel.run_schedule), the Gantt chart and the checks
 here, so what is tested is what runs (ShallowSpeed's idea). Sends never block (the transport queues
