@@ -383,13 +383,10 @@ static long a_panel_floats(int M, int K) {
     return ((mc + MAX_MR) * kc + 15) / 16 * 16;
 }
 
-long sgemm_work_floats(int M, int N, int K) {
-    (void)N;
-    return a_panel_floats(M, K) + (long)KC * NC;  /* the A panel and one B block */
-}
 
+/* the packed path on a team of nthreads (the caller picked the count) */
 static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int K, const float *A, long lda,
-                      const float *B, long ldb, float *C, long ldc, int accumulate, float *work) {
+                      const float *B, long ldb, float *C, long ldc, int accumulate) {
     if (M <= 0 || N <= 0) return 0;
     if (K <= 0) {
         /* an empty sum: C = 0 (or C unchanged when accumulating) */
@@ -399,19 +396,15 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
     }
     gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate,
                   NULL, NULL, 0};
+    /* workspace: the shared A panel, then one B block per thread */
+    long need = a_panel_floats(M, K) + (long)nthreads * KC * NC;
     float *owned = NULL;
-    int cached = 0;
-    if (work) {
-        g.Ap = work;
-    } else {
-        long need = sgemm_work_floats(M, N, K) + (long)(nthreads - 1) * KC * NC;
-        g.Ap = cached_workspace(need);
-        cached = g.Ap != NULL;
-        if (!cached) {
-            owned = aligned_floats(need);
-            if (!owned) return -1;
-            g.Ap = owned;
-        }
+    g.Ap = cached_workspace(need);
+    int cached = g.Ap != NULL;
+    if (!cached) {
+        owned = aligned_floats(need);
+        if (!owned) return -1;
+        g.Ap = owned;
     }
     g.Bp = g.Ap + a_panel_floats(M, K);  /* the B blocks follow the A panel */
     parallel_run(nthreads, gemm_thread, &g);
@@ -420,12 +413,6 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
     return 0;
 }
 
-
-
-void sgemm_serial(int trans_a, int trans_b, int M, int N, int K, const float *A, long lda, const float *B,
-                  long ldb, float *C, long ldc, int accumulate, float *work) {
-    sgemm_team(1, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, work);
-}
 
 /* ---------------------------------------------------------------------------------------------- */
 /* A few rows of A (a decode step: one token per sequence). Packing B would cost as much as using it */
@@ -543,13 +530,12 @@ int sgemm(int trans_a, int trans_b, int M, int N, int K, const float *A, long ld
     while (nthreads > 1 && flops < 4e6 * nthreads) nthreads--;
     if (M <= SMALL_M && N > 0 && K > 0)
         return sgemm_small_m(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-    return sgemm_team(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, NULL);
+    return sgemm_team(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Packed operands for other kernels (attention.c packs q, k, v once and reuses them per tile).     */
 
-int gemm_mr(int isa) { return ISAS[isa].mr; }
 int gemm_nr(int isa) { return ISAS[isa].nr; }
 
 long gemm_packed_a_floats(int isa, int m, int k) {

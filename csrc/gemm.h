@@ -1,4 +1,4 @@
-/* sgemm for use inside other kernels (attention.c): one thread, packing buffers from the caller. */
+/* gemm.c's internals shared with attention.c: vector helpers, packing and the packed products. */
 #ifndef LLAMA3NP_GEMM_H
 #define LLAMA3NP_GEMM_H
 
@@ -18,20 +18,12 @@ void vec_axpy(float *y, float alpha, const float *x, int n);
 void vec_dot4(const float *x, const float *y0, const float *y1, const float *y2, const float *y3, int n, float *out);
 void vec_axpy4(float *y, const float *a, const float *x0, const float *x1, const float *x2, const float *x3, int n);
 
-/* floats of workspace sgemm_serial needs for an (M, N, K) product (64-byte aligned by the caller) */
-long sgemm_work_floats(int M, int N, int K);
-
-/* C (M, N) (+)= op(A) (M, K) @ op(B) (K, N) on the calling thread; see sgemm in llama3np_kernels.h */
-void sgemm_serial(int trans_a, int trans_b, int M, int N, int K, const float *A, long lda, const float *B,
-                  long ldb, float *C, long ldc, int accumulate, float *work);
-
 /* Packed operands, for callers that reuse them (attention packs k and v once per head, not per tile).
  * isa is the value of current_isa() read once by the caller, so packing and use agree.
  * A packed op(A) (m x k) is ceil(m / MR) slivers, MR * k floats apart: rows i0.. (i0 a multiple of MR)
  * start at Ap + i0 * k. A packed op(B) (k x n) is ceil(n / NR) slivers of k rows, NR * k floats
  * apart: columns j0.. (j0 a multiple of NR) start at Bp + j0 * k, and rows p0.. of every sliver at
  * Bp + p0 * NR with the sliver stride unchanged. Buffers must be 64-byte aligned. */
-int gemm_mr(int isa);
 int gemm_nr(int isa);
 long gemm_packed_a_floats(int isa, int m, int k);
 long gemm_packed_b_floats(int isa, int k, int n);
