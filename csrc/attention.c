@@ -18,6 +18,8 @@
  * used by many tiles (k and v of a kv head, q and dout of a query head) are packed once into the
  * micro-kernel's layout. The probability tiles are multiplied in place where they are the left
  * operand, and packed (a contiguous copy) where their transpose is.
+ * Decode (T < ROWS_MAX_T): the forward walks the keys row by row instead (forward_rows), since
+ * packing k and v for one query would cost as much as the attention itself.
  */
 #include <math.h>
 #include <stdint.h>
