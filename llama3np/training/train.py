@@ -245,47 +245,24 @@ def _is_spike(loss, recent, cfg):
 
 
 def _setup(cfg, log):
-    """Fresh run or resume -> (model, optimizer, loader, arrays, state dict)."""
+    """A fresh run, or the continuation of the one in cfg.out -> (model, tokenizer, optimizer, loader,
+    data arrays, loop state)."""
     run_dir = Path(cfg.out)
     existing = ckpt.list_checkpoints(run_dir)
     if run_dir.is_dir():
         for stale in run_dir.glob(".*.tmp*"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
-    if cfg.resume and existing:
-        saved = json.loads((run_dir / "config.json").read_text())
-        now = cfg.to_json()
-        diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
-        if diff:
-            raise ValueError("--resume needs the arguments of the first run (to continue it exactly); "
-                             "these differ: " + "; ".join(diff))
-        path, ck = ckpt.latest_checkpoint(run_dir)
-        from ..tokenizer import Tokenizer
-
-        tok = Tokenizer.from_bytes(ck["tokenizer_bytes"], name="checkpoint tokenizer")
-        with np.load(run_dir / "data.npz") as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = ck["meta"]
-        from ..args import ModelArgs
-
-        model = Transformer(ModelArgs.from_dict(meta["model_args"]), seed=cfg.seed)
-        for name in model.params:
-            model.params[name] = ck["params"][name]
-        opt = AdamW(model.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        opt.load_state_dict(ck["opt_state"])
-        loader = data_mod.DataLoader(arrays["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-        loader.load_state_dict(meta["loader"])
-        rng = np.random.default_rng()
-        rng.bit_generator.state = meta["rng"]
-        state = dict(step=meta["step"], recent=list(meta["recent"]), bad_in_row=meta["bad_in_row"],
-                     n_skipped=meta["n_skipped"], tokens=meta["tokens"], rng=rng)
-        log(f"resuming {run_dir} from {path.name} (step {meta['step']})")
-        return model, tok, opt, loader, arrays, state
     if existing and not cfg.resume:
         raise ValueError(f"{run_dir} already holds a training run ({existing[0].name}); "
                          "pass --resume to continue it or choose another --out folder")
+    if existing:
+        return _resume(cfg, run_dir, log)
+    return _fresh(cfg, run_dir, log)  # also a --resume of a run killed before its first checkpoint
+
+
+def _fresh(cfg, run_dir, log):
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("log.jsonl",):
-        (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "log.jsonl").unlink(missing_ok=True)
     base_vocab = build_args(cfg).vocab_size
     tok, arrays = prepare_data(cfg, base_vocab, log)
     args = build_args(cfg, tok)
@@ -302,6 +279,37 @@ def _setup(cfg, log):
     return model, tok, opt, loader, arrays, state
 
 
+def _resume(cfg, run_dir, log):
+    from ..args import ModelArgs
+    from ..tokenizer import Tokenizer
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    now = cfg.to_json()
+    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError("--resume needs the arguments of the first run (to continue it exactly); "
+                         "these differ: " + "; ".join(diff))
+    path, ck = ckpt.latest_checkpoint(run_dir)  # the newest that passes its checksum (warns otherwise)
+    meta = ck["meta"]
+    tok = Tokenizer.from_bytes(ck["tokenizer_bytes"], name="checkpoint tokenizer")
+    with np.load(run_dir / "data.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    model = Transformer(ModelArgs.from_dict(meta["model_args"]), seed=cfg.seed)
+    if set(ck["params"]) != set(model.params):
+        raise ValueError(f"{path}: its weights do not match its ModelArgs")
+    model.params.update(ck["params"])
+    opt = AdamW(model.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt.load_state_dict(ck["opt_state"])
+    loader = data_mod.DataLoader(arrays["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    loader.load_state_dict(meta["loader"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = meta["rng"]
+    state = dict(step=meta["step"], recent=list(meta["recent"]), bad_in_row=meta["bad_in_row"],
+                 n_skipped=meta["n_skipped"], tokens=meta["tokens"], rng=rng)
+    log(f"resuming {run_dir} from {path.name} (step {meta['step']})")
+    return model, tok, opt, loader, arrays, state
+
+
 def _save(cfg, model, tok, opt, loader, state):
     meta = dict(model_args=model.args.to_dict(), loader=loader.state_dict(), rng=state["rng"].bit_generator.state,
                 recent=state["recent"], bad_in_row=state["bad_in_row"], n_skipped=state["n_skipped"],
@@ -313,11 +321,11 @@ def _save(cfg, model, tok, opt, loader, state):
 def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
     """Run (or resume) training as configured; returns the trained model (tokenizer attached).
 
-    log(msg) receives progress messages (default: print to stderr). on_eval(step, model, val_loss, rng)
-    is called after every validation, e.g. to print samples drawn with `rng`, the run's random generator
-    (its state is checkpointed, so a resumed run prints the same samples); on_start(model) once before the first step.
-    Raises TrainingError after max_bad_steps bad
-    steps in a row (a checkpoint of the last good weights is saved first).
+    log(msg) receives progress messages (default: print to stderr). on_start(model) is called once
+    before the first step; on_eval(step, model, val_loss, rng) after every validation, e.g. to print
+    samples drawn with `rng`, the run's random generator (checkpointed, so a resumed run draws the
+    same). Raises TrainingError after max_bad_steps bad steps in a row (after saving a checkpoint
+    of the last good weights).
     """
     cfg = cfg.resolved()
     log = log or (lambda msg: print(msg, file=sys.stderr))
