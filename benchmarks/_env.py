@@ -8,6 +8,7 @@ Use it at the very top of a benchmark script, before numpy is imported:
     ...
     _env.pin_threads(n)              # BLAS, the C kernels and (if imported) torch all use n threads
     seconds = _env.best_of(fn, repeat=5)
+    times = _env.best_of_each({"ours": f, "reference": g}, repeat=5)   # interleaved: same load for both
 
 Why: OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE pick other OpenBLAS kernels than the ones OpenBLAS would
 choose for this CPU, which changes the reference we compare against; they are read when OpenBLAS
@@ -67,4 +68,19 @@ def best_of(fn, repeat=5, warmup=1):
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
+    return best
+
+
+def best_of_each(fns: dict, repeat=5, warmup=1):
+    """{name: fastest seconds} for several functions timed in turn (a, b, a, b, ...), so that a change in
+    the machine's load hits all of them alike, rather than whichever happened to run during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
     return best

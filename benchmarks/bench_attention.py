@@ -126,7 +126,7 @@ def main():
         print("torch not installed: comparing with NumPy only")
     print(ENV_NOTE)
     print(f"attention forward+backward, B={B}, heads={H}, kv_heads={KV}, T={T}, head_dim={hd}, causal; "
-          f"best of {cli.repeat}; micro-kernel {kernels.isa()}")
+          f"best of {cli.repeat}, interleaved; micro-kernel {kernels.isa()}")
     q, k, v, dout = inputs(B, H, KV, T, hd)
     # the three agree (a benchmark of wrong answers is worthless)
     dq_c = step_fn("c", q, k, v, dout)()[0]
@@ -134,8 +134,7 @@ def main():
     print(f"max |dq_c - dq_numpy| = {np.abs(dq_c - dq_np).max():.2e}")
     for n in cli.threads:
         print(_env.pin_threads(n))
-        times = {impl: _env.best_of(step_fn(impl, q, k, v, dout), cli.repeat if impl != "numpy" else 3)
-                 for impl in impls}
+        times = _env.best_of_each({impl: step_fn(impl, q, k, v, dout) for impl in impls}, cli.repeat)
         for impl in impls:
             mem = measure_memory(impl, n, cli)
             mem_text = "n/a" if mem is None else f"peak RSS +{mem['rss_mib']:.1f} MiB"

@@ -39,7 +39,7 @@ def main():
     if not kernels.available():
         raise SystemExit(f"C kernels not built: {kernels.import_error}")
     print(ENV_NOTE)
-    print(f"micro-kernel: {kernels.isa()}; timings: best of {cli.repeat}")
+    print(f"micro-kernel: {kernels.isa()}; timings: best of {cli.repeat}, ours and OpenBLAS interleaved")
     cases = shapes(np.random.default_rng(0))
     for n in cli.threads:
         print(_env.pin_threads(n))
@@ -47,8 +47,9 @@ def main():
         for name, a, b in cases:
             flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
             out = np.empty((a.shape[0], b.shape[1]), np.float32)
-            ours = _env.best_of(lambda: kernels.matmul(a, b, out=out), cli.repeat)
-            blas = _env.best_of(lambda: np.matmul(a, b, out=out), cli.repeat)
+            t = _env.best_of_each({"ours": lambda: kernels.matmul(a, b, out=out),
+                                   "blas": lambda: np.matmul(a, b, out=out)}, cli.repeat)
+            ours, blas = t["ours"], t["blas"]
             print(f"  {name:38s} {flops / ours / 1e9:10.1f} {flops / blas / 1e9:10.1f} {blas / ours:7.2f}")
 
 

@@ -5,18 +5,37 @@
 
 #define MAX_THREADS 256
 
+/* a hint to the CPU that we are spinning (lets the other hyperthread run, saves power) */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+#define SPIN_ITERATIONS 20000 /* ~50-100 us of pause instructions before going to sleep */
+
 void barrier_wait(barrier_t *b) {
     if (b->n <= 1) return;
-    pthread_mutex_lock(&b->mu);
-    int phase = b->phase;
-    if (++b->count == b->n) {
+    int phase = __atomic_load_n(&b->phase, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == b->n) {
         /* the last thread to arrive opens the gate for the others */
-        b->count = 0;
-        b->phase++;
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        pthread_mutex_lock(&b->mu);
+        __atomic_store_n(&b->phase, phase + 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&b->cv);
-    } else {
-        while (phase == b->phase) pthread_cond_wait(&b->cv, &b->mu);
+        pthread_mutex_unlock(&b->mu);
+        return;
     }
+    /* Spin a little first: the others usually arrive within microseconds, and a thread that went to
+     * sleep must wait for the scheduler to run it again, which on a busy machine takes milliseconds. */
+    for (int i = 0; i < SPIN_ITERATIONS; i++) {
+        if (__atomic_load_n(&b->phase, __ATOMIC_ACQUIRE) != phase) return;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&b->mu);
+    while (__atomic_load_n(&b->phase, __ATOMIC_ACQUIRE) == phase) pthread_cond_wait(&b->cv, &b->mu);
     pthread_mutex_unlock(&b->mu);
 }
 
