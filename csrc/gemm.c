@@ -294,7 +294,8 @@ typedef struct {
     long lda, ldb, ldc;
     float *C;
     int accumulate;
-    float *Ap;       /* the shared packed A panel, MC x KC */
+    int mc_step;     /* rows per A panel: M split into equal panels of at most MC rows */
+    float *Ap;       /* the shared packed A panel, mc_step x KC */
     float *Bp;       /* one packed B block per thread, KC x NC each */
     int next_task;   /* work counter for the dynamic schedule */
 } gemm_ctx;
@@ -304,8 +305,8 @@ static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
     const isa_t *isa = g->isa;
     const int MR = isa->mr, NR = isa->nr;
     float *Bp = g->Bp + (long)tid * KC * NC;
-    for (int ic = 0; ic < g->M; ic += MC) {
-        int mc = g->M - ic < MC ? g->M - ic : MC;
+    for (int ic = 0; ic < g->M; ic += g->mc_step) {
+        int mc = g->M - ic < g->mc_step ? g->M - ic : g->mc_step;
         int n_slivers = (mc + MR - 1) / MR;
         const float *A = g->trans_a ? g->A + ic : g->A + (long)ic * g->lda;
         for (int pc = 0; pc < g->K; pc += KC) {
@@ -395,7 +396,11 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
         return 0;
     }
     gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate,
-                  NULL, NULL, 0};
+                  0, NULL, NULL, 0};
+    /* equal panels (2048 rows: 2 x 1024, not 2016 + 32, whose small panel would pay for packing B
+     * again for a few rows), rounded up to whole slivers */
+    int n_panels = (M + MC - 1) / MC, MR = g.isa->mr;
+    g.mc_step = ((M + n_panels - 1) / n_panels + MR - 1) / MR * MR;
     /* workspace: the shared A panel, then one B block per thread */
     long need = a_panel_floats(M, K) + (long)nthreads * KC * NC;
     float *owned = NULL;
