@@ -115,8 +115,8 @@ def global_grad_norm(grads):
     """sqrt(sum of squares of every gradient entry), accumulated in float64 so it does not overflow."""
     total = 0.0
     for g in grads.values():
-        g64 = g.astype(np.float64, copy=False).ravel()
-        total += float(g64 @ g64)
+        # einsum, not a BLAS dot: single-threaded, so the same bits on every run, and no copy to float64
+        total += float(np.einsum("i,i->", g.ravel(), g.ravel(), dtype=np.float64))
     return math.sqrt(total)
 
 
