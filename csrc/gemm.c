@@ -10,7 +10,7 @@
  *      aligned, whatever the strides or transposes of the original matrices.
  *   3. Blocking: K is cut into blocks of KC so a packed A sliver (MR x KC) stays in L1 while the
  *      micro-kernel runs along a packed block of B (KC x NC) that stays in L2.
- *   4. Threads share the packed A panel and each take whole blocks of B.
+ *   4. Threads take whole MC x NC tiles of C from a shared counter and never wait for each other.
  *
  * Row-major throughout: element (i, j) of a matrix with leading dimension ld is at [i*ld + j].
  * The instruction set of the micro-kernel is chosen at run time (select_isa), so one build runs on
@@ -31,11 +31,13 @@
 #endif
 
 /* Block sizes (in floats). KC: depth of one packed block; NC: width of a packed B block (KC*NC*4
- * bytes = 384 KiB, half an L2); MC: height of the packed A panel shared by the threads. */
+ * bytes = 384 KiB, in L2); MC: the most rows of a packed A block (528 KiB, streamed a sliver at a
+ * time). Row blocks are multiples of 24 (a multiple of every MR: 4, 6, 8) so that only the last one
+ * has a partial sliver. */
 #define KC 256
 #define NC 384
-#define MC 2016
-#define MAX_MR 16
+#define MC 528
+#define MAX_MR 8
 #define MAX_NR 32
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -285,7 +287,12 @@ static void macro_kernel(const isa_t *isa, int s0, int s1, int mc, int nc, int k
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* The blocked loops, run by every thread of a team.                                               */
+/* The blocked loops. The work is cut into tiles of C of MC rows x NC columns; each thread takes    */
+/* tiles from a shared counter and computes each one alone, over the whole K: for every block of KC */
+/* it packs its rows of A (MC x KC, into L2) and its columns of B (KC x NC, into L2), then runs the  */
+/* micro-kernel over them. Threads share nothing and never wait for each other, which matters on a  */
+/* busy machine: a thread the OS has paused delays only its own tile. Packing A once per column     */
+/* block and B once per row block costs 1/NC + 1/MC of the arithmetic, under 1%.                   */
 
 typedef struct {
     const isa_t *isa;
@@ -294,54 +301,42 @@ typedef struct {
     long lda, ldb, ldc;
     float *C;
     int accumulate;
-    int mc_step;     /* rows per A panel: M split into equal panels of at most MC rows */
-    float *Ap;       /* the shared packed A panel, mc_step x KC */
-    float *Bp;       /* one packed B block per thread, KC x NC each */
-    int next_task;   /* work counter for the dynamic schedule */
+    int mc_tile;     /* rows per tile, at most MC */
+    float *work;     /* per thread: a packed A block (MC x KC) then a packed B block (KC x NC) */
+    int next_tile;   /* the shared tile counter */
 } gemm_ctx;
 
+/* floats of one thread's workspace, a multiple of 16 so every piece stays 64-byte aligned */
+static long a_block_floats(void) { return (long)(MC + MAX_MR) * KC; }
+static long thread_work_floats(void) { return a_block_floats() + (long)KC * NC; }
+
 static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
+    (void)nthreads, (void)barrier;
     gemm_ctx *g = (gemm_ctx *)arg;
     const isa_t *isa = g->isa;
     const int MR = isa->mr, NR = isa->nr;
-    float *Bp = g->Bp + (long)tid * KC * NC;
-    for (int ic = 0; ic < g->M; ic += g->mc_step) {
-        int mc = g->M - ic < g->mc_step ? g->M - ic : g->mc_step;
+    float *Ap = g->work + (long)tid * thread_work_floats(), *Bp = Ap + a_block_floats();
+    const int MT = g->mc_tile, n_row_tiles = (g->M + MT - 1) / MT, n_tiles = n_row_tiles * ((g->N + NC - 1) / NC);
+    for (;;) {
+        int t = __atomic_fetch_add(&g->next_tile, 1, __ATOMIC_RELAXED);
+        if (t >= n_tiles) break;
+        int ic = (t % n_row_tiles) * MT, jc = (t / n_row_tiles) * NC;
+        int mc = g->M - ic < MT ? g->M - ic : MT, nc = g->N - jc < NC ? g->N - jc : NC;
         int n_slivers = (mc + MR - 1) / MR;
         const float *A = g->trans_a ? g->A + ic : g->A + (long)ic * g->lda;
         for (int pc = 0; pc < g->K; pc += KC) {
             int kc = g->K - pc < KC ? g->K - pc : KC;
-            int accumulate = g->accumulate || pc > 0;  /* later K blocks add to the first */
-            /* the team packs the A panel together, one sliver each in turn */
-            for (int s = tid; s < n_slivers; s += nthreads) {
+            for (int s = 0; s < n_slivers; s++) {
                 int mr = mc - s * MR < MR ? mc - s * MR : MR;
-                pack_a_sliver(g->trans_a, A, g->lda, s * MR, mr, pc, kc, MR, g->Ap + (long)s * MR * kc);
+                pack_a_sliver(g->trans_a, A, g->lda, s * MR, mr, pc, kc, MR, Ap + (long)s * MR * kc);
             }
-            if (tid == 0) g->next_task = 0;
-            barrier_wait(barrier);
-            /* tasks: a block of B's columns times a chunk of A's slivers. When there are few blocks
-             * of B (small N) the A panel is cut into chunks too, so every thread gets work. */
-            int n_jc = (g->N + NC - 1) / NC;
-            int n_chunks = 1;
-            if (nthreads > 1 && n_jc < 2 * nthreads) {
-                n_chunks = (2 * nthreads + n_jc - 1) / n_jc;
-                if (n_chunks > n_slivers) n_chunks = n_slivers;
+            for (int jr = 0; jr < nc; jr += NR) {
+                int nr = nc - jr < NR ? nc - jr : NR;
+                pack_b_sliver(g->trans_b, g->B, g->ldb, pc, kc, jc + jr, nr, NR, Bp + (long)jr * kc);
             }
-            int n_tasks = n_jc * n_chunks;
-            for (;;) {
-                int t = __atomic_fetch_add(&g->next_task, 1, __ATOMIC_RELAXED);
-                if (t >= n_tasks) break;
-                int jc = (t / n_chunks) * NC, chunk = t % n_chunks;
-                int nc = g->N - jc < NC ? g->N - jc : NC;
-                for (int jr = 0; jr < nc; jr += NR) {
-                    int nr = nc - jr < NR ? nc - jr : NR;
-                    pack_b_sliver(g->trans_b, g->B, g->ldb, pc, kc, jc + jr, nr, NR, Bp + (long)jr * kc);
-                }
-                int s0 = (int)((long)chunk * n_slivers / n_chunks), s1 = (int)((long)(chunk + 1) * n_slivers / n_chunks);
-                macro_kernel(isa, s0, s1, mc, nc, kc, g->Ap, Bp, (long)kc * NR, g->C + (long)ic * g->ldc + jc, g->ldc,
-                             accumulate, 0);
-            }
-            barrier_wait(barrier);  /* the A panel is reused for the next block: wait for everyone */
+            /* later K blocks add to what the first one wrote */
+            macro_kernel(isa, 0, n_slivers, mc, nc, kc, Ap, Bp, (long)kc * NR, g->C + (long)ic * g->ldc + jc, g->ldc,
+                         g->accumulate || pc > 0, 0);
         }
     }
 }
@@ -377,14 +372,6 @@ static float *cached_workspace(long need) {
     return g_workspace;
 }
 
-/* floats in the packed A panel: whole slivers of at most MAX_MR rows, rounded up to 64 bytes so
- * that the B blocks that follow it are aligned */
-static long a_panel_floats(int M, int K) {
-    long mc = M < MC ? M : MC, kc = K < KC ? K : KC;
-    return ((mc + MAX_MR) * kc + 15) / 16 * 16;
-}
-
-
 /* the packed path on a team of nthreads (the caller picked the count) */
 static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int K, const float *A, long lda,
                       const float *B, long ldb, float *C, long ldc, int accumulate) {
@@ -395,23 +382,23 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
             for (int i = 0; i < M; i++) memset(C + (long)i * ldc, 0, (size_t)N * sizeof(float));
         return 0;
     }
-    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate,
-                  0, NULL, NULL, 0};
-    /* equal panels (2048 rows: 2 x 1024, not 2016 + 32, whose small panel would pay for packing B
-     * again for a few rows), rounded up to whole slivers */
-    int n_panels = (M + MC - 1) / MC, MR = g.isa->mr;
-    g.mc_step = ((M + n_panels - 1) / n_panels + MR - 1) / MR * MR;
-    /* workspace: the shared A panel, then one B block per thread */
-    long need = a_panel_floats(M, K) + (long)nthreads * KC * NC;
+    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, NULL, 0};
+    /* shorter tiles when there are too few to keep every thread busy to the end (the threads then
+     * finish within a small tile of each other) */
+    const int n_col_tiles = (N + NC - 1) / NC;
+    while (g.mc_tile > 96 && ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles < 4 * nthreads)
+        g.mc_tile = (g.mc_tile / 2 + 23) / 24 * 24;
+    int n_tiles = ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles;
+    if (nthreads > n_tiles) nthreads = n_tiles;
+    long need = (long)nthreads * thread_work_floats();
     float *owned = NULL;
-    g.Ap = cached_workspace(need);
-    int cached = g.Ap != NULL;
+    g.work = cached_workspace(need);
+    int cached = g.work != NULL;
     if (!cached) {
         owned = aligned_floats(need);
         if (!owned) return -1;
-        g.Ap = owned;
+        g.work = owned;
     }
-    g.Bp = g.Ap + a_panel_floats(M, K);  /* the B blocks follow the A panel */
     parallel_run(nthreads, gemm_thread, &g);
     if (cached) pthread_mutex_unlock(&g_workspace_lock);
     free(owned);
