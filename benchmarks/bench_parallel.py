@@ -12,6 +12,9 @@ activations a stage holds (GPipe m, 1F1B min(p-s, m)) and the bytes of those act
 the forward caches keep for the backward), ZeRO-1's bytes per parameter against 8 + 8/N.
 
     python benchmarks/bench_parallel.py [--steps 10] [--dim 128] [--layers 4] [--batch 16] [--seq 64] [--repeat 2]
+                                        [--no-table]
+
+It ends with the equivalence table: every grid of the issue against one process, in float64.
 """
 import _env
 
@@ -51,6 +54,29 @@ def wall_bubble(results):
     return 1 - sum(e[4] - e[3] for e in ev) / (len(results) * span)
 
 
+def equivalence_table(work):
+    """Every grid of the issue against one process: tiny model, float64, 4 steps (what the tests check)."""
+    from threadpoolctl import threadpool_limits
+
+    from llama3np.training import checkpoint as ckpt
+
+    cfg = TrainConfig(out=os.path.join(work, "eq-base"), preset="tiny", steps=4, batch_size=8, seq_len=16, n_stories=60,
+                      val_stories=5, eval_every=10**6, save_every=4, keep=10, progress=False,
+                      model_overrides=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520))
+    cfg = engine.prepare_run(cfg, log=lambda m: None)
+    with threadpool_limits(1):
+        reference = engine.reference_train(cfg.out, 4, np.float64).params
+    print("\nequivalence table (float64, 4 AdamW steps, max over tensors of ||ours - one process|| / ||one process||):")
+    print("  dp tp pp  schedule, micro-batches   relative difference")
+    for dp, tp, pp in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 1), (2, 2, 2)]:
+        m = 2 if pp > 1 else 1
+        res = run(cfg, work, f"eq-{dp}{tp}{pp}", dp=dp, tp=tp, pp=pp, micro_batches=m, dtype="float64")
+        params = ckpt.read_checkpoint(ckpt.list_checkpoints(os.path.join(work, f"eq-{dp}{tp}{pp}"))[0])["params"]
+        err = engine.relative_error(params, reference)
+        print(f"  {dp}  {tp}  {pp}   {'1f1b, ' + str(m) if pp > 1 else '-':22s}  {err:.1e}"
+              + ("  (bitwise)" if err == 0 else ""))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
@@ -60,6 +86,7 @@ def main():
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--kernels", choices=("c", "numpy"), default="numpy")
     p.add_argument("--repeat", type=int, default=2, help="interleaved dp=1 / dp=2 runs; the best is kept")
+    p.add_argument("--no-table", dest="table", action="store_false", help="skip the equivalence table")
     a = p.parse_args()
     print(ENV_NOTE)
     print("threads: 1 BLAS thread and LLAMA3NP_NUM_THREADS=1 per worker process (set before NumPy loads); "
@@ -127,6 +154,10 @@ def main():
                   f"peak {'chunk-' if v > 1 else ''}micro-batches held per stage {peaks} (predicted "
                   f"{S.peak_activations(stages)}) = {[round(o['peak_activation_bytes'] / 2**20, 1) for o in rp_sorted]} "
                   f"MiB of activations; throughput {tokens_per_s(rp, cfg, skip)[0]:,.0f} tok/s")
+
+        # --- the equivalence table ----------------------------------------------------------------
+        if a.table:
+            equivalence_table(work)
 
         # --- ZeRO-1 memory -----------------------------------------------------------------------
         rz = run(cfg, work, "zero", dp=2, zero=True, kernels=a.kernels)

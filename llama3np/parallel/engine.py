@@ -249,8 +249,9 @@ class _Worker:
                 continue  # replicated over tp (norm weights): counted by tp rank 0
             if name == "tok_embeddings.weight" and self.holds_last and not self.holds_first:
                 continue  # the last stage's copy of tied embeddings: counted on the first stage
-            g64 = grads[name].astype(np.float64, copy=False).ravel()
-            total += float(g64 @ g64)
+            flat = grads[name].ravel()
+            # exactly optim.global_grad_norm's sum (float64 einsum), so one process gets its very bits
+            total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
         return total
 
     def sync_tied_grads(self, grads):
