@@ -56,7 +56,7 @@ class Trace:
         ax.set_xlabel(f"time ({unit})")
         ax.set_title(title)
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for n, c in COLORS.items() if any(e[1] == n for e in self.events)]
-        ax.legend(handles, [n for n in COLORS if any(e[1] == n for e in self.events)], loc="upper right", fontsize=8)
+        ax.legend(handles, [n for n in COLORS if any(e[1] == n for e in self.events)], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars, not over them
         fig.tight_layout()
         path = Path(path)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
