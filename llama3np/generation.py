@@ -94,11 +94,15 @@ def generate_stream(model, prompt_tokens, max_new_tokens, temperature=0.6, top_p
     model has a tokenizer. use_cache=False recomputes the whole sequence for every token (slow; it
     exists to test that the cache changes nothing).
     """
-    prompt, n_new = _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k)
-    if stop_tokens is None:
+    prompt, n_new = _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k)  # errors now,
+    if stop_tokens is None:                                                          # not at the first next()
         stop_tokens = getattr(getattr(model, "tokenizer", None), "stop_tokens", None) or []
     stop = set(int(t) for t in stop_tokens)
-    rng = np.random.default_rng(seed)
+    return _decode(model, prompt, n_new, stop, np.random.default_rng(seed),
+                   dict(temperature=temperature, top_p=top_p, top_k=top_k), use_cache)
+
+
+def _decode(model, prompt, n_new, stop, rng, sampling, use_cache):
     if n_new == 0:
         return
     tokens = list(prompt)
@@ -107,8 +111,9 @@ def generate_stream(model, prompt_tokens, max_new_tokens, temperature=0.6, top_p
         logits = model.forward(np.array([prompt]), start_pos=0, cache=cache)  # (1, T, V): prefill
     else:
         logits = model.forward(np.array([tokens]))
+        model._acts = None  # no backward will follow: drop the activations
     for i in range(n_new):
-        next_id = int(sample_next(logits[:, -1], temperature, top_p, top_k, rng)[0])
+        next_id = int(sample_next(logits[:, -1], rng=rng, **sampling)[0])
         if next_id in stop:
             return
         yield next_id

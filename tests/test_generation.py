@@ -116,3 +116,5 @@ def test_bad_generation_arguments_are_explained(model64):
         generate(model64, PROMPT, 5, top_p=0)
     with pytest.raises(ValueError, match="top_k"):
         generate(model64, PROMPT, 5, top_k=0)
+    with pytest.raises(ValueError, match="empty"):  # at the call, not at the first next()
+        generate_stream(model64, [], 5)
