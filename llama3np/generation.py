@@ -94,8 +94,9 @@ def generate_stream(model, prompt_tokens, max_new_tokens, temperature=0.6, top_p
     model has a tokenizer. use_cache=False recomputes the whole sequence for every token (slow; it
     exists to test that the cache changes nothing).
     """
-    prompt, n_new = _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k)  # errors now,
-    if stop_tokens is None:                                                          # not at the first next()
+    # checked here, so a bad argument fails at the call and not at the first next()
+    prompt, n_new = _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k)
+    if stop_tokens is None:
         stop_tokens = getattr(getattr(model, "tokenizer", None), "stop_tokens", None) or []
     stop = set(int(t) for t in stop_tokens)
     return _decode(model, prompt, n_new, stop, np.random.default_rng(seed),
