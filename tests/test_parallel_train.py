@@ -116,6 +116,9 @@ def test_overlapped_bucketed_all_reduce_launches_buckets_in_order_and_changes_no
     order = out_over[0]["bucket_launch_order"]
     n_buckets = len(order) // STEPS
     assert n_buckets > 3 and order == list(range(n_buckets)) * STEPS
+    # overlapped: every bucket went out from inside the backward; plain: all of them after it
+    assert out_over[0]["buckets_launched_during_backward"] == [n_buckets] * STEPS
+    assert out_plain[0]["buckets_launched_during_backward"] == [0] * STEPS
     # the ring sends 2(N-1)/N of every gradient byte per step, here exactly the gradient's size
     grad_bytes = sum(v.size for v in plain.values()) * 8
     for o in out_over:

@@ -17,6 +17,7 @@ is AdamW's, element for element, so the weights are bitwise those of plain data 
 """
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -55,9 +56,12 @@ class GradReducer:
             self.buckets.append(cur)
         self.bucket_of = {n: b for b, names_ in enumerate(self.buckets) for n in names_}
         self.launch_log = []  # bucket indices in the order they were launched (for tests and teaching)
+        self.early_log = []  # per step: how many buckets went out while the backward was still running
         self._reset()
 
     def _reset(self):
+        self._finishing = False
+        self._early = 0
         self._ready = [set() for _ in self.buckets]
         self._next = 0  # the next bucket to launch: buckets go out strictly in order
         self._grads = None
@@ -65,10 +69,12 @@ class GradReducer:
         self._queue = self._thread = None
         self._error = None
 
-    def start(self, grads):
-        """Begin a step whose gradients will be written into `grads` (marked with `ready`)."""
+    def start(self, grads, on_event=None):
+        """Begin a step whose gradients will be written into `grads` (marked with `ready`).
+        on_event(name, bucket, t0, t1) is told when each bucket's all-reduce ran (for the trace)."""
         self._reset()
         self._grads = grads
+        self.on_event = on_event
         if self.overlap and self.group.size > 1:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._worker, daemon=True, name="ddp-allreduce")
@@ -85,16 +91,20 @@ class GradReducer:
 
     def _launch(self, b):
         self.launch_log.append(b)
+        self._early += not self._finishing
         flat = np.concatenate([self._grads[n].reshape(-1) for n in self.buckets[b]])  # (bucket elements,)
         if self._queue is not None:
             self._queue.put((b, flat))
         else:
-            self._results[b] = self._reduce(flat)
+            self._results[b] = self._reduce(b, flat)
 
-    def _reduce(self, flat):
+    def _reduce(self, b, flat):
+        t0 = time.time()
         out = self.group.all_reduce(flat)
         if self.scale != 1:
             out = out / np.asarray(self.scale, dtype=out.dtype)
+        if self.on_event is not None and self.group.size > 1:
+            self.on_event("allreduce", b, t0, time.time())
         return out
 
     def _worker(self):
@@ -104,14 +114,16 @@ class GradReducer:
                 return
             b, flat = item
             try:
-                self._results[b] = self._reduce(flat)
+                self._results[b] = self._reduce(b, flat)
             except BaseException as e:  # surfaced by finish()
                 self._error = e
                 return
 
     def finish(self):
         """Launch what is left (in order), wait for every bucket, write the averages back into grads."""
+        self._finishing = True
         self.ready([n for names in self.buckets for n in names])
+        self.early_log.append(self._early)
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(self.group.timeout * (len(self.buckets) + 1))

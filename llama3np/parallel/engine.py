@@ -190,20 +190,21 @@ class _Worker:
         self.trace = Trace()
         grads = {}
         if not pcfg.zero:
-            self.reducer.start(grads)
+            self.reducer.start(grads, on_event=lambda name, b, t0, t1: self.trace.add(self.pg.rank, name, b, t0, t1))
         on_ready = self.reducer.ready if (pcfg.overlap and not pcfg.zero) else None
         losses, peak, peak_bytes = run_schedule(self.actions, self.models, g.pp_group, mbs, grads,
                                                 on_ready=on_ready, trace=self.trace, rank=self.pg.rank)
         self.peak = max(self.peak, peak)
         self.peak_bytes = max(self.peak_bytes, peak_bytes)
         self.fault(step + 1, "compute")
-        t0 = time.time()
         if pcfg.zero:
+            t0 = time.time()
             gshard = self.opt.reduce_grads(grads, pcfg.dp)
+            if pcfg.dp > 1:
+                self.trace.add(self.pg.rank, "reduce_scatter", None, t0, time.time())
         else:
             self.reducer.finish()
         self.sync_tied_grads(grads if not pcfg.zero else None)
-        self.trace.add(self.pg.rank, "allreduce", None, t0, time.time())
         # one world all-reduce: [share of the mean loss, share of the squared gradient norm]
         loss_share = float(np.mean(losses)) / pcfg.dp if (self.holds_last and g.tp_rank == 0) else 0.0
         if self.fault(step + 1, "loss"):
@@ -353,6 +354,7 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
             "memory": w.memory_bytes() if records else None, "trace": w.trace.events,
             "seconds": time.time() - t_start,
             "bucket_launch_order": list(getattr(getattr(w, "reducer", None), "launch_log", [])),
+            "buckets_launched_during_backward": list(getattr(getattr(w, "reducer", None), "early_log", [])),
             "stopped": stopped}
 
 

@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-COLORS = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868", "allreduce": "#8172b3", "optimizer": "#937860"}
+COLORS = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868", "allreduce": "#8172b3", "reduce_scatter": "#937860"}
+COMM = ("allreduce", "reduce_scatter")  # drawn as thin bars under the compute: they may overlap it
 
 
 class Trace:
@@ -47,9 +48,11 @@ class Trace:
         ranks = sorted({e[0] for e in self.events})
         fig, ax = plt.subplots(figsize=(10, 0.6 * len(ranks) + 1.4))
         for rank, name, mb, start, end in self.events:
-            ax.barh(rank, end - start, left=start, color=COLORS.get(name, "#999999"), edgecolor="black", lw=0.5)
+            y, h = (rank + 0.3, 0.25) if name in COMM else (rank - 0.08, 0.6)
+            ax.barh(y, end - start, height=h, left=start, color=COLORS.get(name, "#999999"), edgecolor="black", lw=0.5)
             if mb is not None:
-                ax.text((start + end) / 2, rank, str(mb), ha="center", va="center", fontsize=7, color="white")
+                ax.text((start + end) / 2, y, str(mb), ha="center", va="center", fontsize=6 if name in COMM else 7,
+                        color="white")
         ax.set_yticks(ranks)
         ax.set_yticklabels([(labels or {}).get(r, f"stage {r}") for r in ranks])
         ax.invert_yaxis()
