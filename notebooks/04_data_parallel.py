@@ -25,11 +25,13 @@ import os
 import shutil
 import tempfile
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from llama3np.parallel import engine, launch
 from llama3np.parallel.comm import ring_bytes
 from llama3np.parallel.examples import ring_all_reduce_demo
+from llama3np.parallel.trace import Trace
 from llama3np.training import TrainConfig
 from llama3np.training import checkpoint as ckpt
 
@@ -109,6 +111,18 @@ print(f"max relative difference from one process: {engine.relative_error(params_
 params_ov, res_ov = run_on("overlap", dp=2, overlap=True, bucket_bytes=16 * 1024)
 print("bucket launch order (per step):", res_ov[0]["bucket_launch_order"][:len(res_ov[0]["bucket_launch_order"]) // steps])
 print("same bits as without overlap:", all(np.array_equal(params_ov[n], params_dp2[n]) for n in params_dp2))
+print("buckets launched while the backward was still running, per step:", res_ov[0]["buckets_launched_during_backward"])
+
+# the last step of each rank: compute above, the buckets' all-reduces (thin bars) below, overlapping it
+trace = Trace()
+for o in res_ov:
+    for ev in o["trace"]:
+        trace.add(*ev)
+t0 = min(e[3] for e in trace.events)
+trace.events = [(r, n, mb, a - t0, b - t0) for r, n, mb, a, b in trace.events]
+path = trace.gantt(os.path.join(work, "overlap.png"), title="dp=2, overlapped buckets (last step)",
+                   labels={0: "rank 0", 1: "rank 1"})
+plt.figure(figsize=(10, 2.4)); plt.imshow(plt.imread(path)); plt.axis("off"); plt.show()
 grad_bytes = sum(p.size for p in params_dp2.values()) * 8
 sent = res_ov[0]["bytes_sent"]["dp(tp0,pp0)"]["all_reduce"]
 print(f"all-reduce bytes per rank per step: {sent // steps} = 2(N-1)/N x {grad_bytes} gradient bytes")
