@@ -117,12 +117,15 @@ def main(a):
         cfg = engine.prepare_run(cfg, log)
         summary = supervisor.supervise(cfg.out, cfg, pcfg, max_restarts=a.max_restarts,
                                        heartbeat_timeout=a.heartbeat_timeout, log=log)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
         print(f"llama3np parallel: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except RuntimeError as e:  # the restart budget is spent (GroupFailure is a RuntimeError too)
         print(f"llama3np parallel: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the workers were stopped by launch.run's cleanup
+        print("\nllama3np parallel: interrupted", file=sys.stderr)
+        return 130
     write_report(cfg.out, pcfg, summary)
     log(supervisor.format_summary(summary))
     stopped = summary["results"][0].get("stopped")
