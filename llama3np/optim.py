@@ -39,12 +39,16 @@ class AdamW:
         # first and second moments, same shape and dtype as each parameter
         self.m = {k: np.zeros_like(p) for k, p in params.items()}
         self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self._scratch = None
 
     def step(self, grads, lr=None):
         """Apply one update from `grads` (same keys as params); `lr` overrides self.lr for this step."""
         missing = set(self.params) - set(grads)
         if missing:
             raise ValueError(f"grads lack {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")
+        for name, p in self.params.items():  # all checked before anything changes
+            if grads[name].shape != p.shape:
+                raise ValueError(f"grad {name!r} has shape {grads[name].shape}, expected {p.shape}")
         lr = self.lr if lr is None else float(lr)
         beta1, beta2 = self.betas
         self.t += 1
@@ -52,21 +56,32 @@ class AdamW:
         bias_correction2 = 1 - beta2 ** self.t
         step_size = lr / bias_correction1
         sqrt_bc2 = math.sqrt(bias_correction2)
+        # one scratch buffer, as big as the largest parameter, reused for every temporary: no allocation
+        # per step, and memory for one extra parameter instead of one per operation
+        size = max(p.size for p in self.params.values())
+        if self._scratch is None or self._scratch.size < size:
+            self._scratch = np.empty(size, dtype=np.result_type(*self.params.values()))
         for name, p in self.params.items():
             g = grads[name]
-            if g.shape != p.shape:
-                raise ValueError(f"grad {name!r} has shape {g.shape}, expected {p.shape}")
             m, v = self.m[name], self.v[name]
+            tmp = self._scratch[:p.size].reshape(p.shape)
+            if p.dtype != tmp.dtype:
+                tmp = np.empty_like(p)
             if self.weight_decay and p.ndim >= 2:
                 p *= 1 - lr * self.weight_decay  # decoupled: not part of the gradient, so Adam cannot rescale it
-            m *= beta1
-            m += (1 - beta1) * g
-            v *= beta2
-            v += (1 - beta2) * (g * g)
-            denom = np.sqrt(v)
-            denom /= sqrt_bc2
-            denom += self.eps
-            p -= (step_size * m) / denom
+            m *= beta1  # m <- beta1 m + (1 - beta1) g
+            np.multiply(g, 1 - beta1, out=tmp)
+            m += tmp
+            v *= beta2  # v <- beta2 v + (1 - beta2) g^2
+            np.multiply(g, g, out=tmp)
+            tmp *= 1 - beta2
+            v += tmp
+            np.sqrt(v, out=tmp)  # denominator: sqrt(v / bias_correction2) + eps
+            tmp /= sqrt_bc2
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)  # p <- p - lr / bias_correction1 * m / denominator
+            tmp *= step_size
+            p -= tmp
 
     def state_dict(self):
         """Everything needed to continue bit for bit: the step count and both moments (copies)."""
