@@ -15,6 +15,7 @@ install_requires = [
     "numpy>=1.26",
     "cffi>=1.16",  # builds and loads the C kernels in csrc/
     "tiktoken>=0.7",  # the BPE engine behind Llama 3's tokenizer
+    "regex>=2022.1.18",  # \p{L} in Llama 3's pre-tokenizer pattern, for the BPE trainer (tiktoken needs it too)
     "llama-models>=0.3",  # ships Meta's tokenizer.model, our default vocabulary
     "tqdm>=4.66",  # progress bars on long work
     "matplotlib>=3.8",  # loss curves, Gantt charts, attention maps
@@ -35,6 +36,10 @@ extras_require = {
         "torch==2.13.0",  # the CPU build that lies on these machines; other versions download GBs
         "transformers>=4.45",
         "fairscale",  # Meta's llama_models.llama3.model imports it; we compare with its apply_scaling
+    ],
+    "mpi": [
+        "mpi4py>=3.1",  # `llama3np parallel train --backend mpi` under mpiexec
+        "mpich",  # an MPI library from PyPI, so no system MPI is needed
     ],
 }
 
