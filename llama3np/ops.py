@@ -9,6 +9,8 @@ Shapes: B batch, T sequence, C = dim, H = n_heads, KV = n_kv_heads, hd = head_di
 """
 import numpy as np
 
+from . import backend  # matmul and attention go through it: the C kernels when active, else NumPy
+
 # ----------------------------------------------------------------------------------------------------
 # embedding: tokens (B, T) -> rows of the table (B, T, C)
 
@@ -53,21 +55,25 @@ def rmsnorm_backward(dout, cache):
 
 
 def linear_forward(x, weight):
-    from . import backend
-
     x2 = x.reshape(-1, x.shape[-1])  # (B*T, in)
     y = backend.matmul(x2, weight.T)  # (B*T, out); weight.T is a view, no copy
     return y.reshape(*x.shape[:-1], weight.shape[0]), (x, weight)
 
 
 def linear_backward(dout, cache):
-    from . import backend
+    return linear_backward_input(dout, cache), linear_backward_weight(dout, cache)
 
+
+# The two halves of linear_backward. The previous layer waits only for dx; dweight can be computed
+# later (zero-bubble pipeline schedules fill their idle time with it), so each half stands alone.
+def linear_backward_input(dout, cache):
     x, weight = cache
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (B*T, out)
-    dx = backend.matmul(dout2, weight).reshape(x.shape)  # (B*T, in)
-    dweight = backend.matmul(dout2.T, x.reshape(-1, x.shape[-1]))  # (out, in)
-    return dx, dweight
+    return backend.matmul(dout.reshape(-1, dout.shape[-1]), weight).reshape(x.shape)  # (B*T, out) @ (out, in)
+
+
+def linear_backward_weight(dout, cache):
+    x, _ = cache
+    return backend.matmul(dout.reshape(-1, dout.shape[-1]).T, x.reshape(-1, x.shape[-1]))  # (out, in)
 
 
 # ----------------------------------------------------------------------------------------------------

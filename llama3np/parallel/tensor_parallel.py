@@ -157,10 +157,8 @@ def linear_backward_into(dout, cache, grads, name, defer=None):
         dx, dweight = ops.linear_backward(dout, cache)
         accumulate(grads, name, dweight)
         return dx
-    x, weight = cache
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (B*T, out)
-    dx = backend.matmul(dout2, weight).reshape(x.shape)  # (B*T, in): what the previous layer waits for
-    defer.append(lambda: accumulate(grads, name, backend.matmul(dout2.T, x.reshape(-1, x.shape[-1]))))
+    dx = ops.linear_backward_input(dout, cache)  # what the previous layer waits for
+    defer.append(lambda: accumulate(grads, name, ops.linear_backward_weight(dout, cache)))
     return dx
 
 
