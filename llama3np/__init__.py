@@ -7,7 +7,8 @@
 
 Where things live: args (ModelArgs, presets), ops (forward/backward pairs), model (Transformer),
 tokenizer (Tokenizer, ChatFormat), bpe (a small BPE trainer), checkpoint (load, save), backend and
-kernels (the C extension), optim, data, stories, training, generation, cli.
+kernels (the C extension), optim, data, stories, training, generation, parallel (data, tensor and
+pipeline parallelism in real processes), cli.
 """
 from .args import PRESETS, ModelArgs, n_params, preset
 from .backend import get_backend, set_backend
