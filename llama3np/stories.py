@@ -46,10 +46,10 @@ SPOTS = ["kitchen", "garden", "barn", "bedroom", "shed", "yard"]
 ANIMALS = ["fox", "bear", "duck", "frog", "owl", "mouse", "rabbit", "turtle"]
 # (what the animal feels, what it answers, what the hero does about it)
 TROUBLES = [
-    ("sad", "I lost my way home", "showed the {a} the way home"),
-    ("hungry", "I have not eaten all day", "gave the {a} some bread"),
-    ("cold", "The wind is too strong", "gave the {a} a warm blanket"),
-    ("scared", "There is a loud noise in the woods", "held the {a} close until the noise stopped"),
+    ("sad", "I lost my way home", "showed it the way home"),
+    ("hungry", "I have not eaten all day", "gave it some bread"),
+    ("cold", "The wind is too strong", "gave it a warm blanket"),
+    ("scared", "There is a loud noise in the woods", "held it close until the noise stopped"),
 ]
 OUTINGS = ["play in the park", "have a picnic", "fly a kite", "go to the beach"]
 # (what to do inside, said now ; the same in the past tense)
@@ -65,7 +65,13 @@ def article(word):
 
 
 def story(c):
-    """Write one story through the chooser `c`. Every decision is a `c.pick`; every text a `c.say`."""
+    """Write one story through the chooser `c`. Every decision is a `c.pick`; every text a `c.say`.
+
+    Characters are named once; later they are "she", "he", "it" or "they". A model that has not yet
+    learnt to copy a name from 50 tokens back (it takes longer than our two minutes) would otherwise
+    write stories where the hero changes name halfway. What remains to look back for is short and
+    structural: girl or boy for she/he, the animal's mood for its answer, the game for its past tense.
+    """
     gender = c.pick(["girl", "boy"])
     name = c.pick(GIRLS if gender == "girl" else BOYS)
     he, his = ("She", "her") if gender == "girl" else ("He", "his")
@@ -77,53 +83,51 @@ def story(c):
     plot(c, name, he, his)
     # the ending: a feeling or a lesson, then the same closing line for all
     if c.pick(["feeling", "lesson"]) == "feeling":
-        c.say(f" At the end of the day, {name} was very {c.pick(FEELINGS)}.")
+        c.say(f" At the end of the day, {he.lower()} was very {c.pick(FEELINGS)}.")
     else:
-        c.say(f" {name} learned that {c.pick(LESSONS)}.")
+        c.say(f" {he} learned that {c.pick(LESSONS)}.")
     c.say(" The end.")
 
 
 def plot_found(c, name, he, his):
     place, color, thing = c.pick(PLACES), c.pick(COLORS), c.pick(THINGS)
-    c.say(f"\n\nOne day, {name} went to the {place}. There, {he.lower()} found a {color} {thing}"
+    c.say(f"\n\nOne day, {he.lower()} went to the {place}. There, {he.lower()} found a {color} {thing}"
           f" under a {c.pick(COVERS)}.")
-    c.say(" \"" + c.pick([f"Wow, a {color} {thing}!", f"What a nice {thing}!", f"Look at this {thing}!"])
-          + f"\" {he.lower()} said.")
+    c.say(" \"" + c.pick(["Wow, look at this!", "What a nice find!", "Look what I found!"]) + f"\" {he.lower()} said.")
     friend = c.pick([n for n in GIRLS + BOYS if n != name])
     if c.pick(["share", "return"]) == "share":
-        c.say(f" {he} ran to show it to {his} friend {friend}. {friend} smiled and said,"
-              f" \"Let us play with it!\" They played with the {thing} all day.")
+        c.say(f" {he} ran to show it to {his} friend {friend}, who smiled and said, \"Let us play with it!\""
+              " They played together all day.")
     else:
-        c.say(f" {he} asked {his} friend {friend}, \"Is this your {thing}?\"")
-        c.say(f" \"Yes! I lost it yesterday,\" said {friend}. \"Thank you, {name}!\"")
+        c.say(f" {he} asked {his} friend {friend}, \"Is this yours?\"")
+        c.say(f" \"Yes! I lost it yesterday,\" said {his} friend. \"Thank you!\"")
 
 
 def plot_lost_pet(c, name, he, his):
     pet = c.pick(PETS)
     first = c.pick(SPOTS)
     second = c.pick([s for s in SPOTS if s != first])
-    c.say(f"\n\nOne day, {name} could not find {his} {pet}. {he} was very sad.")
-    c.say(f" {he} looked in the {first}, but the {pet} was not there.")
-    c.say(f" Then {he.lower()} looked in the {second}, and there was the {pet}!")
-    c.say(" \"" + c.pick(["I found you!", "There you are!"]) + f"\" said {name}, and gave the {pet} a big hug.")
+    c.say(f"\n\nOne day, {he.lower()} could not find {his} {pet}. {he} was very sad.")
+    c.say(f" {he} looked in the {first}, but it was not there.")
+    c.say(f" Then {he.lower()} looked in the {second}, and there it was!")
+    c.say(" \"" + c.pick(["I found you!", "There you are!"]) + f"\" {he.lower()} said, and gave it a big hug.")
 
 
 def plot_animal(c, name, he, his):
     place, animal = c.pick(PLACES), c.pick(ANIMALS)
     mood, answer, help_ = c.pick(TROUBLES)
-    c.say(f"\n\nOne day, {name} went to the {place} and met {article(animal)} {animal}."
-          f" The {animal} looked {mood}.")
-    c.say(f" \"Why are you {mood}?\" asked {name}. \"{answer},\" said the {animal}.")
-    c.say(f" {name} {help_.format(a=animal)}. The {animal} smiled and said, \"Thank you, {name}!\"")
+    c.say(f"\n\nOne day, {he.lower()} went to the {place} and met {article(animal)} {animal}. It looked {mood}.")
+    c.say(f" \"What is wrong?\" {he.lower()} asked. \"{answer},\" it said.")
+    c.say(f" {he} {help_}. It smiled and said, \"Thank you!\"")
 
 
 def plot_rain(c, name, he, his):
     friend = c.pick([n for n in GIRLS + BOYS if n != name])
     outing = c.pick(OUTINGS)
     inside, did = c.pick(INDOOR)
-    c.say(f"\n\nOne day, {name} and {his} friend {friend} wanted to {outing}.")
-    c.say(" But then, dark clouds came and it started to rain. \"Oh no!\" said " + friend + ".")
-    c.say(f" {name} had an idea. \"Let us {inside} inside!\" They {did} and had a lot of fun.")
+    c.say(f"\n\nOne day, {he.lower()} and {his} friend {friend} wanted to {outing}.")
+    c.say(" But then, dark clouds came and it started to rain. \"Oh no!\" they said.")
+    c.say(f" {he} had an idea. \"Let us {inside} inside!\" They {did} and had a lot of fun.")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -157,7 +157,9 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Look for heads that attend to the previous token (a bright line just below the diagonal) and heads
-# that look back to the hero's name or to `girl`/`boy`: those are what the model needs to write `She`
-# or `He` and to repeat the name later in the story — the few decisions it cannot make from the last
-# word alone.
+# Look for heads that attend to the previous token (a bright line just below the diagonal), and for
+# heads that look far back to a few structural words: `girl` or `boy` (to write `She` or `He` and
+# `her` or `his`), the animal's mood (to choose its answer), the game (to put it in the past tense).
+# Those are the only decisions the grammar makes that the last few words do not settle; the story
+# never asks the model to copy a name from far back (see `stories.story`), which a model this small
+# learns only after much longer training.
