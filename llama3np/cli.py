@@ -194,11 +194,8 @@ def cmd_demo(a):
 
 
 # ---------------------------------------------------------------------------------------------------
-def build_parser():
-    parser = argparse.ArgumentParser(prog="llama3np", description="Llama 3 in NumPy: train, generate, chat.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="pre-train a model (the built-in stories or your text)")
+def add_train_arguments(t):
+    """The arguments of `llama3np train`, shared with `llama3np parallel train`."""
     t.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png")
     t.add_argument("--preset", default="tiny", help="model size: tiny, small, llama3.2-1b, ... (default tiny)")
     t.add_argument("--data", default=None, help="a text file or folder (default: the built-in stories)")
@@ -209,18 +206,26 @@ def build_parser():
     t.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="change a ModelArgs field, e.g. --override dim=64 --override n_layers=2")
     t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=8, help="the global batch (all replicas together)")
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int, default=None)
     t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--eval-every", type=int, default=50)
+    t.add_argument("--eval-every", type=int, default=50, help="validation every N steps (parallel: at the end)")
     t.add_argument("--n-stories", type=int, default=None, help="built-in corpus size (default: enough)")
     t.add_argument("--val-stories", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="llama3np", description="Llama 3 in NumPy: train, generate, chat.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pre-train a model (the built-in stories or your text)")
+    add_train_arguments(t)
     t.add_argument("--backend", choices=("c", "numpy"), default=None)
     t.set_defaults(func=cmd_train)
 
@@ -242,6 +247,10 @@ def build_parser():
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--backend", choices=("c", "numpy"), default=None)
     d.set_defaults(func=cmd_demo)
+
+    from .parallel import cli as parallel_cli  # `llama3np parallel train --dp 2 --pp 2 ...`
+
+    parallel_cli.add_parser(sub)
     return parser
 
 
@@ -251,7 +260,7 @@ def main(argv=None):
     from .training import TrainingError
 
     try:
-        a.func(a)
+        rc = a.func(a)
     except UsageError as e:
         print(f"llama3np: error: {e}", file=sys.stderr)
         return 2
@@ -264,7 +273,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nllama3np: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

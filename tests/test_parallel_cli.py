@@ -40,6 +40,14 @@ def test_bad_grids_exit_with_code_2_and_one_clear_line(tmp_path, capsys, grid, m
     assert not (tmp_path / "bad").exists()  # rejected before anything was written
 
 
+def test_the_llama3np_command_routes_parallel_train_and_its_exit_code(tmp_path, capsys):
+    """`llama3np parallel train` is the same command as `python -m llama3np.parallel.cli train`."""
+    from llama3np import cli as main_cli
+
+    code = main_cli.main(["parallel", "train", "--out", str(tmp_path / "bad"), *ARGS, "--tp", "3"])
+    assert code == 2 and "divisible by 3" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(120)
 def test_repeated_loss_spikes_stop_every_rank_with_the_last_good_weights_saved(tmp_path):
     """llama3np train's rule (max_bad_steps spikes in a row: save and stop), decided alike on all ranks."""

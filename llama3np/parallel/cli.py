@@ -20,30 +20,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-
-def add_train_arguments(t):
-    """The arguments of `llama3np train` (same names, same defaults)."""
-    t.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, trace.json, gantt.png")
-    t.add_argument("--preset", default="tiny", help="model size: tiny, small, llama3.2-1b, ... (default tiny)")
-    t.add_argument("--data", default=None, help="a text file or folder (default: the built-in stories)")
-    t.add_argument("--tokenizer", default="auto", help="bpe, llama3, or a .model path (default: by vocabulary)")
-    t.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
-    t.add_argument("--override", action="append", metavar="KEY=VALUE",
-                   help="change a ModelArgs field, e.g. --override dim=64 --override n_layers=2")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=8, help="the global batch (all replicas together)")
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    t.add_argument("--warmup-steps", type=int, default=None)
-    t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--eval-every", type=int, default=50,
-                   help="accepted for llama3np train's config; the parallel run validates once, at the end")
-    t.add_argument("--n-stories", type=int, default=None)
-    t.add_argument("--val-stories", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out (on any grid)")
-    t.add_argument("--no-progress", action="store_true", help="accepted for compatibility (no bar here)")
+from ..cli import add_train_arguments
 
 
 def add_parallel_arguments(t):
