@@ -126,13 +126,16 @@ def get_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def sum_of_squares(g):
+    """sum(g**2) of one array in float64 (so it does not overflow). einsum, not a BLAS dot: single-threaded,
+    so the same bits on every run, and no float64 copy. The parallel engine sums the same pieces."""
+    flat = g.ravel()
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+
 def global_grad_norm(grads):
-    """sqrt(sum of squares of every gradient entry), accumulated in float64 so it does not overflow."""
-    total = 0.0
-    for g in grads.values():
-        # einsum, not a BLAS dot: single-threaded, so the same bits on every run, and no copy to float64
-        total += float(np.einsum("i,i->", g.ravel(), g.ravel(), dtype=np.float64))
-    return math.sqrt(total)
+    """sqrt(sum of squares of every gradient entry)."""
+    return math.sqrt(sum(sum_of_squares(g) for g in grads.values()))
 
 
 def clip_grad_norm(grads, max_norm):

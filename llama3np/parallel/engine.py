@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import data as data_mod
 from ..args import ModelArgs
-from ..optim import AdamW, get_lr
+from ..optim import AdamW, get_lr, sum_of_squares
 from ..training import checkpoint as ckpt
 from . import launch
 from . import tensor_parallel as tp_mod
@@ -250,9 +250,7 @@ class _Worker:
                 continue  # replicated over tp (norm weights): counted by tp rank 0
             if name == "tok_embeddings.weight" and self.holds_last and not self.holds_first:
                 continue  # the last stage's copy of tied embeddings: counted on the first stage
-            flat = grads[name].ravel()
-            # exactly optim.global_grad_norm's sum (float64 einsum), so one process gets its very bits
-            total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+            total += sum_of_squares(grads[name])  # global_grad_norm's pieces: one process's bits
         return total
 
     def sync_tied_grads(self, grads):
