@@ -22,6 +22,7 @@ _LAZY = {
     "save": "checkpoint",
     "AdamW": "optim",
     "generate": "generation",
+    "generate_stream": "generation",
 }
 
 __all__ = ["ModelArgs", "PRESETS", "preset", "n_params", "Transformer", "KVCache",
