@@ -70,7 +70,7 @@ def equivalence_table(work):
     print("  dp tp pp  schedule, micro-batches   relative difference")
     for dp, tp, pp in [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 1), (2, 2, 2)]:
         m = 2 if pp > 1 else 1
-        res = run(cfg, work, f"eq-{dp}{tp}{pp}", dp=dp, tp=tp, pp=pp, micro_batches=m, dtype="float64")
+        run(cfg, work, f"eq-{dp}{tp}{pp}", dp=dp, tp=tp, pp=pp, micro_batches=m, dtype="float64")
         params = ckpt.read_checkpoint(ckpt.list_checkpoints(os.path.join(work, f"eq-{dp}{tp}{pp}"))[0])["params"]
         err = engine.relative_error(params, reference)
         print(f"  {dp}  {tp}  {pp}   {'1f1b, ' + str(m) if pp > 1 else '-':22s}  {err:.1e}"

@@ -133,7 +133,7 @@ def main():
             for k in backends:
                 print(f"      llama3np[{k}] {B * T / t_ours[k]:6.0f} tok/s = {t_theirs / t_ours[k]:.2f}x PyTorch "
                       f"(MFU {fl / t_ours[k] / 1e9 / best_peak:.0%})")
-            print(f"      loss before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
+            print("      loss before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
             backend.set_backend(backends[0])
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from .args import ModelArgs
 from .model import Transformer
-from .safetensors_io import FLOAT_DTYPES, SafeTensorsFile, atomic_write, decode, save_file
+from .fileio import atomic_write_bytes
+from .safetensors_io import FLOAT_DTYPES, SafeTensorsFile, decode, save_file
 
 LLAMA3NP_CONFIG = "llama3np.json"
 HF_CONFIG = "config.json"
@@ -525,7 +526,7 @@ def _save_dtype(model, format, dtype):
 
 def _write_json(path, obj):
     data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_bytes(path, data)
 
 
 def _save_tokenizer(tokenizer, folder):

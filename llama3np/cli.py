@@ -10,7 +10,6 @@ one line on stderr and exit code 2, never a traceback.
 """
 import argparse
 import codecs
-import os
 import sys
 from pathlib import Path
 

@@ -13,10 +13,11 @@ the count the entropy floor divides by, see stories.py).
 The loader visits the rows in an order shuffled by (seed, epoch); its whole position is two integers
 (epoch, index in the epoch), saved in every checkpoint, so a resumed run reads the same batches.
 """
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import atomic_write
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 DOC_SEPARATOR = "<|end_of_text|>"  # a line holding only this splits a file into several documents
@@ -185,15 +186,5 @@ def eval_batches(stream, seq_len, batch_size, max_rows=None):
 
 
 def save_arrays_atomic(path, **arrays):
-    """np.savez to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """np.savez, written atomically (see llama3np.fileio)."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))

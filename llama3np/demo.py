@@ -4,7 +4,6 @@ What it shows: samples from the untrained model (noise), training with a progres
 the trained model (stories), the validation loss next to the corpus's entropy (the lowest loss any
 model can reach, known exactly because the stories come from our own grammar), and the loss plot.
 """
-import shutil
 import sys
 import time
 from pathlib import Path

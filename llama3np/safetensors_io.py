@@ -18,9 +18,10 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 
 import numpy as np
+
+from .fileio import atomic_write
 
 # safetensors dtype name -> how the raw words are stored in NumPy (BF16 as its uint16 bit pattern)
 DTYPES = {
@@ -239,23 +240,3 @@ def save_file(tensors: dict, path, metadata: dict = None, bf16: bool = False) ->
             f.write(memoryview(words.reshape(-1)).cast("B"))
 
     atomic_write(path, write)
-
-
-def atomic_write(path, write) -> None:
-    """Call `write(file)` on a temp file next to `path`, fsync it, then rename it over `path`.
-
-    A reader sees either the old file or the complete new one, never half a file, even if we crash.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -22,12 +22,13 @@ import binascii
 import importlib.util
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tiktoken
+
+from .fileio import atomic_write_bytes
 
 # Llama 3's pre-tokenizer pattern (Meta's `pat_str`). Unlike GPT-2's it is case-insensitive on
 # contractions, lets one non-letter lead a word (" hello", "$hello"), and caps digit runs at 3.
@@ -143,26 +144,6 @@ def format_model_file(mergeable_ranks: Dict[bytes, int]) -> bytes:
         for token, rank in sorted(mergeable_ranks.items(), key=lambda item: item[1])
     ]
     return b"".join(lines)
-
-
-def write_atomic(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
-
-    A temp file in the same directory (so os.replace is a rename on one filesystem), fsync, replace.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes the file private (0600); a vocabulary is not secret
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def split_long_runs(s: str, max_run: int = MAX_NO_WHITESPACES_CHARS) -> Iterator[str]:
@@ -348,7 +329,7 @@ class Tokenizer:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the vocabulary in tiktoken's `.model` format, atomically; `Tokenizer(path)` reloads it."""
-        write_atomic(path, self.to_bytes())
+        atomic_write_bytes(path, self.to_bytes())
 
 
 # ---- the chat format ----------------------------------------------------------------------------

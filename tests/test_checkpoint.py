@@ -2,7 +2,6 @@
 and save -> load round trips of the three folder formats. None of this needs PyTorch, except the tests
 that write a real `.pth` with `torch.save` (the `torch` fixture skips them when it is absent).
 """
-import io
 import json
 import os
 import pickle
@@ -16,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import llama3np
 from llama3np import ModelArgs, Transformer
 from llama3np.checkpoint import (args_from_hf_config, args_from_meta_params, hf_config_from_args,
                                  hf_to_meta_name, load, meta_to_hf_name, permute_rotary, save,

@@ -118,7 +118,8 @@ def main(a):
 def write_report(run_dir, pcfg, summary):
     """parallel.json (grid, failures, goodput, bytes sent, memory, peak activations per rank),
     trace.json and gantt.png of the last step."""
-    from .trace import Trace, _write_atomic
+    from ..fileio import atomic_write_bytes
+    from .trace import Trace
 
     results = summary["results"]
     trace = Trace()
@@ -137,7 +138,7 @@ def write_report(run_dir, pcfg, summary):
               "ranks": [{k: o[k] for k in ("rank", "coords", "peak_activations", "peak_activation_bytes", "bytes_sent",
                                             "memory", "seconds")}
                         for o in results]}
-    _write_atomic(Path(run_dir) / "parallel.json", json.dumps(report, indent=1, default=str).encode())
+    atomic_write_bytes(Path(run_dir) / "parallel.json", json.dumps(report, indent=1, default=str).encode())
 
 
 def _standalone(argv=None):

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import data as data_mod
 from ..args import ModelArgs
+from ..fileio import atomic_write_bytes
 from ..optim import AdamW, get_lr, sum_of_squares
 from ..training import checkpoint as ckpt
 from . import launch
@@ -157,7 +158,7 @@ class _Worker:
         if pg.rank == 0:  # the log holds the steps up to the checkpoint we start from
             log_path = self.run_dir / "log.jsonl"
             records = train_mod._read_log(log_path, self.start_step)
-            ckpt.write_bytes_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+            atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     # --- one step ------------------------------------------------------------------------------------
     def micro_batches(self):

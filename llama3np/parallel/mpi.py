@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .comm import DEFAULT_TIMEOUT, ProcessGroup, match_tag
+from .comm import DEFAULT_TIMEOUT, CommTimeout, ProcessGroup, match_tag
 
 
 def _mpi():

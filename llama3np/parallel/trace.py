@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from ..fileio import atomic_write_bytes
+
 COLORS = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868", "allreduce": "#8172b3", "reduce_scatter": "#937860"}
 COMM = ("allreduce", "reduce_scatter")  # drawn as thin bars under the compute: they may overlap it
 
@@ -34,7 +36,7 @@ class Trace:
              "ts": start * 1e6, "dur": (end - start) * 1e6, "args": {"micro_batch": mb}}
             for rank, name, mb, start, end in self.events], "displayTimeUnit": "ms"}
         if path is not None:
-            _write_atomic(path, json.dumps(doc).encode())
+            atomic_write_bytes(path, json.dumps(doc).encode())
         return doc
 
     def gantt(self, path, title="pipeline schedule", unit="s", labels=None):
@@ -67,13 +69,3 @@ class Trace:
         plt.close(fig)
         os.replace(tmp, path)
         return path
-
-
-def _write_atomic(path, data):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -22,12 +22,13 @@ its checksum and the loader falls back to the previous one, with a warning.
 """
 import hashlib
 import json
-import os
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import atomic_write, atomic_write_bytes
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.npz$")
 
@@ -46,35 +47,6 @@ def _checksum(arrays):
     return h.hexdigest()
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path, data: bytes):
-    """Write `data` to `path` through a temporary file in the same folder, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(run_dir, step, params, opt_state, tokenizer_bytes, meta, keep=3):
     """Write ckpt_{step:08d}.npz atomically, point `latest` at it, delete all but the newest `keep`."""
     run_dir = Path(run_dir)
@@ -89,18 +61,8 @@ def save_checkpoint(run_dir, step, params, opt_state, tokenizer_bytes, meta, kee
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     arrays["sha256"] = np.frombuffer(_checksum(arrays).encode(), dtype=np.uint8)
     path = run_dir / ckpt_name(step)
-    tmp = run_dir / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(run_dir)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    write_bytes_atomic(run_dir / "latest", (path.name + "\n").encode())
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write_bytes(run_dir / "latest", (path.name + "\n").encode())
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path

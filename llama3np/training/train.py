@@ -30,6 +30,7 @@ import numpy as np
 from .. import data as data_mod
 from .. import stories
 from ..args import preset as get_preset
+from ..fileio import atomic_write_bytes
 from ..model import Transformer
 from ..optim import AdamW, clip_grad_norm, get_lr
 from . import checkpoint as ckpt
@@ -270,7 +271,7 @@ def _fresh(cfg, run_dir, log):
         log(f"vocabulary: {args.vocab_size} ids (the {cfg.preset} preset has {base_vocab}; the tokenizer "
             f"has {tok.n_words}" + (", every word of the grammar is already one token)" if cfg.data is None else ")"))
     data_mod.save_arrays_atomic(run_dir / "data.npz", **arrays)
-    ckpt.write_bytes_atomic(run_dir / "config.json",
+    atomic_write_bytes(run_dir / "config.json",
                             json.dumps(dict(cfg.to_json(), model_args=args.to_dict()), indent=2).encode())
     model = Transformer(args, seed=cfg.seed)
     opt = AdamW(model.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -335,7 +336,7 @@ def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
     floor = float(arrays["val_floor"]) if "val_floor" in arrays else None
     log_path = run_dir / "log.jsonl"
     records = _read_log(log_path, state["step"])
-    ckpt.write_bytes_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     if on_start is not None:
         on_start(model)

@@ -1,0 +1,46 @@
+"""Writing a file so that a crash never leaves half of it.
+
+Every file the project writes (checkpoints, tokenizers, logs, traces) goes through `atomic_write`: the
+bytes go to a temporary file in the same folder, which is flushed to disk (fsync) and then renamed over
+the final name. A rename within one filesystem is atomic on POSIX, so a reader - or a resumed run after a
+SIGKILL - sees either the old file or the complete new one. The folder is fsynced too, so that the
+rename itself survives a power cut. Leftover temporaries are named `.NAME.XXXX.tmp`.
+"""
+import os
+import tempfile
+
+
+def atomic_write(path, write) -> None:
+    """Call `write(f)` on a temporary binary file next to `path`, fsync it, rename it over `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def fsync_dir(folder) -> None:
+    """Make a rename in `folder` durable (best effort: some filesystems cannot fsync a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
