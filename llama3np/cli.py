@@ -20,20 +20,12 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------------------------------------------
 def load_model(path):
-    """A training run folder / checkpoint file (ours), or anything `llama3np.load` reads (HF, Meta)."""
-    from .training.checkpoint import CKPT_RE, is_run_dir, load_run
+    """A training run folder or checkpoint file (ours), or anything else `llama3np.load` reads (HF, Meta)."""
+    from .checkpoint import load
 
-    p = Path(path)
-    if not p.exists():
+    if not Path(path).exists():
         raise UsageError(f"model path not found: {path}")
-    if is_run_dir(p) or (p.is_file() and CKPT_RE.match(p.name)):
-        return load_run(p)
-    try:
-        from .checkpoint import load
-    except ImportError as e:
-        raise UsageError(f"{path} is not a llama3np training run, and the loader for other checkpoints "
-                         f"is not available ({e})") from None
-    return load(p)
+    return load(path)
 
 
 class TextStreamer:
