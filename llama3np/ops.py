@@ -34,7 +34,9 @@ def embedding_backward(dout, cache):
 
 
 def rmsnorm_forward(x, weight, eps):
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (B, T, 1)
+    # mean(x^2) as sum / C: the same bits as np.mean, without its ~4 us of Python (twice per layer in
+    # every decode step)
+    rstd = 1.0 / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / x.shape[-1] + eps)  # (B, T, 1)
     xhat = x * rstd  # (B, T, C)
     return xhat * weight, (xhat, rstd, weight)
 

@@ -1,0 +1,87 @@
+"""The decode path of the C matmul: a few rows of x times a transposed weight (x @ w.T, w (N, K)).
+
+A KV-cache decode step multiplies ONE row per sequence by every weight matrix, so sgemm sends M <= 16
+rows with B stored transposed to its GEMV micro-kernels (csrc/gemm.c, `dot_rows_*`), which stream each
+row of w once, from start to end, with four accumulators and a masked (AVX-512) or scalar tail.
+
+What must hold:
+- the product equals float64 NumPy within the float32 dot-product bound, on every instruction set,
+  for K on both sides of the 8 / 16 / 32 / 64-float steps of the kernels (the tails) and any N;
+- a row's result does not depend on the other rows of x (a decode step gives the same bits as the
+  same token inside a small batch) nor on the number of threads (bitwise: training resumes rely on it).
+
+Tolerance: |C - A@B| <= (K + 2) * 2**-24 * (|A| @ |B|), the float32 bound (see test_kernels.py).
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llama3np import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"C kernels not built ({kernels.import_error})")
+
+ISAS = kernels.available_isas() if kernels.available() else ["portable"]
+# every tail of the kernels: below, at and above 8, 16, 32 and 64 floats, and a model-sized row
+K_VALUES = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 512, 777]
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_settings():
+    if not kernels.available():
+        yield
+        return
+    isa, threads = kernels.isa(), kernels.get_num_threads()
+    yield
+    kernels.set_isa(isa)
+    kernels.set_num_threads(threads)
+
+
+def _x_wt(seed, M, N, K):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)  # (out, in), as the model stores its weights
+    return x, w
+
+
+@given(M=st.integers(1, 16), N=st.sampled_from([1, 3, 4, 5, 130, 257]), K=st.sampled_from(K_VALUES),
+       isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+def test_decode_product_equals_float64_numpy_on_every_isa_for_every_tail(M, N, K, isa, seed):
+    """x @ w.T for 1..16 rows is within the float32 bound of the float64 product, whatever K % 64."""
+    kernels.set_isa(isa)
+    x, w = _x_wt(seed, M, N, K)
+    c = kernels.matmul(x, w.T)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    bound = (K + 2) * 2.0**-24 * (np.abs(x64) @ np.abs(w64).T) + 1e-30
+    err = np.abs(c.astype(np.float64) - x64 @ w64.T)
+    assert c.dtype == np.float32 and c.shape == (M, N)
+    assert np.all(err <= bound), f"max error {err.max():.3g} exceeds the float32 bound"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_one_token_gives_the_same_bits_alone_as_inside_a_small_batch(isa):
+    """Row i of (x @ w.T) for a batch of rows is bitwise the product of row i alone."""
+    kernels.set_isa(isa)
+    x, w = _x_wt(1, 9, 300, 515)
+    batch = kernels.matmul(x, w.T)
+    for i in range(len(x)):
+        assert np.array_equal(kernels.matmul(x[i:i + 1], w.T)[0], batch[i])
+
+
+@pytest.mark.parametrize("M", [1, 8])
+def test_decode_product_has_the_same_bits_on_one_and_two_threads(M):
+    """The thread count changes who computes a row of w.T, never how: same bits (M = 8, 16 MFLOP, uses two)."""
+    x, w = _x_wt(2, M, 1000, 1000)
+    kernels.set_num_threads(1)
+    one = kernels.matmul(x, w.T)
+    kernels.set_num_threads(2)
+    assert np.array_equal(kernels.matmul(x, w.T), one)
+
+
+def test_decode_product_reads_a_strided_x_and_a_sliced_weight_in_place():
+    """x a row of a wider array (lda > K) and w.T a column slice of a bigger weight: same as the copies."""
+    rng = np.random.default_rng(3)
+    big_x = rng.standard_normal((4, 600)).astype(np.float32)
+    big_w = rng.standard_normal((70, 600)).astype(np.float32)
+    x, w = big_x[:, :513], big_w[3:67, :513]  # rows 600 floats apart
+    assert np.array_equal(kernels.matmul(x, w.T), kernels.matmul(np.ascontiguousarray(x), np.ascontiguousarray(w).T))
