@@ -4,7 +4,11 @@ Shapes: 1024^3, and the three products of a linear layer in the `small` training
 (B*T = 2048 rows, dim 512, FFN 1536): y = x @ w.T, dx = dy @ w, dw = dy.T @ x, with the transposes
 passed as views exactly as ops.linear_* does. Target: >= 0.8x OpenBLAS GFLOP/s.
 
-    python benchmarks/bench_gemm.py [--repeat 7] [--threads 1 2]
+Then the decode products of `small` (x @ w.T for one token, and the 16-token prefill), in GB/s of
+weights read: "hot" repeats one matrix (it stays in L2/L3), "cold" cycles through 48 MB of copies
+(more than the L3, as the 109 MB of a decode step's weights are), which is what a decode step sees.
+
+    python benchmarks/bench_gemm.py [--repeat 7] [--threads 1 2] [--decode-only]
 """
 import _env
 
@@ -31,19 +35,56 @@ def shapes(rng):
     ]
 
 
+def decode_shapes(rng):
+    """(name, x, weight) for the decode step of `small`: y = x @ w.T with w (out, in)."""
+    def r(*s):
+        return rng.standard_normal(s).astype(np.float32)
+
+    return [("1 x 512 @ wq.T (512x512)", r(1, 512), r(512, 512)),
+            ("1 x 512 @ wk.T (128x512)", r(1, 512), r(128, 512)),
+            ("1 x 512 @ w1.T (1536x512)", r(1, 512), r(1536, 512)),
+            ("1 x 1536 @ w2.T (512x1536)", r(1, 1536), r(512, 1536)),
+            ("1 x 512 @ output.T (8192x512)", r(1, 512), r(8192, 512)),
+            ("16 x 512 @ w1.T (prefill)", r(16, 512), r(1536, 512))]
+
+
+def decode_table(repeat):
+    print(f"  {'decode product':32s} {'hot: ours GB/s':>15s} {'OpenBLAS':>9s} {'ratio':>6s}"
+          f" {'cold: ours GB/s':>16s} {'OpenBLAS':>9s} {'ratio':>6s}")
+    rng = np.random.default_rng(1)
+    for name, x, w in decode_shapes(rng):
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        copies = [w] + [w.copy() for _ in range(max(1, 48 * 2**20 // w.nbytes) - 1)]
+
+        def cold(mm):
+            def run():
+                for c in copies:
+                    mm(x, c.T, out=out)
+            return run
+
+        hot = _env.best_of_each({"ours": lambda: kernels.matmul(x, w.T, out=out),
+                                 "blas": lambda: np.matmul(x, w.T, out=out)}, 5 * repeat)
+        cld = _env.best_of_each({"ours": cold(kernels.matmul), "blas": cold(np.matmul)}, repeat)
+        gb, gbc = w.nbytes / 1e9, w.nbytes * len(copies) / 1e9
+        print(f"  {name:32s} {gb / hot['ours']:15.1f} {gb / hot['blas']:9.1f} {hot['blas'] / hot['ours']:6.2f}"
+              f" {gbc / cld['ours']:16.1f} {gbc / cld['blas']:9.1f} {cld['blas'] / cld['ours']:6.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--decode-only", action="store_true", help="only the decode products")
     cli = parser.parse_args()
     if not kernels.available():
         raise SystemExit(f"C kernels not built: {kernels.import_error}")
     print(ENV_NOTE)
     print(f"micro-kernel: {kernels.isa()}; timings: best of {cli.repeat}, ours and OpenBLAS interleaved")
-    cases = shapes(np.random.default_rng(0))
+    cases = [] if cli.decode_only else shapes(np.random.default_rng(0))
     for n in cli.threads:
         print(_env.pin_threads(n))
-        print(f"  {'shape':38s} {'ours GF/s':>10s} {'OpenBLAS':>10s} {'ratio':>7s}")
+        if cases:
+            print(f"  {'shape':38s} {'ours GF/s':>10s} {'OpenBLAS':>10s} {'ratio':>7s}")
         for name, a, b in cases:
             flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
             out = np.empty((a.shape[0], b.shape[1]), np.float32)
@@ -51,6 +92,7 @@ def main():
                                    "blas": lambda: np.matmul(a, b, out=out)}, cli.repeat)
             ours, blas = t["ours"], t["blas"]
             print(f"  {name:38s} {flops / ours / 1e9:10.1f} {flops / blas / 1e9:10.1f} {blas / ours:7.2f}")
+        decode_table(cli.repeat)
 
 
 if __name__ == "__main__":
