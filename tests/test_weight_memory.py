@@ -8,6 +8,7 @@ pages reads ~1.6x faster than one array per weight), so what must hold is that n
 - the numbers a model computes do not depend on where its weights live (bitwise, against copies);
 - the map is private: a forked child that writes to its weights leaves the parent's unchanged.
 """
+import itertools
 import multiprocessing
 import sys
 
@@ -28,7 +29,7 @@ def test_each_weight_is_its_own_contiguous_writeable_array_and_none_overlap():
         assert not isinstance(w.base, np.ndarray), f"{name} is a view of another array"
         spans.append((w.ctypes.data, w.ctypes.data + w.nbytes))
     spans.sort()
-    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), "two weights overlap"
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), "two weights overlap"
 
 
 def test_a_model_for_a_loader_starts_at_zero_and_a_random_one_draws_the_same_weights_as_before():
