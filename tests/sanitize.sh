@@ -7,7 +7,7 @@
 # processes may be using the normal one). Python itself is not instrumented, so libasan is preloaded;
 # leak detection is off because the interpreter never frees some of its memory.
 #
-#   tests/sanitize.sh                 # all of tests/test_kernels.py
+#   tests/sanitize.sh                 # tests/test_kernels.py and tests/test_decode_kernels.py
 #   tests/sanitize.sh -k attention    # extra arguments go to pytest
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,5 +45,5 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 assert r.returncode != 0 and "AddressSanitizer" in r.stderr, "the sanitizer did not catch a planted overflow"
 print("planted overflow caught: AddressSanitizer is active")
 PY
-"$PYTHON" -m pytest tests/test_kernels.py -q -p no:cacheprovider "$@"
+"$PYTHON" -m pytest tests/test_kernels.py tests/test_decode_kernels.py -q -p no:cacheprovider "$@"
 echo "sanitize.sh: no AddressSanitizer / UBSan reports"

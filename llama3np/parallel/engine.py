@@ -415,9 +415,9 @@ def reference_train(run_dir, steps, dtype=np.float64):
     ck = ckpt.read_checkpoint(min(ckpt.list_checkpoints(run_dir)))  # the oldest one kept: step 0
     if ck["meta"]["step"] != 0:
         raise ValueError(f"{run_dir} no longer holds its step-0 checkpoint")
-    model = Transformer(ModelArgs.from_dict(ck["meta"]["model_args"]), dtype=dtype)
-    for n in model.params:
-        model.params[n] = ck["params"][n].astype(dtype)
+    model = Transformer(ModelArgs.from_dict(ck["meta"]["model_args"]), dtype=dtype, init=False)
+    for n, p in model.params.items():
+        p[...] = ck["params"][n]
     opt = AdamW(model.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     with np.load(run_dir / "data.npz") as z:
         loader = data_mod.DataLoader(z["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)

@@ -160,7 +160,7 @@ def load_run(path, dtype=np.float32):
         a = ck["params"][name]
         if a.shape != p.shape:
             raise ValueError(f"{ck_path}: weight {name!r} has shape {a.shape}, expected {p.shape}")
-        model.params[name] = a.astype(dtype, copy=False)
+        p[...] = a  # in place: the weights stay in the model's one block of memory (see model.py)
     model.tokenizer = Tokenizer.from_bytes(ck["tokenizer_bytes"], name=f"{ck_path.name}:tokenizer")
     model.checkpoint_path = ck_path  # where it came from, for messages
     model.train_step = int(ck["meta"]["step"])
