@@ -71,15 +71,22 @@ def best_of(fn, repeat=5, warmup=1):
     return best
 
 
-def best_of_each(fns: dict, repeat=5, warmup=1):
+def best_of_each(fns: dict, repeat=5, warmup=1, settle=0.3):
     """{name: fastest seconds} for several functions timed in turn (a, b, a, b, ...), so that a change in
-    the machine's load hits all of them alike, rather than whichever happened to run during it."""
+    the machine's load hits all of them alike, rather than whichever happened to run during it.
+
+    Before each timed call, `settle` seconds of sleep: OpenBLAS's and PyTorch's worker threads keep
+    spinning on the cores for a while after their call returns (OpenBLAS ~0.1 s), and would otherwise
+    take a core from whatever runs next - with 2 threads our kernel measured at half speed right after
+    an OpenBLAS call. Our C kernels join their threads before returning, so they leave nothing behind.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     best = {name: float("inf") for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            time.sleep(settle)
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)

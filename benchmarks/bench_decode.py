@@ -12,7 +12,6 @@ import _env
 ENV_NOTE = _env.clean_blas_env()
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -62,17 +61,16 @@ def main():
 
             backends = ["c", "numpy"] if kernels.available() else ["numpy"]
             ref = theirs()
-            t_theirs, t_ours = float("inf"), {name: float("inf") for name in backends}
             agree = {}
             for name in backends:
                 backend.set_backend(name)
                 a = ours()
                 agree[name] = next((i for i, (x, y) in enumerate(zip(a, ref)) if x != y), min(len(a), len(ref)))
-            for _ in range(cli.repeat):  # interleaved, best of: the load of a shared machine drifts
-                for name in backends:
-                    backend.set_backend(name)
-                    t = time.perf_counter(); ours(); t_ours[name] = min(t_ours[name], time.perf_counter() - t)  # noqa: E702
-                t = time.perf_counter(); theirs(); t_theirs = min(t_theirs, time.perf_counter() - t)  # noqa: E702
+            def on(k):  # ours() on backend k
+                return lambda: (backend.set_backend(k), ours())
+
+            times = _env.best_of_each({"transformers": theirs, **{k: on(k) for k in backends}}, cli.repeat, warmup=0)
+            t_theirs, t_ours = times["transformers"], {k: times[k] for k in backends}
             line = f"  {name_}: transformers {cli.new / t_theirs:7.1f} tok/s"
             for name in backends:
                 line += (f"; llama3np[{name}] {cli.new / t_ours[name]:7.1f} tok/s = {t_theirs / t_ours[name]:.2f}x "

@@ -14,7 +14,6 @@ import _env
 ENV_NOTE = _env.clean_blas_env()
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -109,7 +108,7 @@ def main():
                 return loss.item()
 
             backends = ["c", "numpy"] if kernels.available() else ["numpy"]
-            t_theirs, t_ours, first = float("inf"), {k: float("inf") for k in backends}, {}
+            first = {}
             # same weights, same batch: the losses before any update must agree
             with torch.no_grad():
                 logits = hf(input_ids=tx).logits
@@ -118,15 +117,11 @@ def main():
             for k in backends:
                 backend.set_backend(k)
                 first[k] = float(model.loss_and_grads(x, y)[0])
-            theirs()  # warm-up
-            for k in backends:
-                backend.set_backend(k)
-                ours()
-            for _ in range(cli.repeat):  # interleaved, best of: the load of a shared machine drifts
-                for k in backends:
-                    backend.set_backend(k)
-                    t = time.perf_counter(); ours(); t_ours[k] = min(t_ours[k], time.perf_counter() - t)  # noqa: E702
-                t = time.perf_counter(); theirs(); t_theirs = min(t_theirs, time.perf_counter() - t)  # noqa: E702
+            def on(k):  # ours() on backend k
+                return lambda: (backend.set_backend(k), ours())
+
+            times = _env.best_of_each({"torch": theirs, **{k: on(k) for k in backends}}, cli.repeat)
+            t_theirs, t_ours = times["torch"], {k: times[k] for k in backends}
             fl = step_flops(args, B, T)
             print(f"  {name} (batch {B}x{T}, {fl / 1e9:.1f} GFLOP/step): PyTorch {B * T / t_theirs:6.0f} tok/s "
                   f"(MFU {fl / t_theirs / 1e9 / best_peak:.0%})")
