@@ -219,10 +219,46 @@ int get_num_threads(void) { return g_num_threads; }
 /* ---------------------------------------------------------------------------------------------- */
 /* Packing. Element (i, p) of op(A) is A[i*lda + p], or A[p*lda + i] when A is stored transposed.  */
 
+#if LLAMA3NP_X86
+/* dst[q * ds + r] = src[r * ld + q] for r, q < 8: eight rows of 8 floats in, eight columns out.
+ * Packing a strided operand one float at a time costs a load and a store per value; this does 64
+ * values in 8 loads, 24 shuffles and 8 stores (the unpack / shuffle / permute transpose). */
+__attribute__((target("avx"))) static void transpose_8x8(const float *src, long ld, float *dst, long ds) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ld);
+    for (int i = 0; i < 8; i += 2) { /* interleave row pairs: (r0[0] r1[0] r0[1] r1[1] | ...) */
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) { /* then pairs of pairs: 4 rows side by side per 128-bit lane */
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) { /* rows 0-3 from u[i], rows 4-7 from u[i + 4]: low lanes, then high */
+        _mm256_storeu_ps(dst + i * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+#endif
+
+/* whether transpose_8x8 can run here (packing only copies: the result is the same either way) */
+static int fast_transpose(void) { return current_isa() >= 1; }
+
 /* rows i0..i0+mr of op(A), columns p0..p0+kc, into one sliver of MR rows (zero past mr) */
 static void pack_a_sliver(int trans_a, const float *A, long lda, int i0, int mr, int p0, int kc, int MR,
                           float *dst) {
-    for (int p = 0; p < kc; p++) {
+    int p = 0;
+#if LLAMA3NP_X86
+    /* A not transposed, a full sliver of 8 rows: 8 x 8 blocks of A transposed in registers */
+    if (!trans_a && mr == 8 && MR == 8 && fast_transpose())
+        for (; p + 8 <= kc; p += 8) transpose_8x8(A + (long)i0 * lda + p0 + p, lda, dst + (long)p * MR, MR);
+#endif
+    /* A transposed, a full sliver of 8: one fixed-size copy per p (a 32-byte move, not a loop over mr) */
+    if (trans_a && mr == 8 && MR == 8)
+        for (; p < kc; p++) memcpy(dst + (long)p * 8, A + (long)(p0 + p) * lda + i0, 8 * sizeof(float));
+    for (; p < kc; p++) {
         float *d = dst + (long)p * MR;
         if (trans_a) {
             const float *src = A + (long)(p0 + p) * lda + i0;  /* a row of the stored A^T: contiguous */
@@ -241,7 +277,19 @@ static void pack_b_sliver(int trans_b, const float *B, long ldb, int p0, int kc,
     if (trans_b) {
         /* column j of op(B) is row j0 + j of the stored B^T: read it along its length (sequential
          * reads the prefetcher follows), write it down the sliver with stride NR */
-        for (int j = 0; j < nr; j++) {
+        int j = 0;
+#if LLAMA3NP_X86
+        /* 8 rows of B^T at a time, transposed in registers 8 x 8 (the last kc % 8 one by one) */
+        if (fast_transpose())
+            for (; j + 8 <= nr; j += 8) {
+                const float *src = B + (long)(j0 + j) * ldb + p0;
+                int p = 0;
+                for (; p + 8 <= kc; p += 8) transpose_8x8(src + p, ldb, dst + (long)p * NR + j, NR);
+                for (; p < kc; p++)
+                    for (int r = 0; r < 8; r++) dst[(long)p * NR + j + r] = src[(long)r * ldb + p];
+            }
+#endif
+        for (; j < nr; j++) {
             const float *src = B + (long)(j0 + j) * ldb + p0;
             for (int p = 0; p < kc; p++) dst[(long)p * NR + j] = src[p];
         }
@@ -288,11 +336,12 @@ static void macro_kernel(const isa_t *isa, int s0, int s1, int mc, int nc, int k
 
 /* ---------------------------------------------------------------------------------------------- */
 /* The blocked loops. The work is cut into tiles of C of MC rows x NC columns; each thread takes    */
-/* tiles from a shared counter and computes each one alone, over the whole K: for every block of KC */
-/* it packs its rows of A (MC x KC, into L2) and its columns of B (KC x NC, into L2), then runs the  */
-/* micro-kernel over them. Threads share nothing and never wait for each other, which matters on a  */
-/* busy machine: a thread the OS has paused delays only its own tile. Packing A once per column     */
-/* block and B once per row block costs 1/NC + 1/MC of the arithmetic, under 1%.                   */
+/* claims of `group` row tiles of one column block from a shared counter and computes each claim    */
+/* alone, over the whole K: for every block of KC it packs the columns of B (KC x NC, into L2) once, */
+/* then for each row tile packs its rows of A (MC x KC) and runs the micro-kernel over them.        */
+/* Threads share nothing and never wait for each other, which matters on a busy machine: a thread   */
+/* the OS has paused delays only its own claim. Sharing each packed B block between row tiles,     */
+/* with transpose_8x8 in the packing, measured 0.94 -> 1.03x OpenBLAS for y = x @ w.T on 1 thread.  */
 
 typedef struct {
     const isa_t *isa;
@@ -302,8 +351,9 @@ typedef struct {
     float *C;
     int accumulate;
     int mc_tile;     /* rows per tile, at most MC */
+    int group;       /* row tiles per claim (one column block), that share each packed block of B */
     float *work;     /* per thread: a packed A block (MC x KC) then a packed B block (KC x NC) */
-    int next_tile;   /* the shared tile counter */
+    int next_tile;   /* the shared claim counter */
 } gemm_ctx;
 
 /* floats of one thread's workspace, a multiple of 16 so every piece stays 64-byte aligned */
@@ -316,27 +366,34 @@ static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
     const isa_t *isa = g->isa;
     const int MR = isa->mr, NR = isa->nr;
     float *Ap = g->work + (long)tid * thread_work_floats(), *Bp = Ap + a_block_floats();
-    const int MT = g->mc_tile, n_row_tiles = (g->M + MT - 1) / MT, n_tiles = n_row_tiles * ((g->N + NC - 1) / NC);
+    const int MT = g->mc_tile, G = g->group, n_row_tiles = (g->M + MT - 1) / MT;
+    const int n_groups = (n_row_tiles + G - 1) / G, n_claims = n_groups * ((g->N + NC - 1) / NC);
     for (;;) {
         int t = __atomic_fetch_add(&g->next_tile, 1, __ATOMIC_RELAXED);
-        if (t >= n_tiles) break;
-        int ic = (t % n_row_tiles) * MT, jc = (t / n_row_tiles) * NC;
-        int mc = g->M - ic < MT ? g->M - ic : MT, nc = g->N - jc < NC ? g->N - jc : NC;
-        int n_slivers = (mc + MR - 1) / MR;
-        const float *A = g->trans_a ? g->A + ic : g->A + (long)ic * g->lda;
+        if (t >= n_claims) break;
+        /* a claim: G row tiles of one column block. K blocks outside, row tiles inside, so each packed
+         * block of B (in L2) serves all G row tiles before the next is packed. Every C[i, j] still sums
+         * its K blocks in the same order, so the bits do not depend on G. */
+        int t0 = (t % n_groups) * G, t1 = t0 + G < n_row_tiles ? t0 + G : n_row_tiles, jc = (t / n_groups) * NC;
+        int nc = g->N - jc < NC ? g->N - jc : NC;
         for (int pc = 0; pc < g->K; pc += KC) {
             int kc = g->K - pc < KC ? g->K - pc : KC;
-            for (int s = 0; s < n_slivers; s++) {
-                int mr = mc - s * MR < MR ? mc - s * MR : MR;
-                pack_a_sliver(g->trans_a, A, g->lda, s * MR, mr, pc, kc, MR, Ap + (long)s * MR * kc);
-            }
             for (int jr = 0; jr < nc; jr += NR) {
                 int nr = nc - jr < NR ? nc - jr : NR;
                 pack_b_sliver(g->trans_b, g->B, g->ldb, pc, kc, jc + jr, nr, NR, Bp + (long)jr * kc);
             }
-            /* later K blocks add to what the first one wrote */
-            macro_kernel(isa, 0, n_slivers, mc, nc, kc, Ap, Bp, (long)kc * NR, g->C + (long)ic * g->ldc + jc, g->ldc,
-                         g->accumulate || pc > 0, 0);
+            for (int ic = t0 * MT; ic < t1 * MT && ic < g->M; ic += MT) {
+                int mc = g->M - ic < MT ? g->M - ic : MT;
+                int n_slivers = (mc + MR - 1) / MR;
+                const float *A = g->trans_a ? g->A + ic : g->A + (long)ic * g->lda;
+                for (int s = 0; s < n_slivers; s++) {
+                    int mr = mc - s * MR < MR ? mc - s * MR : MR;
+                    pack_a_sliver(g->trans_a, A, g->lda, s * MR, mr, pc, kc, MR, Ap + (long)s * MR * kc);
+                }
+                /* later K blocks add to what the first one wrote */
+                macro_kernel(isa, 0, n_slivers, mc, nc, kc, Ap, Bp, (long)kc * NR, g->C + (long)ic * g->ldc + jc,
+                             g->ldc, g->accumulate || pc > 0, 0);
+            }
         }
     }
 }
@@ -382,13 +439,18 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
             for (int i = 0; i < M; i++) memset(C + (long)i * ldc, 0, (size_t)N * sizeof(float));
         return 0;
     }
-    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, NULL, 0};
+    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, 1, NULL, 0};
     /* shorter tiles when there are too few to keep every thread busy to the end (the threads then
      * finish within a small tile of each other) */
     const int n_col_tiles = (N + NC - 1) / NC;
     while (g.mc_tile > 96 && ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles < 4 * nthreads)
         g.mc_tile = (g.mc_tile / 2 + 23) / 24 * 24;
-    int n_tiles = ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles;
+    /* row tiles taken together (sharing each packed B block), as many as still leave 4 claims per
+     * thread: B is then packed n_row_tiles / group times instead of n_row_tiles times */
+    const int n_row_tiles = (M + g.mc_tile - 1) / g.mc_tile;
+    while (g.group < n_row_tiles && (n_row_tiles + 2 * g.group - 1) / (2 * g.group) * n_col_tiles >= 4 * nthreads)
+        g.group *= 2;
+    int n_tiles = (n_row_tiles + g.group - 1) / g.group * n_col_tiles;
     if (nthreads > n_tiles) nthreads = n_tiles;
     long need = (long)nthreads * thread_work_floats();
     float *owned = NULL;
