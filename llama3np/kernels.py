@@ -230,25 +230,22 @@ def _contiguous_matrix(x, name):
 
 def naive_matmul(a, b):
     """The textbook triple loop in C (for notebooks/02_kernels); contiguous inputs only."""
-    _require()
-    _contiguous_matrix(a, "a")
-    _contiguous_matrix(b, "b")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"matmul shapes do not fit: a {a.shape} @ b {b.shape}")
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
-    lib.naive_sgemm(a.shape[0], b.shape[1], a.shape[1], _ptr(a), _ptr(b), _ptr(out))
-    return out
+    return _teaching_matmul("naive_sgemm", a, b)
 
 
 def blocked_matmul(a, b):
     """The triple loop reordered and tiled for the caches, no packing or explicit SIMD (notebook)."""
+    return _teaching_matmul("blocked_sgemm", a, b)
+
+
+def _teaching_matmul(c_name, a, b):
     _require()
     _contiguous_matrix(a, "a")
     _contiguous_matrix(b, "b")
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul shapes do not fit: a {a.shape} @ b {b.shape}")
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
-    lib.blocked_sgemm(a.shape[0], b.shape[1], a.shape[1], _ptr(a), _ptr(b), _ptr(out))
+    getattr(lib, c_name)(a.shape[0], b.shape[1], a.shape[1], _ptr(a), _ptr(b), _ptr(out))
     return out
 
 
