@@ -26,8 +26,13 @@ def _cdef():
 
 def _compile_args():
     # -fopenmp-simd only honours `#pragma omp simd` (a reduction the compiler may vectorize); it links
-    # no OpenMP runtime
-    args = [] if sys.platform == "win32" else ["-O3", "-pthread", "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+    # no OpenMP runtime. Apple's clang refuses OpenMP options, so on macOS the pragma is just ignored.
+    if sys.platform == "win32":
+        args = []
+    else:
+        args = ["-O3", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
+        if sys.platform != "darwin":
+            args.append("-fopenmp-simd")
     return args + shlex.split(os.environ.get("LLAMA3NP_CFLAGS", ""))
 
 

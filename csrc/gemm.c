@@ -244,7 +244,9 @@ __attribute__((target("avx"))) static void transpose_8x8(const float *src, long 
 #endif
 
 /* whether transpose_8x8 can run here (packing only copies: the result is the same either way) */
+#if LLAMA3NP_X86
 static int fast_transpose(void) { return current_isa() >= 1; }
+#endif
 
 /* rows i0..i0+mr of op(A), columns p0..p0+kc, into one sliver of MR rows (zero past mr) */
 static void pack_a_sliver(int trans_a, const float *A, long lda, int i0, int mr, int p0, int kc, int MR,
@@ -715,7 +717,7 @@ static int sgemm_small_m(int nthreads, int trans_a, int trans_b, int M, int N, i
 
 int sgemm(int trans_a, int trans_b, int M, int N, int K, const float *A, long lda, const float *B, long ldb,
           float *C, long ldc, int accumulate) {
-    /* starting a thread costs ~20 us: only worth it above ~4 MFLOP of work per extra thread */
+    /* waking a sleeping worker costs ~10-50 us: only worth it above ~4 MFLOP of work per extra thread */
     double flops = 2.0 * M * N * K;
     int nthreads = g_num_threads;
     while (nthreads > 1 && flops < 4e6 * nthreads) nthreads--;

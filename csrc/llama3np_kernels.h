@@ -49,7 +49,7 @@ int attention_backward(const float *dout, const long *dout_strides,
  * (it never selects what the CPU cannot run; it returns the best available one instead). */
 int select_isa(int isa);
 int current_isa(void);
-/* Threads used by sgemm and attention (pthreads started per call; small work uses one). */
+/* Threads used by sgemm and attention (a pool of pthreads kept between calls; small work uses one). */
 void set_num_threads(int n);
 int get_num_threads(void);
 

@@ -1,6 +1,7 @@
-/* Fork-join threads for the kernels (see parallel.h for why not OpenMP). */
+/* Fork-join threads for the kernels (see parallel.h for why a kept pool and not OpenMP). */
 #include "parallel.h"
 
+#include <signal.h>
 #include <stdlib.h>
 
 #define MAX_THREADS 256
@@ -14,7 +15,7 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-#define SPIN_ITERATIONS 20000 /* ~50-100 us of pause instructions before going to sleep */
+#define SPIN_ITERATIONS 20000 /* ~50-400 us of pause instructions before going to sleep */
 
 void barrier_wait(barrier_t *b) {
     if (b->n <= 1) return;
@@ -39,8 +40,116 @@ void barrier_wait(barrier_t *b) {
     pthread_mutex_unlock(&b->mu);
 }
 
+typedef void (*team_fn)(void *, int, int, barrier_t *);
+
+/* Spin on *word until it differs from `seen` (or SPIN_ITERATIONS pass); returns its value. */
+static long spin_while_equal(const long *word, long seen) {
+    long v = seen;
+    for (int i = 0; i < SPIN_ITERATIONS && v == seen; i++) {
+        cpu_relax();
+        v = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    }
+    return v;
+}
+
+/* Spin until *word is 0 (or SPIN_ITERATIONS pass); returns whether it is. */
+static int spin_until_zero(const long *word) {
+    for (int i = 0; i < SPIN_ITERATIONS; i++) {
+        if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == 0) return 1;
+        cpu_relax();
+    }
+    return __atomic_load_n(word, __ATOMIC_ACQUIRE) == 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* The pool. Worker w (1..size) waits until its own counter posted[w] moves, runs the posted team's */
+/* fn as tid w, and counts `pending` down; the caller is tid 0 and waits for pending to reach 0.    */
+/* A worker reads the team only after its own counter moved, so a call with fewer threads than the  */
+/* pool leaves the other workers asleep and untouched.                                             */
+
+static struct {
+    pthread_mutex_t busy;  /* held for a whole call; a concurrent call uses threads of its own */
+    pthread_mutex_t mu;    /* guards the sleeps below */
+    pthread_cond_t work, done;
+    int size;              /* workers running */
+    pthread_t threads[MAX_THREADS];
+    long posted[MAX_THREADS];
+    /* the call in progress */
+    team_fn fn;
+    void *arg;
+    int nthreads;
+    barrier_t barrier;
+    long pending;
+} pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER,
+        .done = PTHREAD_COND_INITIALIZER};
+
+static void *pool_worker(void *p) {
+    const int tid = (int)(long)p;
+    long seen = 0;
+    for (;;) {
+        long v = spin_while_equal(&pool.posted[tid], seen);
+        if (v == seen) {
+            pthread_mutex_lock(&pool.mu);
+            while ((v = __atomic_load_n(&pool.posted[tid], __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&pool.work, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = v;
+        pool.fn(pool.arg, tid, pool.nthreads, &pool.barrier);
+        if (__atomic_sub_fetch(&pool.pending, 1, __ATOMIC_ACQ_REL) == 0) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
+    return NULL;
+}
+
+/* In a forked child the workers do not exist (only the forking thread is copied): forget them, and
+ * re-create the locks, which another thread of the parent may have held at the fork. */
+static void pool_after_fork_in_child(void) {
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.work, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.size = 0;
+    for (int t = 0; t < MAX_THREADS; t++) pool.posted[t] = 0;
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init(void) {
+    pthread_atfork(NULL, NULL, pool_after_fork_in_child);
+    pthread_mutex_init(&pool.barrier.mu, NULL);
+    pthread_cond_init(&pool.barrier.cv, NULL);
+}
+
+/* Start workers until there are `want` (fewer if the OS refuses); returns how many there are.
+ * Workers block every signal, so that signals (Ctrl-C) go to the Python thread, as before. */
+static int pool_grow(int want) {
+    if (pool.size >= want) return pool.size;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    while (pool.size < want) {
+        int tid = pool.size + 1;
+        pool.posted[tid] = 0;
+        if (pthread_create(&pool.threads[tid], &attr, pool_worker, (void *)(long)tid) != 0) break;
+        pool.size++;
+    }
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return pool.size;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Threads of its own for a call that finds the pool busy (two Python threads in the kernels at    */
+/* once: cffi releases the GIL): started for this call and joined at its end.                     */
+
 typedef struct {
-    void (*fn)(void *, int, int, barrier_t *);
+    team_fn fn;
     void *arg;
     barrier_t barrier;
     /* the start gate: workers wait here until the team size is final */
@@ -63,13 +172,7 @@ static void *worker_main(void *p) {
     return NULL;
 }
 
-int parallel_run(int nthreads, void (*fn)(void *, int, int, barrier_t *), void *arg) {
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads <= 1) {
-        barrier_t single = {.n = 1};
-        fn(arg, 0, 1, &single);
-        return 1;
-    }
+static int run_own_threads(int nthreads, team_fn fn, void *arg) {
     team_t team = {.fn = fn, .arg = arg};
     pthread_mutex_init(&team.barrier.mu, NULL);
     pthread_cond_init(&team.barrier.cv, NULL);
@@ -92,5 +195,37 @@ int parallel_run(int nthreads, void (*fn)(void *, int, int, barrier_t *), void *
     for (int t = 1; t < n; t++) pthread_join(threads[t], NULL);
     pthread_cond_destroy(&team.barrier.cv);
     pthread_mutex_destroy(&team.barrier.mu);
+    return n;
+}
+
+int parallel_run(int nthreads, team_fn fn, void *arg) {
+    if (nthreads > MAX_THREADS - 1) nthreads = MAX_THREADS - 1;
+    if (nthreads <= 1) {
+        barrier_t single = {.n = 1};
+        fn(arg, 0, 1, &single);
+        return 1;
+    }
+    pthread_once(&pool_once, pool_init);
+    if (pthread_mutex_trylock(&pool.busy) != 0) return run_own_threads(nthreads, fn, arg);
+    int n = 1 + pool_grow(nthreads - 1);
+    if (n > nthreads) n = nthreads;
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.nthreads = n;
+    pool.barrier.n = n;
+    pool.barrier.count = 0;
+    __atomic_store_n(&pool.pending, n - 1, __ATOMIC_RELEASE);
+    /* the call's fields are written before each worker's counter moves (release / acquire) */
+    for (int t = 1; t < n; t++) __atomic_add_fetch(&pool.posted[t], 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&pool.mu);
+    pthread_cond_broadcast(&pool.work);
+    pthread_mutex_unlock(&pool.mu);
+    fn(arg, 0, n, &pool.barrier);
+    if (!spin_until_zero(&pool.pending)) { /* spin for the others first, then sleep */
+        pthread_mutex_lock(&pool.mu);
+        while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) != 0) pthread_cond_wait(&pool.done, &pool.mu);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    pthread_mutex_unlock(&pool.busy);
     return n;
 }

@@ -348,15 +348,27 @@ def test_concurrent_calls_from_python_threads_give_correct_results():
 
 
 def _child_matmul(seed):
+    """A product big enough (300 x 280 x 290: 49 MFLOP) to run on two threads of the pool."""
     rng = np.random.default_rng(seed)
-    a, b = _operand(rng, 70, 80, False), _operand(rng, 80, 90, True)
+    a, b = _operand(rng, 300, 280, False), _operand(rng, 280, 290, True)
     return float(np.abs(kernels.matmul(a, b) - a.astype(np.float64) @ b).max())
+
+
+def test_the_kept_threads_serve_calls_with_any_thread_count():
+    """The pool grows to the largest team asked for; smaller teams leave the other workers waiting."""
+    rng = np.random.default_rng(12)
+    a, b = _operand(rng, 400, 300, False), _operand(rng, 300, 350, False)
+    for threads in [2, 4, 1, 3, 2, 4]:
+        kernels.set_num_threads(threads)
+        for _ in range(3):
+            _assert_matmul_close(kernels.matmul(a, b), a, b)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX")
 def test_forked_children_can_use_the_kernels_after_the_parent_did():
-    """No thread pool survives a call, so a child forked after the parent multiplied does not hang."""
+    """A forked child has none of the parent's worker threads (fork copies only the calling thread):
+    the pool notices and starts its own, instead of waiting forever for workers that are not there."""
     import multiprocessing
 
     kernels.set_num_threads(2)

@@ -1,0 +1,98 @@
+/* A stress test of the kernels' thread pool (csrc/parallel.c), built by tests/sanitize.sh with
+ * ThreadSanitizer: any data race between the caller and the pool's workers is reported and fails the
+ * run. (TSan cannot be preloaded into Python, so this drives the C functions directly.)
+ *
+ * It covers what the pool must survive: many calls in a row (workers spinning or asleep between
+ * them), teams of changing size, two caller threads at once (one gets the pool, the other threads of
+ * its own), the fused attention (whose threads meet at a barrier), and a forked child.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "llama3np_kernels.h"
+
+enum { M = 150, N = 130, K = 140 };
+
+/* C = op(A) @ op(B) with the pool, for the four transposes, checked against the triple loop on
+ * explicitly transposed copies; returns the largest error */
+static double check_matmul(unsigned seed) {
+    float *a = malloc(sizeof(float) * M * K), *b = malloc(sizeof(float) * K * N);
+    float *at = malloc(sizeof(float) * M * K), *bt = malloc(sizeof(float) * K * N);
+    float *c = malloc(sizeof(float) * M * N), *ref = malloc(sizeof(float) * M * N);
+    for (int i = 0; i < M * K; i++) a[i] = (float)((seed * 7 + i * 13) % 17) / 17.0f - 0.5f;
+    for (int i = 0; i < K * N; i++) b[i] = (float)((seed * 3 + i * 11) % 19) / 19.0f - 0.5f;
+    for (int i = 0; i < M; i++)
+        for (int p = 0; p < K; p++) at[p * M + i] = a[i * K + p];
+    for (int p = 0; p < K; p++)
+        for (int j = 0; j < N; j++) bt[j * K + p] = b[p * N + j];
+    naive_sgemm(M, N, K, a, b, ref);
+    double err = 0;
+    for (int t = 0; t < 4; t++) {
+        int ta = t & 1, tb = t >> 1;
+        sgemm(ta, tb, M, N, K, ta ? at : a, ta ? M : K, tb ? bt : b, tb ? K : N, c, N, 0);
+        for (int i = 0; i < M * N; i++) err = fmax(err, fabs(c[i] - ref[i]));
+    }
+    free(a), free(b), free(at), free(bt), free(c), free(ref);
+    return err;
+}
+
+#ifdef PLANT_RACE
+static int planted; /* written by both callers without synchronization: TSan must say so */
+#endif
+
+static void *caller(void *p) {
+    double *worst = p;
+#ifdef PLANT_RACE
+    planted++;
+#endif
+    for (unsigned s = 0; s < 20; s++) *worst = fmax(*worst, check_matmul(s));
+    return NULL;
+}
+
+static int attention_runs(void) {
+    enum { H = 4, KV = 2, T = 70, HD = 16 };
+    long q_strides[3] = {H * T * HD, T * HD, HD}, kv_strides[3] = {KV * T * HD, T * HD, HD};
+    long lse_strides[3] = {H * T, T, 1};
+    float *q = calloc(H * T * HD, sizeof(float)), *k = calloc(KV * T * HD, sizeof(float));
+    float *v = calloc(KV * T * HD, sizeof(float)), *out = calloc(H * T * HD, sizeof(float));
+    float *lse = calloc(H * T, sizeof(float)), *dq = calloc(H * T * HD, sizeof(float));
+    float *dk = calloc(KV * T * HD, sizeof(float)), *dv = calloc(KV * T * HD, sizeof(float));
+    for (int i = 0; i < H * T * HD; i++) q[i] = (float)(i % 7) / 7.0f;
+    for (int i = 0; i < KV * T * HD; i++) k[i] = v[i] = (float)(i % 5) / 5.0f;
+    int rc = 0;
+    for (int r = 0; r < 5; r++) {
+        rc |= attention_forward(q, q_strides, k, kv_strides, v, kv_strides, out, lse, 1, H, KV, T, T, HD, 1);
+        rc |= attention_backward(out, q_strides, q, q_strides, k, kv_strides, v, kv_strides, out, q_strides,
+                                 lse, lse_strides, dq, dk, dv, 1, H, KV, T, T, HD, 1);
+    }
+    free(q), free(k), free(v), free(out), free(lse), free(dq), free(dk), free(dv);
+    return rc;
+}
+
+int main(void) {
+    double worst = 0;
+    for (int n = 1; n <= 4; n++) { /* teams of every size, the pool growing and shrinking its use */
+        set_num_threads(n);
+        for (unsigned s = 0; s < 10; s++) worst = fmax(worst, check_matmul(s));
+        usleep(2000); /* long enough for the workers to stop spinning and sleep */
+    }
+    set_num_threads(2);
+    double w1 = 0, w2 = 0; /* two callers at once */
+    pthread_t t1, t2;
+    pthread_create(&t1, NULL, caller, &w1);
+    pthread_create(&t2, NULL, caller, &w2);
+    pthread_join(t1, NULL), pthread_join(t2, NULL);
+    worst = fmax(worst, fmax(w1, w2));
+    if (attention_runs() != 0) return fprintf(stderr, "attention failed\n"), 1;
+    pid_t child = fork(); /* the child has no workers: the pool must start its own */
+    if (child == 0) _exit(check_matmul(99) < 1e-4 ? 0 : 1);
+    int status = 0;
+    waitpid(child, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return fprintf(stderr, "forked child failed\n"), 1;
+    printf("threads_stress: largest error %.2g\n", worst);
+    return worst < 1e-4 ? 0 : 1;
+}
