@@ -78,7 +78,7 @@ def best_of_each(fns: dict, repeat=5, warmup=1, settle=0.3):
     Before each timed call, `settle` seconds of sleep: OpenBLAS's and PyTorch's worker threads keep
     spinning on the cores for a while after their call returns (OpenBLAS ~0.1 s), and would otherwise
     take a core from whatever runs next - with 2 threads our kernel measured at half speed right after
-    an OpenBLAS call. Our C kernels join their threads before returning, so they leave nothing behind.
+    an OpenBLAS call. Our C kernels' workers spin for well under a millisecond before they sleep.
     """
     for fn in fns.values():
         for _ in range(warmup):
