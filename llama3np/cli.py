@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
+class UsageError(ValueError):
+    """A problem with what the user asked for: printed as one line, exit code 2 (a ValueError, so
+    every command that reports bad values reports these too)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,20 +93,27 @@ def _parse_overrides(items):
 
 
 # ---------------------------------------------------------------------------------------------------
-def cmd_train(a):
-    from .training import TrainConfig, train
+def train_config(a, progress):
+    """The TrainConfig of the arguments add_train_arguments defined (for `train` and `parallel train`)."""
+    from .training import TrainConfig
 
-    _set_backend(a.backend)
     overrides = _parse_overrides(a.override)
     if a.vocab_size is not None:
         overrides["vocab_size"] = a.vocab_size
     if a.data is not None and not Path(a.data).exists():
         raise UsageError(f"--data: corpus path not found: {a.data}")
-    cfg = TrainConfig(out=a.out, preset=a.preset, data=a.data, tokenizer=a.tokenizer, model_overrides=overrides,
-                      steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
-                      lr=a.lr, warmup_steps=a.warmup_steps, save_every=a.save_every, eval_every=a.eval_every,
-                      seed=a.seed, resume=a.resume, progress=not a.no_progress, n_stories=a.n_stories,
-                      val_stories=a.val_stories)
+    return TrainConfig(out=a.out, preset=a.preset, data=a.data, tokenizer=a.tokenizer, model_overrides=overrides,
+                       steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
+                       lr=a.lr, warmup_steps=a.warmup_steps, save_every=a.save_every, eval_every=a.eval_every,
+                       seed=a.seed, resume=a.resume, progress=progress, n_stories=a.n_stories,
+                       val_stories=a.val_stories)
+
+
+def cmd_train(a):
+    from .training import train
+
+    _set_backend(a.backend)
+    cfg = train_config(a, progress=not a.no_progress)
     model = train(cfg)
     vals = [r for r in model.train_records if "val_loss" in r]
     summary = f"validation loss {vals[-1]['val_loss']:.4f}" if vals else "no validation yet"
@@ -252,10 +260,7 @@ def main(argv=None):
 
     try:
         rc = a.func(a)
-    except UsageError as e:
-        print(f"llama3np: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError) as e:  # UsageError is a ValueError
         print(f"llama3np: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -31,7 +31,9 @@ def test_parallel_train_recovers_from_a_kill_and_writes_its_reports(tmp_path):
 
 
 @pytest.mark.parametrize("grid,match", [(["--tp", "3"], "divisible by 3"), (["--pp", "3"], "at least as many layers"),
-                                        (["--inject-fault", "boom:0@1"], "bad fault")])
+                                        (["--inject-fault", "boom:0@1"], "bad fault"),
+                                        (["--override", "dimension=3"], "not a ModelArgs field"),
+                                        (["--data", "/no/such/corpus"], "corpus path not found")])
 def test_bad_grids_exit_with_code_2_and_one_clear_line(tmp_path, capsys, grid, match):
     code = cli._standalone(["train", "--out", str(tmp_path / "bad"), *ARGS, *grid])
     assert code == 2

@@ -56,19 +56,10 @@ def add_parser(subparsers):
 
 
 def _configs(a):
-    from ..cli import _parse_overrides
-    from ..training import TrainConfig
+    from ..cli import train_config
     from . import engine
 
-    overrides = _parse_overrides(a.override)
-    if a.vocab_size is not None:
-        overrides["vocab_size"] = a.vocab_size
-    if a.data is not None and not Path(a.data).exists():
-        raise FileNotFoundError(f"--data: corpus path not found: {a.data}")
-    cfg = TrainConfig(out=a.out, preset=a.preset, data=a.data, tokenizer=a.tokenizer, model_overrides=overrides,
-                      steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
-                      lr=a.lr, warmup_steps=a.warmup_steps, save_every=a.save_every, eval_every=a.eval_every,
-                      seed=a.seed, resume=a.resume, progress=False, n_stories=a.n_stories, val_stories=a.val_stories)
+    cfg = train_config(a, progress=False)
     pcfg = engine.ParallelConfig(dp=a.dp, tp=a.tp, pp=a.pp, schedule=a.schedule, micro_batches=a.micro_batches,
                                  chunks=a.chunks,
                                  zero=a.zero, bucket_bytes=a.bucket_kb * 1024, overlap=a.overlap, dtype=a.dtype,
