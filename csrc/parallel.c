@@ -72,7 +72,6 @@ static struct {
     pthread_mutex_t mu;    /* guards the sleeps below */
     pthread_cond_t work, done;
     int size;              /* workers running */
-    pthread_t threads[MAX_THREADS];
     long posted[MAX_THREADS];
     /* the call in progress */
     team_fn fn;
@@ -112,6 +111,8 @@ static void pool_after_fork_in_child(void) {
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work, NULL);
     pthread_cond_init(&pool.done, NULL);
+    pthread_mutex_init(&pool.barrier.mu, NULL);
+    pthread_cond_init(&pool.barrier.cv, NULL);
     pool.size = 0;
     for (int t = 0; t < MAX_THREADS; t++) pool.posted[t] = 0;
 }
@@ -136,7 +137,8 @@ static int pool_grow(int want) {
     while (pool.size < want) {
         int tid = pool.size + 1;
         pool.posted[tid] = 0;
-        if (pthread_create(&pool.threads[tid], &attr, pool_worker, (void *)(long)tid) != 0) break;
+        pthread_t thread;
+        if (pthread_create(&thread, &attr, pool_worker, (void *)(long)tid) != 0) break;
         pool.size++;
     }
     pthread_attr_destroy(&attr);
