@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The C kernels beyond this machine's gcc on x86-64:
 #   1. built with clang, warnings as errors (-Wall -Wextra -Werror), and the kernel tests run against
-#      that build (in a scratch copy of the package, as tests/sanitize.sh does);
+#      that build (in a scratch copy of the package: tests/scratch_build.sh);
 #   2. cross-compiled with clang for arm64 (aarch64-linux-gnu: the portable micro-kernel, no x86
 #      intrinsics, the aarch64 spin hint) and tests/threads_stress.c run there under qemu-aarch64:
 #      every transpose against the triple loop, teams of 1-4 threads, two callers at once, attention,
@@ -14,17 +14,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-SOURCES=("$ROOT/csrc/gemm.c" "$ROOT/csrc/attention.c" "$ROOT/csrc/parallel.c")
+source "$ROOT/tests/scratch_build.sh"
 
-cp -r "$ROOT/llama3np" "$ROOT/tests" "$ROOT/pytest.ini" "$ROOT/csrc" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/"
-rm -f "$WORK"/llama3np/_kernels*.so
-CC=clang LDSHARED="clang -shared" LLAMA3NP_CFLAGS="-Wextra -Werror" \
-    "$PYTHON" "$WORK/csrc/build_kernels.py" --out "$WORK/llama3np" --tmp "$WORK/build" >/dev/null
-(cd "$WORK" && PYTHONPATH="$WORK" "$PYTHON" -c "
-import os, llama3np._kernels as ext, llama3np.kernels as kn
-assert kn.available() and ext.__file__.startswith(os.environ['PYTHONPATH']), ext.__file__
-print('clang build:', ext.__file__)" \
-    && PYTHONPATH="$WORK" "$PYTHON" -m pytest tests/test_kernels.py tests/test_decode_kernels.py -q -p no:cacheprovider)
+CC=clang LDSHARED="clang -shared" LLAMA3NP_CFLAGS="-Wextra -Werror" scratch_build
+scratch_check_import "clang build:"
+(cd "$WORK" && PYTHONPATH="$WORK" "$PYTHON" -m pytest tests/test_kernels.py tests/test_decode_kernels.py -q -p no:cacheprovider)
 echo "portability.sh: clang build (-Wall -Wextra -Werror) passes the kernel tests"
 
 SYSROOT=/usr/aarch64-linux-gnu
@@ -34,7 +28,7 @@ if ! command -v qemu-aarch64 >/dev/null || [ ! -d "$SYSROOT" ]; then
     exit 0
 fi
 clang --target=aarch64-linux-gnu -O2 -Wall -Wextra -Werror -pthread -I"$ROOT/csrc" \
-    "$ROOT/tests/threads_stress.c" "${SOURCES[@]}" -lm -o "$WORK/stress_arm64"
+    "$ROOT/tests/threads_stress.c" "${KERNEL_SOURCES[@]}" -lm -o "$WORK/stress_arm64"
 # e_machine of the ELF header (bytes 18-19) is 183 for aarch64
 "$PYTHON" -c "import sys; h = open(sys.argv[1], 'rb').read(20); assert int.from_bytes(h[18:20], 'little') == 183" \
     "$WORK/stress_arm64" || { echo "portability.sh: not an arm64 binary"; exit 1; }

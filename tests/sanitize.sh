@@ -4,8 +4,7 @@
 # csrc/ aborts the run with a report. Then tests/threads_stress.c, built with ThreadSanitizer, drives
 # the kernels' thread pool: any data race is reported. Exit status 0 means zero reports.
 #
-# The sanitized library goes into a scratch copy of the package, never into llama3np/ (other
-# processes may be using the normal one). Python itself is not instrumented, so libasan is preloaded;
+# The sanitized library goes into a scratch copy of the package (tests/scratch_build.sh). Python itself is not instrumented, so libasan is preloaded;
 # leak detection is off because the interpreter never frees some of its memory.
 #
 #   tests/sanitize.sh                 # tests/test_kernels.py and tests/test_decode_kernels.py
@@ -20,27 +19,20 @@ CC="${CC:-gcc}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-cp -r "$ROOT/llama3np" "$ROOT/tests" "$ROOT/pytest.ini" "$ROOT/csrc" "$WORK/"
-cp "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/"
-rm -f "$WORK"/llama3np/_kernels*.so
+source "$ROOT/tests/scratch_build.sh"
 
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
-LLAMA3NP_CFLAGS="$SAN -O1 -g" LLAMA3NP_LDFLAGS="$SAN" \
-    "$PYTHON" "$WORK/csrc/build_kernels.py" --out "$WORK/llama3np" --tmp "$WORK/build" >/dev/null
+LLAMA3NP_CFLAGS="$SAN -O1 -g" LLAMA3NP_LDFLAGS="$SAN" scratch_build
 
 cd "$WORK"
 export LD_PRELOAD="$("$CC" -print-file-name=libasan.so) $("$CC" -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export PYTHONPATH="$WORK"
-# check that the instrumented library is the one imported, and that it does catch an overflow
+scratch_check_import "sanitized build:"
+# check that the instrumented library does catch an overflow
 "$PYTHON" - <<'PY'
-import numpy as np, subprocess, sys
-import os
-import llama3np._kernels as ext
-import llama3np.kernels as kn
-assert kn.available() and ext.__file__.startswith(os.environ["PYTHONPATH"]), ext.__file__
-print("sanitized build:", ext.__file__)
+import subprocess, sys
 # a deliberate out-of-bounds read (calling C directly, past the Python checks) must be reported
 code = ("import numpy as np; from llama3np._kernels import ffi, lib; a = np.ones((4, 4), np.float32); "
         "c = np.empty((4, 4), np.float32); p = lambda x: ffi.cast('float *', x.ctypes.data); "
@@ -61,7 +53,7 @@ if ! command -v "$TSAN_CC" >/dev/null; then
 fi
 tsan_build() {
     "$TSAN_CC" -O1 -g -fsanitize=thread -pthread -I"$ROOT/csrc" "$@" "$ROOT/tests/threads_stress.c" \
-        "$ROOT/csrc/gemm.c" "$ROOT/csrc/attention.c" "$ROOT/csrc/parallel.c" -lm
+        "${KERNEL_SOURCES[@]}" -lm
 }
 export TSAN_OPTIONS="halt_on_error=1"
 # first check that TSan is active: a planted race must be reported
