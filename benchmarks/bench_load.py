@@ -38,7 +38,7 @@ if kind == "transformers":
     torch.set_num_threads(1)
 else:
     import llama3np
-    from llama3np import checkpoint, tokenizer  # import everything before the baseline
+    from llama3np import formats, tokenizer  # import everything before the baseline
 
 
 def status(field):
@@ -88,7 +88,7 @@ def write_checkpoints(args, workdir):
     import numpy as np
 
     import llama3np
-    from llama3np.checkpoint import save
+    from llama3np.formats import save
 
     model = llama3np.Transformer(args, seed=0)
     hf = os.path.join(workdir, "hf-bf16")

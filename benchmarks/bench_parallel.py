@@ -58,7 +58,7 @@ def equivalence_table(work):
     """Every grid of the issue against one process: tiny model, float64, 4 steps (what the tests check)."""
     from threadpoolctl import threadpool_limits
 
-    from llama3np.training import checkpoint as ckpt
+    from llama3np.training import run_folder as ckpt
 
     cfg = TrainConfig(out=os.path.join(work, "eq-base"), preset="tiny", steps=4, batch_size=8, seq_len=16, n_stories=60,
                       val_stories=5, eval_every=10**6, save_every=4, keep=10, progress=False,

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from llama3np import backend, kernels  # noqa: E402
 from llama3np.args import preset  # noqa: E402
-from llama3np.checkpoint import hf_config_from_args, meta_to_hf_name, permute_rotary  # noqa: E402
+from llama3np.formats import hf_config_from_args, meta_to_hf_name, permute_rotary  # noqa: E402
 from llama3np.model import Transformer  # noqa: E402
 from llama3np.optim import AdamW  # noqa: E402
 

@@ -18,8 +18,8 @@ from .model import KVCache, Transformer
 _LAZY = {
     "Tokenizer": "tokenizer",
     "ChatFormat": "tokenizer",
-    "load": "checkpoint",
-    "save": "checkpoint",
+    "load": "formats",
+    "save": "formats",
     "AdamW": "optim",
     "generate": "generation",
     "generate_stream": "generation",

@@ -22,7 +22,7 @@ class UsageError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 def load_model(path):
     """A training run folder or checkpoint file (ours), or anything else `llama3np.load` reads (HF, Meta)."""
-    from .checkpoint import load
+    from .formats import load
 
     if not Path(path).exists():
         raise UsageError(f"model path not found: {path}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from .args import n_params
 from .generation import generate
 from .training import TrainConfig, train
-from .training import checkpoint as ckpt
+from .training import run_folder as ckpt
 
 # About two minutes on 2 idle cores with the tiny preset (~0.6 s per step of 8 x 256 tokens): the
 # validation loss comes within 0.3 nats/token of the entropy after ~100 steps and keeps improving.

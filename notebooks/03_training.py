@@ -30,7 +30,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import llama3np
-from llama3np import data, stories
+from llama3np import data
+from llama3np.data import stories
 from llama3np.generation import generate
 from llama3np.training import TrainConfig, train
 

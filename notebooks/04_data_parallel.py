@@ -33,7 +33,7 @@ from llama3np.parallel.comm import ring_bytes
 from llama3np.parallel.examples import ring_all_reduce_demo
 from llama3np.parallel.trace import Trace
 from llama3np.training import TrainConfig
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"  # the test suite runs this notebook small
 

@@ -34,7 +34,7 @@ from llama3np.parallel import engine
 from llama3np.parallel import schedule as S
 from llama3np.parallel.trace import Trace
 from llama3np.training import TrainConfig
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 work = tempfile.mkdtemp(prefix="llama3np_nb05_")

@@ -35,7 +35,7 @@ from llama3np import ops
 from llama3np.parallel import engine
 from llama3np.parallel import tensor_parallel as TP
 from llama3np.training import TrainConfig
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 rng = np.random.default_rng(0)

@@ -35,7 +35,7 @@ import numpy as np
 
 from llama3np.parallel import engine, supervisor
 from llama3np.training import TrainConfig
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 work = tempfile.mkdtemp(prefix="llama3np_nb07_")

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama3np import ModelArgs, Transformer
-from llama3np.checkpoint import (args_from_hf_config, args_from_meta_params, hf_config_from_args,
+from llama3np.formats import (args_from_hf_config, args_from_meta_params, hf_config_from_args,
                                  hf_to_meta_name, load, meta_to_hf_name, permute_rotary, save,
                                  unpermute_rotary)
 from llama3np.ops import rope_cos_sin, rope_forward, rope_frequencies
-from llama3np.pth_io import load_pth
-from llama3np.safetensors_io import SafeTensorsFile, bf16_to_f32, decode, f32_to_bf16, load_file, save_file
+from llama3np.formats.pth_io import load_pth
+from llama3np.formats.safetensors_io import SafeTensorsFile, bf16_to_f32, decode, f32_to_bf16, load_file, save_file
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=48, max_seq_len=64)
 
@@ -387,7 +387,7 @@ def test_loading_copies_tensors_into_the_model_without_temporary_copies(tmp_path
     and wq/wk are un-permuted through strided views, not through float32 temporaries."""
     import tracemalloc
 
-    import llama3np.checkpoint as checkpoint
+    import llama3np.formats.folders as checkpoint
     import llama3np.tokenizer  # noqa: F401  (imported now, so its import is not counted below)
 
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=256)
@@ -426,16 +426,16 @@ def test_saving_over_an_existing_checkpoint_replaces_it_and_leaves_no_temp_files
 
 
 def test_a_training_run_folder_is_handed_to_the_training_reader(tmp_path, monkeypatch):
-    """A folder of `llama3np train` (ckpt_*.npz / latest) is read by llama3np.training.checkpoint."""
+    """A folder of `llama3np train` (ckpt_*.npz / latest) is read by llama3np.training.run_folder."""
     seen = []
-    fake = types.ModuleType("llama3np.training.checkpoint")
+    fake = types.ModuleType("llama3np.training.run_folder")
     fake.load_run = lambda path, dtype=np.float32: seen.append(os.fspath(path)) or "the run's model"
     if "llama3np.training" not in sys.modules:
         try:
             import llama3np.training  # noqa: F401
         except ImportError:
             monkeypatch.setitem(sys.modules, "llama3np.training", types.ModuleType("llama3np.training"))
-    monkeypatch.setitem(sys.modules, "llama3np.training.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "llama3np.training.run_folder", fake)
     (tmp_path / "ckpt_00000100.npz").write_bytes(b"")
     assert load(tmp_path) == "the run's model" and seen == [os.fspath(tmp_path)]
     assert load(tmp_path / "ckpt_00000100.npz") == "the run's model"  # one checkpoint file of the run

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama3np import data, stories
+from llama3np import data
+from llama3np.data import stories
 
 
 # ---- the story grammar -------------------------------------------------------------------------------

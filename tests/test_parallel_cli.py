@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llama3np.parallel import cli
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 ARGS = ["--override", "dim=32", "--override", "n_layers=2", "--override", "n_heads=4", "--override", "n_kv_heads=2",
         "--override", "hidden_dim=64", "--vocab-size", "520", "--steps", "4", "--batch-size", "8", "--seq-len", "16",

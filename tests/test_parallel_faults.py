@@ -9,7 +9,7 @@ from llama3np.parallel import engine as E
 from llama3np.parallel import launch
 from llama3np.parallel import supervisor as S
 from llama3np.training import TrainConfig
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 OVERRIDES = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llama3np.parallel import engine as E
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--override", "dim=32", "--override", "n_layers=2", "--override", "n_heads=4", "--override", "n_kv_heads=2",

@@ -23,7 +23,7 @@ from llama3np.parallel.comm import ring_bytes
 from llama3np.parallel.data_parallel import GradReducer
 from llama3np.parallel.schedule import make_schedule, peak_activations
 from llama3np.training import TrainConfig
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 
 OVERRIDES = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520)
 STEPS = 4

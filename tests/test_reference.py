@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import llama3np
-from llama3np.checkpoint import hf_to_meta_name, save, unpermute_rotary
+from llama3np.formats import hf_to_meta_name, save, unpermute_rotary
 
 CONFIGS = {
     "gqa": dict(num_key_value_heads=2, tie_word_embeddings=False),

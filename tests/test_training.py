@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from llama3np.training import TrainConfig, TrainingError, load_run, train
-from llama3np.training import checkpoint as ckpt
+from llama3np.training import run_folder as ckpt
 # the module (the package's `train` attribute is the function of the same name)
-train_mod = importlib.import_module("llama3np.training.train")
+from llama3np.training import loop as train_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 # a model small enough that a step takes milliseconds; vocab 600 = 256 bytes + 88 merges + 256 specials

@@ -13,7 +13,6 @@ The run folder is llama3np train's: the workers start from its latest checkpoint
 checkpoints of the full, unsharded weights and AdamW moments (gathered on rank 0), so a run can
 continue on any grid, or with `llama3np train --resume`.
 """
-import importlib
 import json
 import math
 import os
@@ -28,7 +27,8 @@ from .. import data as data_mod
 from ..args import ModelArgs
 from ..fileio import atomic_write_bytes
 from ..optim import AdamW, get_lr, sum_of_squares
-from ..training import checkpoint as ckpt
+from ..training import loop as train_mod
+from ..training import run_folder as ckpt
 from . import launch
 from . import tensor_parallel as tp_mod
 from .data_parallel import GradReducer, ZeroAdamW, shard_rows
@@ -37,8 +37,6 @@ from .pipeline_parallel import StageModel, run_schedule, stage_param_names
 from .schedule import make_schedule
 from .trace import Trace
 
-# the module llama3np.training.train (the package exports a function of the same name)
-train_mod = importlib.import_module("llama3np.training.train")
 
 
 @dataclass
@@ -376,7 +374,7 @@ def prepare_run(cfg, log=print):
 def final_eval(cfg, log=print):
     """Validation loss of the run's final weights (as llama3np train does after its last step), appended
     to log.jsonl. The parallel run itself does not pause for validation every eval_every steps."""
-    from ..training.checkpoint import load_run
+    from ..training.run_folder import load_run
 
     model = load_run(cfg.out)
     with np.load(Path(cfg.out) / "data.npz") as z:

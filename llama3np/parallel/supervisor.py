@@ -18,7 +18,7 @@ time spent on steps that count (the Llama 3 paper reports above 90% over 54 days
 import time
 from dataclasses import replace
 
-from ..training import checkpoint as ckpt
+from ..training import run_folder as ckpt
 from . import engine
 from .launch import GroupFailure
 

@@ -4,7 +4,7 @@
     model = train(TrainConfig(out="runs/tiny", preset="tiny", steps=300))
     model = load_run("runs/tiny")          # the latest good checkpoint, tokenizer included
 """
-from .checkpoint import load_run
-from .train import TrainConfig, TrainingError, train
+from .run_folder import load_run
+from .loop import TrainConfig, TrainingError, train
 
 __all__ = ["TrainConfig", "TrainingError", "train", "load_run"]

@@ -28,12 +28,12 @@ from typing import Optional
 import numpy as np
 
 from .. import data as data_mod
-from .. import stories
+from ..data import stories
 from ..args import preset as get_preset
 from ..fileio import atomic_write_bytes
 from ..model import Transformer
 from ..optim import AdamW, clip_grad_norm, get_lr
-from . import checkpoint as ckpt
+from . import run_folder as ckpt
 
 LLAMA3_VOCAB = 128256
 

@@ -20,9 +20,9 @@ import re
 
 import numpy as np
 
-from .args import ModelArgs
-from .model import Transformer
-from .fileio import atomic_write_bytes
+from ..args import ModelArgs
+from ..model import Transformer
+from ..fileio import atomic_write_bytes
 from .safetensors_io import FLOAT_DTYPES, SafeTensorsFile, decode, save_file
 
 LLAMA3NP_CONFIG = "llama3np.json"
@@ -228,7 +228,7 @@ def load(path, dtype=np.float32, *, rope_scale_factor: float = None, max_seq_len
         folder = os.path.dirname(os.path.abspath(folder))
     if is_run_file or "latest" in os.listdir(folder) or any(
             re.fullmatch(r"ckpt_.*\.npz", f) for f in os.listdir(folder)):
-        from .training.checkpoint import load_run  # the reader of `llama3np train` run folders
+        from ..training.run_folder import load_run  # the reader of `llama3np train` run folders
 
         return load_run(folder, dtype=dtype)
     files = set(os.listdir(folder))
@@ -450,7 +450,7 @@ def _concat_fill(parts, axis):
 def _find_tokenizer(folder, vocab_size):
     """The folder's tokenizer.model (or HF's original/tokenizer.model), else Meta's if the vocab fits."""
     try:
-        from .tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
     except ImportError:
         return None
     for candidate in (os.path.join(folder, TOKENIZER), os.path.join(folder, "original", TOKENIZER)):
@@ -532,7 +532,7 @@ def _write_json(path, obj):
 def _save_tokenizer(tokenizer, folder):
     if tokenizer is None:
         return
-    from .tokenizer import default_model_path
+    from ..tokenizer import default_model_path
 
     if getattr(tokenizer, "model_path", None) is not None and \
             os.path.abspath(tokenizer.model_path) == os.path.abspath(default_model_path()):

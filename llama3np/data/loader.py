@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write
+from ..fileio import atomic_write
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 DOC_SEPARATOR = "<|end_of_text|>"  # a line holding only this splits a file into several documents
@@ -97,7 +97,7 @@ def train_bpe(text, vocab_size):
     """
     import re
 
-    from . import bpe
+    from .. import bpe
 
     try:
         return bpe.train(text, vocab_size, name="bpe")

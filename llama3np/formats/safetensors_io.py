@@ -21,7 +21,7 @@ import struct
 
 import numpy as np
 
-from .fileio import atomic_write
+from ..fileio import atomic_write
 
 # safetensors dtype name -> how the raw words are stored in NumPy (BF16 as its uint16 bit pattern)
 DTYPES = {

@@ -1,0 +1,7 @@
+"""`python -m llama3np ...` is the `llama3np` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
