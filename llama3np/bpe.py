@@ -38,6 +38,18 @@ _PATTERN = regex.compile(PAT_STR)
 MIN_VOCAB_SIZE = 256 + NUM_SPECIAL_TOKENS  # the bytes and the special tokens, no merges
 
 
+class OutOfPairs(ValueError):
+    """The text ran out of pairs to merge before the vocabulary was full.
+
+    `max_vocab_size` is the largest vocab_size this text supports (every chunk is one token by then):
+    call `train` again with it to get the biggest vocabulary the text can fill.
+    """
+
+    def __init__(self, message, max_vocab_size):
+        super().__init__(message)
+        self.max_vocab_size = max_vocab_size
+
+
 def pretokenize(text: str) -> List[str]:
     """Split text into the chunks BPE works inside, with Llama 3's pattern ("Hi there" -> ["Hi", " there"])."""
     return _PATTERN.findall(text)
@@ -61,7 +73,7 @@ def learn_merges(chunk_counts: Dict[str, int], n_merges: int) -> List[bytes]:
     """The vocabulary (id -> bytes) after `n_merges` merges over chunks weighted by their counts.
 
     Returns the 256 single bytes followed by the learned tokens in the order learned.
-    Raises ValueError if the chunks run out of pairs before `n_merges` merges.
+    Raises OutOfPairs (a ValueError) if the chunks run out of pairs before `n_merges` merges.
     """
     vocab = [bytes([b]) for b in range(256)]
     id_of = {token: i for i, token in enumerate(vocab)}
@@ -84,9 +96,10 @@ def learn_merges(chunk_counts: Dict[str, int], n_merges: int) -> List[bytes]:
         while heap and -heap[0][0] != pair_counts.get(heap[0][1], 0):
             heapq.heappop(heap)
         if not heap:
-            raise ValueError(
+            raise OutOfPairs(
                 f"the text ran out of pairs to merge after {n_learned} merges, {n_merges} were asked for: "
-                f"use more text or a vocab_size of at most {MIN_VOCAB_SIZE + n_learned}"
+                f"use more text or a vocab_size of at most {MIN_VOCAB_SIZE + n_learned}",
+                max_vocab_size=MIN_VOCAB_SIZE + n_learned,
             )
         _, pair = heapq.heappop(heap)
         token = vocab[pair[0]] + vocab[pair[1]]
@@ -128,6 +141,7 @@ def train(text: str, vocab_size: int, *, name: str = "bpe", verbose: bool = Fals
 
     `vocab_size` counts everything: 256 byte tokens + (vocab_size - 512) merges + 256 special tokens,
     so it must be at least 512. Deterministic: the same text and size give the same ranks.
+    Raises OutOfPairs (with the largest size the text supports) if the text is too small for vocab_size.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")

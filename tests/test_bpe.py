@@ -147,3 +147,21 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="ran out of pairs to merge after 3 merges"):
         train("\n".join(["ab"] * 5 + ["cd"] * 3 + ["abcd"] * 2), MIN_VOCAB_SIZE + 4)
     assert train("", MIN_VOCAB_SIZE).n_words == MIN_VOCAB_SIZE  # zero merges needs no text
+
+
+def test_running_out_of_pairs_carries_the_largest_size_as_data():
+    """The size the text supports is a number on the exception (data.train_bpe retries with it), not
+    something to read back out of the message."""
+    from llama3np import bpe
+
+    with pytest.raises(bpe.OutOfPairs) as info:
+        bpe.train("ab ab ab", 600)
+    assert info.value.max_vocab_size == MIN_VOCAB_SIZE + 2  # two merges: a+b, then " "+ab
+    assert bpe.train("ab ab ab", info.value.max_vocab_size).n_words == info.value.max_vocab_size
+
+
+def test_data_train_bpe_shrinks_the_vocabulary_to_what_the_text_supports():
+    from llama3np import data
+
+    tok = data.train_bpe("ab ab ab", 600)
+    assert tok.n_words < 600 and tok.encode("ab", bos=False, eos=False) == [256]

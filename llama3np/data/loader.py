@@ -95,17 +95,12 @@ def train_bpe(text, vocab_size):
     A small grammar has only a few hundred distinct words: once every word is a single token there
     is nothing left to merge, and a bigger vocabulary would only add embedding rows never used.
     """
-    import re
-
     from .. import bpe
 
     try:
         return bpe.train(text, vocab_size, name="bpe")
-    except ValueError as e:
-        m = re.search(r"at most (\d+)", str(e))  # bpe.train says how many ids the text supports
-        if not m:
-            raise
-        return bpe.train(text, int(m.group(1)), name="bpe")
+    except bpe.OutOfPairs as e:  # says how many ids the text supports
+        return bpe.train(text, e.max_vocab_size, name="bpe")
 
 
 def tokenize_documents(tokenizer, docs):
