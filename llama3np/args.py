@@ -6,8 +6,25 @@ so that a `params.json` from Meta loads straight into `ModelArgs(**params)`. A f
 that Meta hard-codes in `apply_scaling`, and `tie_embeddings` (Llama 3.2 1B/3B reuse the embedding as
 the output layer).
 """
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Optional
+
+# Meta's Llama 3 tokenizer: 128,000 BPE tokens + 256 special tokens (the vocabulary of every Llama 3 model)
+LLAMA3_VOCAB_SIZE = 128256
+
+_POSITIVE_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                  "rope_original_max_seq_len")
+_POSITIVE_FLOATS = ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_number(value):
+    """A finite number > 0 (an int or a float, not a bool): NaN, inf, 0 and negatives are not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -16,7 +33,7 @@ class ModelArgs:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # None means n_heads (plain multi-head attention)
-    vocab_size: int = 128256
+    vocab_size: int = LLAMA3_VOCAB_SIZE
     multiple_of: int = 256  # the SwiGLU width is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
@@ -31,12 +48,30 @@ class ModelArgs:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        # every value is checked here, so a bad one (rope_theta=nan, norm_eps=0) fails at construction with
+        # its name, not later as a NaN loss that looks like a learning-rate problem
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+        for name in _POSITIVE_INTS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"ModelArgs.{name} must be a positive int, got {value!r}")
+        for name in _POSITIVE_FLOATS:
+            value = getattr(self, name)
+            if not _is_positive_number(value):
+                raise ValueError(f"ModelArgs.{name} must be a finite number > 0, got {value!r}")
+        if self.ffn_dim_multiplier is not None and not _is_positive_number(self.ffn_dim_multiplier):
+            raise ValueError(f"ModelArgs.ffn_dim_multiplier must be None or a finite number > 0, "
+                             f"got {self.ffn_dim_multiplier!r}")
+        if self.hidden_dim is not None and (not _is_int(self.hidden_dim) or self.hidden_dim <= 0):
+            raise ValueError(f"ModelArgs.hidden_dim must be None or a positive int, got {self.hidden_dim!r}")
+        for name in ("use_scaled_rope", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelArgs.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.use_scaled_rope and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            # Meta's apply_scaling divides by (high_freq_factor - low_freq_factor)
+            raise ValueError(f"ModelArgs.rope_high_freq_factor ({self.rope_high_freq_factor}) must be above "
+                             f"rope_low_freq_factor ({self.rope_low_freq_factor}) when use_scaled_rope is on")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -46,8 +81,6 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of features")
-        if self.hidden_dim is not None and self.hidden_dim <= 0:
-            raise ValueError(f"hidden_dim must be positive, got {self.hidden_dim}")
 
     @property
     def head_dim(self) -> int:
