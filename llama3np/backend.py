@@ -1,9 +1,9 @@
 """Which code runs the hot loops: the C kernels (llama3np.kernels) or plain NumPy.
 
-The model never calls the C kernels directly: it calls `backend.matmul` and `backend.attention_*`,
+The model never calls the C kernels directly: it calls `backend.linear_*` and `backend.attention_*`,
 which route float32 work to C when the "c" backend is active and everything else (float64 gradient
 checks, the "numpy" backend, layouts the kernels do not take) to NumPy and the reference in
-`llama3np.ops`.
+`llama3np.ops`. The dependency runs one way: backend -> ops and kernels; ops imports nothing back.
 
 The default is "c" when the extension is built, else "numpy" (with one warning, at the first routed
 call); LLAMA3NP_BACKEND=numpy|c overrides it.
@@ -79,18 +79,36 @@ def matmul(a, b):
     return a @ b
 
 
-def attention_forward(q, k, v, causal=True):
-    """(B, n_heads, T, hd), (B, n_kv_heads, S, hd) x2 -> (out (B, n_heads, T, hd), lse (B, n_heads, T))."""
-    if _use_c(q, k, v) and _fits_attention(q, k, v):
+# ops.linear_* with the products on the C kernels when they are active (the reshapes are the op's own)
+def linear_forward(x, weight):
+    return ops.linear_forward(x, weight, matmul)
+
+
+def linear_backward(dout, cache):
+    return ops.linear_backward(dout, cache, matmul)
+
+
+def linear_backward_input(dout, cache):
+    return ops.linear_backward_input(dout, cache, matmul)
+
+
+def linear_backward_weight(dout, cache):
+    return ops.linear_backward_weight(dout, cache, matmul)
+
+
+def attention_forward(q, k, v, causal=True, kv_start=None):
+    """(B, n_heads, T, hd), (B, n_kv_heads, S, hd) x2 -> (out (B, n_heads, T, hd), lse (B, n_heads, T)).
+    kv_start (B, T) or None: the first key each query may see (document masks, left padding; ops.py)."""
+    if kv_start is None and _use_c(q, k, v) and _fits_attention(q, k, v):
         return kernels.attention_forward(q, k, v, causal)
-    return ops.attention_forward(q, k, v, causal)
+    return ops.attention_forward(q, k, v, causal, kv_start)
 
 
-def attention_backward(dout, q, k, v, out, lse, causal=True):
+def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
     """-> (dq, dk, dv), recomputing the probabilities from lse."""
-    if _use_c(dout, q, k, v, out, lse) and _fits_attention(dout, q, k, v, out, lse[..., None]):
+    if kv_start is None and _use_c(dout, q, k, v, out, lse) and _fits_attention(dout, q, k, v, out, lse[..., None]):
         return kernels.attention_backward(dout, q, k, v, out, lse, causal)
-    return ops.attention_backward(dout, q, k, v, out, lse, causal)
+    return ops.attention_backward(dout, q, k, v, out, lse, causal, kv_start)
 
 
 if os.environ.get("LLAMA3NP_BACKEND"):

@@ -7,8 +7,13 @@
 `forward` runs the ops and (unless it is filling a KV cache) keeps what each backward needs; `backward`
 calls the op backwards in exactly the reverse order. The weights live in `model.params`, a dict keyed by
 the names of Meta's checkpoints, so a reader can hold this file beside Meta's `llama/model.py`.
+
+The block (`block_forward` / `block_backward`) is written once, for one process and for tensor
+parallelism alike: Megatron's two conjugate operators f and g mark the only points where the slices
+of a tensor-parallel group talk (llama3np.parallel.tensor_parallel); in one process they do nothing.
 """
 import mmap
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +35,173 @@ class KVCache:
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
 
 
+LAYER_PARAM_NAMES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                     "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
+                     "feed_forward.w3.weight", "attention_norm.weight", "ffn_norm.weight")
+"""The weights of one block, in checkpoint order (each name is prefixed with `layers.{i}.`)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Megatron's conjugate operators (Shoeybi et al. 2019, fig. 3). `group` is a tensor-parallel process
+# group, or None for one process, where all four are the identity.
+#   f: identity forward, all-reduce backward  (before a column-parallel layer: each slice's gradient
+#                                               of the replicated input is a partial sum)
+#   g: all-reduce forward, identity backward  (after a row-parallel layer: the slices' partial outputs add)
+
+
+def f_forward(x, group):
+    return x  # the input is already the same on every rank
+
+
+def f_backward(dx, group):
+    return dx if group is None else group.all_reduce(dx)
+
+
+def g_forward(x, group):
+    return x if group is None else group.all_reduce(x)
+
+
+def g_backward(dx, group):
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------------
+# one transformer block
+
+
+class BlockCache(NamedTuple):
+    """What a block's forward keeps for its backward (each `*_c` is that op's own cache)."""
+    attention_norm_c: tuple
+    wq_c: tuple
+    wk_c: tuple
+    wv_c: tuple
+    rope: tuple  # (cos, sin)
+    q: np.ndarray  # (B, H, T, hd) after RoPE
+    k: np.ndarray  # (B, KV, T, hd) after RoPE
+    v: np.ndarray  # (B, KV, T, hd)
+    att: np.ndarray  # (B, H, T, hd) attention output
+    lse: np.ndarray  # (B, H, T) log-sum-exp of each attention row
+    kv_start: np.ndarray  # (B, T) first visible key per query, or None (plain causal)
+    wo_c: tuple
+    ffn_norm_c: tuple
+    w1_c: tuple
+    w3_c: tuple
+    swiglu_c: tuple
+    w2_c: tuple
+
+
+def block_forward(p, i, x, rope, args, group=None, start_pos=0, cache=None, kv_start=None):
+    """Block i: x (B, T, dim) -> (out (B, T, dim), BlockCache or None with a KV cache).
+
+    p holds this process's weights (a tensor-parallel rank's slices: its heads and hidden units, so
+    H and KV below are this rank's share). With a KV cache, this step's keys and values are written at
+    start_pos.. and the queries attend to every cached position.
+    """
+    pre = f"layers.{i}."
+    B, T, _ = x.shape
+    tp = 1 if group is None else group.size
+    H, KV, hd = args.n_heads // tp, args.n_kv_heads // tp, args.head_dim  # this rank's heads
+    cos, sin = rope
+    # attention
+    xn, an_c = ops.rmsnorm_forward(x, p[pre + "attention_norm.weight"], args.norm_eps)
+    xn = f_forward(xn, group)
+    xq, q_c = backend.linear_forward(xn, p[pre + "attention.wq.weight"])  # (B, T, H*hd)
+    xk, k_c = backend.linear_forward(xn, p[pre + "attention.wk.weight"])  # (B, T, KV*hd)
+    xv, v_c = backend.linear_forward(xn, p[pre + "attention.wv.weight"])  # (B, T, KV*hd)
+    xq, _ = ops.rope_forward(xq.reshape(B, T, H, hd), cos, sin)  # (B, T, H, hd)
+    xk, _ = ops.rope_forward(xk.reshape(B, T, KV, hd), cos, sin)  # (B, T, KV, hd)
+    q = xq.transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    k = xk.transpose(0, 2, 1, 3)  # (B, KV, T, hd)
+    v = xv.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
+    if cache is not None:
+        # write this step's keys/values, then attend over all S = start_pos + T cached positions
+        S = start_pos + T
+        cache.cache_k[i][:B, :, start_pos:S] = k
+        cache.cache_v[i][:B, :, start_pos:S] = v
+        k, v = cache.cache_k[i][:B, :, :S], cache.cache_v[i][:B, :, :S]  # (B, KV, S, hd)
+    att, lse = backend.attention_forward(q, k, v, True, kv_start)  # (B, H, T, hd), (B, H, T)
+    att2 = att.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H*hd)
+    att_out, o_c = backend.linear_forward(att2, p[pre + "attention.wo.weight"])  # tp: a partial sum
+    h = x + g_forward(att_out, group)
+    # feed-forward: w2(silu(w1 x) * w3 x) (tp: over this rank's hidden units)
+    hn, fn_c = ops.rmsnorm_forward(h, p[pre + "ffn_norm.weight"], args.norm_eps)
+    hn = f_forward(hn, group)
+    a, w1_c = backend.linear_forward(hn, p[pre + "feed_forward.w1.weight"])  # (B, T, hidden)
+    b, w3_c = backend.linear_forward(hn, p[pre + "feed_forward.w3.weight"])  # (B, T, hidden)
+    gate, sw_c = ops.swiglu_forward(a, b)
+    ffn_out, w2_c = backend.linear_forward(gate, p[pre + "feed_forward.w2.weight"])  # tp: a partial sum
+    out = h + g_forward(ffn_out, group)
+    if cache is not None:
+        return out, None
+    return out, BlockCache(an_c, q_c, k_c, v_c, rope, q, k, v, att, lse, kv_start, o_c, fn_c, w1_c, w3_c,
+                           sw_c, w2_c)
+
+
+def block_backward(i, dout, bc: BlockCache, grads, group=None, defer=None):
+    """dout (B, T, dim) -> dx; adds block i's weight gradients into `grads`. With a list `defer`, the
+    gradients of the seven matrices are left as closures appended to it (zero-bubble's W step)."""
+    pre = f"layers.{i}."
+    B, H, T, hd = bc.q.shape
+    KV = bc.k.shape[1]
+
+    def linear(dy, cache, name):
+        return linear_backward_into(dy, cache, grads, pre + name, defer)
+
+    # feed-forward, reversed; dout flows into the residual h as well
+    dg = linear(g_backward(dout, group), bc.w2_c, "feed_forward.w2.weight")
+    da, db = ops.swiglu_backward(dg, bc.swiglu_c)
+    dhn = linear(da, bc.w1_c, "feed_forward.w1.weight")
+    dhn3 = linear(db, bc.w3_c, "feed_forward.w3.weight")
+    dh, dffn_norm = ops.rmsnorm_backward(f_backward(dhn + dhn3, group), bc.ffn_norm_c)
+    accumulate(grads, pre + "ffn_norm.weight", dffn_norm)
+    dh += dout
+    # attention, reversed
+    datt2 = linear(g_backward(dh, group), bc.wo_c, "attention.wo.weight")
+    datt = datt2.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    dq, dk, dv = backend.attention_backward(datt, bc.q, bc.k, bc.v, bc.att, bc.lse, True, bc.kv_start)
+    dxq = ops.rope_backward(dq.transpose(0, 2, 1, 3), bc.rope).reshape(B, T, H * hd)
+    dxk = ops.rope_backward(dk.transpose(0, 2, 1, 3), bc.rope).reshape(B, T, KV * hd)
+    dxv = dv.transpose(0, 2, 1, 3).reshape(B, T, KV * hd)
+    dxn = linear(dxq, bc.wq_c, "attention.wq.weight")
+    dxn_k = linear(dxk, bc.wk_c, "attention.wk.weight")
+    dxn_v = linear(dxv, bc.wv_c, "attention.wv.weight")
+    dx, dattention_norm = ops.rmsnorm_backward(f_backward(dxn + dxn_k + dxn_v, group), bc.attention_norm_c)
+    accumulate(grads, pre + "attention_norm.weight", dattention_norm)
+    return dx + dh
+
+
+def linear_backward_into(dout, cache, grads, name, defer=None):
+    """dx of y = x @ w.T; the weight gradient dout^T x goes into grads[name] now, or, with a list
+    `defer`, later: zero-bubble's split of linear_backward into its two halves (same products)."""
+    if defer is None:
+        dx, dweight = backend.linear_backward(dout, cache)
+        accumulate(grads, name, dweight)
+        return dx
+    dx = backend.linear_backward_input(dout, cache)  # what the previous layer waits for
+    defer.append(lambda: accumulate(grads, name, backend.linear_backward_weight(dout, cache)))
+    return dx
+
+
+def accumulate(grads, name, g):
+    """grads[name] += g, or grads[name] = g the first time (so one micro-batch adds nothing: bitwise)."""
+    if name in grads:
+        grads[name] += g
+    else:
+        grads[name] = g
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole model
+
+
+class Activations(NamedTuple):
+    """What a forward that keeps its activations holds for the backward."""
+    embedding_c: tuple
+    blocks: list  # one BlockCache per layer
+    norm_c: tuple
+    output_c: tuple  # None after a forward with return_hidden=True (the LM head was not run)
+
+
 class Transformer:
     def __init__(self, args: ModelArgs, seed: int = 0, dtype=np.float32, init: bool = True):
         """Random weights (`init_params`) or, with init=False, zeros for a loader to fill: zeros cost no
@@ -43,7 +215,7 @@ class Transformer:
         self.params = init_params(args, seed, dtype) if init else zero_params(args, dtype)
         self.freqs = ops.rope_frequencies(args)  # (hd/2,) float64, scaled for Llama 3.1+
         self.tokenizer = None  # set by the loaders when a checkpoint ships one
-        self._acts = None  # what the last cache-less forward kept for the backward
+        self.activations = None  # what the last forward with keep=True kept for the backward
 
     # ------------------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_seq_len: int = None) -> KVCache:
@@ -52,81 +224,77 @@ class Transformer:
             raise ValueError(f"cache length must be in [1, {self.args.max_seq_len}], got {max_seq_len}")
         return KVCache(self.args, batch_size, max_seq_len, self.dtype)
 
-    def forward(self, tokens, start_pos: int = 0, cache: KVCache = None):
-        """tokens (B, T) ints -> logits (B, T, vocab_size) in the model's dtype.
+    def forward(self, tokens, start_pos: int = 0, cache: KVCache = None, *, doc_ids=None, kv_start=None,
+                return_hidden: bool = False, keep: bool = None):
+        """tokens (B, T) ints -> logits (B, T, vocab_size), or with return_hidden=True the final hidden
+        state (B, T, dim): the output of the last RMSNorm, what the LM head reads (the LM head is not
+        run). In the model's dtype.
 
         Without a cache this is a full forward from position 0 that keeps the activations for
-        `backward`. With a cache, the keys and values of positions start_pos..start_pos+T-1 are written
-        into it and the queries attend to everything cached so far (incremental decoding).
+        `backward` / `backward_hidden` (keep=False: keep nothing, for inference). With a cache, the keys
+        and values of positions start_pos..start_pos+T-1 are written into it and the queries attend to
+        everything cached so far (incremental decoding; nothing is kept).
+
+        doc_ids (B, T) ints: several documents packed in a row attend only within themselves (a
+        document is a run of equal ids; positions are not reset). kv_start (B, T): the lower-level form,
+        the first key position each query may see (e.g. the first real token of a left-padded row in a
+        batched KV cache); see ops.kv_start_from_doc_ids.
         """
         tokens = self._check_tokens(tokens, "tokens")
         B, T = tokens.shape
         self._check_positions(B, T, start_pos, cache)
+        kv_start = self._check_masks(B, T, start_pos, cache, doc_ids, kv_start)
+        keep = cache is None if keep is None else bool(keep)
+        if keep and cache is not None:
+            raise ValueError("keep=True needs a forward without a KV cache (the backward starts at position 0)")
         p, args = self.params, self.args
-        keep = cache is None
-        cos, sin = ops.rope_cos_sin(self.freqs, start_pos, T, self.dtype)
-        x, emb_cache = ops.embedding_forward(tokens, p["tok_embeddings.weight"])  # (B, T, C)
-        layer_caches = []
+        rope = ops.rope_cos_sin(self.freqs, start_pos, T, self.dtype)
+        x, emb_c = ops.embedding_forward(tokens, p["tok_embeddings.weight"])  # (B, T, C)
+        blocks = []
         for i in range(args.n_layers):
-            x, lc = self._block_forward(i, x, cos, sin, start_pos, cache)
-            layer_caches.append(lc)
-        x, norm_cache = ops.rmsnorm_forward(x, p["norm.weight"], args.norm_eps)
-        logits, out_cache = ops.linear_forward(x, self._output_weight())  # (B, T, V)
-        self._acts = (emb_cache, layer_caches, norm_cache, out_cache) if keep else None
-        return logits
-
-    def _block_forward(self, i, x, cos, sin, start_pos, cache):
-        p, args = self.params, self.args
-        pre = f"layers.{i}."
-        B, T, _ = x.shape
-        H, KV, hd = args.n_heads, args.n_kv_heads, args.head_dim
-        # attention
-        xn, an_c = ops.rmsnorm_forward(x, p[pre + "attention_norm.weight"], args.norm_eps)
-        xq, q_c = ops.linear_forward(xn, p[pre + "attention.wq.weight"])  # (B, T, H*hd)
-        xk, k_c = ops.linear_forward(xn, p[pre + "attention.wk.weight"])  # (B, T, KV*hd)
-        xv, v_c = ops.linear_forward(xn, p[pre + "attention.wv.weight"])  # (B, T, KV*hd)
-        xq, _ = ops.rope_forward(xq.reshape(B, T, H, hd), cos, sin)  # (B, T, H, hd)
-        xk, _ = ops.rope_forward(xk.reshape(B, T, KV, hd), cos, sin)  # (B, T, KV, hd)
-        q = xq.transpose(0, 2, 1, 3)  # (B, H, T, hd)
-        k = xk.transpose(0, 2, 1, 3)  # (B, KV, T, hd)
-        v = xv.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
-        if cache is not None:
-            # write this step's keys/values, then attend over all S = start_pos + T cached positions
-            S = start_pos + T
-            cache.cache_k[i][:B, :, start_pos:S] = k
-            cache.cache_v[i][:B, :, start_pos:S] = v
-            k, v = cache.cache_k[i][:B, :, :S], cache.cache_v[i][:B, :, :S]  # (B, KV, S, hd)
-        att, lse = backend.attention_forward(q, k, v, causal=True)  # (B, H, T, hd), (B, H, T)
-        att2 = att.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H*hd)
-        att_out, o_c = ops.linear_forward(att2, p[pre + "attention.wo.weight"])
-        h = x + att_out
-        # feed-forward: w2(silu(w1 x) * w3 x)
-        hn, fn_c = ops.rmsnorm_forward(h, p[pre + "ffn_norm.weight"], args.norm_eps)
-        a, w1_c = ops.linear_forward(hn, p[pre + "feed_forward.w1.weight"])  # (B, T, hidden)
-        b, w3_c = ops.linear_forward(hn, p[pre + "feed_forward.w3.weight"])  # (B, T, hidden)
-        g, sw_c = ops.swiglu_forward(a, b)
-        ffn_out, w2_c = ops.linear_forward(g, p[pre + "feed_forward.w2.weight"])
-        out = h + ffn_out
-        if cache is not None:
-            return out, None
-        return out, (an_c, q_c, k_c, v_c, cos, sin, (q, k, v, att, lse), o_c, fn_c, w1_c, w3_c, sw_c, w2_c)
+            x, bc = block_forward(p, i, x, rope, args, None, start_pos, cache, kv_start)
+            blocks.append(bc)
+        x, norm_c = ops.rmsnorm_forward(x, p["norm.weight"], args.norm_eps)
+        out_c = None
+        if not return_hidden:
+            x, out_c = backend.linear_forward(x, self._output_weight())  # (B, T, V)
+        self.activations = Activations(emb_c, blocks, norm_c, out_c) if keep else None
+        return x
 
     # ------------------------------------------------------------------------------------------------
     def backward(self, dlogits):
-        """dlogits (B, T, vocab) for the last cache-less forward -> grads, keyed like `params`."""
-        if self._acts is None:
-            raise RuntimeError("backward needs a forward without a KV cache first")
-        emb_cache, layer_caches, norm_cache, out_cache = self._acts
-        if dlogits.shape != out_cache[0].shape[:-1] + (self.args.vocab_size,):
-            raise ValueError(f"dlogits has shape {dlogits.shape}, expected "
-                             f"{out_cache[0].shape[:-1] + (self.args.vocab_size,)} (the last forward's logits)")
+        """dlogits (B, T, vocab) for the last forward (keep=True) -> grads, keyed like `params`."""
+        acts = self._kept("backward")
+        if acts.output_c is None:
+            raise RuntimeError("backward(dlogits) needs a forward that computed logits; after "
+                               "forward(..., return_hidden=True) use backward_hidden(dhidden)")
+        want = acts.output_c[0].shape[:-1] + (self.args.vocab_size,)
+        if dlogits.shape != want:
+            raise ValueError(f"dlogits has shape {dlogits.shape}, expected {want} (the last forward's logits)")
         dlogits = np.asarray(dlogits, dtype=self.dtype)
+        dx, doutput = backend.linear_backward(dlogits, acts.output_c)
+        return self._backward_from_hidden(dx, doutput)
+
+    def backward_hidden(self, dhidden):
+        """dhidden (B, T, dim) at the final hidden state (forward's return_hidden=True output, after the
+        last RMSNorm) -> grads keyed like `params`; the LM head gets a zero gradient. This is where a
+        scalar head (a reward model, a value model, a classifier) joins the transformer."""
+        acts = self._kept("backward_hidden")
+        want = acts.norm_c[0].shape
+        if np.shape(dhidden) != want:
+            raise ValueError(f"dhidden has shape {np.shape(dhidden)}, expected {want} (the last forward's hidden state)")
+        dhidden = np.asarray(dhidden, dtype=self.dtype)
+        return self._backward_from_hidden(dhidden, None)
+
+    def _backward_from_hidden(self, dx, doutput):
+        acts = self.activations
         grads = {}
-        dx, doutput = ops.linear_backward(dlogits, out_cache)
-        dx, grads["norm.weight"] = ops.rmsnorm_backward(dx, norm_cache)
+        dx, grads["norm.weight"] = ops.rmsnorm_backward(dx, acts.norm_c)
         for i in reversed(range(self.args.n_layers)):
-            dx = self._block_backward(i, dx, layer_caches[i], grads)
-        dembed = ops.embedding_backward(dx, emb_cache)
+            dx = block_backward(i, dx, acts.blocks[i], grads)
+        dembed = ops.embedding_backward(dx, acts.embedding_c)
+        if doutput is None:
+            doutput = np.zeros_like(self._output_weight())
         if self.args.tie_embeddings:
             # one matrix used twice (lookup and LM head): its gradient is the sum of both uses
             grads["tok_embeddings.weight"] = dembed + doutput
@@ -134,33 +302,12 @@ class Transformer:
             grads["tok_embeddings.weight"], grads["output.weight"] = dembed, doutput
         return {k: grads[k] for k in self.params}  # the params' order
 
-    def _block_backward(self, i, dout, lc, grads):
-        args = self.args
-        pre = f"layers.{i}."
-        an_c, q_c, k_c, v_c, cos, sin, (q, k, v, att, lse), o_c, fn_c, w1_c, w3_c, sw_c, w2_c = lc
-        B, H, T, hd = q.shape
-        KV = args.n_kv_heads
-        # feed-forward, reversed; dout flows into the residual h as well
-        dg, grads[pre + "feed_forward.w2.weight"] = ops.linear_backward(dout, w2_c)
-        da, db = ops.swiglu_backward(dg, sw_c)
-        dhn, grads[pre + "feed_forward.w1.weight"] = ops.linear_backward(da, w1_c)
-        dhn3, grads[pre + "feed_forward.w3.weight"] = ops.linear_backward(db, w3_c)
-        dh, grads[pre + "ffn_norm.weight"] = ops.rmsnorm_backward(dhn + dhn3, fn_c)
-        dh += dout
-        # attention, reversed
-        datt2, grads[pre + "attention.wo.weight"] = ops.linear_backward(dh, o_c)
-        datt = datt2.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-        dq, dk, dv = backend.attention_backward(datt, q, k, v, att, lse, causal=True)
-        dxq = ops.rope_backward(dq.transpose(0, 2, 1, 3), (cos, sin)).reshape(B, T, H * hd)
-        dxk = ops.rope_backward(dk.transpose(0, 2, 1, 3), (cos, sin)).reshape(B, T, KV * hd)
-        dxv = dv.transpose(0, 2, 1, 3).reshape(B, T, KV * hd)
-        dxn, grads[pre + "attention.wq.weight"] = ops.linear_backward(dxq, q_c)
-        dxn_k, grads[pre + "attention.wk.weight"] = ops.linear_backward(dxk, k_c)
-        dxn_v, grads[pre + "attention.wv.weight"] = ops.linear_backward(dxv, v_c)
-        dx, grads[pre + "attention_norm.weight"] = ops.rmsnorm_backward(dxn + dxn_k + dxn_v, an_c)
-        return dx + dh
+    def _kept(self, what):
+        if self.activations is None:
+            raise RuntimeError(f"{what} needs a forward without a KV cache (and keep not False) first")
+        return self.activations
 
-    def loss_and_grads(self, tokens, targets, mask=None):
+    def loss_and_grads(self, tokens, targets, mask=None, doc_ids=None):
         """Mean cross-entropy of predicting `targets` (B, T) over unmasked positions, and its gradients."""
         tokens = self._check_tokens(tokens, "tokens")
         targets = self._check_tokens(targets, "targets")
@@ -172,7 +319,7 @@ class Transformer:
                 raise ValueError(f"mask has shape {mask.shape}, expected {tokens.shape} (same as tokens)")
             if mask.dtype.kind not in "biuf":
                 raise TypeError(f"mask must be boolean or numeric, got dtype {mask.dtype}")
-        logits = self.forward(tokens)
+        logits = self.forward(tokens, doc_ids=doc_ids)
         loss, ce_cache = ops.cross_entropy_forward(logits, targets, mask)
         return loss, self.backward(ops.cross_entropy_backward(1.0, ce_cache))
 
@@ -210,22 +357,40 @@ class Transformer:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} do not fit the cache of "
                              f"{cache.max_seq_len} positions (max_seq_len)")
 
+    @staticmethod
+    def _check_masks(B, T, start_pos, cache, doc_ids, kv_start):
+        """-> kv_start (B, T) int64 or None, from doc_ids or kv_start (not both)."""
+        if doc_ids is not None:
+            if kv_start is not None:
+                raise ValueError("pass doc_ids or kv_start, not both (doc_ids is turned into kv_start)")
+            if cache is not None:
+                raise ValueError("doc_ids needs a forward without a KV cache; with a cache pass kv_start")
+            doc_ids = np.asarray(doc_ids)
+            if doc_ids.shape != (B, T):
+                raise ValueError(f"doc_ids has shape {doc_ids.shape}, expected {(B, T)} (same as tokens)")
+            return ops.kv_start_from_doc_ids(doc_ids)
+        if kv_start is None:
+            return None
+        kv_start = np.asarray(kv_start)
+        if kv_start.shape != (B, T) or kv_start.dtype.kind not in "iu":
+            raise ValueError(f"kv_start must be a {(B, T)} integer array (same as tokens), got shape "
+                             f"{kv_start.shape} and dtype {kv_start.dtype}")
+        if kv_start.min() < 0 or kv_start.max() >= start_pos + T:
+            raise ValueError(f"kv_start holds key positions outside [0, {start_pos + T}): "
+                             f"min {kv_start.min()}, max {kv_start.max()}")
+        return kv_start.astype(np.int64, copy=False)
+
 
 def param_shapes(args: ModelArgs) -> dict:
     """The shape of every weight, keyed by Meta's names, in checkpoint order."""
     C, hd, hidden = args.dim, args.head_dim, args.ffn_hidden_dim
+    layer = dict(zip(LAYER_PARAM_NAMES, (
+        (args.n_heads * hd, C), (args.n_kv_heads * hd, C), (args.n_kv_heads * hd, C),  # wq, wk, wv
+        (C, args.n_heads * hd), (hidden, C), (C, hidden), (hidden, C),  # wo, w1, w2, w3
+        (C,), (C,))))  # attention_norm, ffn_norm
     shapes = {"tok_embeddings.weight": (args.vocab_size, C)}
     for i in range(args.n_layers):
-        pre = f"layers.{i}."
-        shapes[pre + "attention.wq.weight"] = (args.n_heads * hd, C)
-        shapes[pre + "attention.wk.weight"] = (args.n_kv_heads * hd, C)
-        shapes[pre + "attention.wv.weight"] = (args.n_kv_heads * hd, C)
-        shapes[pre + "attention.wo.weight"] = (C, args.n_heads * hd)
-        shapes[pre + "feed_forward.w1.weight"] = (hidden, C)
-        shapes[pre + "feed_forward.w2.weight"] = (C, hidden)
-        shapes[pre + "feed_forward.w3.weight"] = (hidden, C)
-        shapes[pre + "attention_norm.weight"] = (C,)
-        shapes[pre + "ffn_norm.weight"] = (C,)
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
     shapes["norm.weight"] = (C,)
     if not args.tie_embeddings:
         shapes["output.weight"] = (args.vocab_size, C)

@@ -1,4 +1,4 @@
-"""The ops of Llama 3, each a forward/backward pair in plain NumPy.
+"""The ops of Llama 3, each a forward/backward pair in plain NumPy: the reference.
 
 Contract (as in CS231n's layer files and llm.c): `*_forward(inputs...) -> (out, cache)` and
 `*_backward(dout, cache) -> gradients`, pure functions on arrays. The model composes them; its backward
@@ -6,10 +6,13 @@ calls the backwards in reverse order. Everything works in float32 and float64 (f
 checks against finite differences).
 
 Shapes: B batch, T sequence, C = dim, H = n_heads, KV = n_kv_heads, hd = head_dim, S = keys in view.
+
+This module imports nothing from the package: every line here is NumPy. The model reaches the hot
+ops (linear_*, attention_*) through `llama3np.backend`, which sends float32 work to the C kernels when
+they are active and everything else here; the functions of this file are the reference both are
+tested against.
 """
 import numpy as np
-
-from . import backend  # matmul and attention go through it: the C kernels when active, else NumPy
 
 # ----------------------------------------------------------------------------------------------------
 # embedding: tokens (B, T) -> rows of the table (B, T, C)
@@ -53,29 +56,31 @@ def rmsnorm_backward(dout, cache):
 
 # ----------------------------------------------------------------------------------------------------
 # linear (no bias anywhere in Llama): y = x @ w.T, w of shape (out, in) as in PyTorch and Meta's files.
-# The matrix products go through `backend.matmul`, which uses the C kernels when they are active.
+# `backend.linear_*` are the same functions with the products on the C kernels when they are active.
 
 
-def linear_forward(x, weight):
+def linear_forward(x, weight, matmul=np.matmul):
+    """x (..., in), weight (out, in) -> y (..., out). `matmul` does the 2-D product (the C kernel's, via
+    backend.linear_forward); every other line is the same for both."""
     x2 = x.reshape(-1, x.shape[-1])  # (B*T, in)
-    y = backend.matmul(x2, weight.T)  # (B*T, out); weight.T is a view, no copy
+    y = matmul(x2, weight.T)  # (B*T, out); weight.T is a view, no copy
     return y.reshape(*x.shape[:-1], weight.shape[0]), (x, weight)
 
 
-def linear_backward(dout, cache):
-    return linear_backward_input(dout, cache), linear_backward_weight(dout, cache)
+def linear_backward(dout, cache, matmul=np.matmul):
+    return linear_backward_input(dout, cache, matmul), linear_backward_weight(dout, cache, matmul)
 
 
 # The two halves of linear_backward. The previous layer waits only for dx; dweight can be computed
 # later (zero-bubble pipeline schedules fill their idle time with it), so each half stands alone.
-def linear_backward_input(dout, cache):
+def linear_backward_input(dout, cache, matmul=np.matmul):
     x, weight = cache
-    return backend.matmul(dout.reshape(-1, dout.shape[-1]), weight).reshape(x.shape)  # (B*T, out) @ (out, in)
+    return matmul(dout.reshape(-1, dout.shape[-1]), weight).reshape(x.shape)  # (B*T, out) @ (out, in)
 
 
-def linear_backward_weight(dout, cache):
+def linear_backward_weight(dout, cache, matmul=np.matmul):
     x, _ = cache
-    return backend.matmul(dout.reshape(-1, dout.shape[-1]).T, x.reshape(-1, x.shape[-1]))  # (out, in)
+    return matmul(dout.reshape(-1, dout.shape[-1]).T, x.reshape(-1, x.shape[-1]))  # (out, in)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,22 +136,56 @@ def rope_backward(dout, cache):
 # KV-cache decode step (T=1, S=start_pos+1) and a full forward (S=T) are the same code. Query head h
 # reads kv head h // (H // KV): we view q as (B, KV, G, T, hd) and broadcast k, v over the G group
 # members instead of copying them (Meta's repeat_kv, without the copy).
+#
+# kv_start (B, T) ints, optional: query i of row b sees only keys j >= kv_start[b, i]. With several
+# documents packed in one row (Llama 3: "an attention mask that prevents self-attention between
+# different documents within the same sequence"), kv_start is where the query's document begins, so
+# no document reads another; with left-padded rows in one KV cache it is the row's first real
+# position. A query always sees itself (kv_start is capped at its own position), so no row is empty.
 
 
-def _attention_scores(q, k, causal):
+def kv_start_from_doc_ids(doc_ids):
+    """doc_ids (B, T) -> kv_start (B, T) int64: the index where each position's document begins.
+
+    A document is a run of equal ids: a change of id starts a new document (an id that comes back
+    later starts another one, it does not rejoin the earlier run)."""
+    doc_ids = np.asarray(doc_ids)
+    if doc_ids.ndim != 2 or doc_ids.dtype.kind not in "iub":
+        raise ValueError(f"doc_ids must be a (batch, seqlen) integer array, got shape {doc_ids.shape} "
+                         f"and dtype {doc_ids.dtype}")
+    B, T = doc_ids.shape
+    idx = np.broadcast_to(np.arange(T), (B, T))
+    new_doc = np.ones((B, T), dtype=bool)
+    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return np.maximum.accumulate(np.where(new_doc, idx, 0), axis=1).astype(np.int64)
+
+
+def _visible(T, S, kv_start):
+    """(T, S) or (B, 1, 1, T, S) bool: which keys each query may read (causal, then kv_start)."""
+    pos = S - T + np.arange(T)  # absolute position of each query
+    visible = np.arange(S)[None, :] <= pos[:, None]  # (T, S) query i sits at S - T + i
+    if kv_start is None:
+        return visible
+    start = np.minimum(kv_start, pos[None, :])  # (B, T): a query always sees itself
+    return (visible[None] & (np.arange(S)[None, None, :] >= start[..., None]))[:, None, None]
+
+
+def _attention_scores(q, k, causal, kv_start=None):
     """scaled (and masked) scores (B, KV, G, T, S) with q viewed as (B, KV, G, T, hd)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, KV, H // KV, T, hd)  # (B, KV, G, T, hd)
     scores = (qg @ k[:, :, None].swapaxes(-1, -2)) / np.sqrt(hd).astype(q.dtype)  # (B, KV, G, T, S)
-    if causal:
-        # query i sits at absolute position S - T + i and may look at keys j <= S - T + i
-        future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # (T, S)
-        scores = np.where(future, -np.inf, scores)
+    if causal or kv_start is not None:
+        visible = _visible(T, S, kv_start) if causal else \
+            (np.arange(S)[None, None, :] >= kv_start[..., None])[:, None, None]
+        scores = np.where(visible, scores, -np.inf)
     return qg, scores
 
 
-def _check_attention_shapes(q, k, v):
+def check_attention_shapes(q, k, v, kv_start=None):
+    """Raise ValueError unless q (B, H, T, hd), k and v (B, KV, S, hd) fit together (H divisible by KV,
+    S >= T) and kv_start is None or (B, T) integers in [0, S)."""
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"attention expects q (B, H, T, hd) and k, v (B, KV, S, hd); got "
                          f"q {q.shape}, k {k.shape}, v {v.shape}")
@@ -154,13 +193,21 @@ def _check_attention_shapes(q, k, v):
     if k.shape[0] != B or k.shape[3] != hd or H % k.shape[1] or k.shape[2] < T:
         raise ValueError(f"attention shapes do not fit: q {q.shape}, k {k.shape} (need same B and hd, "
                          "H divisible by KV, S >= T)")
+    if kv_start is not None:
+        kv_start = np.asarray(kv_start)
+        if kv_start.shape != (B, T) or kv_start.dtype.kind not in "iu":
+            raise ValueError(f"kv_start must be a ({B}, {T}) integer array (batch, queries), got shape "
+                             f"{kv_start.shape} and dtype {kv_start.dtype}")
+        if kv_start.size and (kv_start.min() < 0 or kv_start.max() >= k.shape[2]):
+            raise ValueError(f"kv_start holds key positions outside [0, {k.shape[2]}): "
+                             f"min {kv_start.min()}, max {kv_start.max()}")
 
 
-def attention_forward(q, k, v, causal=True):
+def attention_forward(q, k, v, causal=True, kv_start=None):
     """out (B, H, T, hd) = softmax(q k^T / sqrt(hd) + mask) v, and lse (B, H, T) for the backward."""
-    _check_attention_shapes(q, k, v)
+    check_attention_shapes(q, k, v, kv_start)
     B, H, T, hd = q.shape
-    _, scores = _attention_scores(q, k, causal)
+    _, scores = _attention_scores(q, k, causal, kv_start)
     # subtract the row max before exp so that exp never overflows; lse = log(sum(exp(scores)))
     m = np.max(scores, axis=-1, keepdims=True)
     p = np.exp(scores - m)
@@ -170,12 +217,12 @@ def attention_forward(q, k, v, causal=True):
     return out.reshape(B, H, T, hd), lse.reshape(B, H, T)
 
 
-def attention_backward(dout, q, k, v, out, lse, causal=True):
+def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
     """Gradients of attention_forward; the probabilities are recomputed from lse, not stored."""
     B, H, T, hd = q.shape
     KV = k.shape[1]
     G = H // KV
-    qg, scores = _attention_scores(q, k, causal)
+    qg, scores = _attention_scores(q, k, causal, kv_start)
     p = np.exp(scores - lse.reshape(B, KV, G, T, 1))  # (B, KV, G, T, S) the softmax, recomputed
     doutg = dout.reshape(B, KV, G, T, hd)
     dv = np.sum(p.swapaxes(-1, -2) @ doutg, axis=2)  # (B, KV, S, hd): summed over the group
@@ -210,23 +257,32 @@ def swiglu_backward(dout, cache):
 # cross-entropy over the vocabulary, averaged over the unmasked positions
 
 
+def logsumexp(logits):
+    """log(sum(exp(logits))) over the last axis, after subtracting the row max (so exp never overflows)."""
+    m = np.max(logits, axis=-1, keepdims=True)
+    return m[..., 0] + np.log(np.sum(np.exp(logits - m), axis=-1))
+
+
+def token_nll(logits, targets):
+    """-log softmax(logits)[target] per position: (..., V), (...) ints -> (nll (...), logsumexp (...))."""
+    lse = logsumexp(logits)
+    return lse - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
+
+
 def cross_entropy_forward(logits, targets, mask=None):
     """logits (B, T, V), targets (B, T) ints, mask (B, T) or None -> scalar mean negative log-likelihood."""
-    m = np.max(logits, axis=-1, keepdims=True)
-    logsumexp = m[..., 0] + np.log(np.sum(np.exp(logits - m), axis=-1))  # (B, T)
-    target_logit = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = logsumexp - target_logit  # (B, T)
+    nll, lse = token_nll(logits, targets)  # (B, T) each
     weights = np.ones_like(nll) if mask is None else mask.astype(nll.dtype)
     count = weights.sum()
     if count == 0:
         raise ValueError("the mask selects no positions: the mean loss is undefined")
     loss = float(np.sum(nll * weights) / count)
-    return loss, (logits, targets, logsumexp, weights, count)
+    return loss, (logits, targets, lse, weights, count)
 
 
 def cross_entropy_backward(dloss, cache):
-    logits, targets, logsumexp, weights, count = cache
-    dlogits = np.exp(logits - logsumexp[..., None])  # softmax probabilities
+    logits, targets, lse, weights, count = cache
+    dlogits = np.exp(logits - lse[..., None])  # softmax probabilities
     np.put_along_axis(dlogits, targets[..., None],
                       np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1, axis=-1)
     dlogits *= (dloss * weights / count)[..., None].astype(dlogits.dtype)

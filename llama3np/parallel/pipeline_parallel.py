@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from .. import ops
+from ..model import LAYER_PARAM_NAMES, accumulate, block_backward, block_forward
 from . import tensor_parallel as tp_mod
-from .tensor_parallel import accumulate
 
 
 def stage_layers(n_layers, n_stages, stage):
@@ -36,9 +36,7 @@ def stage_param_names(args, n_stages, stage):
         names.append("tok_embeddings.weight")
     for i in layers:
         pre = f"layers.{i}."
-        names += [pre + n for n in ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                                    "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
-                                    "feed_forward.w3.weight", "attention_norm.weight", "ffn_norm.weight")]
+        names += [pre + n for n in LAYER_PARAM_NAMES]
     if stage == n_stages - 1:
         names.append("norm.weight")
         # with tied embeddings the last stage keeps its own copy of the embedding as the output layer;
@@ -65,7 +63,7 @@ class StageModel:
         p, g = self.params, self.tp_group
         dtype = p["norm.weight" if self.is_last else f"layers.{self.layers[0]}.attention_norm.weight"].dtype
         T = inp.shape[1]
-        cos, sin = ops.rope_cos_sin(self.freqs, 0, T, dtype)
+        rope = ops.rope_cos_sin(self.freqs, 0, T, dtype)  # (cos, sin)
         emb_c = None
         if self.is_first:
             x, emb_c = tp_mod.embedding_forward(inp, p["tok_embeddings.weight"], g)  # (B, T, dim)
@@ -73,7 +71,7 @@ class StageModel:
             x = inp
         layer_caches = []
         for i in self.layers:
-            x, lc = tp_mod.block_forward(p, i, x, cos, sin, self.args, g)
+            x, lc = block_forward(p, i, x, rope, self.args, g)
             layer_caches.append(lc)
         if not self.is_last:
             return x, (emb_c, layer_caches, None)
@@ -104,8 +102,8 @@ class StageModel:
         else:
             dx = dout
         for i, lc in zip(reversed(self.layers), reversed(layer_caches)):
-            dx = tp_mod.block_backward(i, dx, lc, grads, self.args, g, defer)
-            _notify(on_ready, [f"layers.{i}.{n}" for n in _LAYER_NAMES])
+            dx = block_backward(i, dx, lc, grads, g, defer)
+            _notify(on_ready, [f"layers.{i}.{n}" for n in LAYER_PARAM_NAMES])
         if not self.is_first:
             return dx
 
@@ -121,11 +119,6 @@ class StageModel:
             defer.append(embedding_grad)  # after the LM head's closure (appended first): the tied sum is ready
         _notify(on_ready, ["tok_embeddings.weight"])
         return None
-
-
-_LAYER_NAMES = ("feed_forward.w2.weight", "feed_forward.w1.weight", "feed_forward.w3.weight", "ffn_norm.weight",
-                "attention.wo.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                "attention_norm.weight")
 
 
 def _notify(on_ready, names):
