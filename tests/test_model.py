@@ -224,3 +224,142 @@ def test_public_names_are_importable():
     for name in ["ModelArgs", "Transformer", "Tokenizer", "ChatFormat", "load", "save", "set_backend",
                  "AdamW", "generate", "generate_stream"]:
         assert callable(getattr(llama3np, name)), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# the final hidden state: out of forward, gradients in at backward_hidden (reward heads, classifiers)
+
+
+def test_return_hidden_is_what_the_lm_head_reads():
+    """forward(return_hidden=True) is the last RMSNorm's output: the LM head applied to it gives the logits."""
+    model = Transformer(tiny_args(), seed=3, dtype=np.float64)
+    tokens = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    hidden = model.forward(tokens, return_hidden=True)
+    assert hidden.shape == (2, 4, model.args.dim)
+    np.testing.assert_allclose(hidden @ model.params["output.weight"].T, model.forward(tokens), rtol=1e-13)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_backward_hidden_matches_finite_differences(tied):
+    """A scalar loss of the hidden state, sum(hidden * u): every parameter's gradient within 1e-6 of
+    central differences (float64); the LM head, which the hidden state does not reach, gets exactly 0."""
+    rng = np.random.default_rng(5)
+    args = tiny_args(tie_embeddings=tied)
+    model = Transformer(args, seed=2, dtype=np.float64)
+    for v in model.params.values():
+        v *= 10 if v.ndim == 2 else 1
+    randomize_norms(model, rng)
+    tokens = rng.integers(0, args.vocab_size, (2, 5))
+    u = rng.standard_normal((2, 5, args.dim))
+    model.forward(tokens, return_hidden=True)
+    grads = model.backward_hidden(u)
+    assert list(grads) == list(model.params)
+    if not tied:
+        assert not grads["output.weight"].any()
+    f = lambda: float(np.sum(model.forward(tokens, return_hidden=True, keep=False) * u))
+    for name, w in model.params.items():
+        idx = rng.choice(w.size, size=min(5, w.size), replace=False)
+        num = numerical_grad(f, w, indices=idx)
+        err = rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx])
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+
+
+def test_keep_false_holds_no_activations_and_backward_says_why():
+    model = Transformer(tiny_args(), seed=0)
+    model.forward(np.array([[1, 2, 3]]), keep=False)
+    assert model.activations is None
+    with pytest.raises(RuntimeError, match="forward without a KV cache"):
+        model.backward(np.zeros((1, 3, model.args.vocab_size), np.float32))
+    model.forward(np.array([[1, 2, 3]]), return_hidden=True)
+    with pytest.raises(RuntimeError, match="backward_hidden"):
+        model.backward(np.zeros((1, 3, model.args.vocab_size), np.float32))
+    with pytest.raises(ValueError, match="dhidden has shape"):
+        model.backward_hidden(np.zeros((1, 2, model.args.dim)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# document masks: packed documents attend only within themselves
+
+
+@given(st.lists(st.integers(1, 5), min_size=2, max_size=4), st.integers(0, 10_000))
+@settings(max_examples=15)
+def test_perturbing_one_packed_document_leaves_the_others_bitwise_unchanged(lengths, seed):
+    """Several documents in one row with doc_ids: changing every token of one document changes no
+    logit of any other document, bit for bit (on whichever backend is active)."""
+    rng = np.random.default_rng(seed)
+    args = tiny_args(max_seq_len=sum(lengths))
+    model = Transformer(args, seed=seed % 7)
+    doc_ids = np.repeat(np.arange(len(lengths)), lengths)[None]
+    tokens = rng.integers(0, args.vocab_size, doc_ids.shape)
+    victim = int(rng.integers(len(lengths)))
+    changed = tokens.copy()
+    where = doc_ids[0] == victim
+    changed[0, where] = (tokens[0, where] + 1 + rng.integers(0, args.vocab_size - 1, where.sum())) % args.vocab_size
+    a = model.forward(tokens, doc_ids=doc_ids, keep=False)
+    b = model.forward(changed, doc_ids=doc_ids, keep=False)
+    np.testing.assert_array_equal(a[0, ~where], b[0, ~where])
+    assert not np.array_equal(a[0, where], b[0, where])
+
+
+def test_a_packed_document_reads_like_the_same_document_at_the_same_positions_alone():
+    """The first document of a packed row has exactly the logits of a plain causal forward of that
+    document; later ones equal a forward whose earlier positions are masked out (float64, rounding only)."""
+    rng = np.random.default_rng(0)
+    model = Transformer(tiny_args(), seed=1, dtype=np.float64)
+    tokens = rng.integers(0, 11, (1, 9))
+    doc_ids = np.array([[0, 0, 0, 0, 1, 1, 1, 2, 2]])
+    packed = model.forward(tokens, doc_ids=doc_ids, keep=False)
+    np.testing.assert_allclose(packed[:, :4], model.forward(tokens[:, :4], keep=False), rtol=1e-12, atol=1e-12)
+    kv_start = np.broadcast_to([0, 0, 0, 0, 4, 4, 4, 7, 7], (1, 9))
+    np.testing.assert_array_equal(packed, model.forward(tokens, kv_start=kv_start, keep=False))
+
+
+def test_document_masked_gradients_match_finite_differences():
+    rng = np.random.default_rng(3)
+    args = tiny_args()
+    model = Transformer(args, seed=4, dtype=np.float64)
+    for v in model.params.values():
+        v *= 10 if v.ndim == 2 else 1
+    tokens, targets = rng.integers(0, 11, (2, 7)), rng.integers(0, 11, (2, 7))
+    doc_ids = np.array([[0, 0, 1, 1, 1, 2, 2], [5, 5, 5, 5, 5, 6, 6]])
+    _, grads = model.loss_and_grads(tokens, targets, doc_ids=doc_ids)
+    f = lambda: model.loss_and_grads(tokens, targets, doc_ids=doc_ids)[0]
+    for name in ("layers.0.attention.wq.weight", "layers.1.attention.wk.weight", "layers.0.attention.wv.weight",
+                 "tok_embeddings.weight"):
+        w = model.params[name]
+        idx = rng.choice(w.size, size=6, replace=False)
+        err = rel_error(grads[name].reshape(-1)[idx], numerical_grad(f, w, indices=idx).reshape(-1)[idx])
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+
+
+def test_left_padded_rows_in_one_cache_decode_like_each_row_alone():
+    """Two prompts of different lengths, left-padded into one KV cache with kv_start = the first real
+    position: every step's logits equal decoding each prompt alone (float64, to rounding)."""
+    model = Transformer(tiny_args(), seed=2, dtype=np.float64)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    P = max(map(len, prompts))
+    pad = np.array([P - len(p) for p in prompts])
+    tokens = np.array([[0] * n + p for n, p in zip(pad, prompts)])
+    cache = model.new_cache(2)
+    kv_start = np.broadcast_to(pad[:, None], (2, P))
+    batched = model.forward(tokens, 0, cache, kv_start=kv_start)
+    step = model.forward(np.array([[7], [8]]), P, cache, kv_start=pad[:, None])
+    for b, p in enumerate(prompts):
+        alone_cache = model.new_cache(1)
+        alone = model.forward(np.array([p]), 0, alone_cache)
+        np.testing.assert_allclose(batched[b, -1], alone[0, -1], rtol=1e-10, atol=1e-12)
+        nxt = model.forward(np.array([[7 + b]]), len(p), alone_cache)
+        np.testing.assert_allclose(step[b, 0], nxt[0, 0], rtol=1e-10, atol=1e-12)
+
+
+def test_bad_masks_are_clear_errors():
+    model = Transformer(tiny_args(), seed=0)
+    tokens = np.array([[1, 2, 3]])
+    with pytest.raises(ValueError, match="doc_ids has shape"):
+        model.forward(tokens, doc_ids=np.zeros((1, 4), int))
+    with pytest.raises(ValueError, match="not both"):
+        model.forward(tokens, doc_ids=np.zeros((1, 3), int), kv_start=np.zeros((1, 3), int))
+    with pytest.raises(ValueError, match="kv_start holds key positions"):
+        model.forward(tokens, kv_start=np.array([[0, 0, 5]]))
+    with pytest.raises(ValueError, match="KV cache"):
+        model.forward(tokens, 0, model.new_cache(1), doc_ids=np.zeros((1, 3), int))

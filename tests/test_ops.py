@@ -5,6 +5,7 @@ upstream gradient dout, and compares the op's backward with dL/dinput by finite 
 error must be below 1e-6 (the differences themselves are accurate to about 1e-10 in float64).
 """
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -123,7 +124,7 @@ def test_rope_scaling_matches_llama31_rule():
     assert np.all(scaled <= plain) and np.all(np.diff(scaled) < 0)
 
 
-def attention_naive(q, k, v):
+def attention_naive(q, k, v, kv_start=None):
     """Attention written the slow, obvious way: loops over heads, Meta's repeat_kv, explicit mask."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
@@ -134,6 +135,8 @@ def attention_naive(q, k, v):
             s = q[b, h] @ k[b, kv].T / np.sqrt(hd)  # (T, S)
             for i in range(T):
                 s[i, S - T + i + 1:] = -np.inf
+                if kv_start is not None:  # keys before the query's start are hidden, never the query itself
+                    s[i, :min(kv_start[b, i], S - T + i)] = -np.inf
             p = np.exp(s - s.max(-1, keepdims=True))
             out[b, h] = (p / p.sum(-1, keepdims=True)) @ v[b, kv]
     return out
@@ -167,6 +170,44 @@ def test_attention_backward_matches_finite_differences(seed, B, heads, T, extra,
     check(dq, f, q)
     check(dk, f, k)
     check(dv, f, v)
+
+
+def random_kv_start(rng, B, T, S):
+    """Document starts (non-decreasing per row, like packed documents) over the S keys, some past the query."""
+    return np.sort(rng.integers(0, S, (B, T)), axis=1)
+
+
+@given(seeds, st.integers(1, 2), gqa, st.integers(1, 5), st.integers(0, 4), st.sampled_from([2, 4]))
+def test_attention_with_kv_start_matches_naive_loops_and_finite_differences(seed, B, heads, T, extra, hd):
+    """Document masks / left padding: query i sees keys kv_start..its own position (itself always)."""
+    H, KV = heads
+    S = T + extra
+    rng = np.random.default_rng(seed)
+    q, k, v = randn(rng, B, H, T, hd), randn(rng, B, KV, S, hd), randn(rng, B, KV, S, hd)
+    kv_start = random_kv_start(rng, B, T, S)
+    out, lse = ops.attention_forward(q, k, v, True, kv_start)
+    np.testing.assert_allclose(out, attention_naive(q, k, v, kv_start), rtol=1e-10, atol=1e-12)
+    dout = randn(rng, B, H, T, hd)
+    dq, dk, dv = ops.attention_backward(dout, q, k, v, out, lse, True, kv_start)
+    f = lambda: np.sum(ops.attention_forward(q, k, v, True, kv_start)[0] * dout)
+    check(dq, f, q)
+    check(dk, f, k)
+    check(dv, f, v)
+
+
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=5))
+def test_kv_start_from_doc_ids_is_where_each_document_begins(lengths):
+    doc_ids = np.repeat(np.arange(len(lengths)) % 2, lengths)[None]  # ids may repeat: runs count
+    starts = np.repeat(np.cumsum([0] + lengths[:-1]), lengths)[None]
+    np.testing.assert_array_equal(ops.kv_start_from_doc_ids(doc_ids), starts)
+
+
+def test_kv_start_of_the_wrong_shape_or_range_is_a_clear_error():
+    q, k = np.zeros((1, 2, 3, 4)), np.zeros((1, 1, 3, 4))
+    with pytest.raises(ValueError, match="kv_start must be"):
+        ops.attention_forward(q, k, k, True, np.zeros((1, 2), int))
+    with pytest.raises(ValueError, match="outside"):
+        ops.attention_forward(q, k, k, True, np.array([[0, 0, 3]]))
 
 
 @given(seeds, gqa, st.integers(2, 6))
