@@ -48,3 +48,22 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
+
+
+SCRIPTS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("[0-9]*.py"))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("path", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_notebook_twin_runs_as_a_script(path, tmp_path):
+    """`python3 notebooks/NN_name.py` works too: the twins that start processes must not re-run
+    themselves inside their children (spawn imports the main script; launch.run hides it)."""
+    import subprocess
+    import sys
+
+    repo = str(path.parent.parent)
+    env = {**os.environ, "LLAMA3NP_NOTEBOOK_FAST": "1", "MPLBACKEND": "Agg",
+           "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=230)
+    assert r.returncode == 0, f"{path.name} failed as a script:\n{r.stderr[-3000:]}"

@@ -12,6 +12,7 @@ turns a worker that exits without a result, stops sending heartbeats, or reports
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -89,12 +90,22 @@ def _worker_main(fn, rank, world_size, conns, control, args, timeout):
 
 @contextmanager
 def _worker_environment():
-    """Set WORKER_ENV in os.environ while the children are spawned (they inherit it), then restore."""
+    """Set WORKER_ENV in os.environ while the children are spawned (they inherit it), then restore.
+
+    Also hide the main script from the children: `spawn` re-runs a script's top level in every child
+    (to find functions defined there), so a notebook's .py twin run as `python3 04_....py` would start
+    its processes again from inside each child ("start a new process before bootstrapping"). Our
+    workers are module-level functions the children import by name, so they never need the script.
+    """
     saved = {k: os.environ.get(k) for k in WORKER_ENV}
     os.environ.update(WORKER_ENV)
+    main = sys.modules.get("__main__")
+    main_file = main.__dict__.pop("__file__", None) if main is not None and main.__spec__ is None else None
     try:
         yield
     finally:
+        if main_file is not None:
+            main.__file__ = main_file
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
