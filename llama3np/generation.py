@@ -158,3 +158,55 @@ def complete(model, text, max_new_tokens=100, **kwargs):
         raise ValueError("the model has no tokenizer (model.tokenizer is None): pass token ids to generate()")
     ids = tok.encode(text, bos=True, eos=False)
     return tok.decode(generate(model, ids, max_new_tokens, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------
+# many prompts at once in one KV cache (rejection sampling, PPO rollouts)
+
+
+def sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=None, seed=None,
+                 stop_tokens=None):
+    """Sample a reply to every prompt in one batched decode -> (replies, logps).
+
+    replies[b]: the new ids of prompt b, INCLUDING the stop token that ended it (a reply without one was cut
+    at max_new_tokens); logps[b] (len(replies[b]),) float64: log p(token | everything before it) under the
+    model at temperature 1 (what PPO's ratio and KL need, whatever the sampling settings were).
+
+    The prompts have different lengths, so they are LEFT-padded to one length L: row b's prompt sits at
+    positions n_pad[b]..L-1 and every new token lands at the same position in all rows, one forward per
+    step for the whole batch. kv_start = n_pad[b] keeps the pad positions out of every attention; RoPE
+    only sees position differences, so a row's logits are those of its prompt alone (up to rounding).
+    """
+    prompts = [_check(model, p, max_new_tokens, temperature, top_p, top_k)[0] for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    if stop_tokens is None:
+        stop_tokens = getattr(getattr(model, "tokenizer", None), "stop_tokens", None) or []
+    stop = np.array(sorted(set(int(t) for t in stop_tokens)), dtype=np.int64)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    n_new = min(int(max_new_tokens), model.args.max_seq_len - L)
+    n_pad = np.array([L - len(p) for p in prompts])
+    tokens = np.zeros((B, L), dtype=np.int64)  # pad id 0: never attended, so any id will do
+    for b, p in enumerate(prompts):
+        tokens[b, n_pad[b]:] = p
+    replies, logps = [[] for _ in range(B)], [[] for _ in range(B)]
+    if n_new <= 0:
+        return replies, [np.zeros(0) for _ in range(B)]
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(B, max_seq_len=L + n_new)
+    logits = model.forward(tokens, 0, cache, kv_start=np.repeat(n_pad[:, None], L, axis=1))[:, -1]  # (B, V)
+    done = np.zeros(B, dtype=bool)
+    for i in range(n_new):
+        z = np.asarray(logits, dtype=np.float64)
+        next_ids = sample_next(z, temperature=temperature, top_p=top_p, top_k=top_k, rng=rng)
+        m = z.max(-1)
+        lse = m + np.log(np.exp(z - m[:, None]).sum(-1))  # log-softmax normaliser at temperature 1
+        lp = z[np.arange(B), next_ids] - lse
+        for b in np.flatnonzero(~done):
+            replies[b].append(int(next_ids[b]))
+            logps[b].append(float(lp[b]))
+        done |= np.isin(next_ids, stop)
+        if done.all() or i == n_new - 1:
+            break
+        logits = model.forward(next_ids[:, None], L + i, cache, kv_start=n_pad[:, None])[:, -1]
+    return replies, [np.array(x) for x in logps]

@@ -6,8 +6,6 @@
 Right padding is harmless for a causal model: a pad token comes after every real token of its row, so no
 real position can attend to it, and the mask keeps it out of every sum.
 """
-import inspect
-
 import numpy as np
 
 from . import losses
@@ -33,12 +31,7 @@ def check_batch(model, tokens, mask, name="tokens"):
 
 def forward_logits(model, tokens, keep):
     """model.forward without a cache; keep=False holds no activations (scoring only)."""
-    if "keep" in inspect.signature(model.forward).parameters:
-        return model.forward(tokens, keep=keep)
-    logits = model.forward(tokens)  # an older model without `keep`: it always keeps; drop them ourselves
-    if not keep:
-        model._acts = None
-    return logits
+    return model.forward(tokens, keep=keep)
 
 
 def sequence_logps(model, tokens, mask):

@@ -1,0 +1,114 @@
+"""A post-training stage's run folder: config, checkpoints, log.jsonl, a metrics plot; exact resume.
+
+    run = StageRun(out, "dpo", config, resume=True)
+    step = run.restore(model_params, opt)          # 0 for a fresh run; else the step of the last checkpoint
+    for step in range(step, steps):
+        batch = batch_for(seed, step)               # a function of (seed, step): no loader state to save
+        ... update ...
+        run.log({"step": step + 1, "loss": ..., "rewards/margins": ...})
+        if (step + 1) % save_every == 0: run.save(step + 1, params, opt, meta)
+
+Checkpoints are the pre-training ones (`training.run_folder.save_checkpoint`: one .npz written atomically
+with a checksum, the previous ones kept), so `llama3np.load(out)` reads a stage's policy like any run.
+Everything random in a step is drawn from `np.random.default_rng([seed, step])`, so a run resumed after
+a SIGKILL redoes the same arithmetic: its final weights equal an uninterrupted run's, bit for bit.
+Extra weights (a reward model's `score.weight`, PPO's value model as `value/...`) ride in the same file.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_write_bytes
+from ..training import run_folder
+
+
+class StageRun:
+    def __init__(self, out, stage, config, resume=False):
+        self.dir = Path(out)
+        self.stage = stage
+        self.config = dict(config, stage=stage)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.dir / "config.json"
+        if resume and cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())
+            diff = [k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k)]
+            if diff:
+                raise ValueError(f"--resume needs the arguments of the first run; these differ: {sorted(diff)}")
+        elif run_folder.list_checkpoints(self.dir):
+            if not resume:
+                raise ValueError(f"{self.dir} already holds a run: pass --resume to continue it, or choose "
+                                 "another --out")
+        atomic_write_bytes(cfg_path, (json.dumps(self.config, indent=1, sort_keys=True) + "\n").encode())
+        self.log_path = self.dir / "log.jsonl"
+        self.records = []
+
+    def restore(self, params, opt=None):
+        """Fill `params` (and the optimizer) from the latest good checkpoint -> (step, meta); (0, {}) if none."""
+        path, ck = run_folder.latest_checkpoint(self.dir)
+        if ck is None:
+            self._write_log([])
+            return 0, {}
+        for name, p in params.items():
+            if name not in ck["params"] or ck["params"][name].shape != p.shape:
+                raise ValueError(f"{path}: weight {name!r} is missing or has another shape")
+            p[...] = ck["params"][name]
+        if opt is not None:
+            opt.load_state_dict(ck["opt_state"])
+        step = int(ck["meta"]["step"])
+        self._write_log([r for r in self._read_log() if r.get("step", 0) <= step])  # drop steps redone
+        return step, ck["meta"]
+
+    def save(self, step, params, opt, tokenizer, model_args, meta=None, keep=2):
+        meta = dict(meta or {}, model_args=model_args.to_dict(), stage=self.stage)
+        return run_folder.save_checkpoint(self.dir, step, params, opt.state_dict(), tokenizer.to_bytes(), meta,
+                                          keep=keep)
+
+    def log(self, record):
+        self.records.append(record)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _read_log(self):
+        if not self.log_path.exists():
+            return []
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: everything after it is redone anyway
+        return out
+
+    def _write_log(self, records):
+        self.records = list(records)
+        atomic_write_bytes(self.log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def plot(self, keys, name="metrics.png"):
+        """One panel per metric name in `keys` against the step, from log.jsonl."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in keys if any(k in r for r in self.records)]
+        if not keys:
+            return None
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            pts = [(r["step"], r[k]) for r in self.records if k in r and "step" in r]
+            ax.plot(*zip(*pts), lw=1)
+            ax.set_title(k, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        fig.tight_layout()
+        path = self.dir / name
+        tmp = self.dir / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        tmp.replace(path)
+        return path
+
+
+def step_rng(seed, step):
+    """The random generator of one step: a function of (seed, step) only, so a resumed run draws the same."""
+    return np.random.default_rng([int(seed), int(step)])

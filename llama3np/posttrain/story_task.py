@@ -1,0 +1,221 @@
+"""A task whose truth is known: instructions that demand features of a story, and an exact checker.
+
+    task = make_instruction(rng)               # Instruction(text="Write a story. The hero is a girl named ...",
+                                               #             demands=(("name", ("girl", "Lily")), ...))
+    story = write_story(task.demands, seed)    # a story from the grammar with every demand met
+    met = check(task.demands, story)           # (True, True, False): which demands the text meets
+    score(task.demands, story)                 # the fraction met: the ground truth of every stage
+
+The stories come from `llama3np.data.stories` (its grammar, unchanged). Two things are derived here:
+  - forcing: `write_story` runs the grammar with a chooser that answers the demanded decisions itself
+    (and still draws a random number for them, so the other decisions are those of the unforced story:
+    forcing more demands on the same seed is a minimal edit, the "edited" response of Llama 3's data);
+  - parsing: the grammar can parse its own stories (`stories.derivations` replays it against a text).
+    `parse` does the same but keeps the longest prefix that parses, so a reply with a slip in its last
+    sentence still gets credit for the features it wrote before the slip. A feature counts only if a
+    sentence written after its decision matched the text (the sentence that names it).
+Which decision is which feature: the grammar passes its word lists to `pick` by identity (GIRLS, HOMES,
+ANIMALS, ...), so a decision is recognised by the list it chooses from.
+"""
+import random
+from dataclasses import dataclass
+
+from ..data import stories as S
+
+# ----------------------------------------------------------------------------------------------------
+# the features, recognised by the options of a decision
+
+
+def feature_of(options):
+    """The feature name a `pick(options)` decides, or None for decisions no demand refers to."""
+    by_list = {id(S.HERO_ADJECTIVES): "adjective", id(S.HOMES): "home", id(S.FAMILY): "family",
+               id(S.HOBBIES): "hobby", id(S.PLACES): "place", id(S.COLORS): "color", id(S.THINGS): "thing",
+               id(S.PETS): "pet", id(S.ANIMALS): "animal", id(S.TROUBLES): "trouble", id(S.OUTINGS): "outing",
+               id(S.INDOOR): "indoor", id(S.FEELINGS): "feeling", id(S.LESSONS): "lesson",
+               id(S.GIRLS): "name", id(S.BOYS): "name"}
+    if id(options) in by_list:
+        return by_list[id(options)]
+    if list(options) == ["girl", "boy"]:
+        return "gender"
+    if list(options) == ["feeling", "lesson"]:
+        return "ending"
+    if S.plot_animal in options:
+        return "plot"
+    return None
+
+
+PLOT_OF = {"animal": "plot_animal", "pet": "plot_lost_pet", "thing": "plot_found", "outing": "plot_rain"}
+DEMAND_KINDS = ("name", "home", "hobby", "animal", "pet", "thing", "outing", "ending")
+
+
+def demand_sentence(kind, value):
+    """The words of the instruction for one demand."""
+    if kind == "name":
+        return f"The hero is a {value[0]} named {value[1]}."
+    if kind == "home":
+        return f"The hero lives {value}."
+    if kind == "hobby":
+        return f"The hero loves to {value}."
+    if kind == "animal":
+        return f"The hero meets {S.article(value)} {value}."
+    if kind == "pet":
+        return f"The hero loses a {value}."
+    if kind == "thing":
+        return f"The hero finds a {value}."
+    if kind == "outing":
+        return f"Rain stops a plan to {value}."
+    if kind == "ending":
+        return f"The story ends with a {value}."
+    raise ValueError(f"unknown demand kind {kind!r}; expected one of {DEMAND_KINDS}")
+
+
+def forced_choice(demands, feature, options):
+    """The option a demand forces for this decision, or None if no demand decides it."""
+    d = dict(demands)
+    if feature == "gender" and "name" in d:
+        return d["name"][0]
+    if feature == "name" and "name" in d:
+        return d["name"][1] if d["name"][1] in options else None
+    if feature in ("home", "hobby", "ending") and feature in d:
+        return d[feature]
+    if feature == "plot":
+        for kind, plot in PLOT_OF.items():
+            if kind in d:
+                return next(f for f in options if f.__name__ == plot)
+    if feature in ("animal", "pet", "thing", "outing") and feature in d:
+        return d[feature]
+    return None
+
+
+def met_by(kind, value, features):
+    """Does a story with these (confirmed) features meet the demand (kind, value)?"""
+    f = features
+    if kind == "name":
+        return f.get("gender") == value[0] and f.get("name") == value[1]
+    if kind in ("home", "hobby", "ending"):
+        return f.get(kind) == value
+    return f.get("plot") == PLOT_OF[kind] and f.get(kind) == value
+
+
+# ----------------------------------------------------------------------------------------------------
+# instructions
+
+
+@dataclass(frozen=True)
+class Instruction:
+    text: str
+    demands: tuple  # ((kind, value), ...)
+
+
+def make_instruction(rng, n_demands=None):
+    """A random instruction with 2 or 3 demands (at most one about the plot: a story has one plot)."""
+    n = n_demands or rng.choice([2, 3])
+    plot_kind = rng.choice(["animal", "pet", "thing", "outing"])
+    kinds = rng.sample(["name", "home", "hobby", "ending", plot_kind], n)
+    demands = []
+    for kind in sorted(kinds, key=DEMAND_KINDS.index):
+        if kind == "name":
+            gender = rng.choice(["girl", "boy"])
+            value = (gender, rng.choice(S.GIRLS if gender == "girl" else S.BOYS))
+        else:
+            value = rng.choice({"home": S.HOMES, "hobby": S.HOBBIES, "ending": ["feeling", "lesson"],
+                                "animal": S.ANIMALS, "pet": S.PETS, "thing": S.THINGS,
+                                "outing": S.OUTINGS}[kind])
+        demands.append((kind, value))
+    text = "Write a story. " + " ".join(demand_sentence(k, v) for k, v in demands)
+    return Instruction(text, tuple(demands))
+
+
+def instructions(n, seed):
+    rng = random.Random(seed)
+    return [make_instruction(rng) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing stories with demands forced
+
+
+class ForcedSampler(S.Sampler):
+    """stories.Sampler whose demanded decisions are forced. Every decision still draws from the generator,
+    so the unforced decisions are those of the same seed without demands."""
+
+    def __init__(self, seed, demands):
+        super().__init__(seed)
+        self.demands = demands
+
+    def pick(self, options, weights=None):
+        free = super().pick(options, weights)  # draws, keeps the stream of random numbers aligned
+        forced = forced_choice(self.demands, feature_of(options), options)
+        return free if forced is None else forced
+
+
+def write_story(demands, seed):
+    """The story of `seed` with `demands` forced (demands=() is plain `stories.sample_story(seed)[0]`)."""
+    s = ForcedSampler(seed, demands)
+    S.story(s)
+    return "".join(s.parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parsing and checking
+
+
+class _Recorder(S._Replayer):
+    """Replays forced decisions; records each feature's value and whether a later sentence confirmed it."""
+
+    def __init__(self, target, forced):
+        super().__init__(target, forced)
+        self.pending, self.confirmed = {}, {}
+
+    def pick(self, options, weights=None):
+        value = super().pick(options, weights)
+        name = feature_of(options)
+        if name is not None:
+            self.pending[name] = value.__name__ if name == "plot" else value
+        return value
+
+    def say(self, text):
+        super().say(text)  # raises _Mismatch when the text stops matching
+        self.confirmed.update(self.pending)  # a sentence after the decision matched: the decision is read
+        self.pending = {}
+
+
+def parse(text, max_paths=200_000):
+    """-> (features, complete): the features of the longest prefix of `text` the grammar writes, and
+    whether the whole text is exactly one story of the grammar. Depth-first over decisions, as
+    `stories.derivations`. When several decision paths match the same longest prefix, only the features
+    on which they all agree count (e.g. the indoor game of a rain story cut before its sentence).
+    """
+    best_pos, best = -1, {}
+    stack, n = [[]], 0
+    while stack and n < max_paths:
+        forced = stack.pop()
+        n += 1
+        r = _Recorder(text, forced)
+        try:
+            S.story(r)
+        except S._Branch as b:
+            stack.extend(forced + [k] for k in reversed(range(b.n)))
+            continue
+        except S._Mismatch:
+            pass
+        else:
+            if r.pos == len(text):
+                return dict(r.confirmed), True
+        if r.pos > best_pos:  # a dead path (or a whole story followed by more text)
+            best_pos, best = r.pos, dict(r.confirmed)
+        elif r.pos == best_pos:
+            best = {k: v for k, v in best.items() if r.confirmed.get(k) == v}
+    return best, False
+
+
+def check(demands, text):
+    """A tuple of booleans: which demands the text meets (exact, by parsing it)."""
+    features, _ = parse(text)
+    return tuple(met_by(k, v, features) for k, v in demands)
+
+
+def score(demands, text):
+    """The fraction of demands met, in [0, 1]: the ground-truth score of a reply."""
+    met = check(demands, text)
+    return sum(met) / len(met)

@@ -1,0 +1,84 @@
+"""The story task (instructions with an exact checker) and the chat data (masks, bad input)."""
+import json
+import random
+
+import pytest
+
+from llama3np.data import stories as S
+from llama3np.posttrain import story_task as T
+from llama3np.posttrain.data import preference_example, read_jsonl, reply_rows, sft_example
+
+
+def test_forced_stories_meet_every_demand_and_parse_completely():
+    for i, ins in enumerate(T.instructions(30, seed=1)):
+        story = T.write_story(ins.demands, seed=i)
+        features, complete = T.parse(story)
+        assert complete, story
+        assert all(T.check(ins.demands, story)), (ins.text, story)
+        assert len(S.derivations(story, limit=2)) == 1  # still exactly one story of the grammar
+
+
+def test_no_demands_is_the_plain_story_and_forcing_is_a_minimal_edit():
+    assert T.write_story((), 5) == S.sample_story(5)[0]
+    ins = T.instructions(1, seed=3)[0]
+    free, _ = T.parse(T.write_story((), 7))
+    forced, _ = T.parse(T.write_story(ins.demands, 7))
+    # the features no demand touches keep their values (the adjective is decided by no demand)
+    assert free["adjective"] == forced["adjective"] and free["family"] == forced["family"]
+
+
+def test_checker_counts_only_features_written_before_a_slip():
+    ins = T.Instruction("", (("name", ("girl", "Lily")), ("ending", "lesson")))
+    story = T.write_story(ins.demands, 0)
+    assert T.check(ins.demands, story) == (True, True)
+    cut = story[:story.index(".") + 1] + " Blah blah."  # a slip right after the first sentence
+    assert T.check(ins.demands, cut) == (True, False)
+    assert T.score(ins.demands, "not a story") == 0.0
+
+
+def test_instruction_text_names_each_demand():
+    ins = T.make_instruction(random.Random(0), n_demands=3)
+    assert ins.text.startswith("Write a story.") and ins.text.count("The ") >= 3
+    assert len({k for k, _ in ins.demands}) == 3
+    assert sum(k in T.PLOT_OF for k, _ in ins.demands) <= 1  # one plot per story
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    from llama3np.data import train_bpe
+    from llama3np.tokenizer import ChatFormat
+
+    texts, _ = S.corpus(200, seed=0)
+    return ChatFormat(train_bpe("\n\n".join(texts), 600))
+
+
+def test_sft_mask_covers_assistant_replies_and_their_eot_only(fmt):
+    tok = fmt.tokenizer
+    ids, mask = sft_example(fmt, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once"}])
+    assert ids == fmt.encode_dialog_prompt([{"role": "user", "content": "Hi"}]) + tok.encode("Once", bos=False, eos=False) + [tok.eot_id]
+    n_reply = len(tok.encode("Once", bos=False, eos=False)) + 1
+    assert mask == [0] * (len(ids) - n_reply) + [1] * n_reply
+
+
+def test_bad_input_is_named(fmt, tmp_path):
+    with pytest.raises(ValueError, match="unknown role"):
+        sft_example(fmt, [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}])
+    with pytest.raises(ValueError, match="assistant turn is empty"):
+        sft_example(fmt, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        sft_example(fmt, [{"role": "user", "content": "x " * 50}, {"role": "assistant", "content": "y"}], 20)
+    with pytest.raises(ValueError, match="same text"):
+        preference_example(fmt, {"prompt": "p", "chosen": "a b", "rejected": " a b "})
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"messages": []}) + "\n{oops\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(p)
+
+
+def test_reply_rows_mask_the_eot_for_dpo(fmt):
+    pair = preference_example(fmt, {"prompt": "p", "chosen": "Once upon", "rejected": [{"role": "assistant", "content": "The end"}]})
+    tokens, mask = reply_rows([pair.prompt, pair.prompt], [pair.chosen, pair.rejected])
+    assert mask[0].sum() == len(pair.chosen) - 1 and mask[1].sum() == len(pair.rejected) - 1
+    assert not mask[0, :len(pair.prompt)].any()
+    _, with_eot = reply_rows([pair.prompt], [pair.chosen], mask_eot=False)
+    assert with_eot[0].sum() == len(pair.chosen)
