@@ -17,7 +17,6 @@ shared, so timings are noisy: take the best of several runs, not the mean.
 """
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -59,35 +58,15 @@ def pin_threads(n: int) -> str:
     return f"threads: {n} (BLAS, C kernels{', torch' if 'torch' in sys.modules else ''})"
 
 
+# The timers are llama3np.timing's (one timer for the benchmarks and the notebooks), imported when first
+# called: importing llama3np loads numpy, which must wait until clean_blas_env has run.
 def best_of(fn, repeat=5, warmup=1):
-    """The fastest of `repeat` timed calls of fn(), in seconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    from llama3np.timing import best_of
+
+    return best_of(fn, repeat, warmup)
 
 
 def best_of_each(fns: dict, repeat=5, warmup=1, settle=0.3):
-    """{name: fastest seconds} for several functions timed in turn (a, b, a, b, ...), so that a change in
-    the machine's load hits all of them alike, rather than whichever happened to run during it.
+    from llama3np.timing import best_of_each
 
-    Before each timed call, `settle` seconds of sleep: OpenBLAS's and PyTorch's worker threads keep
-    spinning on the cores for a while after their call returns (OpenBLAS ~0.1 s), and would otherwise
-    take a core from whatever runs next - with 2 threads our kernel measured at half speed right after
-    an OpenBLAS call. Our C kernels' workers spin for well under a millisecond before they sleep.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            time.sleep(settle)
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+    return best_of_each(fns, repeat, warmup, settle)

@@ -26,12 +26,12 @@
 # %%
 import os
 import re
-import time
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from llama3np import kernels, ops
+from llama3np.timing import best_of
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"  # the test suite runs this notebook small
 assert kernels.available(), f"build the C kernels first: python csrc/build_kernels.py ({kernels.import_error})"
@@ -39,13 +39,8 @@ print("micro-kernels this CPU can run:", kernels.available_isas())
 
 
 def best_time(fn, repeat=3):
-    """The fastest of a few runs, in seconds (the machine may be shared)."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """The fastest of a few runs, in seconds (the machine may be shared): llama3np.timing.best_of."""
+    return best_of(fn, repeat=repeat, warmup=0)
 
 
 # %% [markdown]

@@ -130,16 +130,16 @@ print(f"final validation loss {val[-1][1]:.4f}, {val[-1][1] - floor:.4f} nats/to
 # %%
 def attention_maps(model, ids):
     """-> list over layers of (n_heads, T, T) attention probabilities for one sequence."""
-    model.forward(np.array([ids]))
+    model.forward(np.array([ids]))  # keeps the activations (a BlockCache per layer) for a backward
     maps = []
-    for layer_cache in model._acts[1]:  # per layer: the caches the backward would use
-        q, k, v, att, lse = layer_cache[6]  # (1, H, T, hd), (1, KV, T, hd), ..., (1, H, T)
+    for block in model.activations.blocks:  # per layer: what the backward would use
+        q, k, lse = block.q, block.k, block.lse  # (1, H, T, hd), (1, KV, T, hd), (1, H, T)
         H, KV, T, hd = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
         k_per_head = np.repeat(k[0], H // KV, axis=0)  # query head h reads kv head h // (H // KV)
         scores = q[0] @ k_per_head.transpose(0, 2, 1) / np.sqrt(hd)  # (H, T, T)
         scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
         maps.append(np.exp(scores - lse[0][..., None]))
-    model._acts = None
+    model.activations = None  # no backward follows: let the memory go
     return maps
 
 

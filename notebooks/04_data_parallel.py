@@ -30,10 +30,9 @@ import numpy as np
 
 from llama3np.parallel import engine, launch
 from llama3np.parallel.comm import ring_bytes
-from llama3np.parallel.examples import ring_all_reduce_demo
+from llama3np.parallel.examples import ring_all_reduce_demo, run_on, small_run
 from llama3np.parallel.trace import Trace
-from llama3np.training import TrainConfig
-from llama3np.training import run_folder as ckpt
+
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"  # the test suite runs this notebook small
 
@@ -79,24 +78,9 @@ assert o["bytes_sent"] == ring_bytes("all_reduce", n_elems * 8, 4)
 # %%
 work = tempfile.mkdtemp(prefix="llama3np_nb04_")
 steps = 4 if FAST else 20
-cfg = TrainConfig(out=os.path.join(work, "base"), preset="tiny",
-                  model_overrides=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520),
-                  steps=steps, batch_size=8, seq_len=16, n_stories=80, val_stories=5, eval_every=10**6,
-                  save_every=steps, keep=10, progress=False)
-cfg = engine.prepare_run(cfg, log=print)
+cfg = small_run(work, steps)  # the run folder the parallel notebooks share (llama3np.parallel.examples)
 reference = engine.reference_train(cfg.out, steps, np.float64).params
-
-
-def run_on(name, **grid):
-    """Copy the step-0 run folder, train on the grid, -> (final weights, per-rank summaries)."""
-    out = os.path.join(work, name)
-    shutil.copytree(cfg.out, out)
-    c = TrainConfig(**{**cfg.__dict__, "out": out})
-    results = engine.run_grid(out, c, engine.ParallelConfig(**{"dtype": "float64", **grid}))
-    return ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"], results
-
-
-params_dp2, res = run_on("dp2", dp=2)
+params_dp2, res = run_on(cfg, "dp2", dp=2)  # a copy of it, trained on dp=2 processes
 print("losses:", [round(r["loss"], 4) for r in res[0]["records"]])
 print(f"max relative difference from one process: {engine.relative_error(params_dp2, reference):.2e}")
 
@@ -108,7 +92,7 @@ print(f"max relative difference from one process: {engine.relative_error(params_
 # backward is done, while the backward of earlier layers still runs. The arithmetic does not change.
 
 # %%
-params_ov, res_ov = run_on("overlap", dp=2, overlap=True, bucket_bytes=16 * 1024)
+params_ov, res_ov = run_on(cfg, "overlap", dp=2, overlap=True, bucket_bytes=16 * 1024)
 print("bucket launch order (per step):", res_ov[0]["bucket_launch_order"][:len(res_ov[0]["bucket_launch_order"]) // steps])
 print("same bits as without overlap:", all(np.array_equal(params_ov[n], params_dp2[n]) for n in params_dp2))
 print("buckets launched while the backward was still running, per step:", res_ov[0]["buckets_launched_during_backward"])
@@ -137,8 +121,8 @@ print(f"all-reduce bytes per rank per step: {sent // steps} = 2(N-1)/N x {grad_b
 
 # %%
 shutil.rmtree(os.path.join(work, "dp2"))
-params_fp32, res_plain = run_on("dp2", dp=2, dtype="float32")
-params_zero, res_zero = run_on("zero", dp=2, zero=True, dtype="float32")
+params_fp32, res_plain = run_on(cfg, "dp2", dp=2, dtype="float32")
+params_zero, res_zero = run_on(cfg, "zero", dp=2, zero=True, dtype="float32")
 for name, res_ in (("plain DP", res_plain), ("ZeRO-1", res_zero)):
     m = res_[0]["memory"]
     print(f"{name:9s}: {(m['params'] + m['grads'] + m['optimizer']) / m['n_params']:.2f} bytes per parameter")

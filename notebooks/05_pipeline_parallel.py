@@ -23,7 +23,6 @@
 
 # %%
 import os
-import shutil
 import tempfile
 from fractions import Fraction
 
@@ -33,8 +32,7 @@ import numpy as np
 from llama3np.parallel import engine
 from llama3np.parallel import schedule as S
 from llama3np.parallel.trace import Trace
-from llama3np.training import TrainConfig
-from llama3np.training import run_folder as ckpt
+from llama3np.parallel.examples import run_on, small_run
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 work = tempfile.mkdtemp(prefix="llama3np_nb05_")
@@ -128,20 +126,13 @@ print(f"bubble {S.bubble_fraction(events)} (theory {S.theoretical_bubble(p, m_i,
 
 # %%
 steps = 3 if FAST else 10
-cfg = TrainConfig(out=os.path.join(work, "base"), preset="tiny",
-                  model_overrides=dict(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520),
-                  steps=steps, batch_size=8, seq_len=16, n_stories=80, val_stories=5, eval_every=10**6,
-                  save_every=steps, keep=10, progress=False)
-cfg = engine.prepare_run(cfg, log=print)
+cfg = small_run(work, steps, n_layers=4)  # the run folder the parallel notebooks share
 reference = engine.reference_train(cfg.out, steps, np.float64).params
 
 final = {}
 for name in S.SCHEDULES:
-    out = os.path.join(work, name)
-    shutil.copytree(cfg.out, out)
-    c = TrainConfig(**{**cfg.__dict__, "out": out})
-    res = engine.run_grid(out, c, engine.ParallelConfig(pp=2, micro_batches=4, schedule=name, dtype="float64"))
-    params = final[name] = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
+    params, res = run_on(cfg, name, pp=2, micro_batches=4, schedule=name)
+    final[name] = params
     err = engine.relative_error(params, reference)
     peaks = [o["peak_activations"] for o in sorted(res, key=lambda o: o["coords"][2])]
     mib = [round(o["peak_activation_bytes"] / 2**20, 2) for o in sorted(res, key=lambda o: o["coords"][2])]

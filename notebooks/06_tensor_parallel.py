@@ -26,7 +26,6 @@
 
 # %%
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -34,8 +33,6 @@ import numpy as np
 from llama3np import ops
 from llama3np.parallel import engine
 from llama3np.parallel import tensor_parallel as TP
-from llama3np.training import TrainConfig
-from llama3np.training import run_folder as ckpt
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 rng = np.random.default_rng(0)
@@ -80,26 +77,39 @@ for tp in (2, 3, 4):
         print(f"tp={tp}: {e}")
 
 # %% [markdown]
-# ## 2. In real processes: tp=2 trains to the weights of one process
+# ## 2. One block for one process and for t processes
+# The model's block (`llama3np.model.block_forward`) is the only copy: tensor parallelism runs the very
+# same function on each rank's slices and passes the rank's process group. The group is used at exactly
+# four points, Megatron's f (before wq/wk/wv and before w1/w3) and g (after wo and after w2). In one
+# process the group is None and f and g are the identity, so the tensor-parallel code path *is* the
+# single-process model, bit for bit.
+
+# %%
+import inspect
+
+from llama3np import model as M
+from llama3np.parallel.examples import run_on, small_run
+
+for line in inspect.getsource(M.block_forward).splitlines():
+    if "f_forward" in line or "g_forward" in line:
+        print(line.strip())
+print("f_forward with no group returns its input:", M.f_forward(x, None) is x)
+print("g_forward with no group returns its input:", M.g_forward(x, None) is x)
+
+# %% [markdown]
+# ## 3. In real processes: tp=2 trains to the weights of one process
 
 # %%
 work = tempfile.mkdtemp(prefix="llama3np_nb06_")
 steps = 3 if FAST else 10
-cfg = TrainConfig(out=os.path.join(work, "base"), preset="tiny",
-                  model_overrides=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520),
-                  steps=steps, batch_size=8, seq_len=16, n_stories=80, val_stories=5, eval_every=10**6,
-                  save_every=steps, keep=10, progress=False)
-cfg = engine.prepare_run(cfg, log=print)
+cfg = small_run(work, steps)  # the run folder the parallel notebooks share (llama3np.parallel.examples)
 reference = engine.reference_train(cfg.out, steps, np.float64).params
-out = os.path.join(work, "tp2")
-shutil.copytree(cfg.out, out)
-res = engine.run_grid(out, TrainConfig(**{**cfg.__dict__, "out": out}), engine.ParallelConfig(tp=2, dtype="float64"))
-params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
+params, res = run_on(cfg, "tp2", tp=2)
 err = engine.relative_error(params, reference)
 print(f"max relative difference from one process: {err:.1e}")
 
 # %% [markdown]
-# ## 3. What it costs: the all-reduce volume, from the counters
+# ## 4. What it costs: the all-reduce volume, from the counters
 # Per layer and micro-batch, 4 all-reduces of the activations (B, T, dim): g after wo and after w2
 # (forward), f before the attention and before the feed-forward (backward). Plus the vocabulary-parallel
 # embedding (one forward all-reduce), the output layer's f (one backward) and the three small loss

@@ -28,33 +28,27 @@
 
 # %%
 import os
-import shutil
 import tempfile
 
 import numpy as np
 
 from llama3np.parallel import engine, supervisor
-from llama3np.training import TrainConfig
 from llama3np.training import run_folder as ckpt
+from llama3np.parallel.examples import copy_run, final_params, small_run
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 work = tempfile.mkdtemp(prefix="llama3np_nb07_")
 steps = 6 if FAST else 30
-cfg = TrainConfig(out=os.path.join(work, "base"), preset="tiny",
-                  model_overrides=dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=520),
-                  steps=steps, batch_size=8, seq_len=16, n_stories=80, val_stories=5, eval_every=10**6,
-                  save_every=2, keep=100, progress=False)
-cfg = engine.prepare_run(cfg, log=print)
+cfg = small_run(work, steps, save_every=2, keep=100)  # the run folder the parallel notebooks share
 
 
 def supervised(name, faults=(), **grid):
-    out = os.path.join(work, name)
-    shutil.copytree(cfg.out, out)
-    c = TrainConfig(**{**cfg.__dict__, "out": out})
+    c = copy_run(cfg, name)
+    out = c.out
     summary = supervisor.supervise(out, c, engine.ParallelConfig(faults=list(faults), timeout=30, **{"dp": 2, **grid}),
                                    heartbeat_timeout=2.0, log=print)
     print(supervisor.format_summary(summary))
-    return ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"], summary
+    return final_params(out), summary
 
 
 clean, _ = supervised("clean")
@@ -82,14 +76,13 @@ for fault in [("kill", 1, 5), ("hang", 0, 3), ("nan", 1, 4)]:
 # another: here the dp=2 run's step-2 checkpoint continues with tensor and pipeline parallelism.
 
 # %%
-out = os.path.join(work, "regrid")
-shutil.copytree(os.path.join(work, "clean"), out)
+c = copy_run(cfg, "regrid", source=os.path.join(work, "clean"))
+out = c.out
 for f in ckpt.list_checkpoints(out):
     if int(f.name[5:13]) > 2:
         f.unlink()
-c = TrainConfig(**{**cfg.__dict__, "out": out})
 res = engine.run_grid(out, c, engine.ParallelConfig(tp=2, pp=2))
-params = ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["params"]
+params = final_params(out)
 err = engine.relative_error(params, clean)
 print(f"resumed at step {res[0]['start_step']} on tp=2 x pp=2; max relative difference from the dp=2 run: {err:.1e}"
       " (float32: only the order of sums differs)")
