@@ -20,6 +20,13 @@
  * operand, and packed (a contiguous copy) where their transpose is.
  * Decode (T < ROWS_MAX_T): the forward walks the keys row by row instead (forward_rows), since
  * packing k and v for one query would cost as much as the attention itself.
+ *
+ * Document masks (kv_start, optional, (B, T) int32): query i of row b sees only keys
+ * j >= kv_start[b, i] (capped at the query's own position under the causal mask, so no row is empty):
+ * several documents packed in one row, or the pad positions of a left-padded row in a KV cache. Key
+ * tiles wholly before every query of a block are skipped (packed rows cost less than one long
+ * document); inside a tile, masked scores get probability 0 exactly, so a document's results never
+ * depend on the values of another's keys and values.
  */
 #include <math.h>
 #include <stdint.h>
@@ -116,6 +123,7 @@ typedef struct {
     float *dq, *dk, *dv;                            /* backward outputs, contiguous */
     float *dk_heads, *dv_heads;                     /* (B, H, S, hd) per-query-head partials, or NULL */
     float *kv_packed;                               /* forward: packed k^T and v of every kv head */
+    const int *kv_start;                            /* (B, T) first visible key per query, or NULL */
     int B, H, KV, T, S, hd, causal, isa;
     float scale;
     int next_task, next_pack, failed;
@@ -175,12 +183,34 @@ static int scratch_alloc(const attn_ctx *a, scratch_t *w, int backward) {
     return 0;
 }
 
-/* how many of the bc keys starting at j0 query row i (0-based among the T queries) may see */
-static int visible_keys(const attn_ctx *a, int i, int j0, int bc) {
-    if (!a->causal) return bc;
-    int last = a->S - a->T + i; /* the query's own position: it sees keys 0..last */
-    int n = last - j0 + 1;
-    return n < 0 ? 0 : (n > bc ? bc : n);
+/* the first key query row i of batch b (0-based among the T queries) may see */
+static int first_key(const attn_ctx *a, int b, int i) {
+    if (!a->kv_start) return 0;
+    int start = a->kv_start[(long)b * a->T + i], pos = a->S - a->T + i;
+    return a->causal && start > pos ? pos : start; /* a query always sees itself */
+}
+
+/* which of the bc keys starting at j0 query row i of batch b may see: tile columns [*c0, return value),
+ * empty when they are equal */
+static int visible_keys(const attn_ctx *a, int b, int i, int j0, int bc, int *c0) {
+    int lo = first_key(a, b, i) - j0;
+    int hi = a->causal ? a->S - a->T + i + 1 - j0 : bc; /* the query's own position is the last it sees */
+    lo = lo < 0 ? 0 : (lo > bc ? bc : lo);
+    hi = hi < lo ? lo : (hi > bc ? bc : hi);
+    *c0 = lo;
+    return hi;
+}
+
+/* the first key any of the rows [i0, i0 + n) of batch b sees, rounded down to a tile start: tiles
+ * before it hold no visible key for any of them */
+static int first_tile(const attn_ctx *a, int b, int i0, int n) {
+    if (!a->kv_start) return 0;
+    int lo = a->S;
+    for (int i = i0; i < i0 + n; i++) {
+        int f = first_key(a, b, i);
+        lo = f < lo ? f : lo;
+    }
+    return lo / BC * BC;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -199,22 +229,23 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
         w->l[r] = 0.0f;
     }
     memset(w->acc, 0, (size_t)br * hd * sizeof(float));
-    for (int j0 = 0; j0 < n_keys; j0 += BC) {
+    for (int j0 = first_tile(a, b, i0, br); j0 < n_keys; j0 += BC) {
         int bc = n_keys - j0 < BC ? n_keys - j0 : BC;
         /* scores of the tile: s (br, bc) = Q (br, hd) @ K[j0:j0+bc]^T (hd, bc) */
         gemm_packed(isa, br, bc, hd, w->qp, kt + (long)j0 * hd, (long)NR * hd, w->s, BC, 0);
         for (int r = 0; r < br; r++) {
             float *s = w->s + r * BC;
-            int nv = visible_keys(a, i0 + r, j0, bc);
-            if (nv == 0) { /* the whole row is in the future: probability 0, statistics unchanged */
+            int c0, c1 = visible_keys(a, b, i0 + r, j0, bc, &c0);
+            if (c1 == c0) { /* no key of the tile is visible: probability 0, statistics unchanged */
                 memset(s, 0, (size_t)bc * sizeof(float));
                 continue;
             }
-            float mx = scale_and_max(s, nv, a->scale, w->m[r]);
+            float mx = scale_and_max(s + c0, c1 - c0, a->scale, w->m[r]);
             /* the online softmax: rescale what was summed under the old max to the new max */
             float correction = expf(w->m[r] - mx); /* exp(-inf) = 0 on the first tile */
-            float sum = exp_affine_sum(s, nv, 1.0f, mx);
-            for (int c = nv; c < bc; c++) s[c] = 0.0f; /* masked: probability 0 */
+            float sum = exp_affine_sum(s + c0, c1 - c0, 1.0f, mx);
+            for (int c = 0; c < c0; c++) s[c] = 0.0f; /* masked: probability 0 */
+            for (int c = c1; c < bc; c++) s[c] = 0.0f;
             w->l[r] = w->l[r] * correction + sum;
             if (correction != 1.0f) {
                 float *o = w->acc + r * hd;
@@ -225,7 +256,7 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
         /* acc (br, hd) += p (br, bc) @ V[j0:j0+bc] (bc, hd), p read in place */
         gemm_rowmajor_a(isa, br, hd, bc, w->s, vp + (long)j0 * NR, (long)NR * a->S, w->acc, hd, 1);
     }
-    /* every row saw key 0 (S >= T), so l > 0 */
+    /* every row saw at least one key (itself, or kv_start.. without the causal mask), so l > 0 */
     for (int r = 0; r < br; r++) {
         long row = ((long)b * a->H + h) * a->T + i0 + r;
         float inv = 1.0f / w->l[r];
@@ -248,7 +279,7 @@ static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, floa
     const float *K = a->k + b * a->ks[0] + g * a->ks[1];
     const float *V = a->v + b * a->vs[0] + g * a->vs[1];
     const float *q[R];
-    int n_vis[R]; /* keys row r may see in the current tile */
+    int c0[R], c1[R]; /* the keys row r may see in the current tile: columns c0[r] .. c1[r] - 1 */
     for (int r = 0; r < R; r++) {
         q[r] = a->q + b * a->qs[0] + (g * G + r / T) * a->qs[1] + (r % T) * a->qs[2];
         m[r] = -INFINITY;
@@ -256,26 +287,27 @@ static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, floa
     }
     memset(acc, 0, (size_t)R * hd * sizeof(float));
     const int n_keys = a->S; /* the last query sees every key (S - T + T - 1) */
-    for (int j0 = 0; j0 < n_keys; j0 += BC) {
+    for (int j0 = first_tile(a, b, 0, T); j0 < n_keys; j0 += BC) {
         int bc = n_keys - j0 < BC ? n_keys - j0 : BC;
-        for (int r = 0; r < R; r++) n_vis[r] = visible_keys(a, r % T, j0, bc);
+        for (int r = 0; r < R; r++) c1[r] = visible_keys(a, b, r % T, j0, bc, &c0[r]);
         /* scores, four keys at a time (each key row is loaded once and used by every query row) */
         const long ldk = a->ks[2], ldv = a->vs[2];
         for (int c = 0; c < bc; c += 4) {
             const float *k = K + (j0 + c) * ldk;
             for (int r = 0; r < R; r++) {
-                if (c + 4 <= n_vis[r])
+                if (c >= c0[r] && c + 4 <= c1[r])
                     vec_dot4(q[r], k, k + ldk, k + 2 * ldk, k + 3 * ldk, hd, s + r * BC + c);
                 else
-                    for (int cc = c; cc < n_vis[r]; cc++) s[r * BC + cc] = vec_dot(q[r], K + (j0 + cc) * ldk, hd);
+                    for (int cc = c < c0[r] ? c0[r] : c; cc < c + 4 && cc < c1[r]; cc++)
+                        s[r * BC + cc] = vec_dot(q[r], K + (j0 + cc) * ldk, hd);
             }
         }
         for (int r = 0; r < R; r++) {
-            if (n_vis[r] == 0) continue;
-            float *sr = s + r * BC;
-            float mx = scale_and_max(sr, n_vis[r], a->scale, m[r]);
+            if (c1[r] == c0[r]) continue;
+            float *sr = s + r * BC + c0[r];
+            float mx = scale_and_max(sr, c1[r] - c0[r], a->scale, m[r]);
             float correction = expf(m[r] - mx); /* the online softmax, as in forward_block */
-            l[r] = l[r] * correction + exp_affine_sum(sr, n_vis[r], 1.0f, mx);
+            l[r] = l[r] * correction + exp_affine_sum(sr, c1[r] - c0[r], 1.0f, mx);
             if (correction != 1.0f)
                 for (int d = 0; d < hd; d++) acc[r * hd + d] *= correction;
             m[r] = mx;
@@ -284,10 +316,11 @@ static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, floa
         for (int c = 0; c < bc; c += 4) {
             const float *v = V + (j0 + c) * ldv;
             for (int r = 0; r < R; r++) {
-                if (c + 4 <= n_vis[r])
+                if (c >= c0[r] && c + 4 <= c1[r])
                     vec_axpy4(acc + r * hd, s + r * BC + c, v, v + ldv, v + 2 * ldv, v + 3 * ldv, hd);
                 else
-                    for (int cc = c; cc < n_vis[r]; cc++) vec_axpy(acc + r * hd, s[r * BC + cc], V + (j0 + cc) * ldv, hd);
+                    for (int cc = c < c0[r] ? c0[r] : c; cc < c + 4 && cc < c1[r]; cc++)
+                        vec_axpy(acc + r * hd, s[r * BC + cc], V + (j0 + cc) * ldv, hd);
             }
         }
     }
@@ -353,10 +386,10 @@ static int attention_threads(double flops) {
 
 int attention_forward(const float *q, const long *q_strides, const float *k, const long *k_strides,
                       const float *v, const long *v_strides, float *out, float *lse, int B, int H, int KV,
-                      int T, int S, int hd, int causal) {
+                      int T, int S, int hd, int causal, const int *kv_start) {
     attn_ctx a = {.q = q, .k = k, .v = v, .qs = q_strides, .ks = k_strides, .vs = v_strides,
                   .out_c = out, .lse_c = lse, .B = B, .H = H, .KV = KV, .T = T, .S = S, .hd = hd,
-                  .causal = causal, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
+                  .causal = causal, .kv_start = kv_start, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
     int nthreads = attention_threads(4.0 * B * H * T * (double)S * hd);
     if (T < ROWS_MAX_T) {
         parallel_run(nthreads, forward_rows_thread, &a);
@@ -407,14 +440,16 @@ static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *
         int i_start = i_first < 0 ? 0 : i_first / BR * BR;
         for (int i0 = i_start; i0 < T; i0 += BR) {
             int br = T - i0 < BR ? T - i0 : BR;
+            if (first_tile(a, b, i0, br) > j0) continue; /* the tile is before every row's document */
             const float *qa = w->qa + (i0 / BR) * a_blk, *da = w->da + (i0 / BR) * a_blk;
             /* p (br, bc) = exp(Q_i K_j^T * scale - lse_i), recomputed; masked entries 0 */
             gemm_packed(isa, br, bc, hd, qa, w->kt + (long)j0 * hd, (long)NR * hd, w->p, BC, 0);
             for (int r = 0; r < br; r++) {
                 float *p = w->p + r * BC;
-                int nv = visible_keys(a, i0 + r, j0, bc);
-                exp_affine_sum(p, nv, a->scale, L[(i0 + r) * a->lses[2]]);
-                for (int c = nv; c < bc; c++) p[c] = 0.0f;
+                int c0, c1 = visible_keys(a, b, i0 + r, j0, bc, &c0);
+                exp_affine_sum(p + c0, c1 - c0, a->scale, L[(i0 + r) * a->lses[2]]);
+                for (int c = 0; c < c0; c++) p[c] = 0.0f;
+                for (int c = c1; c < bc; c++) p[c] = 0.0f;
             }
             /* dV_j (bc, hd) += p^T (bc, br) @ dout_i (br, hd) */
             gemm_pack_a(isa, 1, w->p, BC, bc, br, w->pp);
@@ -493,11 +528,12 @@ static void backward_thread(void *arg, int tid, int nthreads, barrier_t *barrier
 int attention_backward(const float *dout, const long *dout_strides, const float *q, const long *q_strides,
                        const float *k, const long *k_strides, const float *v, const long *v_strides,
                        const float *out, const long *out_strides, const float *lse, const long *lse_strides,
-                       float *dq, float *dk, float *dv, int B, int H, int KV, int T, int S, int hd, int causal) {
+                       float *dq, float *dk, float *dv, int B, int H, int KV, int T, int S, int hd, int causal,
+                       const int *kv_start) {
     attn_ctx a = {.q = q, .k = k, .v = v, .dout = dout, .out = out, .lse = lse, .qs = q_strides,
                   .ks = k_strides, .vs = v_strides, .douts = dout_strides, .outs = out_strides,
                   .lses = lse_strides, .dq = dq, .dk = dk, .dv = dv, .B = B, .H = H, .KV = KV, .T = T,
-                  .S = S, .hd = hd, .causal = causal, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
+                  .S = S, .hd = hd, .causal = causal, .kv_start = kv_start, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
     int nthreads = attention_threads(10.0 * B * H * T * (double)S * hd);
     void *partials = NULL;
     if (nthreads > 1 && B * KV < nthreads && H > KV) {

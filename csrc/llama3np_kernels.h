@@ -26,12 +26,13 @@ void blocked_sgemm(int M, int N, int K, const float *A, const float *B, float *C
 /* ---- fused causal grouped-query attention (FlashAttention-style) ------------------------------- */
 /* q (B, H, T, hd), k and v (B, KV, S, hd): strides in floats for the first three dims (the last has
  * stride 1). The queries are the last T of the S positions. out (B, H, T, hd) and lse (B, H, T) are
- * contiguous. */
+ * contiguous. kv_start: NULL, or (B, T) contiguous, each in [0, S): query i of row b sees only keys
+ * j >= kv_start[b * T + i] (capped at the query's own position when causal: document masks). */
 int attention_forward(const float *q, const long *q_strides,
                        const float *k, const long *k_strides,
                        const float *v, const long *v_strides,
                        float *out, float *lse,
-                       int B, int H, int KV, int T, int S, int hd, int causal);
+                       int B, int H, int KV, int T, int S, int hd, int causal, const int *kv_start);
 
 /* dout, out like q; dq (B, H, T, hd), dk and dv (B, KV, S, hd) contiguous, overwritten. */
 int attention_backward(const float *dout, const long *dout_strides,
@@ -41,7 +42,7 @@ int attention_backward(const float *dout, const long *dout_strides,
                         const float *out, const long *out_strides,
                         const float *lse, const long *lse_strides,
                         float *dq, float *dk, float *dv,
-                        int B, int H, int KV, int T, int S, int hd, int causal);
+                        int B, int H, int KV, int T, int S, int hd, int causal, const int *kv_start);
 
 /* ---- run-time configuration -------------------------------------------------------------------- */
 /* The instruction set the matmul micro-kernel uses: 0 portable C, 1 AVX2+FMA, 2 AVX-512.

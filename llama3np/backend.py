@@ -52,29 +52,10 @@ def _use_c(*arrays) -> bool:
     return True
 
 
-def _fits_matrix(x) -> bool:
-    """Rows or columns contiguous (what kernels.matmul takes without a copy)."""
-    if x.ndim != 2 or not x.flags.aligned:
-        return False
-    m, n = x.shape
-    s0, s1 = x.strides
-    return ((n == 1 or s1 == 4) and (m == 1 or (s0 > 0 and s0 % 4 == 0 and s0 // 4 >= n))) or \
-           ((m == 1 or s0 == 4) and (n == 1 or (s1 > 0 and s1 % 4 == 0 and s1 // 4 >= m)))
-
-
-def _fits_attention(*arrays) -> bool:
-    """Last dim contiguous, other strides positive multiples of 4 bytes (what the kernels take)."""
-    for x in arrays:
-        if not x.flags.aligned or (x.shape[-1] > 1 and x.strides[-1] != 4):
-            return False
-        if any(n > 1 and (s <= 0 or s % 4) for n, s in zip(x.shape, x.strides)):
-            return False
-    return True
-
-
 def matmul(a, b):
-    """C = A @ B for 2-D arrays (either may be a transposed view)."""
-    if _use_c(a, b) and _fits_matrix(a) and _fits_matrix(b):
+    """C = A @ B for 2-D arrays (either may be a transposed view). Layouts the kernels cannot read in
+    place (kernels.matrix_layout is None) go to NumPy rather than being copied."""
+    if _use_c(a, b) and kernels.matrix_layout(a) is not None and kernels.matrix_layout(b) is not None:
         return kernels.matmul(a, b)
     return a @ b
 
@@ -99,15 +80,15 @@ def linear_backward_weight(dout, cache):
 def attention_forward(q, k, v, causal=True, kv_start=None):
     """(B, n_heads, T, hd), (B, n_kv_heads, S, hd) x2 -> (out (B, n_heads, T, hd), lse (B, n_heads, T)).
     kv_start (B, T) or None: the first key each query may see (document masks, left padding; ops.py)."""
-    if kv_start is None and _use_c(q, k, v) and _fits_attention(q, k, v):
-        return kernels.attention_forward(q, k, v, causal)
+    if _use_c(q, k, v) and kernels.fits_attention(q, k, v):
+        return kernels.attention_forward(q, k, v, causal, kv_start)
     return ops.attention_forward(q, k, v, causal, kv_start)
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
     """-> (dq, dk, dv), recomputing the probabilities from lse."""
-    if kv_start is None and _use_c(dout, q, k, v, out, lse) and _fits_attention(dout, q, k, v, out, lse[..., None]):
-        return kernels.attention_backward(dout, q, k, v, out, lse, causal)
+    if _use_c(dout, q, k, v, out, lse) and kernels.fits_attention(dout, q, k, v, out, lse[..., None]):
+        return kernels.attention_backward(dout, q, k, v, out, lse, causal, kv_start)
     return ops.attention_backward(dout, q, k, v, out, lse, causal, kv_start)
 
 

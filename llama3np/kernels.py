@@ -1,15 +1,17 @@
 """Python side of the C kernels in csrc/: validation, then one call into C through cffi.
 
     kernels.matmul(a, b, out=None)                       C = A @ B, float32, A or B may be x.T views
-    kernels.attention_forward(q, k, v, causal=True)      -> (out, lse), fused (FlashAttention-style)
-    kernels.attention_backward(dout, q, k, v, out, lse)  -> (dq, dk, dv)
+    kernels.attention_forward(q, k, v, causal=True, kv_start=None)      -> (out, lse), fused (FlashAttention-style)
+    kernels.attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None)  -> (dq, dk, dv)
 
 Everything is checked here before C sees a pointer: dtype (TypeError), shapes, strides, aliasing
 (ValueError). The C code trusts its arguments, so this file is what keeps a bad array from becoming
 a crash. Arrays reach C without a copy: a matrix needs its rows or its columns contiguous (so a
 transposed view passes as a "trans" flag and a leading dimension); an attention input needs its
 last dimension contiguous and positive strides elsewhere (so q as a transposed view of (B, T, H, hd),
-or k as a slice of a KV cache, are read in place).
+or k as a slice of a KV cache, are read in place). The layout rules live here once: `matrix_layout`
+and `fits_attention` answer "can C read this in place?" without raising (llama3np.backend routes
+with them); the shape rules of attention are ops.check_attention_shapes, the reference's own.
 
 Build the extension with `pip install -e .` or `python csrc/build_kernels.py`. Without it (no C
 compiler), `available()` is False and the model runs on NumPy (llama3np.backend).
@@ -21,6 +23,8 @@ the extension were not built).
 import os
 
 import numpy as np
+
+from . import ops
 
 ISAS = ("portable", "avx2", "avx512")  # index = the C code's number for each instruction set
 _INT_MAX = 2**31 - 1
@@ -137,51 +141,74 @@ def _ptr(x):
     return ffi.cast("float *", x.ctypes.data)
 
 
-def _matrix_layout(x, name):
-    """(trans, ld) for a 2-D float32 array with contiguous rows (trans=0) or columns (trans=1)."""
-    _check_array(x, name)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+def matrix_layout(x):
+    """(trans, ld) when the 2-D array x has contiguous rows (trans=0) or columns (trans=1), so that
+    matmul reads it in place; None otherwise. Only the layout is looked at, not the dtype."""
+    if x.ndim != 2 or not x.flags.aligned:
+        return None
     m, n = x.shape
     s0, s1 = x.strides
     if x.size == 0:
         return 0, max(n, 1)  # nothing is read
     # a dimension of length 1 is never stepped along, so its stride does not matter
-    rows_ok = (n == 1 or s1 == 4) and (m == 1 or (s0 > 0 and s0 % 4 == 0 and s0 // 4 >= n))
-    if rows_ok:
+    if (n == 1 or s1 == 4) and (m == 1 or (s0 > 0 and s0 % 4 == 0 and s0 // 4 >= n)):
         return 0, (s0 // 4 if m > 1 else n)
-    cols_ok = (m == 1 or s0 == 4) and (n == 1 or (s1 > 0 and s1 % 4 == 0 and s1 // 4 >= m))
-    if cols_ok:
+    if (m == 1 or s0 == 4) and (n == 1 or (s1 > 0 and s1 % 4 == 0 and s1 // 4 >= m)):
         return 1, (s1 // 4 if n > 1 else m)
-    raise ValueError(
-        f"{name} (shape {x.shape}, strides {x.strides}) needs contiguous rows or columns (a C-contiguous "
-        f"array or its .T); pass np.ascontiguousarray({name})"
-    )
+    return None
 
 
-def _strides(x, name, ndim, unit_last):
-    """The strides in floats of x's first three dims, as a C long[3]."""
+def _matrix_layout(x, name):
+    """matrix_layout of a float32 matrix, or the error that says what is wrong."""
+    _check_array(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+    layout = matrix_layout(x)
+    if layout is None:
+        raise ValueError(
+            f"{name} (shape {x.shape}, strides {x.strides}) needs contiguous rows or columns (a C-contiguous "
+            f"array or its .T); pass np.ascontiguousarray({name})"
+        )
+    return layout
+
+
+def _bad_stride(x):
+    """The first dimension the attention kernels cannot step along (the last must be contiguous, the
+    others positive multiples of 4 bytes), or None."""
+    if x.shape[-1] > 1 and x.strides[-1] != 4:
+        return x.ndim - 1
+    for d, (size, stride) in enumerate(zip(x.shape, x.strides)):
+        if size > 1 and (stride <= 0 or stride % 4):  # a dimension of length 1 is never stepped along
+            return d
+    return None
+
+
+def fits_attention(*arrays) -> bool:
+    """True when the attention kernels can read every array in place (aligned, last dimension
+    contiguous, other strides positive multiples of 4 bytes). Only the layout is looked at."""
+    for x in arrays:  # a plain loop: a decode step makes this call in every layer
+        if not x.flags.aligned or _bad_stride(x) is not None:
+            return False
+    return True
+
+
+def _strides(x, name, ndim):
+    """The strides in floats of x's first three dims, as a C long[3] (attention inputs)."""
     _check_array(x, name)
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
-    if unit_last and x.shape[-1] > 1 and x.strides[-1] != 4:
+    d = _bad_stride(x)
+    if d == x.ndim - 1:
         raise ValueError(
             f"{name}'s last dimension must be contiguous (stride 4 bytes), got strides {x.strides}; "
             f"pass np.ascontiguousarray({name})"
         )
-    out = []
-    for d in range(3):
-        size, stride = x.shape[d], x.strides[d]
-        if size == 1:
-            out.append(0)  # never stepped along
-        elif stride > 0 and stride % 4 == 0:
-            out.append(stride // 4)
-        else:
-            raise ValueError(
-                f"{name} (shape {x.shape}) has stride {stride} bytes in dim {d}; the kernels need positive "
-                f"multiples of 4; pass np.ascontiguousarray({name})"
-            )
-    return ffi.new("long[3]", out)
+    if d is not None:
+        raise ValueError(
+            f"{name} (shape {x.shape}) has stride {x.strides[d]} bytes in dim {d}; the kernels need positive "
+            f"multiples of 4; pass np.ascontiguousarray({name})"
+        )
+    return ffi.new("long[3]", [x.strides[d] // 4 if x.shape[d] > 1 else 0 for d in range(3)])
 
 
 def _check_status(status, what):
@@ -253,22 +280,20 @@ def _teaching_matmul(c_name, a, b):
 # fused attention
 
 
-def _attention_shapes(q, k, v):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attention expects q (B, H, T, hd) and k, v (B, KV, S, hd); got q {q.shape}, "
-                         f"k {k.shape}, v {v.shape}")
+def _attention_inputs(q, k, v, kv_start):
+    """Check q, k, v and kv_start -> (B, H, KV, T, S, hd, strides of q, k, v, kv_start as a C int *)."""
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_array(x, name)
+    ops.check_attention_shapes(q, k, v, kv_start)  # the reference's shape rules, one copy of them
+    qs, ks, vs = _strides(q, "q", 4), _strides(k, "k", 4), _strides(v, "v", 4)
     B, H, T, hd = q.shape
-    _, KV, S, _ = k.shape
-    if v.shape != k.shape:
-        raise ValueError(f"k and v must have the same shape, got k {k.shape}, v {v.shape}")
-    if k.shape[0] != B or k.shape[3] != hd:
-        raise ValueError(f"q {q.shape} and k {k.shape} must agree in batch size and head_dim")
-    if KV == 0 or H % KV:
-        raise ValueError(f"n_heads={H} must be a multiple of n_kv_heads={KV} (grouped-query attention)")
-    if S < T:
-        raise ValueError(f"k has S={S} positions but q has T={T}: the queries are the last T of the S "
-                         "positions, so S >= T")
-    return B, H, KV, T, S, hd
+    KV, S = k.shape[1], k.shape[2]
+    if kv_start is None:
+        return B, H, KV, T, S, hd, qs, ks, vs, ffi.NULL, None
+    # checked above: (B, T) integers in [0, S), so int32 holds them; C reads a contiguous copy
+    kv32 = np.ascontiguousarray(kv_start, dtype=np.int32)
+    ptr = ffi.from_buffer("int[]", kv32) if kv32.size else ffi.NULL
+    return B, H, KV, T, S, hd, qs, ks, vs, ptr, kv32  # kv32 keeps the buffer alive during the call
 
 
 def _check_causal(causal):
@@ -277,45 +302,48 @@ def _check_causal(causal):
     return int(bool(causal))
 
 
-def attention_forward(q, k, v, causal=True):
+def attention_forward(q, k, v, causal=True, kv_start=None):
     """Fused attention: out (B, H, T, hd) = softmax(q k^T / sqrt(hd) + mask) v, and lse (B, H, T).
 
     q (B, n_heads, T, hd), k and v (B, n_kv_heads, S, hd), float32; query head h reads kv head
-    h // (n_heads // n_kv_heads); the queries are the last T of the S positions. lse is the per-row
-    log-sum-exp of the scaled, masked scores (what the backward needs to recompute the softmax).
+    h // (n_heads // n_kv_heads); the queries are the last T of the S positions. kv_start (B, T)
+    integers in [0, S) or None: query i of row b sees only keys j >= kv_start[b, i], capped at its own
+    position under the causal mask (document masks, left padding; as ops.attention_forward). lse is
+    the per-row log-sum-exp of the scaled, masked scores (what the backward needs to recompute the
+    softmax).
     """
     _require()
     c = _check_causal(causal)
-    qs, ks, vs = _strides(q, "q", 4, True), _strides(k, "k", 4, True), _strides(v, "v", 4, True)
-    B, H, KV, T, S, hd = _attention_shapes(q, k, v)
+    B, H, KV, T, S, hd, qs, ks, vs, kvp, _keep = _attention_inputs(q, k, v, kv_start)
     out = np.empty((B, H, T, hd), dtype=np.float32)
     lse = np.empty((B, H, T), dtype=np.float32)
     if out.size == 0:
         return out, lse
     status = lib.attention_forward(_ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(out), _ptr(lse),
-                                   B, H, KV, T, S, hd, c)
+                                   B, H, KV, T, S, hd, c, kvp)
     _check_status(status, "attention_forward")
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, causal=True):
-    """Gradients of attention_forward -> (dq, dk, dv), the probabilities recomputed from lse."""
+def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
+    """Gradients of attention_forward -> (dq, dk, dv), the probabilities recomputed from lse; causal
+    and kv_start must be the forward's."""
     _require()
     c = _check_causal(causal)
-    qs, ks, vs = _strides(q, "q", 4, True), _strides(k, "k", 4, True), _strides(v, "v", 4, True)
-    douts, outs = _strides(dout, "dout", 4, True), _strides(out, "out", 4, True)
-    lses = _strides(lse, "lse", 3, False)
-    B, H, KV, T, S, hd = _attention_shapes(q, k, v)
+    B, H, KV, T, S, hd, qs, ks, vs, kvp, _keep = _attention_inputs(q, k, v, kv_start)
+    for x, name in ((dout, "dout"), (out, "out"), (lse, "lse")):
+        _check_array(x, name)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout {dout.shape} and out {out.shape} must have q's shape {q.shape}")
     if lse.shape != (B, H, T):
         raise ValueError(f"lse has shape {lse.shape}, expected (B, H, T) = {(B, H, T)}")
+    douts, outs, lses = _strides(dout, "dout", 4), _strides(out, "out", 4), _strides(lse[..., None], "lse", 4)
     dq = np.zeros((B, H, T, hd), dtype=np.float32)
     dk = np.zeros((B, KV, S, hd), dtype=np.float32)
     dv = np.zeros((B, KV, S, hd), dtype=np.float32)
     if dq.size == 0 or dk.size == 0:
         return dq, dk, dv
     status = lib.attention_backward(_ptr(dout), douts, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(out), outs,
-                                    _ptr(lse), lses, _ptr(dq), _ptr(dk), _ptr(dv), B, H, KV, T, S, hd, c)
+                                    _ptr(lse), lses, _ptr(dq), _ptr(dk), _ptr(dv), B, H, KV, T, S, hd, c, kvp)
     _check_status(status, "attention_backward")
     return dq, dk, dv

@@ -301,11 +301,12 @@ def _good_attention():
     [
         (lambda q, k, v: (q.astype(np.float64), k, v), TypeError, "float32"),
         (lambda q, k, v: (q, k.astype(np.float16), v), TypeError, "float32"),
-        (lambda q, k, v: (q[0], k, v), ValueError, "4-D"),
-        (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, "same shape"),
-        (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of n_kv_heads"),
+        # the shape rules are ops.check_attention_shapes', the reference's (one copy for both)
+        (lambda q, k, v: (q[0], k, v), ValueError, r"attention expects q \(B, H, T, hd\)"),
+        (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, r"k, v \(B, KV, S, hd\)"),
+        (lambda q, k, v: (q[:, :3], k, v), ValueError, "H divisible by KV"),
         (lambda q, k, v: (q, k[:, :, :2], v[:, :, :2]), ValueError, "S >= T"),
-        (lambda q, k, v: (q[..., :4], k, v), ValueError, "head_dim"),
+        (lambda q, k, v: (q[..., :4], k, v), ValueError, "same B and hd"),
         (lambda q, k, v: (q[..., ::2], k[..., ::2], v[..., ::2]), ValueError, "last dimension must be contiguous"),
         (lambda q, k, v: (q[:, :, ::-1], k, v), ValueError, "positive"),
         (lambda q, k, v: (np.broadcast_to(q[:, :1], q.shape), k, v), ValueError, "positive"),

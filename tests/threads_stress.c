@@ -63,11 +63,14 @@ static int attention_runs(void) {
     float *dk = calloc(KV * T * HD, sizeof(float)), *dv = calloc(KV * T * HD, sizeof(float));
     for (int i = 0; i < H * T * HD; i++) q[i] = (float)(i % 7) / 7.0f;
     for (int i = 0; i < KV * T * HD; i++) k[i] = v[i] = (float)(i % 5) / 5.0f;
+    int kv_start[T]; /* odd runs: three documents packed in the row (positions 0, 20 and 45 start one) */
+    for (int i = 0; i < T; i++) kv_start[i] = i < 20 ? 0 : (i < 45 ? 20 : 45);
     int rc = 0;
-    for (int r = 0; r < 5; r++) {
-        rc |= attention_forward(q, q_strides, k, kv_strides, v, kv_strides, out, lse, 1, H, KV, T, T, HD, 1);
+    for (int r = 0; r < 6; r++) {
+        const int *starts = r % 2 ? kv_start : NULL;
+        rc |= attention_forward(q, q_strides, k, kv_strides, v, kv_strides, out, lse, 1, H, KV, T, T, HD, 1, starts);
         rc |= attention_backward(out, q_strides, q, q_strides, k, kv_strides, v, kv_strides, out, q_strides,
-                                 lse, lse_strides, dq, dk, dv, 1, H, KV, T, T, HD, 1);
+                                 lse, lse_strides, dq, dk, dv, 1, H, KV, T, T, HD, 1, starts);
     }
     free(q), free(k), free(v), free(out), free(lse), free(dq), free(dk), free(dv);
     return rc;
