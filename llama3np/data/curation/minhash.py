@@ -1,0 +1,159 @@
+"""MinHash LSH near-duplicate detection (Broder 1997; datatrove's MinhashDedup defaults).
+
+    text -> simplify_text -> word 5-gram shingles -> 64-bit shingle hashes (one array for many docs)
+         -> signature: for each of 14 x 8 = 112 hash functions, the minimum over the doc's shingles
+         -> 14 bands of 8 rows: documents whose band of rows is identical become candidate pairs
+         -> union-find over the candidates: one cluster id per document (its smallest member)
+
+Two documents with Jaccard similarity J agree on one row with probability J, on a whole band with
+J^8, and become candidates with probability 1 - (1 - J^8)^14: about 0.5 at J = 0.72 and above 0.99 at
+J = 0.85 (the "S-curve", `candidate_probability`).
+
+Everything is NumPy over all the documents' shingles at once. The 112 hash functions are one mixing
+function (splitmix64's finaliser, a bijection on 64-bit integers) applied to shingle ^ seed_i with 112
+random 64-bit seeds; a bijection of a well-mixed key is as good as a random permutation for MinHash.
+"""
+import hashlib
+
+import numpy as np
+
+from .text import simplify_text
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x):
+    """splitmix64's finaliser: a fast bijection on uint64 whose output bits all depend on all input bits."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def word_hashes(words):
+    """Distinct words -> uint64 hashes (blake2b, stable across processes, unlike Python's hash())."""
+    return np.array([int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                     for w in words], dtype=np.uint64)
+
+
+def shingle_hashes(texts, ngram=5):
+    """-> (hashes (S,) uint64, offsets (N+1,)): the word n-gram hashes of every text, concatenated;
+    text i owns hashes[offsets[i]:offsets[i+1]]. A text of fewer than `ngram` words is one shingle of
+    all its words (an empty text: one shingle of nothing), so every text has at least one."""
+    docs = [simplify_text(t).split() for t in texts]
+    vocab = {}
+    ids = [np.array([vocab.setdefault(w, len(vocab)) for w in d], dtype=np.int64) for d in docs]
+    whash = word_hashes(list(vocab)) if vocab else np.zeros(0, np.uint64)
+    pieces = []
+    with np.errstate(over="ignore"):
+        for d in ids:
+            h = whash[d]
+            if len(h) < ngram:  # the whole short text as one shingle
+                acc = np.uint64(len(h))
+                for x in h:
+                    acc = mix64(acc * _GOLDEN + x)
+                pieces.append(np.array([acc], dtype=np.uint64))
+                continue
+            n = len(h) - ngram + 1
+            acc = np.full(n, ngram, dtype=np.uint64)
+            for k in range(ngram):  # hash of (w_i, ..., w_{i+n-1}) for every i at once
+                acc = mix64(acc * _GOLDEN + h[k:k + n])
+            pieces.append(acc)
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in pieces])
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)), offsets
+
+
+def hash_seeds(num_perm, seed=0):
+    """num_perm 64-bit seeds, one per hash function, from `seed`."""
+    return np.random.default_rng(seed).integers(0, 2**64, size=num_perm, dtype=np.uint64)
+
+
+def signatures(texts, num_perm=112, ngram=5, seed=0, chunk=1 << 15):
+    """texts -> (N, num_perm) uint64 MinHash signatures. Shingles are processed `chunk` at a time, so
+    memory stays at chunk * num_perm * 8 bytes (32K shingles x 112 -> 29 MB) whatever the corpus."""
+    hashes, offsets = shingle_hashes(texts, ngram)
+    seeds = hash_seeds(num_perm, seed)
+    n = len(texts)
+    sig = np.full((n, num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+    doc_of = np.repeat(np.arange(n), np.diff(offsets))  # (S,) which text owns each shingle
+    for s0 in range(0, len(hashes), chunk):
+        h = mix64(hashes[s0:s0 + chunk, None] ^ seeds[None, :])  # (c, num_perm)
+        d = doc_of[s0:s0 + chunk]
+        starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])  # each text's first row in the chunk
+        mins = np.minimum.reduceat(h, starts, axis=0)  # (texts in chunk, num_perm)
+        sig[d[starts]] = np.minimum(sig[d[starts]], mins)  # a text may straddle two chunks
+    return sig
+
+
+def estimated_jaccard(sig_a, sig_b):
+    """Fraction of hash functions on which two signatures agree: an unbiased estimate of Jaccard."""
+    return np.mean(np.asarray(sig_a) == np.asarray(sig_b), axis=-1)
+
+
+def candidate_probability(j, num_bands=14, rows_per_band=8):
+    """P(two texts of Jaccard j share at least one band) = 1 - (1 - j^r)^b: LSH's S-curve."""
+    return 1.0 - (1.0 - np.asarray(j, dtype=np.float64) ** rows_per_band) ** num_bands
+
+
+def band_keys(sig, num_bands=14, rows_per_band=8):
+    """(N, b*r) signatures -> (N, b) uint64: one hash per band of r rows (equal rows -> equal key)."""
+    n = sig.shape[0]
+    rows = sig[:, :num_bands * rows_per_band].reshape(n, num_bands, rows_per_band)
+    acc = np.full((n, num_bands), rows_per_band, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(rows_per_band):
+            acc = mix64(acc * _GOLDEN + rows[:, :, k])
+    return acc
+
+
+def candidate_pairs(sig, num_bands=14, rows_per_band=8):
+    """-> (E, 2) int64 edges (i, j), i < j: within each band, every member of a group of equal keys
+    is joined to the group's first member (enough for union-find; not all pairs are listed)."""
+    keys = band_keys(sig, num_bands, rows_per_band)
+    edges = []
+    for b in range(num_bands):
+        order = np.argsort(keys[:, b], kind="stable")
+        k = keys[order, b]
+        same = np.r_[False, k[1:] == k[:-1]]  # (N,) equal to the previous one in sorted order
+        group_start = np.maximum.accumulate(np.where(~same, np.arange(len(k)), 0))
+        members = np.flatnonzero(same)
+        edges.append(np.stack([order[group_start[members]], order[members]], axis=1))
+    e = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    return np.sort(e, axis=1)
+
+
+def union_find(n, edges):
+    """Connected components of n nodes -> (n,) ids: each node's smallest connected node.
+
+    Vectorised: every edge pulls both ends to the smaller label, then labels jump to their label's
+    label (pointer jumping) until nothing changes; O(log n) rounds on chains."""
+    label = np.arange(n, dtype=np.int64)
+    if len(edges) == 0:
+        return label
+    a, b = edges[:, 0], edges[:, 1]
+    while True:
+        m = np.minimum(label[a], label[b])
+        new = label.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        new = new[new]  # pointer jumping
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
+def clusters_from_signatures(sig, num_bands=14, rows_per_band=8):
+    """(N, b*r) signatures -> (N,) cluster ids (the smallest index in each cluster)."""
+    return union_find(sig.shape[0], candidate_pairs(sig, num_bands, rows_per_band))
+
+
+def minhash_clusters(texts, num_bands=14, rows_per_band=8, ngram=5, seed=0):
+    """texts -> (N,) int64 cluster ids: near-duplicates (by MinHash LSH on word n-grams of the
+    normalised text) share an id, the smallest index among them; a text with none is alone."""
+    texts = list(texts)
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    sig = signatures(texts, num_bands * rows_per_band, ngram, seed)
+    return clusters_from_signatures(sig, num_bands, rows_per_band)

@@ -1,0 +1,61 @@
+"""Token-distribution KL filter (Llama 3 section 3.1.1): documents full of outlier tokens.
+
+A document's token frequencies p (under the Llama 3 tokenizer) are compared with the corpus's q:
+
+    KL(p || q) = sum_t p(t) log(p(t) / q(t))       q smoothed: (count(t) + 1) / (total + V + 1)
+
+Prose uses the corpus's common tokens and scores low; a page of hashes, base64, mojibake or a foreign
+script uses tokens the corpus hardly has and scores high. The threshold is relative to the corpus:
+median + z * 1.4826 * MAD (a robust z-score), so it needs no tuning per corpus; an absolute
+`threshold` may be given instead.
+"""
+import numpy as np
+
+
+def default_tokenizer():
+    from ...tokenizer import Tokenizer
+
+    return Tokenizer()
+
+
+def token_ids(texts, tokenizer=None):
+    tokenizer = tokenizer or default_tokenizer()
+    return [np.asarray(tokenizer.encode(t, bos=False, eos=False), dtype=np.int64) for t in texts]
+
+
+def corpus_counts(ids_per_doc, vocab_size):
+    """(vocab_size,) float64: how often each token occurs in the corpus."""
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for ids in ids_per_doc:
+        np.add.at(counts, ids, 1.0)
+    return counts
+
+
+def kl_scores(ids_per_doc, counts):
+    """Per document KL(p_doc || q_corpus) in nats; an empty document scores 0."""
+    q = (counts + 1.0) / (counts.sum() + len(counts) + 1.0)
+    scores = np.zeros(len(ids_per_doc))
+    for i, ids in enumerate(ids_per_doc):
+        if len(ids) == 0:
+            continue
+        tok, c = np.unique(ids, return_counts=True)
+        p = c / c.sum()
+        scores[i] = float(np.sum(p * (np.log(p) - np.log(q[tok]))))
+    return scores
+
+
+def robust_threshold(scores, z=3.0):
+    """median + z * 1.4826 * MAD (1.4826 * MAD estimates the standard deviation of a normal)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    med = np.median(scores)
+    return float(med + z * 1.4826 * np.median(np.abs(scores - med)))
+
+
+def token_kl_filter(texts, tokenizer=None, z=3.0, threshold=None):
+    """-> (keep (N,) bool, scores (N,), threshold): remove documents whose KL is above threshold."""
+    ids = token_ids(texts, tokenizer)
+    vocab = max((int(i.max()) + 1 for i in ids if len(i)), default=1)
+    vocab = max(vocab, getattr(tokenizer, "n_words", 0) or 0)
+    scores = kl_scores(ids, corpus_counts(ids, vocab))
+    thr = robust_threshold(scores, z) if threshold is None else float(threshold)
+    return scores <= thr, scores, thr
