@@ -3,6 +3,7 @@
 `pip install -e .`            the runtime (NumPy model, tokenizer, checkpoints, training, C kernels)
 `pip install -e '.[test]'`    + pytest, hypothesis and the notebook runner
 `pip install -e '.[ref]'`     + PyTorch (CPU build 2.13.0) and transformers, used only as test references
+`pip install -e '.[notebooks]'` + JupyterLab, to open the walkthroughs in notebooks/
 """
 import os
 import sys
@@ -36,6 +37,11 @@ extras_require = {
         "torch==2.13.0",  # the CPU build that lies on these machines; other versions download GBs
         "transformers>=4.45",
         "fairscale",  # Meta's llama_models.llama3.model imports it; we compare with its apply_scaling
+    ],
+    "notebooks": [
+        "jupyterlab>=4",  # `jupyter lab notebooks/01_forward.ipynb`
+        "jupytext>=1.16",  # opens the .py twins as notebooks too, and keeps both in sync
+        "ipykernel>=6.29",
     ],
     "mpi": [
         "mpi4py>=3.1",  # `llama3np parallel train --backend mpi` under mpiexec
