@@ -19,7 +19,9 @@ def wilson_interval(correct, n, z=Z95):
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    lo, hi = centre - half, centre + half
+    # at 0/n and n/n the bound is exactly 0 or 1 (the formula gives it up to a rounding)
+    return [0.0 if correct == 0 else max(0.0, lo), 1.0 if correct == n else min(1.0, hi)]
 
 
 def summarize(items):
