@@ -68,3 +68,63 @@ def reference_logps(ref_model, chosen, chosen_mask, rejected, rejected_mask, pol
         raise ValueError(f"the reference model's vocabulary ({ref_model.args.vocab_size} ids) differs from the "
                          f"policy's ({policy.args.vocab_size}): they must share one tokenizer")
     return sequence_logps(ref_model, chosen, chosen_mask), sequence_logps(ref_model, rejected, rejected_mask)
+
+
+def train_dpo(model, pairs, ref_logps, out, steps=100, batch_size=8, lr=1e-4, beta=0.1, nll_coef=0.2,
+              seed=0, save_every=50, resume=False, progress=False, grad_clip=1.0, mask_eot=True,
+              label_smoothing=0.0, loss_type="sigmoid"):
+    """DPO on `pairs` [(prompt ids, chosen ids, rejected ids)] with the reference's log-probs
+    `ref_logps` = (ref_chosen (N,), ref_rejected (N,)) computed once over the same masks (see `pair_rows`).
+    Writes the run folder `out` (ref_logps.npz beside the checkpoints) -> log records."""
+    from ..fileio import atomic_write
+    from ..optim import AdamW
+    from .stage import StageRun, run_steps, step_rng, update
+
+    if not pairs:
+        raise ValueError("no preference pairs")
+    ref_c, ref_r = (np.asarray(a, dtype=np.float64) for a in ref_logps)
+    if ref_c.shape != (len(pairs),) or ref_r.shape != (len(pairs),):
+        raise ValueError(f"ref_logps must be two arrays of shape ({len(pairs)},), one value per pair")
+    run = StageRun(out, "dpo", dict(steps=steps, batch_size=batch_size, lr=lr, beta=beta, nll_coef=nll_coef,
+                                    seed=seed, mask_eot=mask_eot, label_smoothing=label_smoothing,
+                                    loss_type=loss_type, n_pairs=len(pairs)), resume=resume)
+    atomic_write(run.dir / "ref_logps.npz", lambda f: np.savez(f, chosen=ref_c, rejected=ref_r))
+    opt = AdamW(model.params, lr=lr, weight_decay=0.0)
+
+    def step_fn(step):
+        idx = step_rng(seed, step).integers(0, len(pairs), batch_size)
+        (tc, mc), (tr, mr) = pair_rows([pairs[i] for i in idx], mask_eot)
+        loss, grads, m = dpo_loss_and_grads(model, tc, mc, tr, mr, ref_c[idx], ref_r[idx], beta, nll_coef,
+                                            label_smoothing, loss_type)
+        m["grad_norm"] = update(opt, grads, lr * min(1.0, (step + 1) / 10), grad_clip)
+        return m
+
+    records = run_steps(run, steps, step_fn, model.params, opt, model.tokenizer, model.args, save_every, progress)
+    run.plot(["loss", "rewards/margins", "rewards/accuracies", "logps/chosen"])
+    return records
+
+
+def pair_rows(pairs, mask_eot=True):
+    """[(prompt, chosen, rejected)] -> ((chosen tokens, mask), (rejected tokens, mask)), reply-only masks."""
+    from .data import reply_rows
+
+    prompts = [p for p, _, _ in pairs]
+    return (reply_rows(prompts, [c for _, c, _ in pairs], mask_eot),
+            reply_rows(prompts, [r for _, _, r in pairs], mask_eot))
+
+
+def pairs_reference_logps(ref_model, pairs, mask_eot=True, batch_size=32, policy=None):
+    """The reference's sequence log-probs of every pair, in batches -> (chosen (N,), rejected (N,))."""
+    out_c, out_r = [], []
+    for i in range(0, len(pairs), batch_size):
+        (tc, mc), (tr, mr) = pair_rows(pairs[i:i + batch_size], mask_eot)
+        c, r = reference_logps(ref_model, tc, mc, tr, mr, policy)
+        out_c.append(c)
+        out_r.append(r)
+    return np.concatenate(out_c), np.concatenate(out_r)
+
+
+def preference_accuracy(model, pairs, ref_logps, mask_eot=True, batch_size=32):
+    """Held-out DPO accuracy: the fraction of pairs whose implicit reward margin is > 0."""
+    pc, pr = pairs_reference_logps(model, pairs, mask_eot, batch_size)
+    return float(np.mean((pc - ref_logps[0]) > (pr - ref_logps[1])))

@@ -74,3 +74,14 @@ def concat_rows(a, a_mask, b, b_mask, pad_id=0):
     tokens[:a.shape[0], :a.shape[1]], mask[:a.shape[0], :a.shape[1]] = a, a_mask
     tokens[a.shape[0]:, :b.shape[1]], mask[a.shape[0]:, :b.shape[1]] = b, b_mask
     return tokens, mask
+
+
+def clone_model(model):
+    """A new Transformer with copies of the weights and the same tokenizer (reference, policy, value...)."""
+    from ..model import Transformer
+
+    out = Transformer(model.args, dtype=model.dtype, init=False)
+    for name, p in out.params.items():
+        p[...] = model.params[name]
+    out.tokenizer = model.tokenizer
+    return out

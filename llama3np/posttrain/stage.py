@@ -112,3 +112,68 @@ class StageRun:
 def step_rng(seed, step):
     """The random generator of one step: a function of (seed, step) only, so a resumed run draws the same."""
     return np.random.default_rng([int(seed), int(step)])
+
+
+def update(opt, grads, lr, grad_clip=1.0):
+    """Clip the global gradient norm and take one AdamW step -> the norm before clipping (a float).
+
+    A non-finite gradient skips the step (as pre-training does) and returns the bad norm."""
+    from ..optim import clip_grad_norm
+
+    norm = clip_grad_norm(grads, grad_clip)
+    if np.isfinite(norm):
+        opt.step(grads, lr=lr)
+    return float(norm)
+
+
+def run_steps(run, steps, step_fn, params, opt, tokenizer, model_args, save_every=50, progress=False,
+              meta_fn=None, start_meta=None):
+    """The loop every stage shares: restore, then for each step `metrics = step_fn(step)` (which draws its
+    randomness from step_rng and updates the weights itself), log, checkpoint. -> the records.
+
+    meta_fn() -> extra JSON state saved with each checkpoint (e.g. PPO's adaptive KL coefficient);
+    start_meta(meta) receives it back on resume.
+    """
+    start, meta = run.restore(params, opt)
+    if start and start_meta is not None:
+        start_meta(meta)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=run.stage, unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, steps):
+            rec = {"step": step + 1, **step_fn(step)}
+            run.log(rec)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(rec.items())[1:4] if isinstance(v, float)},
+                                refresh=False)
+                bar.update(1)
+            if (step + 1) % save_every == 0 or step + 1 == steps:
+                run.save(step + 1, params, opt, tokenizer, model_args, meta_fn() if meta_fn else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return run.records
+
+
+def load_stage_model(path, prefix="", dtype=np.float32):
+    """The transformer stored under `prefix` in a stage's latest checkpoint (e.g. "value/" for PPO's value
+    model), with the checkpoint's tokenizer -> (model, checkpoint params). `llama3np.load` reads a stage
+    folder holding only a policy; this also reads the ones with extra weights (score.weight, value/...)."""
+    from ..args import ModelArgs
+    from ..model import Transformer
+    from ..tokenizer import Tokenizer
+
+    path, ck = run_folder.latest_checkpoint(path)
+    if ck is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint")
+    model = Transformer(ModelArgs.from_dict(ck["meta"]["model_args"]), dtype=dtype, init=False)
+    for name, p in model.params.items():
+        a = ck["params"].get(prefix + name)
+        if a is None or a.shape != p.shape:
+            raise ValueError(f"{path}: weight {prefix + name!r} is missing or has another shape")
+        p[...] = a
+    model.tokenizer = Tokenizer.from_bytes(ck["tokenizer_bytes"], name=f"{path.name}:tokenizer")
+    return model, ck["params"]

@@ -1,0 +1,314 @@
+"""`llama3np posttrain demo`: SFT -> reward model -> rejection sampling -> DPO -> PPO on a tiny story model,
+with the ground truth measured after every stage.
+
+The task (story_task.py): "Write a story. The hero is a girl named Lily. The hero meets a fox." The
+grammar that wrote the pre-training stories parses any reply, so the score of a reply (the fraction of
+demands it meets) is exact, and so is every number in the table:
+    score   mean ground-truth score of one sampled reply (temperature 1) per held-out instruction
+    KL      KL(stage || SFT model) per reply, estimated on the same samples: mean of log pi - log pi_sft
+"""
+import copy
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..generation import sample_batch
+from ..tokenizer import ChatFormat
+from . import story_task as task
+from .dpo import pairs_reference_logps, preference_accuracy, train_dpo
+from .logprobs import clone_model, token_logps
+from .ppo import PPOConfig, rollout_rows, train_ppo
+from .rejection_sampling import best_of_n_curve, sample_replies, score_replies, winners
+from .reward_model import RewardModel, pair_accuracy, ranked_pairs, train_rm
+from .sft import train_sft
+
+
+@dataclass
+class DemoConfig:
+    pretrain_steps: int = 200
+    pretrain_overrides: dict = field(default_factory=dict)
+    n_train: int = 1500  # training instructions
+    n_eval: int = 48  # held-out instructions
+    max_new_tokens: int = 150
+    sft_steps: int = 150
+    sft_batch: int = 8
+    sft_lr: float = 1e-3
+    rm_steps: int = 120
+    rm_batch: int = 8
+    rm_lr: float = 3e-4
+    n_eval_pairs: int = 100
+    rs_prompts: int = 48
+    rs_k: int = 16
+    rs_sft_steps: int = 40
+    dpo_steps: int = 60
+    dpo_batch: int = 8
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 0.1
+    dpo_nll: float = 0.2
+    ablations: bool = True
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=12, batch_size=16, mini_batch_size=8,
+                                                             ppo_epochs=2, lr=2e-5, max_new_tokens=150))
+    seed: int = 0
+
+
+FAST = DemoConfig(pretrain_steps=30, pretrain_overrides=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                             hidden_dim=96, max_seq_len=256),
+                  n_train=60, n_eval=6, max_new_tokens=40, sft_steps=6, sft_batch=4, rm_steps=6, rm_batch=4,
+                  n_eval_pairs=12, rs_prompts=4, rs_k=4, rs_sft_steps=2, dpo_steps=4, dpo_batch=4, ablations=True,
+                  ppo=PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=40))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data of the task
+
+
+def chat_prompt(fmt, instruction):
+    return fmt.encode_dialog_prompt([{"role": "user", "content": instruction.text}])
+
+
+def reply_ids(tok, text):
+    return tok.encode(text, bos=False, eos=False) + [tok.eot_id]
+
+
+def reply_text(tok, ids):
+    return tok.decode([t for t in ids if t not in tok.stop_tokens])
+
+
+def sft_examples(fmt, instructions, seed):
+    out = []
+    for i, ins in enumerate(instructions):
+        p, r = chat_prompt(fmt, ins), reply_ids(fmt.tokenizer, task.write_story(ins.demands, seed * 100_003 + i))
+        out.append((p + r, [0] * len(p) + [1] * len(r)))
+    return out
+
+
+def preference_data(fmt, instructions, seed):
+    """-> (rm_pairs, dpo_pairs): (prompt, better, worse) id triples ranked by the exact checker.
+
+    Per instruction: a "chosen" story with some demands forced and a "rejected" one with fewer (other seed);
+    half the time an "edited" story too: the chosen one's seed with every demand forced (a minimal edit).
+    Replies with equal true scores are not paired. The RM gets every ordered pair (edited > chosen >
+    rejected); DPO gets the best against the worst."""
+    rng = random.Random(seed)
+    tok = fmt.tokenizer
+    rm_pairs, dpo_pairs = [], []
+    for i, ins in enumerate(instructions):
+        d = list(ins.demands)
+        s1, s2 = rng.randrange(10**9), rng.randrange(10**9)
+        k = rng.randrange(1, len(d) + 1)
+        cands = [task.write_story(tuple(rng.sample(d, k)), s1), task.write_story(tuple(rng.sample(d, k - 1)), s2)]
+        if rng.random() < 0.5:
+            cands.append(task.write_story(tuple(d), s1))
+        scored = sorted({c: task.score(ins.demands, c) for c in cands}.items(), key=lambda x: -x[1])
+        ranked, last = [], None
+        for text, sc in scored:
+            if sc != last:  # one reply per distinct score: ties prefer nothing
+                ranked.append(reply_ids(tok, text))
+                last = sc
+        if len(ranked) < 2:
+            continue
+        prompt = chat_prompt(fmt, ins)
+        rm_pairs += ranked_pairs(prompt, ranked)
+        dpo_pairs.append((prompt, ranked[0], ranked[-1]))
+    return rm_pairs, dpo_pairs
+
+
+# ----------------------------------------------------------------------------------------------------
+# measuring a stage
+
+
+def evaluate(model, sft_model, fmt, instructions, max_new_tokens, seed):
+    """-> dict(score, kl, eos, samples): one sampled reply (temperature 1) per instruction."""
+    prompts = [chat_prompt(fmt, ins) for ins in instructions]
+    replies, _ = sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, seed=seed)
+    tok = fmt.tokenizer
+    scores = [task.score(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, replies)]
+    tokens, mask = rollout_rows(prompts, replies)
+    kl = ((token_logps(model, tokens) - token_logps(sft_model, tokens)) * mask).sum(1) if sft_model is not None \
+        else np.zeros(len(prompts))
+    return {"score": float(np.mean(scores)), "kl": float(np.mean(kl)),
+            "eos": float(np.mean([len(r) > 0 and r[-1] == tok.eot_id for r in replies])),
+            "samples": [(ins.text, reply_text(tok, r), s) for ins, r, s in zip(instructions[:2], replies, scores)]}
+
+
+def eot_prob_at_end(model, pairs):
+    """Mean probability of <|eot_id|> where the chosen replies end: does DPO keep the model stopping?"""
+    eot = model.tokenizer.eot_id
+    rows_ = [list(p) + list(c) for p, c, _ in pairs]
+    T = max(len(r) for r in rows_)
+    tokens = np.zeros((len(rows_), T), dtype=np.int64)
+    for b, r in enumerate(rows_):
+        tokens[b, :len(r)] = r
+    lp = token_logps(model, tokens)
+    return float(np.mean([np.exp(lp[b, len(r) - 1]) for b, r in enumerate(rows_) if r[-1] == eot]))
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def pretrain(out, cfg, log):
+    from ..training import TrainConfig, train
+
+    tc = TrainConfig(out=str(out), preset="tiny", steps=cfg.pretrain_steps, batch_size=8, seq_len=256,
+                     eval_every=cfg.pretrain_steps, save_every=cfg.pretrain_steps, val_stories=50,
+                     model_overrides=dict(cfg.pretrain_overrides), progress=False, seed=cfg.seed)
+    return train(tc, log=log)
+
+
+def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress=False, cfg=None):
+    """The whole pipeline; returns the table rows [(stage, score, kl, eos)] and the measured figures."""
+    from ..formats import load
+
+    stream = stream or sys.stdout
+    cfg = cfg or (copy.deepcopy(FAST) if fast else DemoConfig())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = lambda msg: (print(msg, file=stream), stream.flush())
+    t0 = time.perf_counter()
+    if model is None:
+        say(f"pre-training a tiny story model ({cfg.pretrain_steps} steps) in {out / 'pretrain'} ...")
+        base = pretrain(out / "pretrain", cfg, log=lambda m: None)
+    else:
+        base = load(model)
+    if base.tokenizer is None:
+        raise ValueError(f"{model}: the model has no tokenizer")
+    tok = base.tokenizer
+    fmt = ChatFormat(tok)
+    train_ins = task.instructions(cfg.n_train, seed=cfg.seed * 7 + 1)
+    eval_ins = task.instructions(cfg.n_eval, seed=cfg.seed * 7 + 2)
+    n_mem = max(64, cfg.max_new_tokens + 64)
+    if base.args.max_seq_len < n_mem:
+        raise ValueError(f"the model's context ({base.args.max_seq_len}) is too short for prompt + reply ({n_mem})")
+    figures, table = {}, []
+    ev = lambda m, ref, s: evaluate(m, ref, fmt, eval_ins, cfg.max_new_tokens, [cfg.seed, s])
+
+    def row(stage, r):
+        table.append((stage, r["score"], r["kl"], r["eos"]))
+        say(f"  {stage:22s} score {r['score']:.3f}  KL from SFT {r['kl']:7.2f}  ends with <|eot_id|> {r['eos']:.2f}"
+            f"  ({time.perf_counter() - t0:.0f} s)")
+        text, reply, sc = r["samples"][0]
+        say(f"    sample: [{text}] -> {reply[:160]!r}... score {sc:.2f}")
+
+    row("pre-trained", ev(base, None, 0))
+    # SFT
+    policy = clone_model(base)
+    train_sft(policy, sft_examples(fmt, train_ins, cfg.seed), out / "sft", cfg.sft_steps, cfg.sft_batch, cfg.sft_lr,
+              cfg.seed, save_every=cfg.sft_steps, progress=progress)
+    sft_model = clone_model(policy)
+    r = ev(policy, sft_model, 1)
+    figures["sft_score"] = r["score"]
+    row("SFT", r)
+    # reward model, from the SFT model
+    rm_pairs, dpo_pairs = preference_data(fmt, train_ins, cfg.seed + 1)
+    eval_rm, eval_dpo = preference_data(fmt, task.instructions(cfg.n_eval_pairs, seed=cfg.seed * 7 + 3), cfg.seed + 2)
+    rm = RewardModel(clone_model(sft_model), seed=cfg.seed)
+    train_rm(rm, rm_pairs, out / "rm", cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, cfg.seed, save_every=cfg.rm_steps,
+             progress=progress)
+    figures["rm_accuracy"] = pair_accuracy(rm, eval_rm)
+    say(f"  reward model: held-out pairwise accuracy {figures['rm_accuracy']:.3f} on {len(eval_rm)} pairs")
+    # rejection sampling with the RM, then SFT on the winners
+    rs_ins = train_ins[:cfg.rs_prompts]
+    prompts = [chat_prompt(fmt, ins) for ins in rs_ins]
+    replies, _ = sample_replies(policy, prompts, cfg.rs_k, cfg.max_new_tokens, seed=cfg.seed)
+    rm_scores = score_replies(rm, prompts, replies)
+    true = np.array([[task.score(ins.demands, reply_text(tok, rr)) for rr in rs] for ins, rs in zip(rs_ins, replies)])
+    figures["rm_checker_agreement"] = _pairwise_agreement(rm_scores, true)
+    curve = best_of_n_curve(rm_scores, true)
+    figures["best_of_n"] = curve
+    say(f"  reward model vs the exact checker on {true.size} SFT samples: pairwise agreement "
+        f"{figures['rm_checker_agreement']:.3f}")
+    say("  best of N (RM picks):  " + "  ".join(f"N={n}: true {c['true_score']:.3f}, KL {c['kl']:.2f} "
+                                                f"(bound {c['kl_bound']:.2f})" for n, c in curve.items()))
+    won = winners(prompts, replies, rm_scores, tok.eot_id)
+    if won:
+        train_sft(policy, won, out / "rs", cfg.rs_sft_steps, cfg.sft_batch, cfg.sft_lr / 3, cfg.seed,
+                  save_every=cfg.rs_sft_steps, progress=progress)
+    r = ev(policy, sft_model, 2)
+    figures["rs_score"] = r["score"]
+    row("rejection sampling", r)
+    # DPO from the RS model, its reference = itself before DPO
+    ref_lp = pairs_reference_logps(policy, dpo_pairs)
+    ref_eval = pairs_reference_logps(policy, eval_dpo)
+    dpo_ref_model = clone_model(policy)
+    variants = [("dpo", dict(nll_coef=cfg.dpo_nll, mask_eot=True))]
+    if cfg.ablations:
+        variants += [("dpo_no_nll", dict(nll_coef=0.0, mask_eot=True)), ("dpo_eot_in_mask", dict(nll_coef=cfg.dpo_nll,
+                                                                                                  mask_eot=False))]
+    dpo_models = {}
+    for name, kw in variants:
+        m = clone_model(dpo_ref_model)
+        lp = ref_lp if kw["mask_eot"] else pairs_reference_logps(m, dpo_pairs, mask_eot=False)
+        recs = train_dpo(m, dpo_pairs, lp, out / name, cfg.dpo_steps, cfg.dpo_batch, cfg.dpo_lr, cfg.dpo_beta,
+                         seed=cfg.seed, save_every=cfg.dpo_steps, progress=progress, **kw)
+        dpo_models[name] = m
+        figures[f"{name}/logps_chosen_last"] = recs[-1]["logps/chosen"]
+        figures[f"{name}/eot_prob"] = eot_prob_at_end(m, eval_dpo)
+    policy = dpo_models["dpo"]
+    figures["dpo_accuracy"] = preference_accuracy(policy, eval_dpo, ref_eval)
+    figures["ref/eot_prob"] = eot_prob_at_end(dpo_ref_model, eval_dpo)
+    say(f"  DPO: held-out preference accuracy {figures['dpo_accuracy']:.3f} (0.5 is chance; 0 at the start, where "
+        f"every margin is exactly 0)")
+    if cfg.ablations:
+        say(f"  DPO ablations: logps/chosen at the end {figures['dpo/logps_chosen_last']:.2f} with the NLL term, "
+            f"{figures['dpo_no_nll/logps_chosen_last']:.2f} without; P(<|eot_id|>) at reply ends: reference "
+            f"{figures['ref/eot_prob']:.3f}, formatting masked {figures['dpo/eot_prob']:.3f}, <|eot_id|> in the "
+            f"mask {figures['dpo_eot_in_mask/eot_prob']:.3f}")
+    r = ev(policy, sft_model, 3)
+    figures["dpo_score"] = r["score"]
+    row("DPO", r)
+    # PPO from the DPO model: value model from the RM, KL penalty to the DPO model
+    value = RewardModel(clone_model(rm.model), score=rm.score)
+    ppo_ref = clone_model(policy)
+    train_prompts = [chat_prompt(fmt, ins) for ins in train_ins]
+    true_fn = lambda i, ids: task.score(train_ins[i].demands, reply_text(tok, ids))
+    recs = train_ppo(policy, value, ppo_ref, rm, train_prompts, out / "ppo", cfg.ppo, progress=progress,
+                     save_every=max(1, cfg.ppo.iterations), true_score_fn=true_fn)
+    figures["ppo_log"] = [{k: rec.get(k) for k in ("step", "objective/true_score", "objective/kl", "objective/scores",
+                                                     "policy/clipfrac_avg", "kl_coef")} for rec in recs]
+    r = ev(policy, sft_model, 4)
+    figures["ppo_score"] = r["score"]
+    row("PPO", r)
+    figures["table"] = table
+    figures["wall_s"] = time.perf_counter() - t0
+    from ..fileio import atomic_write_bytes
+
+    atomic_write_bytes(out / "figures.json", json.dumps(figures, indent=1, default=float).encode())
+    _plot_score_vs_kl(out, table, figures["ppo_log"])
+    say(f"\n{'stage':22s} {'score':>6s} {'KL(.||SFT)':>11s}\n" + "\n".join(
+        f"{s:22s} {sc:6.3f} {kl:11.2f}" for s, sc, kl, _ in table))
+    say(f"wall time {figures['wall_s']:.0f} s; figures in {out / 'figures.json'}, plot {out / 'score_vs_kl.png'}")
+    return table, figures
+
+
+def _pairwise_agreement(rm_scores, true):
+    """Among pairs of replies to one prompt with different true scores: how often the RM orders them alike."""
+    agree = total = 0
+    for r, t in zip(rm_scores, true):
+        for i in range(len(r)):
+            for j in range(i + 1, len(r)):
+                if t[i] != t[j]:
+                    total += 1
+                    agree += (r[i] - r[j]) * (t[i] - t[j]) > 0
+    return agree / total if total else float("nan")
+
+
+def _plot_score_vs_kl(out, table, ppo_log):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for stage, sc, kl, _ in table:
+        ax.scatter([kl], [sc], label=stage)
+    ax.set_xlabel("KL(stage || SFT) per reply (nats)")
+    ax.set_ylabel("ground-truth score")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "score_vs_kl.png", dpi=90)
+    plt.close(fig)

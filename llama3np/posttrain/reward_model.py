@@ -1,0 +1,133 @@
+"""The reward model: the transformer with a scalar head on its final hidden state, trained on preference
+pairs with the Bradley-Terry loss (Llama 3, section 4.1.2; Ouyang et al. 2022).
+
+    hidden = model.forward(tokens, return_hidden=True)      # (B, T, dim), the LM head is not run
+    values = hidden @ score.weight^T                          # (B, T): a scalar per position
+    reward = values[b, last[b]]                               # read at the reply's final <|eot_id|>
+    loss   = mean -log sigmoid(r_chosen - r_rejected)
+
+The backward runs the other way: d loss/d reward -> d values (one nonzero per row) -> score_head_backward
+-> model.backward_hidden(dhidden). Llama 3 ranks an edited reply above the chosen one above the
+rejected one: every ordered pair of the three is a Bradley-Terry term.
+The same class is PPO's value model (`values` at every position, not only the last).
+"""
+import numpy as np
+
+from ..optim import AdamW
+from . import losses
+from .logprobs import check_batch
+from .stage import StageRun, run_steps, step_rng, update
+
+SCORE = "score.weight"  # HF's LlamaForSequenceClassification calls its head `score` (no bias)
+
+
+class RewardModel:
+    """A Transformer plus `score.weight` (1, dim). `params` holds both (the transformer's arrays, shared)."""
+
+    def __init__(self, model, seed=0, score=None):
+        self.model = model
+        self.args, self.tokenizer, self.dtype = model.args, model.tokenizer, model.dtype
+        if score is None:
+            score = np.random.default_rng(seed).standard_normal((1, model.args.dim)) * 0.02
+        self.score = np.asarray(score, dtype=model.dtype).reshape(1, model.args.dim).copy()
+        self.params = dict(model.params, **{SCORE: self.score})
+        self._cache = None
+
+    def values(self, tokens, keep=False):
+        """tokens (B, T) -> values (B, T): the head at every position (PPO's value model reads them all)."""
+        hidden = self.model.forward(tokens, return_hidden=True, keep=keep)
+        v, self._cache = losses.score_head_forward(hidden, self.score)
+        return v
+
+    def backward(self, dvalues):
+        """dvalues (B, T) for the last values(keep=True) -> grads keyed like `params`."""
+        dhidden, dscore = losses.score_head_backward(dvalues, self._cache)
+        grads = self.model.backward_hidden(dhidden)
+        grads[SCORE] = dscore
+        return grads
+
+    def rewards(self, tokens, last, batch_size=32):
+        """tokens (B, T), last (B,) the index of each row's final token -> rewards (B,), no gradient."""
+        out = []
+        for i in range(0, len(tokens), batch_size):
+            v = self.values(tokens[i:i + batch_size])
+            out.append(v[np.arange(len(v)), last[i:i + batch_size]])
+        return np.concatenate(out).astype(np.float64)
+
+    def loss_and_grads(self, chosen, chosen_last, rejected, rejected_last, margin=0.0):
+        """Bradley-Terry on B pairs, one forward over the 2B rows -> (loss, grads, metrics)."""
+        chosen, _ = check_batch(self.model, chosen, np.ones(np.shape(chosen), bool), "chosen")
+        rejected, _ = check_batch(self.model, rejected, np.ones(np.shape(rejected), bool), "rejected")
+        B, T = chosen.shape[0], max(chosen.shape[1], rejected.shape[1])
+        tokens = np.zeros((2 * B, T), dtype=np.int64)
+        tokens[:B, :chosen.shape[1]], tokens[B:, :rejected.shape[1]] = chosen, rejected
+        last = np.concatenate([chosen_last, rejected_last])
+        v = self.values(tokens, keep=True)
+        r = v[np.arange(2 * B), last]
+        loss, cache = losses.bradley_terry_forward(r[:B], r[B:], margin)
+        dc, dr = losses.bradley_terry_backward(1.0, cache)
+        dv = np.zeros_like(v)
+        dv[np.arange(2 * B), last] = np.concatenate([dc, dr])
+        metrics = {"loss": loss, "accuracy": float(np.mean(r[:B] > r[B:])),
+                   "rewards/chosen": float(r[:B].mean()), "rewards/rejected": float(r[B:].mean()),
+                   "rewards/margins": float(np.mean(r[:B] - r[B:]))}
+        return loss, self.backward(dv), metrics
+
+
+def rows(prompts, replies, pad_id=0):
+    """Prompt and reply id lists -> tokens (B, T) right-padded, last (B,) the index of each row's last token."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, replies)]
+    T = max(len(s) for s in seqs)
+    tokens = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    for b, s in enumerate(seqs):
+        tokens[b, :len(s)] = s
+    return tokens, np.array([len(s) - 1 for s in seqs])
+
+
+def ranked_pairs(prompt, replies_best_first):
+    """Llama 3's ranking edited > chosen > rejected as every ordered pair: [(prompt, better, worse), ...]."""
+    r = replies_best_first
+    return [(prompt, r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
+
+
+def pair_accuracy(rm, pairs, batch_size=32):
+    """The fraction of (prompt, better, worse) pairs the reward model orders correctly (strictly)."""
+    if not pairs:
+        raise ValueError("no pairs to evaluate")
+    tc, lc = rows([p for p, _, _ in pairs], [c for _, c, _ in pairs])
+    tr, lr = rows([p for p, _, _ in pairs], [r for _, _, r in pairs])
+    return float(np.mean(rm.rewards(tc, lc, batch_size) > rm.rewards(tr, lr, batch_size)))
+
+
+def train_rm(rm, pairs, out, steps=100, batch_size=8, lr=3e-4, seed=0, save_every=50, resume=False,
+             progress=False, grad_clip=1.0, eval_pairs=None):
+    """Bradley-Terry training on (prompt, better, worse) id triples -> log records."""
+    if not pairs:
+        raise ValueError("no preference pairs")
+    run = StageRun(out, "rm", dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, n_pairs=len(pairs)),
+                   resume=resume)
+    opt = AdamW(rm.params, lr=lr, weight_decay=0.0)
+
+    def step_fn(step):
+        idx = step_rng(seed, step).integers(0, len(pairs), batch_size)
+        tc, lc = rows([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+        tr, lr_ = rows([pairs[i][0] for i in idx], [pairs[i][2] for i in idx])
+        loss, grads, m = rm.loss_and_grads(tc, lc, tr, lr_)
+        m["grad_norm"] = update(opt, grads, lr * min(1.0, (step + 1) / 10), grad_clip)
+        if eval_pairs and ((step + 1) % save_every == 0 or step + 1 == steps):
+            m["eval_accuracy"] = pair_accuracy(rm, eval_pairs)
+        return m
+
+    records = run_steps(run, steps, step_fn, rm.params, opt, rm.tokenizer, rm.args, save_every, progress)
+    run.plot(["loss", "accuracy", "rewards/margins", "eval_accuracy"])
+    return records
+
+
+def load_reward_model(path, dtype=np.float32):
+    """A reward model from its run folder: the transformer plus score.weight."""
+    from .stage import load_stage_model
+
+    model, params = load_stage_model(path, dtype=dtype)
+    if SCORE not in params:
+        raise ValueError(f"{path} is not a reward model run (no {SCORE} in its checkpoint)")
+    return RewardModel(model, score=params[SCORE])

@@ -1,0 +1,44 @@
+"""Supervised fine-tuning: the cross-entropy of the assistant's reply tokens, nothing else.
+
+    loss = mean over reply tokens (mask) of -log p(token | everything before it)
+
+The prompt's tokens are read (they condition the reply) but never predicted, so they get no gradient
+through the loss: the model learns to answer, not to write instructions. Rows of different lengths
+are right-padded; the mask keeps the padding out.
+"""
+import numpy as np
+
+from ..optim import AdamW
+from . import losses
+from .logprobs import check_batch, forward_logits, pad_right
+from .stage import StageRun, run_steps, step_rng, update
+
+
+def sft_loss_and_grads(model, tokens, mask):
+    """tokens (B, T), mask (B, T) on the tokens to learn (mask[:, 0] ignored) -> (loss, grads)."""
+    tokens, mask = check_batch(model, tokens, mask)
+    logits = forward_logits(model, tokens, keep=True)
+    loss, cache = losses.sft_cross_entropy_forward(logits, tokens, mask)
+    return loss, model.backward(losses.sft_cross_entropy_backward(1.0, cache))
+
+
+def train_sft(model, examples, out, steps=100, batch_size=8, lr=3e-4, seed=0, save_every=50, resume=False,
+              progress=False, grad_clip=1.0):
+    """SFT on `examples` [(ids, mask), ...] for `steps` AdamW steps of `batch_size` rows drawn with
+    replacement by (seed, step). Writes the run folder `out`; returns the records of log.jsonl."""
+    if not examples:
+        raise ValueError("no SFT examples")
+    run = StageRun(out, "sft", dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, n_examples=len(examples)),
+                   resume=resume)
+    opt = AdamW(model.params, lr=lr, weight_decay=0.0)
+
+    def step_fn(step):
+        idx = step_rng(seed, step).integers(0, len(examples), batch_size)
+        tokens, mask = pad_right([examples[i][0] for i in idx], [examples[i][1] for i in idx])
+        loss, grads = sft_loss_and_grads(model, tokens, mask)
+        norm = update(opt, grads, lr * min(1.0, (step + 1) / 10), grad_clip)  # 10 warmup steps
+        return {"loss": loss, "grad_norm": norm, "num_tokens": int(mask[:, 1:].sum())}
+
+    records = run_steps(run, steps, step_fn, model.params, opt, model.tokenizer, model.args, save_every, progress)
+    run.plot(["loss", "grad_norm"])
+    return records
