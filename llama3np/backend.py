@@ -6,7 +6,9 @@ checks, the "numpy" backend, layouts the kernels do not take) to NumPy and the r
 `llama3np.ops`. The dependency runs one way: backend -> ops and kernels; ops imports nothing back.
 
 The default is "c" when the extension is built, else "numpy" (with one warning, at the first routed
-call); LLAMA3NP_BACKEND=numpy|c overrides it.
+call); LLAMA3NP_BACKEND=numpy|c overrides it. A value it cannot honour (LLAMA3NP_BACKEND=gpu, or "c"
+without the extension) is a one-line RuntimeWarning at import and the default is kept, so that
+importing the package, even for `llama3np --help`, never fails on it.
 """
 import os
 import warnings
@@ -92,5 +94,14 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
     return ops.attention_backward(dout, q, k, v, out, lse, causal, kv_start)
 
 
-if os.environ.get("LLAMA3NP_BACKEND"):
-    set_backend(os.environ["LLAMA3NP_BACKEND"])
+def _apply_environment():
+    name = os.environ.get("LLAMA3NP_BACKEND")
+    if not name:
+        return
+    try:
+        set_backend(name)
+    except (ValueError, RuntimeError) as e:
+        kernels.env_warning(f"LLAMA3NP_BACKEND={name!r} ignored ({e}); running on {_backend!r}")
+
+
+_apply_environment()

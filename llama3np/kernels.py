@@ -18,9 +18,12 @@ compiler), `available()` is False and the model runs on NumPy (llama3np.backend)
 
 Environment: LLAMA3NP_NUM_THREADS (default: the CPUs this process may use), LLAMA3NP_ISA (portable,
 avx2 or avx512: force a micro-kernel, e.g. to test each path), LLAMA3NP_DISABLE_KERNELS=1 (act as if
-the extension were not built).
+the extension were not built). A value that cannot be honoured (LLAMA3NP_ISA=avx512 on a CPU without
+it, a misspelling) is a one-line RuntimeWarning at import and the default is used: importing the
+package, even for `llama3np --help`, never fails on them.
 """
 import os
+import warnings
 
 import numpy as np
 
@@ -97,18 +100,35 @@ def get_num_threads() -> int:
     return lib.get_num_threads()
 
 
-def _default_threads():
-    env = os.environ.get("LLAMA3NP_NUM_THREADS")
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"LLAMA3NP_NUM_THREADS must be a positive integer, got {env!r}")
-        return int(env)
+def default_threads() -> int:
+    """The CPUs this process may use (its affinity mask), the thread count when nothing is set."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def env_warning(message):
+    """A RuntimeWarning about an environment variable that cannot be honoured, printed as ONE line
+    ("llama3np:0: RuntimeWarning: ..."): attributed to no source file, so no code line follows it."""
+    warnings.warn_explicit(message, RuntimeWarning, "llama3np", 0, module="llama3np")
+
+
+def _apply_environment():
+    """LLAMA3NP_NUM_THREADS and LLAMA3NP_ISA, or a warning and the default for a value that cannot be used."""
+    env = os.environ.get("LLAMA3NP_NUM_THREADS", "")
+    threads = default_threads()
+    if env and env.isdigit() and int(env) >= 1:
+        threads = int(env)
+    elif env:
+        env_warning(f"LLAMA3NP_NUM_THREADS={env!r} ignored (expected a positive integer); using {threads} threads")
+    set_num_threads(threads)
+    name = os.environ.get("LLAMA3NP_ISA", "")
+    try:
+        set_isa(name or None)
+    except ValueError as e:  # unknown, or more than this CPU can run
+        env_warning(f"LLAMA3NP_ISA={name!r} ignored ({e}); using {set_isa(None)!r}")
+
+
 if lib is not None:
-    set_num_threads(_default_threads())
-    set_isa(os.environ.get("LLAMA3NP_ISA") or None)
+    _apply_environment()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -468,8 +468,42 @@ def test_environment_variables_pick_isa_threads_and_backend():
     r = _run(code, {"LLAMA3NP_ISA": "portable", "LLAMA3NP_NUM_THREADS": "3", "LLAMA3NP_BACKEND": "numpy"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["portable", "3", "numpy"]
-    r = _run(code, {"LLAMA3NP_NUM_THREADS": "zero"})
-    assert r.returncode != 0 and "LLAMA3NP_NUM_THREADS" in r.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name, value", [("LLAMA3NP_BACKEND", "gpu"), ("LLAMA3NP_ISA", "avx1024"),
+                                         ("LLAMA3NP_NUM_THREADS", "zero")])
+def test_an_environment_value_that_cannot_be_honoured_is_one_warning_line_and_the_default(name, value):
+    """No traceback at import (issue 14): one RuntimeWarning line naming the variable, then the default
+    backend, instruction set and thread count; `python -m llama3np --help` still prints its usage."""
+    code = ("from llama3np import kernels, backend; "
+            "print(kernels.isa(), kernels.get_num_threads(), backend.get_backend())")
+    default = _run(code, {})
+    r = _run(code, {name: value})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == default.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RuntimeWarning" in lines[0] and f"{name}={value!r} ignored" in lines[0], r.stderr
+    r = subprocess.run([sys.executable, "-m", "llama3np", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": ROOT, name: value})
+    assert r.returncode == 0 and "usage" in r.stdout and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_isa_this_cpu_lacks_is_a_warning_and_the_best_it_has(monkeypatch):
+    """LLAMA3NP_ISA=avx512 on a CPU without AVX-512 (simulated: the CPU claims portable and avx2 only)."""
+    monkeypatch.setattr(kernels, "available_isas", lambda: ["portable", "avx2"])
+    monkeypatch.setenv("LLAMA3NP_ISA", "avx512")
+    with pytest.warns(RuntimeWarning, match="LLAMA3NP_ISA='avx512' ignored .*cannot run"):
+        kernels._apply_environment()
+
+
+def test_backend_c_without_the_kernels_is_a_warning_and_numpy(monkeypatch):
+    monkeypatch.setattr(kernels, "lib", None)
+    monkeypatch.setenv("LLAMA3NP_BACKEND", "c")
+    backend.set_backend("numpy")
+    with pytest.warns(RuntimeWarning, match="LLAMA3NP_BACKEND='c' ignored .*not available"):
+        backend._apply_environment()
+    assert backend.get_backend() == "numpy"
 
 
 FALLBACK_CHECK = """
