@@ -1,7 +1,7 @@
 """The `llama3np` command: train, generate, chat, demo.
 
     llama3np demo                                   train the tiny preset on the built-in stories (~2 min)
-    llama3np train --out runs/tiny --steps 300      pre-train (--resume continues exactly)
+    llama3np train --out runs/tiny --steps 300      pre-train (--resume continues exactly; --steps 400 extends)
     llama3np generate --model runs/tiny --prompt "Once upon a time"
     llama3np chat --model runs/tiny                 (or a downloaded Llama 3 Instruct folder)
 
@@ -13,10 +13,8 @@ import codecs
 import sys
 from pathlib import Path
 
-
-class UsageError(ValueError):
-    """A problem with what the user asked for: printed as one line, exit code 2 (a ValueError, so
-    every command that reports bad values reports these too)."""
+# the training arguments and UsageError (a ValueError: one line, exit code 2) are defined in training/
+from .training.config import UsageError, add_backend_argument, add_train_arguments  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,12 +46,13 @@ class TextStreamer:
 
 
 def _sampling_args(p):
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--backend", choices=("c", "numpy"), default=None, help="default: c if built, else numpy")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many new tokens (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the likeliest tokens "
+                                                            "up to this probability (default: 0.9)")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k likeliest tokens (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the sampling (default: a fresh one)")
+    add_backend_argument(p)
 
 
 def _set_backend(name):
@@ -68,66 +67,58 @@ def _set_backend(name):
         pass
 
 
-def _parse_overrides(items):
-    from .args import ModelArgs
-    import dataclasses
-
-    kinds = {f.name: f.type for f in dataclasses.fields(ModelArgs)}
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"--override expects KEY=VALUE (a ModelArgs field), got {item!r}")
-        key, value = item.split("=", 1)
-        if key not in kinds:
-            raise UsageError(f"--override: {key!r} is not a ModelArgs field; expected one of {sorted(kinds)}")
-        try:
-            if value.lower() in ("none", "null"):
-                out[key] = None
-            elif value.lower() in ("true", "false"):
-                out[key] = value.lower() == "true"
-            else:
-                out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise UsageError(f"--override {key}: {value!r} is not a number") from None
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
-def train_config(a, progress):
-    """The TrainConfig of the arguments add_train_arguments defined (for `train` and `parallel train`)."""
-    from .training import TrainConfig
-
-    overrides = _parse_overrides(a.override)
-    if a.vocab_size is not None:
-        overrides["vocab_size"] = a.vocab_size
-    if a.data is not None and not Path(a.data).exists():
-        raise UsageError(f"--data: corpus path not found: {a.data}")
-    return TrainConfig(out=a.out, preset=a.preset, data=a.data, tokenizer=a.tokenizer, model_overrides=overrides,
-                       steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
-                       lr=a.lr, warmup_steps=a.warmup_steps, save_every=a.save_every, eval_every=a.eval_every,
-                       seed=a.seed, resume=a.resume, progress=progress, n_stories=a.n_stories,
-                       val_stories=a.val_stories)
-
-
 def cmd_train(a):
     from .training import train
+    from .training.config import train_config
 
+    cfg = train_config(a)  # every argument checked before anything is written or computed
     _set_backend(a.backend)
-    cfg = train_config(a, progress=not a.no_progress)
     model = train(cfg)
     vals = [r for r in model.train_records if "val_loss" in r]
     summary = f"validation loss {vals[-1]['val_loss']:.4f}" if vals else "no validation yet"
     if vals and "floor" in vals[-1]:
         summary += f" (entropy floor {vals[-1]['floor']:.4f})"
     print(f"done: step {cfg.steps}, {summary}; checkpoints in {a.out}\n"
-          f"try: llama3np generate --model {a.out} --prompt \"Once upon a time\"", file=sys.stderr)
+          f"try: llama3np generate --model {a.out} --prompt {_quote(example_prompt(a.out, model.tokenizer))}",
+          file=sys.stderr)
+
+
+def example_prompt(run_dir, tokenizer, n_words=4):
+    """A prompt for the hint after training: the first words of the run's validation text (so it is in
+    the language and style the model learnt), "Once upon a time" for the built-in stories."""
+    import numpy as np
+
+    try:
+        with np.load(Path(run_dir) / "data.npz") as z:
+            head = z["val"][:200].tolist()
+            stories = "val_floor" in z.files
+    except (OSError, KeyError, ValueError):
+        return "Once upon a time"
+    if stories or not head:
+        return "Once upon a time"
+    ids = [t for t in head[1:] if t not in (tokenizer.bos_id, tokenizer.eos_id)][:64]
+    words = tokenizer.decode(ids).split()[:n_words]
+    return " ".join(words) or "Once upon a time"
+
+
+def _quote(text):
+    """The prompt as the shell needs it: in double quotes when that is safe (the usual case), else shlex's."""
+    import re
+    import shlex
+
+    return f'"{text}"' if re.fullmatch(r"[\w ,.!?:;'-]*", text) else shlex.quote(text)
 
 
 def cmd_generate(a):
-    from .generation import generate_stream
+    import warnings
+
+    from .generation import ContextLimitWarning, generate_stream
 
     if not a.prompt or not a.prompt.strip():
         raise UsageError("the prompt is empty: pass some text with --prompt")
+    if a.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
     _set_backend(a.backend)
     model = load_model(a.model)
     tok = model.tokenizer
@@ -137,13 +128,23 @@ def cmd_generate(a):
     ctx = model.args.max_seq_len
     if len(ids) >= ctx:
         raise UsageError(f"the prompt is {len(ids)} tokens long; the model's context is {ctx} tokens: shorten it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ContextLimitWarning)  # said below, once generation has stopped there
+        stream = generate_stream(model, ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                 top_k=a.top_k, seed=a.seed)  # checks every argument before anything is printed
     out = TextStreamer(tok)
     sys.stdout.write(a.prompt)
-    for t in generate_stream(model, ids, a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                             top_k=a.top_k, seed=a.seed):
+    n = 0
+    for t in stream:
         out.put(t)
+        n += 1
     out.end()
     sys.stdout.write("\n")
+    room = ctx - len(ids)
+    if n == room < a.max_new_tokens:
+        sys.stdout.flush()
+        print(f"llama3np: stopped after {n} of {a.max_new_tokens} new tokens: the model's context of {ctx} tokens "
+              f"is full (the prompt took {len(ids)})", file=sys.stderr)
 
 
 def cmd_chat(a):
@@ -170,8 +171,16 @@ def cmd_chat(a):
         ids = fmt.encode_dialog_prompt(dialog)
         room = model.args.max_seq_len - len(ids)
         if room <= 0:
+            dropped = [line.strip()]
+            if not interactive:  # the rest of the piped input up to its end (or an empty line) is not answered
+                for rest in sys.stdin:
+                    if not rest.strip():
+                        break
+                    dropped.append(rest.strip())
+            first = dropped[0] if len(dropped[0]) <= 60 else dropped[0][:57] + "..."
             print(f"llama3np: the conversation ({len(ids)} tokens) no longer fits the context of "
-                  f"{model.args.max_seq_len} tokens; start a new chat", file=sys.stderr)
+                  f"{model.args.max_seq_len} tokens; start a new chat. Not answered: {len(dropped)} message(s), "
+                  f"from {first!r}", file=sys.stderr)
             dialog.pop()
             break
         sys.stdout.write("assistant> ")
@@ -189,77 +198,60 @@ def cmd_demo(a):
     from .demo import run_demo
 
     _set_backend(a.backend)
-    run_demo(out=a.out, steps=a.steps, seed=a.seed)
+    run_demo(out=a.out, steps=a.steps, seed=a.seed, overwrite=a.overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------
-def add_train_arguments(t):
-    """The arguments of `llama3np train`, shared with `llama3np parallel train`."""
-    t.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png")
-    t.add_argument("--preset", default="tiny", help="model size: tiny, small, llama3.2-1b, ... (default tiny)")
-    t.add_argument("--data", default=None, help="a text file or folder (default: the built-in stories)")
-    t.add_argument("--tokenizer", default="auto",
-                   help="bpe (trained on the corpus), llama3 (Meta's), or a .model path (default: bpe for "
-                        "small vocabularies, llama3 for 128256)")
-    t.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
-    t.add_argument("--override", action="append", metavar="KEY=VALUE",
-                   help="change a ModelArgs field, e.g. --override dim=64 --override n_layers=2")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=8, help="the global batch (all replicas together)")
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    t.add_argument("--warmup-steps", type=int, default=None)
-    t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--eval-every", type=int, default=50, help="validation every N steps (parallel: at the end)")
-    t.add_argument("--n-stories", type=int, default=None, help="built-in corpus size (default: enough)")
-    t.add_argument("--val-stories", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(prog="llama3np", description="Llama 3 in NumPy: train, generate, chat.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="pre-train a model (the built-in stories or your text)")
     add_train_arguments(t)
-    t.add_argument("--backend", choices=("c", "numpy"), default=None)
+    add_backend_argument(t)
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     g.add_argument("--model", required=True, help="a run folder, or a Hugging Face / Meta checkpoint folder")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the text to continue")
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="multi-turn chat with Llama 3's chat template")
-    c.add_argument("--model", required=True)
-    c.add_argument("--system", default=None, help="a system message")
+    c.add_argument("--model", required=True, help="a run folder, or a Hugging Face / Meta checkpoint folder")
+    c.add_argument("--system", default=None, help="a system message (default: none)")
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="train the tiny preset on the built-in stories and show samples (~2 min)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None, help="fewer steps for a quick look (default: the full demo)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--backend", choices=("c", "numpy"), default=None)
+    d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    d.add_argument("--steps", type=int, default=None, help="fewer steps for a quick look (default: the full demo, "
+                                                            "150)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    d.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: refuse)")
+    add_backend_argument(d)
     d.set_defaults(func=cmd_demo)
 
     from .parallel import cli as parallel_cli  # `llama3np parallel train --dp 2 --pp 2 ...`
-
-    parallel_cli.add_parser(sub)
+    parallel_cli.add_subcommands(sub)
     return parser
 
 
 def main(argv=None):
+    import warnings
+
     parser = build_parser()
     a = parser.parse_args(argv)
     from .training import TrainingError
 
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        # a warning (e.g. a damaged checkpoint skipped) as one readable line, not file:line + source
+        print(f"llama3np: warning: {message}", file=sys.stderr)
+
     try:
-        rc = a.func(a)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            rc = a.func(a)
     except (ValueError, FileNotFoundError, TypeError) as e:  # UsageError is a ValueError
         print(f"llama3np: error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,6 @@ from .training import run_folder as ckpt
 DEMO = dict(preset="tiny", batch_size=8, seq_len=256, lr=3e-3, steps=150, eval_every=50, save_every=50,
             val_stories=100)
 TARGET_GAP = 0.3  # nats/token above the entropy floor
-RUN_FILES = ("config.json", "data.npz", "log.jsonl", "loss.png", "latest")
 
 
 def _samples(model, n=2, max_new_tokens=120, seed=0, temperature=0.8):
@@ -38,21 +37,21 @@ def _print_samples(title, texts, out):
     out.flush()
 
 
-def run_demo(out="runs/demo", steps=None, seed=0, stream=None):
+def run_demo(out="runs/demo", steps=None, seed=0, stream=None, overwrite=False):
+    """Train, sample, report. A run already in `out` is refused unless overwrite (the rule of
+    `llama3np train`: nothing is replaced without asking)."""
     stream = stream or sys.stdout
     run_dir = Path(out)
-    if ckpt.list_checkpoints(run_dir):
-        print(f"replacing the previous run in {run_dir}", file=stream)
-        for p in ckpt.list_checkpoints(run_dir):
-            p.unlink()
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
     kw = dict(DEMO)
     if steps is not None:
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}")
         kw.update(steps=steps, eval_every=min(kw["eval_every"], steps), save_every=min(kw["save_every"], steps))
-    cfg = TrainConfig(out=str(run_dir), seed=seed, **kw)
+    cfg = TrainConfig(out=str(run_dir), seed=seed, overwrite=overwrite, **kw).resolved()  # checked before printing
+    existing = ckpt.list_checkpoints(run_dir)
+    if existing and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({existing[0].name}); pass --overwrite to replace it, or "
+                         "choose another --out folder")
     a = cfg  # for the header line
     print(f"llama3np demo: pre-training the '{a.preset}' Llama 3 on the built-in stories "
           f"({a.steps} steps of {a.batch_size}x{a.seq_len} tokens)", file=stream)

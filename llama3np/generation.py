@@ -11,7 +11,13 @@ Decoding step by step (Meta's `Llama.generate`):
 The cache keeps every earlier position's keys and values, so each new token costs one position's
 work instead of recomputing the whole sequence.
 """
+import warnings
+
 import numpy as np
+
+
+class ContextLimitWarning(UserWarning):
+    """Fewer new tokens than asked for fit in the model's context (generation stops at its end)."""
 
 
 def sample_next(logits, temperature=0.6, top_p=0.9, top_k=None, rng=None):
@@ -64,7 +70,12 @@ def _likeliest_first(p, top_p, k=1024):
 
 def _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k):
     if isinstance(prompt_tokens, np.ndarray):
+        if prompt_tokens.dtype.kind not in "iu":
+            raise TypeError(f"prompt token ids must be integers, got an array of {prompt_tokens.dtype}")
         prompt_tokens = prompt_tokens.tolist()
+    bad = [t for t in prompt_tokens if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_))]
+    if bad:  # int(1.9) would silently make it 1
+        raise TypeError(f"prompt token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
     prompt = [int(t) for t in prompt_tokens]
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token (e.g. the BOS id)")
@@ -83,12 +94,20 @@ def _check(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= V):
         raise ValueError(f"top_k must be None or an int in [1, {V}], got {top_k!r}")
-    return prompt, min(int(max_new_tokens), ctx - len(prompt))
+    n_new = min(int(max_new_tokens), ctx - len(prompt))
+    if n_new < max_new_tokens:
+        warnings.warn(f"only {n_new} of the {max_new_tokens} new tokens fit: the prompt has {len(prompt)} tokens and "
+                      f"the model's context is {ctx} (max_seq_len), so generation stops at its end",
+                      ContextLimitWarning, stacklevel=3)
+    return prompt, n_new
 
 
 def generate_stream(model, prompt_tokens, max_new_tokens, temperature=0.6, top_p=0.9, top_k=None, seed=None,
                     stop_tokens=None, use_cache=True):
     """Yield new token ids one at a time (stops after max_new_tokens, at the context's end or a stop token).
+
+    When the context's end comes first (prompt + max_new_tokens > max_seq_len) a ContextLimitWarning
+    says so at the call.
 
     The stop token itself is not yielded. stop_tokens defaults to model.tokenizer.stop_tokens when the
     model has a tokenizer. use_cache=False recomputes the whole sequence for every token (slow; it
@@ -111,8 +130,7 @@ def _decode(model, prompt, n_new, stop, rng, sampling, use_cache):
         cache = model.new_cache(1, max_seq_len=len(prompt) + n_new)
         logits = model.forward(np.array([prompt]), start_pos=0, cache=cache)  # (1, T, V): prefill
     else:
-        logits = model.forward(np.array([tokens]))
-        model._acts = None  # no backward will follow: drop the activations
+        logits = model.forward(np.array([tokens]), keep=False)  # no backward will follow: keep nothing
     for i in range(n_new):
         next_id = int(sample_next(logits[:, -1], rng=rng, **sampling)[0])
         if next_id in stop:
@@ -124,8 +142,7 @@ def _decode(model, prompt, n_new, stop, rng, sampling, use_cache):
         if use_cache:
             logits = model.forward(np.array([[next_id]]), start_pos=len(tokens) - 1, cache=cache)  # (1, 1, V)
         else:
-            logits = model.forward(np.array([tokens]))
-            model._acts = None
+            logits = model.forward(np.array([tokens]), keep=False)
 
 
 def generate(model, prompt_tokens, max_new_tokens, temperature=0.6, top_p=0.9, top_k=None, seed=None,

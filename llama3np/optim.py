@@ -145,8 +145,15 @@ def clip_grad_norm(grads, max_norm):
     A non-finite norm is returned untouched so the caller can skip the step.
     """
     norm = global_grad_norm(grads)
+    scale_to_max_norm(grads.values(), norm, max_norm)
+    return norm
+
+
+def scale_to_max_norm(arrays, norm, max_norm):
+    """Scale the arrays in place by max_norm / norm when their global norm `norm` exceeds max_norm
+    (None or 0: no clipping; a non-finite norm: untouched). The norm is an argument so that a
+    parallel run can pass the one it summed over processes."""
     if max_norm is not None and max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for g in grads.values():
+        for g in arrays:
             g *= np.asarray(scale, dtype=g.dtype)
-    return norm

@@ -67,9 +67,21 @@ def test_generation_stops_at_a_stop_token_without_returning_it(model64):
     assert cut == greedy[:greedy.index(stop)]
 
 
-def test_generation_stops_at_the_end_of_the_context(model64):
-    out = generate(model64, list(range(1, 41)), 100, temperature=0)
+def test_generation_stops_at_the_end_of_the_context_and_says_so(model64):
+    from llama3np.generation import ContextLimitWarning
+
+    with pytest.warns(ContextLimitWarning, match=f"only {ARGS.max_seq_len - 40} of the 100 new tokens fit"):
+        out = generate(model64, list(range(1, 41)), 100, temperature=0)
     assert len(out) == ARGS.max_seq_len - 40
+
+
+def test_float_token_ids_are_refused_not_truncated(model64):
+    with pytest.raises(TypeError, match="must be integers"):
+        generate(model64, [1.9, 2.9], 3)
+    with pytest.raises(TypeError, match="must be integers"):
+        generate(model64, np.array([1.0, 2.0]), 3)
+    assert generate(model64, np.array([1, 2], dtype=np.int32), 3, temperature=0) == \
+        generate(model64, [1, 2], 3, temperature=0)
 
 
 def test_batched_prompts_are_decoded_like_single_ones(model64):

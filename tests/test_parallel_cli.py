@@ -15,7 +15,7 @@ ARGS = ["--override", "dim=32", "--override", "n_layers=2", "--override", "n_hea
 @pytest.mark.timeout(120)
 def test_parallel_train_recovers_from_a_kill_and_writes_its_reports(tmp_path):
     out = tmp_path / "run"
-    code = cli._standalone(["train", "--out", str(out), *ARGS, "--dp", "2", "--pp", "2", "--micro-batches", "2",
+    code = cli.main(["train", "--out", str(out), *ARGS, "--dp", "2", "--pp", "2", "--micro-batches", "2",
                             "--inject-fault", "kill:3@3"])
     assert code == 0
     assert ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["meta"]["step"] == 4
@@ -35,7 +35,7 @@ def test_parallel_train_recovers_from_a_kill_and_writes_its_reports(tmp_path):
                                         (["--override", "dimension=3"], "not a ModelArgs field"),
                                         (["--data", "/no/such/corpus"], "corpus path not found")])
 def test_bad_grids_exit_with_code_2_and_one_clear_line(tmp_path, capsys, grid, match):
-    code = cli._standalone(["train", "--out", str(tmp_path / "bad"), *ARGS, *grid])
+    code = cli.main(["train", "--out", str(tmp_path / "bad"), *ARGS, *grid])
     assert code == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err

@@ -42,11 +42,11 @@ def _final(run):
 def test_mpiexec_pp2_gives_the_bits_of_the_mp_backend(tmp_path):
     mpiexec = _mpiexec()
     grid = ["--pp", "2", "--micro-batches", "2"]
-    r = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "llama3np.parallel.cli", "train", "--backend", "mpi",
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "llama3np.parallel.cli", "train", "--comm", "mpi",
                         "--out", str(tmp_path / "mpi"), *ARGS, *grid], env=_env(), capture_output=True, text=True,
                        timeout=100)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "llama3np.parallel.cli", "train", "--backend", "mp",
+    r = subprocess.run([sys.executable, "-m", "llama3np.parallel.cli", "train", "--comm", "mp",
                         "--out", str(tmp_path / "mp"), *ARGS, *grid], env=_env(), capture_output=True, text=True,
                        timeout=100)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_mpiexec_pp2_gives_the_bits_of_the_mp_backend(tmp_path):
 @pytest.mark.timeout(60)
 def test_mpiexec_with_the_wrong_number_of_processes_says_how_many_it_needs(tmp_path):
     mpiexec = _mpiexec()
-    r = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "llama3np.parallel.cli", "train", "--backend", "mpi",
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "llama3np.parallel.cli", "train", "--comm", "mpi",
                         "--out", str(tmp_path / "x"), *ARGS, "--dp", "2", "--tp", "2"], env=_env(),
                        capture_output=True, text=True, timeout=50)
     assert r.returncode != 0 and "mpiexec -n 4" in r.stderr
@@ -71,7 +71,7 @@ def test_mpiexec_dp2_tp2_trains_to_the_single_process_weights(tmp_path):
 
     mpiexec = _mpiexec()
     out = tmp_path / "mpi"
-    r = subprocess.run([mpiexec, "-n", "4", sys.executable, "-m", "llama3np.parallel.cli", "train", "--backend", "mpi",
+    r = subprocess.run([mpiexec, "-n", "4", sys.executable, "-m", "llama3np.parallel.cli", "train", "--comm", "mpi",
                         "--out", str(out), *ARGS, "--dp", "2", "--tp", "2"], env=_env(), capture_output=True,
                        text=True, timeout=100)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -25,10 +25,11 @@ import numpy as np
 
 from .. import data as data_mod
 from ..args import ModelArgs
-from ..fileio import atomic_write_bytes
 from ..optim import AdamW, get_lr, sum_of_squares
-from ..training import loop as train_mod
 from ..training import run_folder as ckpt
+from ..training.config import TrainConfig
+from ..training.loop import evaluate, start_run
+from ..training.step import bad_step_reason, clip_to_max_norm, stop_message
 from . import launch
 from . import tensor_parallel as tp_mod
 from .data_parallel import GradReducer, ZeroAdamW, shard_rows
@@ -115,21 +116,22 @@ class _Worker:
         self.pg, self.run_dir, self.cfg, self.pcfg = pg, Path(run_dir), cfg, pcfg
         self.grid = g = Grid(pg, pcfg.shape())
         self.dtype = np.dtype(pcfg.dtype)
-        path, ck = ckpt.latest_checkpoint(self.run_dir, warn=False)
-        if ck is None:
+        r = ckpt.restore_run(self.run_dir, warn=False)  # the newest good checkpoint (the supervisor's restart point)
+        if r is None:
             raise FileNotFoundError(f"{run_dir} holds no checkpoint to start from")
-        meta = ck["meta"]
-        self.args = args = ModelArgs.from_dict(meta["model_args"])
-        self.tokenizer_bytes = ck["tokenizer_bytes"]
+        if r.opt_state is None:
+            raise ValueError(f"{r.path} holds the weights only (no AdamW moments): the run cannot continue from it")
+        self.args = args = r.model_args
+        self.tokenizer_bytes = r.tokenizer_bytes
         # this rank's virtual stages: chunk c is stage c * pp + pp_rank of pp * chunks (one chunk unless interleaved)
         v = pcfg.n_chunks()
         self.vstages = [c * pcfg.pp + g.pp_rank for c in range(v)]
         self.names = list(dict.fromkeys(n for vs in self.vstages for n in stage_param_names(args, pcfg.pp * v, vs)))
-        self.params = {n: tp_mod.shard(n, ck["params"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
+        self.params = {n: tp_mod.shard(n, r.params[n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
         self.models = [StageModel(args, self.params, pcfg.pp * v, vs, g.tp_group) for vs in self.vstages]
         self.holds_first, self.holds_last = self.models[0].is_first, self.models[-1].is_last
         kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        opt = ck["opt_state"]
+        opt = r.opt_state
         local_m = {n: tp_mod.shard(n, opt["m"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
         local_v = {n: tp_mod.shard(n, opt["v"][n].astype(self.dtype), pcfg.tp, g.tp_rank) for n in self.names}
         if pcfg.zero:
@@ -144,19 +146,14 @@ class _Worker:
         with np.load(self.run_dir / "data.npz") as z:
             train_stream = z["train"]
         self.loader = data_mod.DataLoader(train_stream, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-        self.loader.load_state_dict(meta["loader"])
-        rng = np.random.default_rng()
-        rng.bit_generator.state = meta["rng"]
-        self.state = dict(step=meta["step"], recent=list(meta["recent"]), bad_in_row=meta["bad_in_row"],
-                          n_skipped=meta["n_skipped"], tokens=meta["tokens"], rng=rng)
+        self.loader.load_state_dict(r.loader_state)
+        self.state = r.state  # a training.RunState: step, recent losses, bad-step counters, RNG
         self.actions = make_schedule(pcfg.schedule, pcfg.pp, pcfg.micro_batches, pcfg.chunks)[g.pp_rank]
-        self.start_step = self.state["step"]
+        self.start_step = self.state.step
         self.peak = self.peak_bytes = 0  # micro-batch activations held at once: count and bytes
         self.trace = Trace()
         if pg.rank == 0:  # the log holds the steps up to the checkpoint we start from
-            log_path = self.run_dir / "log.jsonl"
-            records = train_mod._read_log(log_path, self.start_step)
-            atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+            ckpt.trim_log(self.run_dir / "log.jsonl", self.start_step)
 
     # --- one step ------------------------------------------------------------------------------------
     def micro_batches(self):
@@ -183,7 +180,7 @@ class _Worker:
 
     def step(self):
         cfg, pcfg, g, st = self.cfg, self.pcfg, self.grid, self.state
-        step = st["step"]  # 0-based; this is step step+1 of the log
+        step = st.step  # 0-based; this is step step+1 of the log
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         mbs = self.micro_batches()
         self.trace = Trace()
@@ -214,27 +211,15 @@ class _Worker:
         if not (math.isfinite(loss) and math.isfinite(norm)):
             launch.report_nan(step + 1)
             raise FloatingPointError(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({norm})")
-        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm}
-        if train_mod._is_spike(loss, st["recent"], cfg):
-            st["bad_in_row"] += 1
-            st["n_skipped"] += 1
-            rec["skipped"] = f"loss spike ({loss:.3f} vs recent mean {np.mean(st['recent']):.3f})"
-        else:
-            # clip exactly as optim.clip_grad_norm does, with the norm of the whole model
-            if cfg.grad_clip is not None and cfg.grad_clip > 0 and norm > cfg.grad_clip:
-                scale = cfg.grad_clip / (norm + 1e-6)
-                for a in (grads.values() if not pcfg.zero else [gshard]):
-                    a *= np.asarray(scale, dtype=a.dtype)
+        reason = bad_step_reason(loss, norm, st.recent, cfg)  # llama3np train's rules: here only a spike
+        if reason is None:
+            clip_to_max_norm(grads if not pcfg.zero else [gshard], norm, cfg.grad_clip)  # the whole model's norm
             if pcfg.zero:
                 self.opt.step(gshard, lr)
             else:
                 self.opt.step(grads, lr=lr)
-            st["recent"] = (st["recent"] + [loss])[-cfg.spike_window:]
-            st["bad_in_row"] = 0
-        st["step"] = step + 1
-        st["tokens"] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
         self.grads = grads
-        return rec
+        return st.end_step(cfg, loss, norm, lr, reason)
 
     def sq_norm_share(self, grads):
         """This rank's part of sum(g**2): each element of the model counted on exactly one rank."""
@@ -266,7 +251,7 @@ class _Worker:
             grads["tok_embeddings.weight"] = mine + theirs if s == 0 else theirs + mine
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def save(self):
+    def save(self, weights_only=False):
         """Gather the full weights and moments on rank 0 and write llama3np train's checkpoint."""
         g, pcfg = self.grid, self.pcfg
         if pcfg.zero:
@@ -290,14 +275,12 @@ class _Worker:
             stage = next(vs for vs in range(n_vs) if name in stage_param_names(self.args, n_vs, vs)) % pcfg.pp
             for key in full:
                 full[key][name] = tp_mod.unshard(name, [parts[t_, stage][key][name] for t_ in range(pcfg.tp)])
-        cfg, st = self.cfg, self.state
+        cfg = self.cfg
         opt_state = {"t": t, "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
                      "m": full["m"], "v": full["v"]}
-        meta = dict(model_args=self.args.to_dict(), loader=self.loader.state_dict(),
-                    rng=st["rng"].bit_generator.state, recent=st["recent"], bad_in_row=st["bad_in_row"],
-                    n_skipped=st["n_skipped"], tokens=st["tokens"])
-        return ckpt.save_checkpoint(self.run_dir, st["step"], full["params"], opt_state, self.tokenizer_bytes,
-                                    meta, keep=cfg.keep)
+        return ckpt.save_run(self.run_dir, params=full["params"], opt_state=None if weights_only else opt_state,
+                             tokenizer_bytes=self.tokenizer_bytes, model_args=self.args,
+                             loader_state=self.loader.state_dict(), state=self.state, keep=cfg.keep)
 
     def memory_bytes(self):
         """Bytes this rank holds for training: parameters + gradients + optimizer state."""
@@ -310,36 +293,34 @@ class _Worker:
 
 def train_worker(pg, run_dir, cfg_json, pcfg_json):
     """The function every process runs (launch.run): train from the latest checkpoint to cfg.steps."""
-    cfg = train_mod.TrainConfig(out=str(run_dir), **{k: v for k, v in cfg_json.items() if k != "out"}).resolved()
+    cfg = TrainConfig.from_json(cfg_json, out=str(run_dir)).resolved()
     pcfg = ParallelConfig(**pcfg_json)
     if pcfg.kernels is not None:
         from .. import backend
 
         backend.set_backend(pcfg.kernels)
     w = _Worker(pg, run_dir, cfg, pcfg)
-    launch.heartbeat(w.state["step"])
+    launch.heartbeat(w.state.step)
     records, t_start, stopped = [], time.time(), None
     log = open(w.run_dir / "log.jsonl", "a") if pg.rank == 0 else None
     try:
-        while w.state["step"] < cfg.steps:
+        while w.state.step < cfg.steps:
             t_step, cpu_step = time.perf_counter(), time.process_time()
             rec = w.step()
             rec["step_s"] = time.perf_counter() - t_step
             rec["step_cpu_s"] = time.process_time() - cpu_step  # this process's CPU time (all its threads)
             records.append(rec)
             if log is not None:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if w.state["bad_in_row"] >= cfg.max_bad_steps:
+                ckpt.append_log(log, rec)
+            if w.state.bad_in_row >= cfg.max_bad_steps:
                 # as llama3np train: save the last good weights and stop; every rank decides alike (same loss)
                 w.save()
-                stopped = (f"{w.state['bad_in_row']} bad steps in a row (last: {rec['skipped']}) at step "
-                           f"{w.state['step']}: stopping; lower --lr or check the data")
+                stopped = stop_message(w.state, rec["skipped"])
                 break
-            done = w.state["step"] == cfg.steps
-            if w.state["step"] % cfg.save_every == 0 or done:
-                w.save()
-            launch.heartbeat(w.state["step"])
+            done = w.state.step == cfg.steps
+            if w.state.step % cfg.save_every == 0 or done:
+                w.save(weights_only=done and cfg.final_weights_only)
+            launch.heartbeat(w.state.step)
     finally:
         if log is not None:
             log.close()
@@ -361,14 +342,11 @@ def train_worker(pg, run_dir, cfg_json, pcfg_json):
 
 def prepare_run(cfg, log=print):
     """Create the run folder (data, config, tokenizer) and its step-0 checkpoint, as llama3np train
-    would; with cfg.resume, check that the folder matches. -> the resolved TrainConfig."""
-    cfg = cfg.resolved()
-    if cfg.resume and ckpt.list_checkpoints(cfg.out):
-        train_mod._setup(cfg, log)  # validates the arguments against config.json
-        return cfg
-    model, tok, opt, loader, arrays, state = train_mod._setup(cfg, log)
-    train_mod._save(cfg, model, tok, opt, loader, state)
-    return cfg
+    would (training.start_run); with cfg.resume, check the folder against it. -> the resolved TrainConfig."""
+    run = start_run(cfg, log)
+    if run.resumed_from is None:
+        run.save()  # the step-0 checkpoint every worker starts from
+    return run.cfg
 
 
 def final_eval(cfg, log=print):
@@ -380,14 +358,14 @@ def final_eval(cfg, log=print):
     with np.load(Path(cfg.out) / "data.npz") as z:
         val_stream = z["val"]
         floor = float(z["val_floor"]) if "val_floor" in z.files else None
-    val = train_mod.evaluate(model, val_stream, cfg.seq_len)
+    val = evaluate(model, val_stream, cfg.seq_len)
     rec = {"step": model.train_step, "val_loss": val}
     msg = f"step {model.train_step}: val loss {val:.4f}"
     if floor is not None:
         rec["floor"] = floor
         msg += f" (entropy floor {floor:.4f}, {val - floor:+.4f} above it)"
     with open(Path(cfg.out) / "log.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        ckpt.append_log(f, rec)
     log(msg)
     return val
 
@@ -406,10 +384,7 @@ def reference_train(run_dir, steps, dtype=np.float64):
     from ..optim import clip_grad_norm
 
     run_dir = Path(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())
-    saved.pop("model_args")
-    cfg = train_mod.TrainConfig(**{k: v for k, v in saved.items() if k in train_mod.TrainConfig.__dataclass_fields__})
-    cfg = cfg.resolved()
+    cfg = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()), out=str(run_dir)).resolved()
     ck = ckpt.read_checkpoint(min(ckpt.list_checkpoints(run_dir)))  # the oldest one kept: step 0
     if ck["meta"]["step"] != 0:
         raise ValueError(f"{run_dir} no longer holds its step-0 checkpoint")

@@ -1,7 +1,7 @@
 """The MPI backend: the same ProcessGroup (and the same ring algorithms) over mpi4py.
 
     pip install -e '.[mpi]'                      # mpi4py and MPICH, both from PyPI
-    mpiexec -n 4 python -m llama3np.parallel.cli train --backend mpi --dp 2 --pp 2 --out runs/mpi ...
+    mpiexec -n 4 python -m llama3np.parallel.cli train --comm mpi --dp 2 --pp 2 --out runs/mpi ...
 
 Only the transport changes: `MPITransport` moves a message with a non-blocking send (so a ring never
 deadlocks, as with the pipes' sender threads) and receives by polling `Iprobe` until the timeout, so a
@@ -12,7 +12,6 @@ Allreduce would be faster on a real cluster; ours is here to be read.
 There is no supervisor under mpiexec (the MPI launcher owns the processes, and MPI stops the whole job
 when one rank fails); fault injection and restarts are the mp backend's.
 """
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,32 +69,46 @@ def world(timeout=DEFAULT_TIMEOUT):
 
 
 def main(cfg, pcfg, log):
-    """`llama3np parallel train --backend mpi`: every rank of the mpiexec job runs this."""
-    from ..args import ModelArgs
-    from . import engine
+    """`llama3np parallel train --comm mpi`: every rank of the mpiexec job runs this -> exit code.
+
+    Errors are raised (printed, as one line, by the command) on rank 0 only; the other ranks return 2
+    quietly, so a mistake is printed once, not once per process."""
+    from ..training.config import build_args
+    from . import engine, supervisor
     from .launch import _limit_threads
 
     _limit_threads()
     pg = world(pcfg.timeout)
-    if pg.size != pcfg.shape().world_size:
-        raise ValueError(f"the grid dp={pcfg.dp} x tp={pcfg.tp} x pp={pcfg.pp} needs {pcfg.shape().world_size} "
-                         f"processes; mpiexec started {pg.size} (use mpiexec -n {pcfg.shape().world_size})")
-    if pcfg.faults:
-        raise ValueError("--inject-fault needs the mp backend (its supervisor restarts the group)")
     error = None
-    if pg.rank == 0:  # one rank prepares the run folder; the others wait for it
-        try:
-            cfg = engine.prepare_run(cfg, log)
-            saved = json.loads((Path(cfg.out) / "config.json").read_text())
-            engine.check_config(ModelArgs.from_dict(saved["model_args"]), pcfg, cfg.batch_size * cfg.grad_accum)
-        except (ValueError, FileNotFoundError, TypeError) as e:
-            error = str(e)
-    error = pg.broadcast_object(error, root=0)
+    if pg.size != pcfg.shape().world_size:  # every rank sees this alike: no communication needed
+        error = (f"the grid dp={pcfg.dp} x tp={pcfg.tp} x pp={pcfg.pp} needs {pcfg.shape().world_size} processes; "
+                 f"mpiexec started {pg.size} (use mpiexec -n {pcfg.shape().world_size})")
+    elif pcfg.faults:
+        error = "--inject-fault needs the mp backend (--comm mp: its supervisor restarts the group)"
     if error is not None:
         if pg.rank == 0:
             raise ValueError(error)
         return 2
-    cfg = cfg.resolved()
+    finished = None
+    if pg.rank == 0:  # one rank prepares the run folder; the others wait for it
+        try:
+            engine.check_config(build_args(cfg), pcfg, cfg.batch_size * cfg.grad_accum)
+            if cfg.resume and supervisor.latest_step(cfg.out) >= cfg.steps:
+                finished = supervisor.finished_message(cfg, supervisor.latest_step(cfg.out))
+            else:
+                cfg = engine.prepare_run(cfg, log)
+                engine.check_config(restore_args(cfg.out), pcfg, cfg.batch_size * cfg.grad_accum)
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            error = str(e)
+    error, finished, cfg = pg.broadcast_object((error, finished, cfg), root=0)
+    if error is not None:
+        if pg.rank == 0:
+            raise ValueError(error)
+        return 2
+    if finished is not None:
+        if pg.rank == 0:
+            log(finished)
+        return 0
     t0 = time.time()
     result = engine.train_worker(pg, cfg.out, engine.cfg_json(cfg), asdict(pcfg))
     pg.transport.flush(pcfg.timeout)
@@ -104,12 +117,20 @@ def main(cfg, pcfg, log):
         pg.send_object(result, 0, "result")
         pg.transport.flush(pcfg.timeout)
         return 0
-    from .cli import write_report
-
     wall = time.time() - t0
-    write_report(cfg.out, pcfg, {"results": results, "failures": [], "restarts": 0, "wall_s": wall,
-                                 "useful_s": wall, "goodput": 1.0})
-    engine.final_eval(cfg, log)
-    log(f"done on {pg.size} MPI ranks in {wall:.1f} s: {results[0]['records'][-1]} -- checkpoints in {cfg.out}")
+    stopped = supervisor.finish(cfg, pcfg, {"results": results, "failures": [], "restarts": 0, "wall_s": wall,
+                                            "useful_s": wall, "goodput": 1.0}, log)
+    if stopped:
+        log(f"llama3np parallel: training stopped: {stopped}")
+        return 1
     return 0
+
+
+def restore_args(run_dir):
+    """The ModelArgs of the run folder's config.json (the vocabulary fixed by its tokenizer)."""
+    import json
+
+    from ..args import ModelArgs
+
+    return ModelArgs.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["model_args"])
 

@@ -4,8 +4,8 @@ Events are (rank, name, micro-batch, start, end) with times in seconds from the 
 (wall clock in the executor, ticks for the logical clock of schedule.simulate). `to_json` writes
 Chrome's trace-event format, which chrome://tracing and ui.perfetto.dev open directly.
 """
+import io
 import json
-import os
 from pathlib import Path
 
 from ..fileio import atomic_write_bytes
@@ -41,14 +41,16 @@ class Trace:
 
     def gantt(self, path, title="pipeline schedule", unit="s", labels=None):
         """A PNG: one row per rank, one bar per event labelled with its micro-batch.
-        labels: rank -> row label (default "stage r", right for a schedule's simulation)."""
-        import matplotlib
+        labels: rank -> row label (default "stage r", right for a schedule's simulation).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Drawn on a matplotlib Figure of its own (not pyplot), so the process's backend is left as it
+        was (plots still show in a notebook afterwards); written atomically."""
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
 
         ranks = sorted({e[0] for e in self.events})
-        fig, ax = plt.subplots(figsize=(10, 0.6 * len(ranks) + 1.4))
+        fig = Figure(figsize=(10, 0.6 * len(ranks) + 1.4))
+        ax = fig.subplots()
         for rank, name, mb, start, end in self.events:
             y, h = (rank + 0.3, 0.25) if name in COMM else (rank - 0.08, 0.6)
             ax.barh(y, end - start, height=h, left=start, color=COLORS.get(name, "#999999"), edgecolor="black", lw=0.5)
@@ -60,12 +62,11 @@ class Trace:
         ax.invert_yaxis()
         ax.set_xlabel(f"time ({unit})")
         ax.set_title(title)
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for n, c in COLORS.items() if any(e[1] == n for e in self.events)]
-        ax.legend(handles, [n for n in COLORS if any(e[1] == n for e in self.events)], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars, not over them
+        shown = [n for n in COLORS if any(e[1] == n for e in self.events)]
+        ax.legend([Rectangle((0, 0), 1, 1, color=COLORS[n]) for n in shown], shown, loc="upper left",
+                  bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars, not over them
         fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(path, buf.getvalue())
+        return Path(path)

@@ -1,13 +1,17 @@
 """The pre-training loop: data -> model -> loss -> gradients -> AdamW, with checkpoints and exact resume.
 
-    from llama3np.training import TrainConfig, train
+    from llama3np.training import TrainConfig, train, resume_config
     model = train(TrainConfig(out="runs/tiny", preset="tiny", steps=300))
+    model = train(resume_config("runs/tiny", steps=400))        # continue it, 100 steps more
 
 One step (Llama 3's recipe, scaled down):
     lr    = warmup then cosine (optim.get_lr)
     loss, grads = model.loss_and_grads(x, y)        averaged over `grad_accum` micro-batches
     skip the step if the loss or the gradient is NaN/Inf, or the loss spikes far above the recent mean
-    clip the global gradient norm, AdamW update in place
+    clip the global gradient norm, AdamW update in place           (step.py: the rules the parallel
+                                                                     engine shares)
+The run folder (run_folder.py) is written by `start_run` (a fresh run, or the continuation of the one
+in cfg.out) and `Run.save`, the same calls the parallel engine makes.
 
 Exact resume: everything that decides the future of the run is in the checkpoint (weights, AdamW
 moments and step count, the loader's position, the recent losses the spike detector compares against,
@@ -17,87 +21,31 @@ from step k does the same arithmetic in the same order as one that never stopped
 bitwise identical weights (for a fixed BLAS/kernel thread count).
 """
 import json
-import math
-import os
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from .. import data as data_mod
 from ..data import stories
-from ..args import preset as get_preset
 from ..fileio import atomic_write_bytes
 from ..model import Transformer
-from ..optim import AdamW, clip_grad_norm, get_lr
+from ..ops import token_nll
+from ..optim import AdamW, get_lr, global_grad_norm
 from . import run_folder as ckpt
+from .config import (TrainConfig, build_args, default_tokenizer, fill_from_saved, read_run_config,  # noqa: F401
+                     resume_changes)
+from .step import RunState, bad_step_reason, clip_to_max_norm
 
-LLAMA3_VOCAB = 128256
+# what a run folder holds, for --overwrite (other files in the folder are left alone)
+RUN_FILES = ("config.json", "data.npz", "log.jsonl", "loss.png", "latest", "parallel.json", "trace.json", "gantt.png")
 
 
 class TrainingError(RuntimeError):
     """The run stopped on purpose (repeated bad steps); a checkpoint of the last good state was saved."""
-
-
-@dataclass
-class TrainConfig:
-    out: str  # the run folder
-    preset: str = "tiny"
-    data: Optional[str] = None  # a text file or folder; None = the built-in stories
-    tokenizer: str = "auto"  # "bpe" (trained on the corpus), "llama3" (Meta's), a .model path; auto: by vocab
-    model_overrides: dict = field(default_factory=dict)  # ModelArgs fields, e.g. {"dim": 64, "n_layers": 2}
-    steps: int = 300
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1  # micro-batches per step: the effective batch is batch_size * grad_accum rows
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    warmup_steps: Optional[int] = None  # None: 10% of the steps (at most 100)
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    save_every: int = 100
-    keep: int = 3  # checkpoints kept
-    eval_every: int = 50
-    val_fraction: float = 0.05  # for --data corpora
-    n_stories: Optional[int] = None  # built-in corpus size; None: enough that no story is seen twice
-    val_stories: int = 100
-    seed: int = 0
-    spike_factor: float = 2.0  # a loss above spike_factor * recent mean (and 1 nat above it) is a spike
-    spike_window: int = 20
-    max_bad_steps: int = 5  # this many bad steps in a row stop the run
-    resume: bool = False
-    progress: bool = True  # tqdm bar
-
-    # fields that may differ between the first run and a --resume without changing the arithmetic
-    _RUNTIME = ("resume", "progress")
-
-    def resolved(self):
-        """A copy with the defaults that depend on other fields filled in."""
-        c = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
-        c.out = str(c.out)
-        c.betas = tuple(float(b) for b in c.betas)
-        if c.warmup_steps is None:
-            c.warmup_steps = min(100, max(1, c.steps // 10))
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "save_every", "eval_every", "keep",
-                     "max_bad_steps", "spike_window", "val_stories"):
-            v = getattr(c, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not c.lr > 0:
-            raise ValueError(f"lr must be > 0, got {c.lr}")
-        return c
-
-    def to_json(self):
-        d = asdict(self)
-        for k in self._RUNTIME:
-            d.pop(k)
-        d["betas"] = list(d["betas"])
-        return d
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +55,7 @@ def _make_tokenizer(cfg, vocab_size, sample_text):
 
     choice = cfg.tokenizer
     if choice == "auto":
-        choice = "llama3" if vocab_size >= LLAMA3_VOCAB else "bpe"
+        choice = default_tokenizer(vocab_size)
     if choice == "llama3":
         return Tokenizer()
     if choice == "bpe":
@@ -146,15 +94,6 @@ def prepare_data(cfg, args_vocab, log=print):
     return tok, arrays
 
 
-def build_args(cfg, tokenizer=None):
-    """The model's ModelArgs: the preset, its vocabulary fitted to the tokenizer, the overrides."""
-    overrides = dict(cfg.model_overrides)
-    overrides.setdefault("max_seq_len", max(cfg.seq_len, get_preset(cfg.preset).max_seq_len))
-    if tokenizer is not None:
-        overrides["vocab_size"] = tokenizer.n_words
-    return get_preset(cfg.preset, **overrides)
-
-
 # ---------------------------------------------------------------------------------------------------
 # evaluation
 def evaluate(model, stream, seq_len, batch_size=8):
@@ -172,12 +111,8 @@ def evaluate(model, stream, seq_len, batch_size=8):
 
 
 def _sum_nll(model, x, y):
-    logits = model.forward(x).astype(np.float64)  # (B, T, V)
-    m = logits.max(-1, keepdims=True)
-    lse = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]  # (B, T)
-    picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
-    model._acts = None  # drop the activations kept for a backward that will not come
-    return float((lse - picked).sum())
+    logits = model.forward(x, keep=False).astype(np.float64)  # (B, T, V); no activations kept: no backward
+    return float(token_nll(logits, y)[0].sum())
 
 
 def compute_loss_and_grads(model, x, y):
@@ -186,31 +121,22 @@ def compute_loss_and_grads(model, x, y):
 
 
 # ---------------------------------------------------------------------------------------------------
-# logging
-def _read_log(path, max_step):
-    """The log's lines with step <= max_step (a killed run may have logged steps after its checkpoint)."""
-    lines = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", 0) <= max_step:
-                lines.append(rec)
-    return lines
-
-
+# the loss plot
 def plot_losses(run_dir, records, floor=None):
-    """loss.png beside the checkpoints: training loss per step, validation loss, the entropy floor."""
-    import matplotlib
+    """loss.png beside the checkpoints: training loss per step, validation loss, the entropy floor.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a matplotlib Figure of its own (not pyplot), so the process's backend is left as it was:
+    plt.show() in a notebook still shows its plots after training. Written atomically."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from ..fileio import atomic_write_bytes
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     if train:
         s, l = zip(*train)
         ax.plot(s, l, lw=0.8, alpha=0.5, label="train loss")
@@ -227,96 +153,150 @@ def plot_losses(run_dir, records, floor=None):
     ax.set_ylabel("loss (nats/token)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     path = Path(run_dir) / "loss.png"
-    tmp = path.with_name(f".loss.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 # ---------------------------------------------------------------------------------------------------
-def _is_spike(loss, recent, cfg):
-    if len(recent) < cfg.spike_window:
-        return False
-    mean = float(np.mean(recent))
-    return loss > cfg.spike_factor * mean and loss > mean + 1.0
+# starting a run (fresh or resumed) and saving it
 
 
-def _setup(cfg, log):
-    """A fresh run, or the continuation of the one in cfg.out -> (model, tokenizer, optimizer, loader,
-    data arrays, loop state)."""
+@dataclass
+class Run:
+    """A run ready to take its next step: what start_run returns and Run.save writes back."""
+    cfg: TrainConfig  # resolved
+    model: Transformer
+    tokenizer: object
+    opt: AdamW
+    loader: data_mod.DataLoader
+    arrays: dict  # data.npz: train, val (and the entropy floors of the built-in stories)
+    state: RunState
+    records: list = field(default_factory=list)  # log.jsonl up to state.step
+    resumed_from: Path = None  # the checkpoint, for a resumed run
+
+    @property
+    def finished(self):
+        return self.state.step >= self.cfg.steps
+
+    def save(self, log=None, weights_only=False):
+        """Write the checkpoint of the current step (run_folder.save_run) -> its path."""
+        return ckpt.save_run(self.cfg.out, params=self.model.params,
+                             opt_state=None if weights_only else self.opt.state_dict(),
+                             tokenizer_bytes=self.tokenizer.to_bytes(), model_args=self.model.args,
+                             loader_state=self.loader.state_dict(), state=self.state, keep=self.cfg.keep, log=log)
+
+
+def start_run(cfg, log=print):
+    """A fresh run in cfg.out, or (cfg.resume) the continuation of the one there -> Run.
+
+    Every argument is checked before anything is written; a start refused later (e.g. too little
+    data) removes what it wrote. A folder that already holds a run is refused unless cfg.resume
+    (continue it: its config.json decides, see config.resume_changes) or cfg.overwrite (replace it).
+    """
     run_dir = Path(cfg.out)
+    saved = read_run_config(run_dir) if run_dir.is_dir() else None
+    if cfg.resume and saved is not None:
+        cfg = fill_from_saved(cfg, saved)
+    cfg = cfg.resolved()
     existing = ckpt.list_checkpoints(run_dir)
+    if existing and cfg.overwrite:
+        log(f"--overwrite: replacing the run in {run_dir} ({existing[0].name})")
+        for p in existing:
+            p.unlink()
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        existing = []
+    if existing and not cfg.resume:
+        raise ValueError(f"{run_dir} already holds a training run ({existing[0].name}); pass --resume to continue "
+                         "it, --overwrite to replace it, or choose another --out folder")
     if run_dir.is_dir():
         for stale in run_dir.glob(".*.tmp*"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
-    if existing and not cfg.resume:
-        raise ValueError(f"{run_dir} already holds a training run ({existing[0].name}); "
-                         "pass --resume to continue it or choose another --out folder")
     if existing:
-        return _resume(cfg, run_dir, log)
-    return _fresh(cfg, run_dir, log)  # also a --resume of a run killed before its first checkpoint
+        return _resume(cfg, saved, log)
+    return _fresh(cfg, log)  # also a --resume of a run killed before its first checkpoint
 
 
-def _fresh(cfg, run_dir, log):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "log.jsonl").unlink(missing_ok=True)
+def _fresh(cfg, log):
+    run_dir = Path(cfg.out)
     base_vocab = build_args(cfg).vocab_size
     tok, arrays = prepare_data(cfg, base_vocab, log)
     args = build_args(cfg, tok)
+    loader = data_mod.DataLoader(arrays["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)  # too little data?
     if args.vocab_size != base_vocab:
         log(f"vocabulary: {args.vocab_size} ids (the {cfg.preset} preset has {base_vocab}; the tokenizer "
             f"has {tok.n_words}" + (", every word of the grammar is already one token)" if cfg.data is None else ")"))
-    data_mod.save_arrays_atomic(run_dir / "data.npz", **arrays)
-    atomic_write_bytes(run_dir / "config.json",
-                            json.dumps(dict(cfg.to_json(), model_args=args.to_dict()), indent=2).encode())
     model = Transformer(args, seed=cfg.seed)
     opt = AdamW(model.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    loader = data_mod.DataLoader(arrays["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    state = dict(step=0, recent=[], bad_in_row=0, n_skipped=0, tokens=0, rng=np.random.default_rng(cfg.seed))
-    return model, tok, opt, loader, arrays, state
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        data_mod.save_arrays_atomic(run_dir / "data.npz", **arrays)
+        atomic_write_bytes(run_dir / "config.json",
+                           json.dumps(dict(cfg.to_json(), model_args=args.to_dict()), indent=2).encode())
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)  # only what we just made
+        raise
+    return Run(cfg, model, tok, opt, loader, arrays, RunState.fresh(cfg.seed))
 
 
-def _resume(cfg, run_dir, log):
-    from ..args import ModelArgs
+def _resume(cfg, saved, log):
     from ..tokenizer import Tokenizer
 
-    saved = json.loads((run_dir / "config.json").read_text())
-    now = cfg.to_json()
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
-    if diff:
-        raise ValueError("--resume needs the arguments of the first run (to continue it exactly); "
-                         "these differ: " + "; ".join(diff))
-    path, ck = ckpt.latest_checkpoint(run_dir)  # the newest that passes its checksum (warns otherwise)
-    meta = ck["meta"]
-    tok = Tokenizer.from_bytes(ck["tokenizer_bytes"], name="checkpoint tokenizer")
+    run_dir = Path(cfg.out)
+    if saved is None:
+        raise FileNotFoundError(f"{run_dir} has checkpoints but no config.json: it cannot be resumed "
+                                "(llama3np generate --model still reads it)")
+    changes = resume_changes(saved, cfg)  # refuses changes that would make it another run
+    r = ckpt.restore_run(run_dir, warn=log)  # the newest that passes its checksum (says so otherwise)
+    if cfg.steps < r.state.step:
+        raise ValueError(f"--steps {cfg.steps} is below the step the run has reached ({r.state.step})")
+    if r.opt_state is None and cfg.steps > r.state.step:
+        raise ValueError(f"{r.path.name} was saved with the weights only (--final-weights-only): without AdamW's "
+                         "moments the run cannot be continued; start a new run from it instead")
+    tok = Tokenizer.from_bytes(r.tokenizer_bytes, name="checkpoint tokenizer")
     with np.load(run_dir / "data.npz") as z:
         arrays = {k: z[k] for k in z.files}
-    model = Transformer(ModelArgs.from_dict(meta["model_args"]), seed=cfg.seed)
-    if set(ck["params"]) != set(model.params):
-        raise ValueError(f"{path}: its weights do not match its ModelArgs")
-    model.params.update(ck["params"])
+    model = Transformer(r.model_args, init=False)
+    ckpt.fill_params(model, r.params, r.path)  # in place: the weights stay in the model's one block
     opt = AdamW(model.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    opt.load_state_dict(ck["opt_state"])
+    if r.opt_state is not None:
+        opt.load_state_dict(r.opt_state)
     loader = data_mod.DataLoader(arrays["train"], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    loader.load_state_dict(meta["loader"])
-    rng = np.random.default_rng()
-    rng.bit_generator.state = meta["rng"]
-    state = dict(step=meta["step"], recent=list(meta["recent"]), bad_in_row=meta["bad_in_row"],
-                 n_skipped=meta["n_skipped"], tokens=meta["tokens"], rng=rng)
-    log(f"resuming {run_dir} from {path.name} (step {meta['step']})")
-    return model, tok, opt, loader, arrays, state
+    loader.load_state_dict(r.loader_state)
+    run = Run(cfg, model, tok, opt, loader, arrays, r.state, resumed_from=r.path)
+    if run.finished:  # nothing to do: nothing is written
+        run.records = ckpt.read_log(run_dir / "log.jsonl", r.state.step)
+        return run
+    run.records = records = ckpt.trim_log(run_dir / "log.jsonl", r.state.step)
+    log(f"resuming {run_dir} from {r.path.name} (step {r.state.step})")
+    if changes:
+        # the folder's config.json follows: the next --resume continues with these values
+        atomic_write_bytes(run_dir / "config.json", json.dumps(dict(cfg.to_json(), model_args=saved["model_args"]),
+                                                               indent=2).encode())
+        log("changed on resume: " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    if "steps" in changes and r.state.step < cfg.steps:
+        old, new = changes["steps"]
+        event = {"step": r.state.step, "event": f"steps {old} -> {new}: the learning-rate schedule is stretched to "
+                                               f"{new} steps from here on"}
+        with open(run_dir / "log.jsonl", "a") as f:
+            ckpt.append_log(f, event)
+        records.append(event)
+        log(event["event"])
+    return run
 
 
-def _save(cfg, model, tok, opt, loader, state):
-    meta = dict(model_args=model.args.to_dict(), loader=loader.state_dict(), rng=state["rng"].bit_generator.state,
-                recent=state["recent"], bad_in_row=state["bad_in_row"], n_skipped=state["n_skipped"],
-                tokens=state["tokens"])
-    return ckpt.save_checkpoint(cfg.out, state["step"], model.params, opt.state_dict(), tok.to_bytes(), meta,
-                                keep=cfg.keep)
+def finished_message(run):
+    return (f"{run.cfg.out} is finished: step {run.state.step} of {run.cfg.steps}; nothing to do (a larger --steps "
+            "with --resume extends it)")
 
 
 def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
@@ -326,17 +306,19 @@ def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
     before the first step; on_eval(step, model, val_loss, rng) after every validation, e.g. to print
     samples drawn with `rng`, the run's random generator (checkpointed, so a resumed run draws the
     same). Raises TrainingError after max_bad_steps bad steps in a row (after saving a checkpoint
-    of the last good weights).
+    of the last good weights). A finished run resumed changes nothing (model.train_records: its log).
     """
-    cfg = cfg.resolved()
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    model, tok, opt, loader, arrays, state = _setup(cfg, log)
-    model.tokenizer = tok
+    run = start_run(cfg, log)
+    cfg, model, state, loader, opt = run.cfg, run.model, run.state, run.loader, run.opt
+    model.tokenizer = run.tokenizer
     run_dir = Path(cfg.out)
-    floor = float(arrays["val_floor"]) if "val_floor" in arrays else None
+    model.train_records = records = run.records
+    if run.finished:
+        log(finished_message(run))
+        return model
+    floor = float(run.arrays["val_floor"]) if "val_floor" in run.arrays else None
     log_path = run_dir / "log.jsonl"
-    records = _read_log(log_path, state["step"])
-    atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     if on_start is not None:
         on_start(model)
@@ -345,13 +327,13 @@ def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    say = (lambda m: bar.write(m)) if bar is not None else log
     logf = open(log_path, "a")
     t_last = time.perf_counter()
     try:
-        while state["step"] < cfg.steps:
-            step = state["step"]
-            lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        while state.step < cfg.steps:
+            lr = get_lr(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
             loss, grads = 0.0, None
             for _ in range(cfg.grad_accum):
                 x, y = loader.next_batch()
@@ -365,63 +347,47 @@ def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
             if cfg.grad_accum > 1:
                 for g in grads.values():
                     g /= cfg.grad_accum
-            norm = clip_grad_norm(grads, cfg.grad_clip)
-            reason = None
-            if not math.isfinite(loss):
-                reason = "non-finite loss"
-            elif not math.isfinite(norm):
-                reason = "non-finite gradient"
-            elif _is_spike(loss, state["recent"], cfg):
-                reason = f"loss spike ({loss:.3f} vs recent mean {np.mean(state['recent']):.3f})"
-            rec = {"step": step + 1, "loss": loss if math.isfinite(loss) else str(loss), "lr": lr,
-                   "grad_norm": norm if math.isfinite(norm) else str(norm)}
+            norm = global_grad_norm(grads)
+            reason = bad_step_reason(loss, norm, state.recent, cfg)
             if reason is None:
+                clip_to_max_norm(grads, norm, cfg.grad_clip)
                 opt.step(grads, lr=lr)
-                state["recent"] = (state["recent"] + [loss])[-cfg.spike_window:]
-                state["bad_in_row"] = 0
             else:
-                state["bad_in_row"] += 1
-                state["n_skipped"] += 1
-                rec["skipped"] = reason
-                log(f"step {step + 1}: skipped ({reason})")
-            state["step"] = step + 1
-            state["tokens"] += tokens_per_step
+                log(f"step {state.step + 1}: skipped ({reason})")
+            rec = state.end_step(cfg, loss, norm, lr, reason)
             now = time.perf_counter()
             rec["tok_per_s"] = round(tokens_per_step / max(now - t_last, 1e-9), 1)
             t_last = now
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            ckpt.append_log(logf, rec)
             records.append(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:.0f}", refresh=False)
                 bar.update(1)
-            if state["bad_in_row"] >= cfg.max_bad_steps:
-                path = _save(cfg, model, tok, opt, loader, state)
+            if state.bad_in_row >= cfg.max_bad_steps:
+                path = run.save(log=say)
                 raise TrainingError(
-                    f"{state['bad_in_row']} bad steps in a row (last: {reason}) at step {step + 1}: stopping. "
+                    f"{state.bad_in_row} bad steps in a row (last: {reason}) at step {state.step}: stopping. "
                     f"The weights before them are saved in {path}; lower --lr or check the data.")
-            done = state["step"] == cfg.steps
-            if state["step"] % cfg.eval_every == 0 or done:
-                val = evaluate(model, arrays["val"], cfg.seq_len)
-                vrec = {"step": state["step"], "val_loss": val}
+            done = state.step == cfg.steps
+            if state.step % cfg.eval_every == 0 or done:
+                val = evaluate(model, run.arrays["val"], cfg.seq_len)
+                vrec = {"step": state.step, "val_loss": val}
                 if floor is not None:
                     vrec["floor"] = floor
-                logf.write(json.dumps(vrec) + "\n")
-                logf.flush()
+                ckpt.append_log(logf, vrec)
                 records.append(vrec)
-                msg = f"step {state['step']}: val loss {val:.4f}"
+                msg = f"step {state.step}: val loss {val:.4f}"
                 if floor is not None:
                     msg += f" (entropy floor {floor:.4f}, {val - floor:+.4f} above it)"
-                (bar.write if bar is not None else log)(msg)
+                say(msg)
                 if on_eval is not None:
-                    on_eval(state["step"], model, val, state["rng"])
-            if state["step"] % cfg.save_every == 0 or done:
-                _save(cfg, model, tok, opt, loader, state)
-            if state["step"] % cfg.eval_every == 0 or done:
+                    on_eval(state.step, model, val, state.rng)
+            if state.step % cfg.save_every == 0 or done:
+                run.save(log=say, weights_only=done and cfg.final_weights_only)
+            if state.step % cfg.eval_every == 0 or done:
                 plot_losses(run_dir, records, floor)  # with the validation point just added
     finally:
         logf.close()
         if bar is not None:
             bar.close()
-    model.train_records = records
     return model

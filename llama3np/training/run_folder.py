@@ -13,24 +13,43 @@ A checkpoint is one .npz file with everything needed to continue bit for bit:
     meta                                          JSON: step, ModelArgs, loader position, RNG state,
                                                   optimizer step count, recent losses, ...
     sha256                                        a checksum of all the above
+It is three times the size of the weights (two AdamW moments per weight; Llama 3's 128,256-token
+vocabulary makes even a tiny model's embeddings large: 2 x 128256 x 256 floats, ~260 MB of weights,
+~800 MB a checkpoint). The moments are kept in every checkpoint because any kept checkpoint may have
+to be the one a run resumes from (the newest can be damaged), and continuing exactly needs them.
+`keep` bounds how many are kept; a final checkpoint may be written weights-only (no moments: it
+loads for generation, but the run cannot continue from it).
+
+The API both training loops (and post-training stages) use:
+    save_run(run_dir, params=..., opt_state=..., tokenizer_bytes=..., model_args=..., loader_state=...,
+             state=RunState, keep=3)              -> the checkpoint's path (metadata built here only)
+    restore_run(run_dir)                          -> Restored (path, model_args, params, opt_state, ...,
+                                                     state) or None: metadata read here only
+    trim_log(run_dir / "log.jsonl", step)         -> the log's records up to `step` (see trim_log)
+    append_log(f, record)                          one line, flushed
+    load_run(run_dir)                             -> a Transformer with its tokenizer, for inference
 
 Writing is atomic: the file is written under a temporary name in the same folder, flushed to disk
 (fsync) and renamed over the final name (rename is atomic on POSIX), then the folder is fsynced so the
 rename itself survives a power cut. A SIGKILL mid-write leaves a stray temporary file and the old
-checkpoints intact. A checkpoint that is damaged anyway (disk error, manual edit, truncated copy) fails
+checkpoints intact. Only log.jsonl is appended in place, line by line (see trim_log). A checkpoint that is damaged anyway (disk error, manual edit, truncated copy) fails
 its checksum and the loader falls back to the previous one, with a warning.
 """
 import hashlib
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ..fileio import atomic_write, atomic_write_bytes
+from .step import RunState
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.npz$")
+OPT_FIELDS = ("t", "lr", "betas", "eps", "weight_decay")  # AdamW's state besides its moments
 
 
 def ckpt_name(step):
@@ -48,15 +67,22 @@ def _checksum(arrays):
 
 
 def save_checkpoint(run_dir, step, params, opt_state, tokenizer_bytes, meta, keep=3):
-    """Write ckpt_{step:08d}.npz atomically, point `latest` at it, delete all but the newest `keep`."""
+    """Write ckpt_{step:08d}.npz atomically, point `latest` at it, delete all but the newest `keep`.
+
+    opt_state None writes the weights only (meta["weights_only"] is then true)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta, step=int(step), opt={k: opt_state[k] for k in ("t", "lr", "betas", "eps", "weight_decay")})
+    meta = dict(meta, step=int(step))
+    if opt_state is None:
+        meta["weights_only"] = True
+    else:
+        meta["opt"] = {k: opt_state[k] for k in OPT_FIELDS}
     arrays = {}
     for name, p in params.items():
         arrays[f"param/{name}"] = p
-        arrays[f"adam_m/{name}"] = opt_state["m"][name]
-        arrays[f"adam_v/{name}"] = opt_state["v"][name]
+        if opt_state is not None:
+            arrays[f"adam_m/{name}"] = opt_state["m"][name]
+            arrays[f"adam_v/{name}"] = opt_state["v"][name]
     arrays["tokenizer"] = np.frombuffer(bytes(tokenizer_bytes), dtype=np.uint8)
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     arrays["sha256"] = np.frombuffer(_checksum(arrays).encode(), dtype=np.uint8)
@@ -82,7 +108,8 @@ class CorruptCheckpoint(ValueError):
 
 
 def read_checkpoint(path):
-    """Load and verify one checkpoint file -> dict with params, opt_state, tokenizer_bytes, meta.
+    """Load and verify one checkpoint file -> dict with params, opt_state (None if weights-only),
+    tokenizer_bytes, meta.
 
     Raises CorruptCheckpoint if the file cannot be read or its checksum does not match.
     """
@@ -103,14 +130,16 @@ def read_checkpoint(path):
     for key, a in arrays.items():
         kind, name = key.split("/", 1)
         {"param": ck["params"], "adam_m": m, "adam_v": v}[kind][name] = a
-    ck["opt_state"] = dict(meta["opt"], m=m, v=v)
+    ck["opt_state"] = None if meta.get("weights_only") else dict(meta["opt"], m=m, v=v)
     return ck
 
 
 def latest_checkpoint(run_dir, warn=True):
     """-> (path, checkpoint dict) of the newest checkpoint that verifies, or (None, None) if none exist.
 
-    Damaged checkpoints are skipped with a warning; if every one is damaged, CorruptCheckpoint.
+    Damaged checkpoints are skipped, each with one line: a RuntimeWarning (warn=True), a call
+    warn(message) when warn is a function (a log), nothing when False. If every one is damaged,
+    CorruptCheckpoint.
     """
     candidates = list_checkpoints(run_dir)
     errors = []
@@ -119,9 +148,11 @@ def latest_checkpoint(run_dir, warn=True):
             ck = read_checkpoint(path)
         except CorruptCheckpoint as e:
             errors.append(str(e))
-            if warn:
-                warnings.warn(f"skipping damaged checkpoint: {e}; trying the previous one", RuntimeWarning,
-                              stacklevel=2)
+            message = f"skipping damaged checkpoint: {e}; trying the previous one"
+            if callable(warn):
+                warn(message)
+            elif warn:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
             continue
         return path, ck
     if errors:
@@ -129,9 +160,135 @@ def latest_checkpoint(run_dir, warn=True):
     return None, None
 
 
-def is_run_dir(path):
+# ---------------------------------------------------------------------------------------------------
+# the step/save/restore API of a run
+
+
+def checkpoint_meta(model_args, loader_state, state, extra=None):
+    """The metadata of a checkpoint (the one place it is built): ModelArgs, the data position, the
+    RunState (step, recent losses, counters, RNG) and any JSON-able `extra` (e.g. a post-training stage)."""
+    meta = dict(extra or {})
+    meta.update(model_args=model_args.to_dict(), loader=loader_state, **state.to_meta())
+    return meta
+
+
+def save_run(run_dir, *, params, opt_state, tokenizer_bytes, model_args, loader_state, state, keep=3,
+             extra=None, log=None):
+    """Write the checkpoint of `state.step`: weights, AdamW state (opt.state_dict(); None = weights only),
+    tokenizer, ModelArgs, the loader's position (any JSON-able dict), the RunState -> its path.
+
+    log(message), if given, receives the file's size and what is kept, so big checkpoints do not come
+    as a surprise."""
+    path = save_checkpoint(run_dir, state.step, params, opt_state, tokenizer_bytes,
+                           checkpoint_meta(model_args, loader_state, state, extra), keep=keep)
+    if log is not None:
+        weights = sum(p.nbytes for p in params.values())
+        parts = f"weights {_size(weights)}" + ("" if opt_state is None else
+                                                f" + AdamW moments {_size(2 * weights)}")
+        kept = list_checkpoints(run_dir)
+        log(f"saved {path.name}: {_size(path.stat().st_size)} ({parts}); {len(kept)} kept (--keep {keep}), "
+            f"{_size(sum(p.stat().st_size for p in kept))} in all")
+    return path
+
+
+def _size(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+@dataclass
+class Restored:
+    """A run's latest good checkpoint, unpacked (restore_run)."""
+    path: Path
+    model_args: object  # ModelArgs
+    params: dict
+    opt_state: Optional[dict]  # AdamW's state_dict, None for a weights-only checkpoint
+    tokenizer_bytes: bytes
+    loader_state: dict
+    state: RunState
+    meta: dict
+
+
+def restore_run(run_dir, warn=True):
+    """The newest checkpoint of `run_dir` that verifies, unpacked (the one place metadata is read), or
+    None if the folder holds no checkpoint. Damaged ones are skipped (warn: see latest_checkpoint)."""
+    from ..args import ModelArgs
+
+    path, ck = latest_checkpoint(run_dir, warn=warn)
+    if ck is None:
+        return None
+    meta = ck["meta"]
+    return Restored(path=path, model_args=ModelArgs.from_dict(meta["model_args"]), params=ck["params"],
+                    opt_state=ck["opt_state"], tokenizer_bytes=ck["tokenizer_bytes"], loader_state=meta["loader"],
+                    state=RunState.from_meta(meta), meta=meta)
+
+
+def fill_params(model, params, where):
+    """Copy checkpoint arrays into the model's weights IN PLACE: they stay in the model's one block of
+    memory (model.py); replacing the arrays (model.params.update) would scatter them."""
+    if set(params) != set(model.params):
+        missing = sorted(set(model.params) - set(params))[:3]
+        extra = sorted(set(params) - set(model.params))[:3]
+        raise ValueError(f"{where}: its weights do not match its ModelArgs (missing {missing}, unexpected {extra})")
+    for name, p in model.params.items():
+        a = params[name]
+        if a.shape != p.shape:
+            raise ValueError(f"{where}: weight {name!r} has shape {a.shape}, expected {p.shape}")
+        p[...] = a
+
+
+# ---------------------------------------------------------------------------------------------------
+# the log
+
+
+def read_log(path, max_step=None):
+    """The records of log.jsonl (of step <= max_step, if given): its complete lines only (ending with a
+    newline, parsing as JSON). Reads; never writes."""
     path = Path(path)
-    return path.is_dir() and ((path / "latest").exists() or bool(list_checkpoints(path)))
+    records = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue  # a line cut by a kill
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and (max_step is None or rec.get("step", 0) <= max_step):
+                records.append(rec)
+    return records
+
+
+def trim_log(path, max_step):
+    """Rewrite log.jsonl atomically with its complete lines of step <= max_step -> those records.
+
+    The log is the one file appended in place (a line per step: rewriting it every step would cost
+    O(steps^2)). An append is not atomic: a kill can leave the last line cut short, and a run killed
+    after its last checkpoint has logged steps it will redo. Every start (a fresh run, a resume, the
+    restart of a parallel group) calls this first, so the log always ends with a complete line of a
+    step that counts."""
+    records = read_log(path, max_step)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
+
+
+def append_log(f, rec):
+    """One record as one line of log.jsonl (f: the file opened for appending after trim_log)."""
+    f.write(json.dumps(rec) + "\n")
+    f.flush()
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading a run for inference
+
+
+def is_run(path):
+    """True for a run folder of `llama3np train` (a checkpoint, `latest`, or data.npz: a run stopped
+    before its first checkpoint) or for one of its checkpoint files. The one test formats.load uses."""
+    path = Path(path)
+    if path.is_file():
+        return CKPT_RE.match(path.name) is not None
+    return path.is_dir() and ((path / "latest").exists() or (path / "data.npz").exists()
+                              or bool(list_checkpoints(path)))
 
 
 def load_run(path, dtype=np.float32):
@@ -151,16 +308,12 @@ def load_run(path, dtype=np.float32):
     else:
         ck_path, ck = latest_checkpoint(path)
         if ck is None:
-            raise FileNotFoundError(f"{path} holds no checkpoint (ckpt_XXXXXXXX.npz files)")
-    args = ModelArgs.from_dict(ck["meta"]["model_args"])
-    model = Transformer(args, dtype=dtype, init=False)
-    for name, p in model.params.items():
-        if name not in ck["params"]:
-            raise ValueError(f"{ck_path}: weight {name!r} is missing")
-        a = ck["params"][name]
-        if a.shape != p.shape:
-            raise ValueError(f"{ck_path}: weight {name!r} has shape {a.shape}, expected {p.shape}")
-        p[...] = a  # in place: the weights stay in the model's one block of memory (see model.py)
+            raise FileNotFoundError(
+                f"{path} is a training run folder with no checkpoint yet (it stopped before its first save; "
+                f"checkpoints come every --save-every steps): continue it with "
+                f"llama3np train --out {path} --resume")
+    model = Transformer(ModelArgs.from_dict(ck["meta"]["model_args"]), dtype=dtype, init=False)
+    fill_params(model, ck["params"], ck_path)
     model.tokenizer = Tokenizer.from_bytes(ck["tokenizer_bytes"], name=f"{ck_path.name}:tokenizer")
     model.checkpoint_path = ck_path  # where it came from, for messages
     model.train_step = int(ck["meta"]["step"])
