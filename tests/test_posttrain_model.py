@@ -151,3 +151,140 @@ def test_dpo_gradients_match_torch_autograd_on_transformers(transformers, torch,
     hf_loss.backward()
     assert loss == pytest.approx(hf_loss.item(), rel=1e-4)
     assert_grads_close(grads, hf_grads_by_meta_name(hf, model))
+
+
+# ---------------------------------------------------------------------------------------------------
+# reward model, PPO policy and value losses, SFT on the whole model
+
+
+def rm_batch(seed=0, B=2):
+    rng = np.random.default_rng(seed)
+    chosen, rejected = rng.integers(0, V, (B, 7)), rng.integers(0, V, (B, 5))
+    return chosen, np.array([6, 4]), rejected, np.array([4, 3])
+
+
+def test_reward_model_gradients_match_finite_differences():
+    from llama3np.posttrain.reward_model import SCORE, RewardModel
+
+    rm = RewardModel(tiny_model(), seed=1)
+    rm.score *= 20  # rewards of order 1: the loss is not flat
+    c, lc, r, lr = rm_batch()
+    f = lambda: rm.loss_and_grads(c, lc, r, lr, margin=0.1)[0]
+    _, grads, _ = rm.loss_and_grads(c, lc, r, lr, margin=0.1)
+    assert set(grads) == set(rm.params)
+    assert np.all(grads["output.weight"] == 0), "the LM head is not part of the reward"
+    rng = np.random.default_rng(2)
+    for name in [SCORE, "tok_embeddings.weight", "layers.1.attention.wk.weight", "layers.0.feed_forward.w1.weight",
+                 "norm.weight"]:
+        idx = sample_indices(rm.params[name], 10, rng)
+        num = numerical_grad(f, rm.params[name], indices=idx)
+        assert rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6, name
+
+
+def ppo_batch(model, seed=0):
+    from llama3np.posttrain.logprobs import token_logps
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, (3, 8))
+    mask = np.zeros((3, 8), bool)
+    mask[:, 3:] = True
+    mask[2, 6:] = False
+    old = token_logps(model, tokens) + rng.standard_normal((3, 8)) * 0.4  # ratios on both sides of the clip
+    adv = rng.standard_normal((3, 8))
+    return tokens, mask, old, adv
+
+
+def test_ppo_policy_gradients_match_finite_differences():
+    from llama3np.posttrain.ppo import policy_loss_and_grads
+
+    model = tiny_model()
+    tokens, mask, old, adv = ppo_batch(model)
+    f = lambda: policy_loss_and_grads(model, tokens, old, adv, mask, 0.2)[0]
+    _, grads, stats = policy_loss_and_grads(model, tokens, old, adv, mask, 0.2)
+    assert 0 < stats["policy/clipfrac_avg"] < 1
+    rng = np.random.default_rng(3)
+    for name in ["tok_embeddings.weight", "layers.0.attention.wv.weight", "output.weight", "norm.weight"]:
+        idx = sample_indices(model.params[name], 10, rng)
+        num = numerical_grad(f, model.params[name], indices=idx)
+        assert rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6, name
+
+
+def test_ppo_value_gradients_match_finite_differences():
+    from llama3np.posttrain.ppo import value_loss_and_grads
+    from llama3np.posttrain.reward_model import SCORE, RewardModel
+
+    vm = RewardModel(tiny_model(), seed=2)
+    vm.score *= 20
+    tokens, mask, _, _ = ppo_batch(vm.model)
+    rng = np.random.default_rng(4)
+    old_v, ret = rng.standard_normal((3, 8)) * 0.3, rng.standard_normal((3, 8))
+    f = lambda: value_loss_and_grads(vm, tokens, old_v, ret, mask, 0.2)[0]
+    _, grads, _ = value_loss_and_grads(vm, tokens, old_v, ret, mask, 0.2)
+    for name in [SCORE, "layers.1.feed_forward.w3.weight", "tok_embeddings.weight"]:
+        idx = sample_indices(vm.params[name], 10, rng)
+        num = numerical_grad(f, vm.params[name], indices=idx)
+        assert rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6, name
+
+
+def test_sft_prompt_tokens_get_zero_gradient_through_the_loss():
+    """Only the embedding rows of tokens read somewhere get gradient; a prompt-only token id is read but
+    never predicted, so the LM head's row for it gets only the softmax's push-down, and changing the
+    prompt's *targets* (what the prompt positions would predict) changes nothing."""
+    from llama3np.posttrain.sft import sft_loss_and_grads
+
+    model = tiny_model()
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, V, (2, 9))
+    mask = np.zeros((2, 9), bool)
+    mask[:, 5:] = True
+    loss, g = sft_loss_and_grads(model, tokens, mask)
+    logits = model.forward(tokens)
+    dl = L.sft_cross_entropy_backward(1.0, L.sft_cross_entropy_forward(logits, tokens, mask)[1])
+    assert np.all(dl[:, :4] == 0), "positions 0..3 predict prompt tokens 1..4: no gradient at their logits"
+    tokens2 = tokens.copy()
+    tokens2[:, 1:5] = (tokens2[:, 1:5] + 1) % V  # other prompt tokens... change the conditioning, so
+    loss2, _ = sft_loss_and_grads(model, tokens2, mask)  # the loss changes only through the reply's context
+    f = lambda: sft_loss_and_grads(model, tokens, mask)[0]
+    idx = sample_indices(model.params["layers.0.attention.wq.weight"], 10, rng)
+    num = numerical_grad(f, model.params["layers.0.attention.wq.weight"], indices=idx)
+    assert rel_error(g["layers.0.attention.wq.weight"].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6
+
+
+def test_reward_model_gradients_match_torch_autograd(transformers, torch, tmp_path):
+    from llama3np.posttrain.reward_model import SCORE, RewardModel
+
+    rm = RewardModel(tiny_model(np.float32), seed=1)
+    rm.score *= 20
+    hf = hf_twin(rm.model, transformers, tmp_path)
+    c, lc, r, lr = rm_batch()
+    loss, grads, _ = rm.loss_and_grads(c, lc, r, lr)
+    score = torch.tensor(rm.score, requires_grad=True)
+    hc = hf.model(torch.from_numpy(c)).last_hidden_state  # after the final norm
+    hr = hf.model(torch.from_numpy(r)).last_hidden_state
+    rc = (hc @ score[0])[torch.arange(2), torch.from_numpy(lc)]
+    rr = (hr @ score[0])[torch.arange(2), torch.from_numpy(lr)]
+    hf_loss = -torch.nn.functional.logsigmoid(rc - rr).mean()
+    hf_loss.backward()
+    assert loss == pytest.approx(hf_loss.item(), rel=1e-4)
+    theirs = hf_grads_by_meta_name(hf, rm.model)
+    theirs[SCORE] = score.grad.numpy()
+    assert_grads_close(grads, theirs)
+
+
+def test_ppo_policy_gradients_match_torch_autograd(transformers, torch, tmp_path):
+    from llama3np.posttrain.ppo import policy_loss_and_grads
+
+    model = tiny_model(np.float32)
+    hf = hf_twin(model, transformers, tmp_path)
+    tokens, mask, old, adv = ppo_batch(model)
+    loss, grads, _ = policy_loss_and_grads(model, tokens, old, adv, mask, 0.2)
+    logits = hf(torch.from_numpy(tokens)).logits
+    lp = torch.gather(torch.log_softmax(logits[:, :-1], -1), 2, torch.from_numpy(tokens)[:, 1:, None])[..., 0]
+    m = torch.from_numpy(mask[:, 1:].astype(np.float32))
+    ratio = torch.exp(lp - torch.from_numpy(old[:, 1:].astype(np.float32)))
+    a = torch.from_numpy(adv[:, 1:].astype(np.float32))
+    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 0.8, 1.2))
+    hf_loss = (pg * m).sum() / m.sum()
+    hf_loss.backward()
+    assert loss == pytest.approx(hf_loss.item(), rel=1e-4)
+    assert_grads_close(grads, hf_grads_by_meta_name(hf, model))
