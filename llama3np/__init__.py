@@ -6,9 +6,9 @@
     loss, grads = model.loss_and_grads(tokens, targets)  # grads keyed like model.params
 
 Where things live: args (ModelArgs, presets), ops (forward/backward pairs), model (Transformer),
-tokenizer (Tokenizer, ChatFormat), bpe (a small BPE trainer), checkpoint (load, save), backend and
-kernels (the C extension), optim, data, stories, training, generation, parallel (data, tensor and
-pipeline parallelism in real processes), cli.
+tokenizer (Tokenizer, ChatFormat), bpe (a small BPE trainer), formats (load, save), backend and
+kernels (the C extension), optim, data (the loader, the built-in stories), training, generation,
+parallel (data, tensor and pipeline parallelism in real processes), cli.
 """
 from .args import PRESETS, ModelArgs, n_params, preset
 from .backend import get_backend, set_backend
@@ -27,6 +27,11 @@ _LAZY = {
 
 __all__ = ["ModelArgs", "PRESETS", "preset", "n_params", "Transformer", "KVCache",
            "set_backend", "get_backend", *_LAZY]
+
+
+def __dir__():
+    """The lazy names too, so tab completion and dir(llama3np) list Tokenizer, load, save, generate, ..."""
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name):

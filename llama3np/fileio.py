@@ -1,10 +1,15 @@
 """Writing a file so that a crash never leaves half of it.
 
-Every file the project writes (checkpoints, tokenizers, logs, traces) goes through `atomic_write`: the
+Every file the project writes (checkpoints, tokenizers, configs, traces, plots) goes through `atomic_write`: the
 bytes go to a temporary file in the same folder, which is flushed to disk (fsync) and then renamed over
 the final name. A rename within one filesystem is atomic on POSIX, so a reader - or a resumed run after a
 SIGKILL - sees either the old file or the complete new one. The folder is fsynced too, so that the
 rename itself survives a power cut. Leftover temporaries are named `.NAME.XXXX.tmp`.
+
+One exception, on purpose: a run's `log.jsonl` is appended line by line during training (rewriting
+it atomically every step would cost time growing with the run). A kill can cut its last line short,
+so every reader takes complete lines only and every start of a run rewrites it atomically up to its
+last complete line of a step that counts (llama3np.training.run_folder.trim_log).
 """
 import os
 import tempfile

@@ -130,7 +130,8 @@ def test_safetensors_bf16_is_written_rounded_and_read_widened(tmp_path):
 
 def test_safetensors_files_agree_with_the_reference_implementation(tmp_path):
     """Our writer's files load in the `safetensors` package, and its files load in our reader."""
-    st_numpy = pytest.importorskip("safetensors.numpy", reason="the safetensors package is a reference only")
+    st_numpy = pytest.importorskip("safetensors.numpy",
+                                   reason="the safetensors package is a test reference only: pip install safetensors")
     tensors = {"w": np.random.default_rng(1).standard_normal((3, 7)).astype(np.float32),
                "h": np.arange(5, dtype=np.float16), "i": np.array([[1, 2]], dtype=np.int32)}
     save_file(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt"})
@@ -426,15 +427,14 @@ def test_saving_over_an_existing_checkpoint_replaces_it_and_leaves_no_temp_files
 
 
 def test_a_training_run_folder_is_handed_to_the_training_reader(tmp_path, monkeypatch):
-    """A folder of `llama3np train` (ckpt_*.npz / latest) is read by llama3np.training.run_folder."""
+    """A folder of `llama3np train` (ckpt_*.npz / latest), recognised by the run folder's own test
+    (run_folder.is_run), is read by llama3np.training.run_folder."""
+    from llama3np.training.run_folder import is_run
+
     seen = []
     fake = types.ModuleType("llama3np.training.run_folder")
     fake.load_run = lambda path, dtype=np.float32: seen.append(os.fspath(path)) or "the run's model"
-    if "llama3np.training" not in sys.modules:
-        try:
-            import llama3np.training  # noqa: F401
-        except ImportError:
-            monkeypatch.setitem(sys.modules, "llama3np.training", types.ModuleType("llama3np.training"))
+    fake.is_run = is_run
     monkeypatch.setitem(sys.modules, "llama3np.training.run_folder", fake)
     (tmp_path / "ckpt_00000100.npz").write_bytes(b"")
     assert load(tmp_path) == "the run's model" and seen == [os.fspath(tmp_path)]

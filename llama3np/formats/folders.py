@@ -9,7 +9,7 @@ What each folder holds (the file that identifies it first):
 - Hugging Face: `config.json` and `model.safetensors` (or shards listed in `model.safetensors.index.json`),
   HF's tensor names, and the rows of wq/wk reordered for HF's rotate-half RoPE (undone here).
 - Meta: `params.json` and `consolidated.00.pth` (more shards for 70B+), Meta's names, bf16.
-- a training run of `llama3np train`: `ckpt_*.npz` files or a `latest` file (read by llama3np.training).
+- a training run of `llama3np train`: `ckpt_*.npz` files, a `latest` file or `data.npz` (read by llama3np.training).
 
 Loading creates the model with `Transformer(args, init=False)` (zeros: no memory until written) and copies each tensor, converted to the model's
 dtype, straight from the memory-mapped file into the model's arrays: the weights are never held twice.
@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from ..args import ModelArgs
+from ..args import LLAMA3_VOCAB_SIZE, ModelArgs
 from ..model import Transformer
 from ..fileio import atomic_write_bytes
 from .safetensors_io import FLOAT_DTYPES, SafeTensorsFile, decode, save_file
@@ -31,7 +31,7 @@ HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 META_PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
-DEFAULT_VOCAB_SIZE = 128256  # Meta's tokenizer: 128,000 BPE tokens + 256 special tokens
+DEFAULT_VOCAB_SIZE = LLAMA3_VOCAB_SIZE  # Meta's tokenizer: 128,000 BPE tokens + 256 special tokens
 
 # ----------------------------------------------------------------------------------------------------
 # names: Hugging Face <-> Meta
@@ -213,7 +213,7 @@ def args_from_meta_params(params: dict, rope_scale_factor: float = None, max_seq
 def load(path, dtype=np.float32, *, rope_scale_factor: float = None, max_seq_len: int = None) -> Transformer:
     """Load a checkpoint folder (or a file inside it) into a Transformer of float `dtype`.
 
-    Recognised folders, checked in this order: a `llama3np train` run (ckpt_*.npz or `latest`), our own
+    Recognised folders, checked in this order: a `llama3np train` run (training.run_folder.is_run), our own
     format (llama3np.json), Hugging Face (config.json), Meta's original (params.json + consolidated.*.pth).
     `rope_scale_factor` overrides the RoPE stretch of Meta folders (params.json does not record it; we
     use 32 for the Llama 3.2 1B/3B shapes and 8 otherwise). `max_seq_len` overrides the context length
@@ -223,13 +223,11 @@ def load(path, dtype=np.float32, *, rope_scale_factor: float = None, max_seq_len
     folder = os.fspath(path)
     if not os.path.exists(folder):
         raise FileNotFoundError(f"no checkpoint at {folder}")
-    is_run_file = os.path.isfile(folder) and re.fullmatch(r"ckpt_.*\.npz", os.path.basename(folder))
-    if os.path.isfile(folder) and not is_run_file:
-        folder = os.path.dirname(os.path.abspath(folder))
-    if is_run_file or "latest" in os.listdir(folder) or any(
-            re.fullmatch(r"ckpt_.*\.npz", f) for f in os.listdir(folder)):
-        from ..training.run_folder import load_run  # the reader of `llama3np train` run folders
+    from ..training.run_folder import is_run, load_run  # `llama3np train` run folders: their one test and reader
 
+    if os.path.isfile(folder) and not is_run(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    if is_run(folder):
         return load_run(folder, dtype=dtype)
     files = set(os.listdir(folder))
     if LLAMA3NP_CONFIG in files:
@@ -240,8 +238,8 @@ def load(path, dtype=np.float32, *, rope_scale_factor: float = None, max_seq_len
         model = _load_meta(folder, dtype, rope_scale_factor, max_seq_len)
     else:
         raise ValueError(f"{folder} is not a checkpoint folder: looked for {LLAMA3NP_CONFIG} (llama3np), "
-                         f"{HF_CONFIG} (Hugging Face), {META_PARAMS} (Meta), or ckpt_*.npz / latest "
-                         "(a training run)")
+                         f"{HF_CONFIG} (Hugging Face), {META_PARAMS} (Meta), or ckpt_*.npz / latest / "
+                         "data.npz (a training run)")
     model.tokenizer = _find_tokenizer(folder, model.args.vocab_size)
     return model
 
