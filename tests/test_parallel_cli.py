@@ -13,11 +13,17 @@ ARGS = ["--override", "dim=32", "--override", "n_layers=2", "--override", "n_hea
 
 
 @pytest.mark.timeout(120)
-def test_parallel_train_recovers_from_a_kill_and_writes_its_reports(tmp_path):
+def test_parallel_train_recovers_from_a_kill_and_writes_its_reports(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(["train", "--out", str(out), *ARGS, "--dp", "2", "--pp", "2", "--micro-batches", "2",
-                            "--inject-fault", "kill:3@3"])
+                     "--inject-fault", "kill:3@3"])
     assert code == 0
+    err = capsys.readouterr().err
+    # progress as it goes (the parent's bar: rank 0's steps and loss), then a readable summary, not a dict
+    assert "parallel train" in err and "loss=" in err
+    assert "done: step 4 of 4 on dp=2 x tp=1 x pp=2 (4 processes, 1f1b)" in err and "1 restart(s)" in err
+    assert "validation loss" in err and "entropy floor" in err and "{'step'" not in err
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"  # the --out help promises it
     assert ckpt.read_checkpoint(ckpt.list_checkpoints(out)[0])["meta"]["step"] == 4
     report = json.loads((out / "parallel.json").read_text())
     assert report["restarts"] == 1 and report["failures"][0]["rank"] == 3
@@ -66,3 +72,15 @@ def test_repeated_loss_spikes_stop_every_rank_with_the_last_good_weights_saved(t
     last = out[0]["records"][-1]  # lr=30 blows the loss up within a few steps (which one depends on rounding)
     assert "loss spike" in last["skipped"] and last["step"] < cfg.steps
     assert ckpt.read_checkpoint(ckpt.list_checkpoints(cfg.out)[0])["meta"]["step"] == last["step"]
+
+
+@pytest.mark.timeout(120)
+def test_a_finished_parallel_run_resumed_says_so_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "done"
+    assert cli.main(["train", "--out", str(out), *ARGS, "--steps", "2", "--dp", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(out), "--resume", "--dp", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "is finished: step 2 of 2" in err and "goodput" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # parallel.json, log.jsonl: untouched
