@@ -9,9 +9,12 @@ One step on every rank (the same arithmetic as llama3np.training.train, spread o
     loss, norm = one world all-reduce of [this rank's share of the loss, of the squared gradient norm]
     stop on a non-finite loss/norm (reported to the supervisor), skip a loss spike, clip, AdamW
 
-The run folder is llama3np train's: the workers start from its latest checkpoint and write
-checkpoints of the full, unsharded weights and AdamW moments (gathered on rank 0), so a run can
-continue on any grid, or with `llama3np train --resume`.
+What follows the loss and the norm (the spike rule, clipping, the counters and the log record) is
+llama3np.training.step's, the code the single-process loop runs. The run folder is llama3np train's
+(prepare_run: training.start_run): the workers start from its latest checkpoint
+(run_folder.restore_run) and write checkpoints of the full, unsharded weights and AdamW moments
+(gathered on rank 0; run_folder.save_run), so a run can continue on any grid, or with
+`llama3np train --resume`.
 """
 import json
 import math

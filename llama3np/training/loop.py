@@ -8,17 +8,20 @@ One step (Llama 3's recipe, scaled down):
     lr    = warmup then cosine (optim.get_lr)
     loss, grads = model.loss_and_grads(x, y)        averaged over `grad_accum` micro-batches
     skip the step if the loss or the gradient is NaN/Inf, or the loss spikes far above the recent mean
-    clip the global gradient norm, AdamW update in place           (step.py: the rules the parallel
-                                                                     engine shares)
-The run folder (run_folder.py) is written by `start_run` (a fresh run, or the continuation of the one
-in cfg.out) and `Run.save`, the same calls the parallel engine makes.
+    clip the global gradient norm, AdamW update in place
+The rules after the loss and gradient (skip, clip, count) are step.py's, shared with the parallel
+engine. `start_run` makes the run folder or continues the one in cfg.out (the parallel engine
+prepares its folder with it too), and `Run.save` writes a checkpoint through run_folder.save_run, as
+the engine's workers do.
 
 Exact resume: everything that decides the future of the run is in the checkpoint (weights, AdamW
 moments and step count, the loader's position, the recent losses the spike detector compares against,
 the data itself in data.npz, and the state of the run's random generator, which the loop hands to
-callbacks that sample text; the batch order needs no generator state: it is a function of (seed, epoch)). Nothing depends on the wall clock, so a run resumed
-from step k does the same arithmetic in the same order as one that never stopped, and ends with
-bitwise identical weights (for a fixed BLAS/kernel thread count).
+callbacks that sample text; the batch order needs no generator state: it is a function of (seed,
+epoch)). Nothing depends on the wall clock, so a run resumed from step k does the same arithmetic in
+the same order as one that never stopped, and ends with bitwise identical weights (for a fixed
+BLAS/kernel thread count). Raising `steps` on resume is the one allowed change that alters the
+arithmetic from there on (the cosine is stretched); it is logged.
 """
 import json
 import shutil
