@@ -25,9 +25,11 @@ def embedding_forward(tokens, weight):
 
 def embedding_backward(dout, cache):
     tokens, shape = cache
+    # BEGIN SOLUTION ex02
     dweight = np.zeros(shape, dtype=dout.dtype)
     # a token that appears several times gets the sum of its gradients: scatter-add, not assignment
     np.add.at(dweight, tokens.reshape(-1), dout.reshape(-1, shape[1]))
+    # END SOLUTION
     return dweight
 
 
@@ -37,21 +39,25 @@ def embedding_backward(dout, cache):
 
 
 def rmsnorm_forward(x, weight, eps):
+    # BEGIN SOLUTION ex04a
     # mean(x^2) as sum / C: the same bits as np.mean, without its ~4 us of Python (twice per layer in
     # every decode step)
     rstd = 1.0 / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / x.shape[-1] + eps)  # (B, T, 1)
     xhat = x * rstd  # (B, T, C)
     return xhat * weight, (xhat, rstd, weight)
+    # END SOLUTION
 
 
 def rmsnorm_backward(dout, cache):
     xhat, rstd, weight = cache
+    # BEGIN SOLUTION ex04b
     dweight = np.sum(dout * xhat, axis=tuple(range(dout.ndim - 1)))
     dxhat = dout * weight
     # xhat = x * rstd and rstd depends on every x of the row, hence the projection term:
     # dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
     dx = rstd * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
     return dx, dweight
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,13 +80,17 @@ def linear_backward(dout, cache, matmul=np.matmul):
 # The two halves of linear_backward. The previous layer waits only for dx; dweight can be computed
 # later (zero-bubble pipeline schedules fill their idle time with it), so each half stands alone.
 def linear_backward_input(dout, cache, matmul=np.matmul):
+    # BEGIN SOLUTION ex03
     x, weight = cache
     return matmul(dout.reshape(-1, dout.shape[-1]), weight).reshape(x.shape)  # (B*T, out) @ (out, in)
+    # END SOLUTION
 
 
 def linear_backward_weight(dout, cache, matmul=np.matmul):
+    # BEGIN SOLUTION ex03
     x, _ = cache
     return matmul(dout.reshape(-1, dout.shape[-1]).T, x.reshape(-1, x.shape[-1]))  # (out, in)
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,18 +126,22 @@ def rope_cos_sin(freqs, start_pos, seqlen, dtype):
 
 def rope_forward(x, cos, sin):
     """x (B, T, n, hd) -> rotated x; cos/sin (T, hd/2)."""
+    # BEGIN SOLUTION ex06a
     x0, x1 = x[..., 0::2], x[..., 1::2]  # (B, T, n, hd/2) the two members of each pair
     c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2) broadcast over heads
     out = np.empty_like(x)
     out[..., 0::2] = x0 * c - x1 * s
     out[..., 1::2] = x0 * s + x1 * c
     return out, (cos, sin)
+    # END SOLUTION
 
 
 def rope_backward(dout, cache):
+    # BEGIN SOLUTION ex06b
     # a rotation's inverse is its transpose: rotate the gradient by the negative angle
     cos, sin = cache
     return rope_forward(dout, cos, -sin)[0]
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +222,7 @@ def attention_forward(q, k, v, causal=True, kv_start=None):
     check_attention_shapes(q, k, v, kv_start)
     B, H, T, hd = q.shape
     _, scores = _attention_scores(q, k, causal, kv_start)
+    # BEGIN SOLUTION ex05a
     # subtract the row max before exp so that exp never overflows; lse = log(sum(exp(scores)))
     m = np.max(scores, axis=-1, keepdims=True)
     p = np.exp(scores - m)
@@ -215,6 +230,7 @@ def attention_forward(q, k, v, causal=True, kv_start=None):
     out = (p / denom) @ v[:, :, None]  # (B, KV, G, T, hd)
     lse = (m + np.log(denom))[..., 0]  # (B, KV, G, T)
     return out.reshape(B, H, T, hd), lse.reshape(B, H, T)
+    # END SOLUTION
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
@@ -223,6 +239,7 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
     KV = k.shape[1]
     G = H // KV
     qg, scores = _attention_scores(q, k, causal, kv_start)
+    # BEGIN SOLUTION ex05b
     p = np.exp(scores - lse.reshape(B, KV, G, T, 1))  # (B, KV, G, T, S) the softmax, recomputed
     doutg = dout.reshape(B, KV, G, T, hd)
     dv = np.sum(p.swapaxes(-1, -2) @ doutg, axis=2)  # (B, KV, S, hd): summed over the group
@@ -233,6 +250,7 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
     dq = (ds @ k[:, :, None]).reshape(B, H, T, hd)
     dk = np.sum(ds.swapaxes(-1, -2) @ qg, axis=2)  # (B, KV, S, hd)
     return dq, dk, dv
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,16 +259,20 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
 
 
 def swiglu_forward(a, b):
+    # BEGIN SOLUTION ex07
     sig = 1.0 / (1.0 + np.exp(-a))
     silu = a * sig
     return silu * b, (a, b, sig, silu)
+    # END SOLUTION
 
 
 def swiglu_backward(dout, cache):
+    # BEGIN SOLUTION ex07
     a, b, sig, silu = cache
     da = dout * b * sig * (1.0 + a * (1.0 - sig))  # d silu/da = sig + a sig (1 - sig)
     db = dout * silu
     return da, db
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,8 +304,10 @@ def cross_entropy_forward(logits, targets, mask=None):
 
 def cross_entropy_backward(dloss, cache):
     logits, targets, lse, weights, count = cache
+    # BEGIN SOLUTION ex08
     dlogits = np.exp(logits - lse[..., None])  # softmax probabilities
     np.put_along_axis(dlogits, targets[..., None],
                       np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1, axis=-1)
     dlogits *= (dloss * weights / count)[..., None].astype(dlogits.dtype)
     return dlogits
+    # END SOLUTION
