@@ -14,7 +14,7 @@
  *
  * Row-major throughout: element (i, j) of a matrix with leading dimension ld is at [i*ld + j].
  * The instruction set of the micro-kernel is chosen at run time (select_isa), so one build runs on
- * any x86-64 and the same file builds on arm64 with only the portable kernel.
+ * any x86-64 (portable, AVX2, AVX-512); on arm64 the same file builds the portable and NEON kernels.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -28,6 +28,11 @@
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(LLAMA3NP_NO_SIMD)
 #define LLAMA3NP_X86 1
 #include <immintrin.h>
+#endif
+/* NEON (Advanced SIMD) is part of every arm64 CPU: no run-time check needed */
+#if defined(__aarch64__) && !defined(LLAMA3NP_NO_SIMD)
+#define LLAMA3NP_NEON 1
+#include <arm_neon.h>
 #endif
 
 /* Block sizes (in floats). KC: depth of one packed block; NC: width of a packed B block (KC*NC*4
@@ -169,6 +174,55 @@ static void ukernel_avx512_rows(int kc, const float *A, const float *Bp, float *
 }
 #endif
 
+#if LLAMA3NP_NEON
+/* NEON (arm64): 32 registers of 4 floats. An 8 x 8 tile is 16 accumulators, plus 2 for the row of B
+ * and 2 for the column of A: for a packed A sliver, its 8 values of column p are two plain loads and
+ * each FMA takes its A value from a lane (fmla v.4s, v.4s, v.s[lane]), so no broadcasts at all:
+ * 16 FMAs per 4 loads. 8 rows and 8 columns divide the attention kernel's 64-row, 64-key tiles. */
+#define NEON_MR 8
+#define NEON_NR 8
+INLINE void neon_tile(int kc, const float *A, long rs, long cs, const float *Bp, float *C, long ldc, int accumulate) {
+    float32x4_t c[NEON_MR][2];
+    for (int i = 0; i < NEON_MR; i++) c[i][0] = c[i][1] = vdupq_n_f32(0.0f);
+    for (int p = 0; p < kc; p++) {
+        float32x4_t b0 = vld1q_f32(Bp), b1 = vld1q_f32(Bp + 4);
+        if (rs == 1) { /* a packed sliver: column p of A is 8 consecutive floats */
+            float32x4_t a0 = vld1q_f32(A), a1 = vld1q_f32(A + 4);
+#define NEON_ROW(i, a, lane)                                   \
+    c[i][0] = vfmaq_laneq_f32(c[i][0], b0, a, lane);           \
+    c[i][1] = vfmaq_laneq_f32(c[i][1], b1, a, lane);
+            NEON_ROW(0, a0, 0) NEON_ROW(1, a0, 1) NEON_ROW(2, a0, 2) NEON_ROW(3, a0, 3)
+            NEON_ROW(4, a1, 0) NEON_ROW(5, a1, 1) NEON_ROW(6, a1, 2) NEON_ROW(7, a1, 3)
+#undef NEON_ROW
+        } else { /* a row-major tile: the column is strided, one value per row */
+            for (int i = 0; i < NEON_MR; i++) {
+                c[i][0] = vfmaq_n_f32(c[i][0], b0, A[i * rs]);
+                c[i][1] = vfmaq_n_f32(c[i][1], b1, A[i * rs]);
+            }
+        }
+        A += cs;
+        Bp += NEON_NR;
+    }
+    for (int i = 0; i < NEON_MR; i++) {
+        float *Ci = C + i * ldc;
+        if (accumulate) {
+            c[i][0] = vaddq_f32(c[i][0], vld1q_f32(Ci));
+            c[i][1] = vaddq_f32(c[i][1], vld1q_f32(Ci + 4));
+        }
+        vst1q_f32(Ci, c[i][0]);
+        vst1q_f32(Ci + 4, c[i][1]);
+    }
+}
+
+static void ukernel_neon(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    neon_tile(kc, A, 1, NEON_MR, Bp, C, ldc, accumulate);
+}
+
+static void ukernel_neon_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    neon_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
+#endif
+
 typedef struct {
     const char *name;
     int mr, nr;
@@ -176,26 +230,45 @@ typedef struct {
     ukernel_fn kernel_rows; /* A a row-major tile with leading dimension GEMM_TILE_LD */
 } isa_t;
 
-static const isa_t ISAS[3] = {
-    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows},
+/* indexed by the ISA numbers of llama3np_kernels.h; an entry this build or CPU cannot run is the
+ * portable kernel's, and isa_supported() says it is not available */
+#define PORTABLE_ENTRY {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows}
+static const isa_t ISAS[N_ISAS] = {
+    PORTABLE_ENTRY,
 #if LLAMA3NP_X86
     {"avx2", AVX2_MR, AVX2_NR, ukernel_avx2, ukernel_avx2_rows},
     {"avx512", AVX512_MR, AVX512_NR, ukernel_avx512, ukernel_avx512_rows},
 #else
-    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows},
-    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows},
+    PORTABLE_ENTRY,
+    PORTABLE_ENTRY,
+#endif
+#if LLAMA3NP_NEON
+    {"neon", NEON_MR, NEON_NR, ukernel_neon, ukernel_neon_rows},
+#else
+    PORTABLE_ENTRY,
 #endif
 };
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Run-time choices: instruction set and thread count.                                             */
 
-static int best_isa(void) {
+int isa_supported(int isa) {
+    if (isa == 0) return 1;
 #if LLAMA3NP_X86 && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    if (isa == 2) return __builtin_cpu_supports("avx512f");
+    if (isa == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
+#if LLAMA3NP_NEON
+    if (isa == 3) return 1;
+#endif
+    return 0;
+}
+
+static int best_isa(void) {
+    static const int fastest_first[N_ISAS] = {2, 3, 1, 0};
+    for (int i = 0; i < N_ISAS; i++)
+        if (isa_supported(fastest_first[i])) return fastest_first[i];
     return 0;
 }
 
@@ -204,7 +277,7 @@ static int g_num_threads = 1;
 
 int select_isa(int isa) {
     int best = best_isa();
-    g_isa = (isa < 0 || isa > best) ? best : isa;
+    g_isa = (isa < 0 || isa >= N_ISAS || !isa_supported(isa)) ? best : isa;
     return g_isa;
 }
 
@@ -245,7 +318,7 @@ __attribute__((target("avx"))) static void transpose_8x8(const float *src, long 
 
 /* whether transpose_8x8 can run here (packing only copies: the result is the same either way) */
 #if LLAMA3NP_X86
-static int fast_transpose(void) { return current_isa() >= 1; }
+static int fast_transpose(void) { return current_isa() == 1 || current_isa() == 2; }
 #endif
 
 /* rows i0..i0+mr of op(A), columns p0..p0+kc, into one sliver of MR rows (zero past mr) */
@@ -617,22 +690,25 @@ static void dot_rows_x4_avx512(const float *x, long ldx, const float *w, long ld
 
 typedef void (*dot_rows_x4_fn)(const float *x, long ldx, const float *w, long ldw, int n, int K, float *out);
 /* NULL: that instruction set computes one row of x at a time */
-static const dot_rows_x4_fn DOT_ROWS_X4[3] = {
+static const dot_rows_x4_fn DOT_ROWS_X4[N_ISAS] = {
     NULL,
 #if LLAMA3NP_X86
     NULL, dot_rows_x4_avx512,
 #else
     NULL, NULL,
 #endif
+    NULL,
 };
 
-static const dot_rows_fn DOT_ROWS[3] = {
+/* NEON: the compiler-vectorized dot product (4 lanes), as the portable path */
+static const dot_rows_fn DOT_ROWS[N_ISAS] = {
     dot_rows_portable,
 #if LLAMA3NP_X86
     dot_rows_avx2, dot_rows_avx512,
 #else
     dot_rows_portable, dot_rows_portable,
 #endif
+    dot_rows_portable,
 };
 
 typedef struct {

@@ -2,6 +2,8 @@
 #ifndef LLAMA3NP_GEMM_H
 #define LLAMA3NP_GEMM_H
 
+#define N_ISAS 4 /* portable, avx2, avx512, neon: the numbering of llama3np_kernels.h */
+
 /* Functions marked VECTOR_CLONES are compiled for several instruction sets: on x86-64 Linux the
  * compiler builds an AVX-512, an AVX2 and a baseline copy and the loader picks one for this CPU
  * (target_clones); elsewhere they are plain functions. */

@@ -45,9 +45,11 @@ int attention_backward(const float *dout, const long *dout_strides,
                         int B, int H, int KV, int T, int S, int hd, int causal, const int *kv_start);
 
 /* ---- run-time configuration -------------------------------------------------------------------- */
-/* The instruction set the matmul micro-kernel uses: 0 portable C, 1 AVX2+FMA, 2 AVX-512.
- * select_isa(-1) picks the best the CPU supports; select_isa(n) forces n and returns what was set
- * (it never selects what the CPU cannot run; it returns the best available one instead). */
+/* The instruction set the matmul micro-kernel uses: 0 portable C, 1 AVX2+FMA, 2 AVX-512, 3 NEON (arm64).
+ * isa_supported(n): 1 when this build and CPU can run n. select_isa(-1) picks the best the CPU
+ * supports; select_isa(n) forces n and returns what was set (it never selects what the CPU cannot
+ * run; it returns the best available one instead). */
+int isa_supported(int isa);
 int select_isa(int isa);
 int current_isa(void);
 /* Threads used by sgemm and attention (a pool of pthreads kept between calls; small work uses one). */

@@ -56,8 +56,11 @@ def _use_c(*arrays) -> bool:
 
 def matmul(a, b):
     """C = A @ B for 2-D arrays (either may be a transposed view). Layouts the kernels cannot read in
-    place (kernels.matrix_layout is None) go to NumPy rather than being copied."""
-    if _use_c(a, b) and kernels.matrix_layout(a) is not None and kernels.matrix_layout(b) is not None:
+    place (kernels.matrix_layout is None) go to NumPy rather than being copied, and so does everything
+    when the CPU has no tuned micro-kernel (kernels.tuned_matmul(): the portable C kernel is slower
+    than NumPy's BLAS; the fused attention stays in C, where it beats NumPy even so)."""
+    if _use_c(a, b) and kernels.tuned_matmul() and kernels.matrix_layout(a) is not None \
+            and kernels.matrix_layout(b) is not None:
         return kernels.matmul(a, b)
     return a @ b
 
@@ -77,6 +80,17 @@ def linear_backward_input(dout, cache):
 
 def linear_backward_weight(dout, cache):
     return ops.linear_backward_weight(dout, cache, matmul)
+
+
+def routes() -> dict:
+    """{"matmul": ..., "attention": ...}: where float32 work goes now, in words (`llama3np doctor`)."""
+    if _backend != "c":
+        why = "the numpy backend" if kernels.available() else "C kernels not built"
+        return {"matmul": f"NumPy's BLAS ({why})", "attention": f"NumPy reference ({why})"}
+    isa = kernels.isa()
+    matmul_route = (f"C, {isa} micro-kernel" if kernels.tuned_matmul() else
+                    "NumPy's BLAS (no tuned micro-kernel for this CPU; the portable one is slower)")
+    return {"matmul": matmul_route, "attention": f"fused C kernel ({isa} micro-kernel)"}
 
 
 def attention_forward(q, k, v, causal=True, kv_start=None):

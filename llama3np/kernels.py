@@ -17,7 +17,7 @@ Build the extension with `pip install -e .` or `python csrc/build_kernels.py`. W
 compiler), `available()` is False and the model runs on NumPy (llama3np.backend).
 
 Environment: LLAMA3NP_NUM_THREADS (default: the CPUs this process may use), LLAMA3NP_ISA (portable,
-avx2 or avx512: force a micro-kernel, e.g. to test each path), LLAMA3NP_DISABLE_KERNELS=1 (act as if
+avx2, avx512 or neon: force a micro-kernel, e.g. to test each path), LLAMA3NP_DISABLE_KERNELS=1 (act as if
 the extension were not built). A value that cannot be honoured (LLAMA3NP_ISA=avx512 on a CPU without
 it, a misspelling) is a one-line RuntimeWarning at import and the default is used: importing the
 package, even for `llama3np --help`, never fails on them.
@@ -29,7 +29,7 @@ import numpy as np
 
 from . import ops
 
-ISAS = ("portable", "avx2", "avx512")  # index = the C code's number for each instruction set
+ISAS = ("portable", "avx2", "avx512", "neon")  # index = the C code's number for each instruction set
 _INT_MAX = 2**31 - 1
 
 try:
@@ -61,18 +61,31 @@ def _require():
 
 
 def available_isas() -> list:
-    """The micro-kernels this CPU can run, slowest first, e.g. ['portable', 'avx2', 'avx512']."""
+    """The micro-kernels this CPU can run, slowest first, e.g. ['portable', 'avx2', 'avx512'] on an
+    AVX-512 x86-64, ['portable', 'neon'] on arm64."""
     _require()
-    current = lib.current_isa()
-    best = lib.select_isa(-1)
-    lib.select_isa(current)
-    return list(ISAS[: best + 1])
+    by_speed = ("portable", "avx2", "neon", "avx512")
+    return [name for name in by_speed if lib.isa_supported(ISAS.index(name))]
 
 
 def isa() -> str:
-    """The micro-kernel the matmul uses now: 'portable', 'avx2' or 'avx512'."""
+    """The micro-kernel the matmul uses now: 'portable', 'avx2', 'avx512' or 'neon'."""
     _require()
     return ISAS[lib.current_isa()]
+
+
+def tuned_matmul() -> bool:
+    """True when the micro-kernel in use is a SIMD one written for this CPU (not 'portable'): only then
+    does backend.matmul send products to C; the portable kernel is slower than NumPy's BLAS."""
+    return lib is not None and lib.current_isa() != 0
+
+
+def lib_path() -> str:
+    """The file of the loaded extension."""
+    _require()
+    from . import _kernels
+
+    return _kernels.__file__
 
 
 def set_isa(name=None) -> str:

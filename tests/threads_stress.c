@@ -4,7 +4,10 @@
  *
  * It covers what the pool must survive: many calls in a row (workers spinning or asleep between
  * them), teams of changing size, two caller threads at once (one gets the pool, the other threads of
- * its own), the fused attention (whose threads meet at a barrier), and a forked child.
+ * its own), the fused attention (whose threads meet at a barrier), and a forked child. Then every
+ * micro-kernel this CPU runs (tests/portability.sh runs it on arm64 under qemu: NEON there) is checked:
+ * matmul against the triple loop, and attention (with and without document masks) against the
+ * portable kernel's, which the Python tests check against the NumPy reference.
  */
 #include <math.h>
 #include <pthread.h>
@@ -53,6 +56,46 @@ static void *caller(void *p) {
     return NULL;
 }
 
+/* one forward (+ backward) of a small GQA attention on fixed inputs; out receives the forward output
+ * (H * T * HD floats) when not NULL */
+static int attention_once(const int *kv_start, float *out_copy) {
+    enum { H = 4, KV = 2, T = 70, HD = 16 };
+    long q_strides[3] = {H * T * HD, T * HD, HD}, kv_strides[3] = {KV * T * HD, T * HD, HD};
+    float *q = malloc(sizeof(float) * H * T * HD), *k = malloc(sizeof(float) * KV * T * HD);
+    float *v = malloc(sizeof(float) * KV * T * HD), *lse = malloc(sizeof(float) * H * T);
+    for (int i = 0; i < H * T * HD; i++) q[i] = (float)((i * 7) % 23) / 23.0f - 0.5f;
+    for (int i = 0; i < KV * T * HD; i++) k[i] = (float)((i * 5) % 19) / 19.0f - 0.5f;
+    for (int i = 0; i < KV * T * HD; i++) v[i] = (float)((i * 3) % 17) / 17.0f - 0.5f;
+    int rc = attention_forward(q, q_strides, k, kv_strides, v, kv_strides, out_copy, lse, 1, H, KV, T, T, HD, 1,
+                               kv_start);
+    free(q), free(k), free(v), free(lse);
+    return rc;
+}
+
+/* every ISA this CPU runs, against the triple loop (matmul) and the portable kernel (attention) */
+static double check_every_isa(void) {
+    enum { OUT = 4 * 70 * 16 };
+    int docs[70];
+    for (int i = 0; i < 70; i++) docs[i] = i < 33 ? 0 : 33;
+    float ref[2][OUT], got[OUT];
+    int saved = current_isa();
+    select_isa(0);
+    if (attention_once(NULL, ref[0]) || attention_once(docs, ref[1])) return 1e9;
+    double worst = 0;
+    for (int isa = 0; isa < 4; isa++) {
+        if (!isa_supported(isa)) continue;
+        select_isa(isa);
+        for (unsigned s = 0; s < 3; s++) worst = fmax(worst, check_matmul(s));
+        for (int m = 0; m < 2; m++) {
+            if (attention_once(m ? docs : NULL, got)) return 1e9;
+            for (int i = 0; i < OUT; i++) worst = fmax(worst, fabs(got[i] - ref[m][i]));
+        }
+        printf("threads_stress: micro-kernel %d checked\n", isa);
+    }
+    select_isa(saved);
+    return worst;
+}
+
 static int attention_runs(void) {
     enum { H = 4, KV = 2, T = 70, HD = 16 };
     long q_strides[3] = {H * T * HD, T * HD, HD}, kv_strides[3] = {KV * T * HD, T * HD, HD};
@@ -91,6 +134,7 @@ int main(void) {
     pthread_join(t1, NULL), pthread_join(t2, NULL);
     worst = fmax(worst, fmax(w1, w2));
     if (attention_runs() != 0) return fprintf(stderr, "attention failed\n"), 1;
+    worst = fmax(worst, check_every_isa());
     pid_t child = fork(); /* the child has no workers: the pool must start its own */
     if (child == 0) _exit(check_matmul(99) < 1e-4 ? 0 : 1);
     int status = 0;

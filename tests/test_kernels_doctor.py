@@ -1,0 +1,86 @@
+"""`llama3np doctor` (llama3np/doctor.py) and where the backend sends matrix products.
+
+What must hold:
+- doctor prints the CPU, the micro-kernel in use and those the CPU can run, the backend, where matmul
+  and attention go, the threads; with timing, one GEMM and one attention line, C beside NumPy;
+  a bad argument is one line on stderr and exit code 2;
+- on an instruction set without a tuned micro-kernel ('portable'), backend.matmul is NumPy's product
+  (bit for bit), while the attention stays on the fused C kernel; with a tuned one, products go to C;
+- the instruction sets offered are the ones this CPU runs (no 'neon' on x86-64, no AVX on arm64).
+"""
+import platform
+
+import numpy as np
+import pytest
+
+from llama3np import backend, doctor, kernels
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"C kernels not built ({kernels.import_error})")
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_settings():
+    if not kernels.available():
+        yield
+        return
+    isa, threads, be = kernels.isa(), kernels.get_num_threads(), backend.get_backend()
+    yield
+    kernels.set_isa(isa)
+    kernels.set_num_threads(threads)
+    backend.set_backend(be)
+
+
+def test_doctor_prints_what_runs_where(capsys):
+    assert doctor.main(["doctor", "--no-timing"]) == 0
+    out = capsys.readouterr().out
+    for field in ("cpu:", "backend:", "matmul:", "attention:", "numpy:", "environment:"):
+        assert field in out, out
+    if kernels.available():
+        assert f"micro-kernel {kernels.isa()}" in out and f"threads:     {kernels.get_num_threads()}" in out
+    assert "timing" not in out
+
+
+@needs_kernels
+def test_doctor_times_a_gemm_and_an_attention_against_numpy(capsys):
+    assert doctor.main(["doctor", "--repeat", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "x NumPy" in line]
+    assert len(lines) == 2 and "GEMM" in lines[0] and "attention" in lines[1], lines
+    assert all("GFLOP/s" in line for line in lines)
+
+
+def test_doctor_refuses_a_bad_repeat_in_one_line(capsys):
+    assert doctor.main(["doctor", "--repeat", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--repeat" in err[0]
+
+
+@needs_kernels
+def test_without_a_tuned_micro_kernel_matmul_goes_to_numpy_and_attention_stays_in_c():
+    backend.set_backend("c")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((70, 50)).astype(np.float32)
+    b = rng.standard_normal((50, 40)).astype(np.float32)
+    kernels.set_isa("portable")
+    assert not kernels.tuned_matmul()
+    np.testing.assert_array_equal(backend.matmul(a, b), a @ b)
+    assert "NumPy" in backend.routes()["matmul"] and "C" in backend.routes()["attention"]
+    q = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(backend.attention_forward(q, k, k)[0], kernels.attention_forward(q, k, k)[0])
+    tuned = [name for name in kernels.available_isas() if name != "portable"]
+    for name in tuned:  # every SIMD kernel this CPU runs: products go to C
+        kernels.set_isa(name)
+        assert kernels.tuned_matmul() and backend.routes()["matmul"] == f"C, {name} micro-kernel"
+        np.testing.assert_array_equal(backend.matmul(a, b), kernels.matmul(a, b))
+
+
+@needs_kernels
+def test_the_instruction_sets_offered_are_this_cpus():
+    isas = kernels.available_isas()
+    assert isas[0] == "portable" and kernels.set_isa(None) == isas[-1]
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "neon" not in isas
+        with pytest.raises(ValueError, match="cannot run 'neon'"):
+            kernels.set_isa("neon")
+    elif platform.machine() in ("aarch64", "arm64"):
+        assert isas == ["portable", "neon"]
