@@ -21,6 +21,7 @@ def numerical_grad(f, x, h=1e-5, indices=None):
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     if not np.shares_memory(flat, x):
         raise ValueError("x must be contiguous so that it can be perturbed in place")
+    # BEGIN SOLUTION ex01
     for i in range(flat.size) if indices is None else indices:
         old = flat[i]
         flat[i] = old + h
@@ -29,6 +30,7 @@ def numerical_grad(f, x, h=1e-5, indices=None):
         fm = f()
         flat[i] = old
         gflat[i] = (fp - fm) / (2 * h)
+    # END SOLUTION
     return grad
 
 
