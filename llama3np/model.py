@@ -115,10 +115,12 @@ def block_forward(p, i, x, rope, args, group=None, start_pos=0, cache=None, kv_s
     v = xv.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
     if cache is not None:
         # write this step's keys/values, then attend over all S = start_pos + T cached positions
+        # BEGIN SOLUTION ex14
         S = start_pos + T
         cache.cache_k[i][:B, :, start_pos:S] = k
         cache.cache_v[i][:B, :, start_pos:S] = v
         k, v = cache.cache_k[i][:B, :, :S], cache.cache_v[i][:B, :, :S]  # (B, KV, S, hd)
+        # END SOLUTION
     att, lse = backend.attention_forward(q, k, v, True, kv_start)  # (B, H, T, hd), (B, H, T)
     att2 = att.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H*hd)
     att_out, o_c = backend.linear_forward(att2, p[pre + "attention.wo.weight"])  # tp: a partial sum
@@ -147,6 +149,7 @@ def block_backward(i, dout, bc: BlockCache, grads, group=None, defer=None):
     def linear(dy, cache, name):
         return linear_backward_into(dy, cache, grads, pre + name, defer)
 
+    # BEGIN SOLUTION ex09
     # feed-forward, reversed; dout flows into the residual h as well
     dg = linear(g_backward(dout, group), bc.w2_c, "feed_forward.w2.weight")
     da, db = ops.swiglu_backward(dg, bc.swiglu_c)
@@ -168,6 +171,7 @@ def block_backward(i, dout, bc: BlockCache, grads, group=None, defer=None):
     dx, dattention_norm = ops.rmsnorm_backward(f_backward(dxn + dxn_k + dxn_v, group), bc.attention_norm_c)
     accumulate(grads, pre + "attention_norm.weight", dattention_norm)
     return dx + dh
+    # END SOLUTION
 
 
 def linear_backward_into(dout, cache, grads, name, defer=None):
