@@ -57,6 +57,7 @@ def pretokenize(text: str) -> List[str]:
 
 def merge(ids: List[int], pair: Tuple[int, int], new_id: int) -> List[int]:
     """Replace every occurrence of `pair` in `ids`, scanning left to right ([a, a, a] with (a, a) -> [aa, a])."""
+    # BEGIN SOLUTION ex13a
     out = []
     i = 0
     while i < len(ids):
@@ -67,6 +68,7 @@ def merge(ids: List[int], pair: Tuple[int, int], new_id: int) -> List[int]:
             out.append(ids[i])
             i += 1
     return out
+    # END SOLUTION
 
 
 def learn_merges(chunk_counts: Dict[str, int], n_merges: int) -> List[bytes]:
@@ -75,6 +77,7 @@ def learn_merges(chunk_counts: Dict[str, int], n_merges: int) -> List[bytes]:
     Returns the 256 single bytes followed by the learned tokens in the order learned.
     Raises OutOfPairs (a ValueError) if the chunks run out of pairs before `n_merges` merges.
     """
+    # BEGIN SOLUTION ex13b
     vocab = [bytes([b]) for b in range(256)]
     id_of = {token: i for i, token in enumerate(vocab)}
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # each distinct chunk as byte ids
@@ -134,6 +137,7 @@ def learn_merges(chunk_counts: Dict[str, int], n_merges: int) -> List[bytes]:
             else:
                 del pair_counts[p]
     return vocab
+    # END SOLUTION
 
 
 def train(text: str, vocab_size: int, *, name: str = "bpe", verbose: bool = False) -> Tokenizer:
