@@ -39,6 +39,7 @@ def sample_next(logits, temperature=0.6, top_p=0.9, top_k=None, rng=None):
     probs = np.exp(z)
     probs /= probs.sum(-1, keepdims=True)
     out = np.empty(len(probs), dtype=np.int64)
+    # BEGIN SOLUTION ex15
     for b in range(len(probs)):
         order = _likeliest_first(probs[b], top_p)
         p = probs[b][order]
@@ -48,6 +49,7 @@ def sample_next(logits, temperature=0.6, top_p=0.9, top_k=None, rng=None):
         # one uniform draw, inverse-CDF: the first token whose cumulative probability exceeds it
         idx = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(order) - 1)
         out[b] = order[idx]
+    # END SOLUTION
     return out
 
 
