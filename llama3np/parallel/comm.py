@@ -223,11 +223,13 @@ class ProcessGroup:
         N, r = self.size, self.rank
         chunks = [c.copy() for c in np.array_split(flat, N)]
         nxt, prv = (r + 1) % N, (r - 1) % N
+        # BEGIN SOLUTION ex16a
         for s in range(N - 1):
             # send chunk r-s-1, receive chunk r-s-2: after N-1 steps the chunk completed here is chunk r
             send_idx, recv_idx = (r - s - 1) % N, (r - s - 2) % N
             self.send(chunks[send_idx], nxt, name)
             chunks[recv_idx] = reduce(chunks[recv_idx], self.recv(prv, name))
+        # END SOLUTION
         return chunks
 
     def all_gather(self, chunk):
@@ -240,10 +242,12 @@ class ProcessGroup:
         self.calls[name] = self.calls.get(name, 0) + 1
         N, r = self.size, self.rank
         nxt, prv = (r + 1) % N, (r - 1) % N
+        # BEGIN SOLUTION ex16b
         for s in range(N - 1):
             # pass on the chunk received last step (first our own): chunk r-s goes out, r-s-1 comes in
             self.send(chunks[(r - s) % N], nxt, name)
             chunks[(r - s - 1) % N] = self.recv(prv, name)
+        # END SOLUTION
         return chunks
 
     def all_reduce(self, x, op="sum"):
