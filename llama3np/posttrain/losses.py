@@ -146,6 +146,7 @@ def dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing (cDPO) must be in [0, 0.5), got {label_smoothing}")
+    # BEGIN SOLUTION ex19
     delta = (np.asarray(policy_chosen_logps) - ref_chosen_logps) - (np.asarray(policy_rejected_logps)
                                                                      - ref_rejected_logps)  # (B,)
     if loss_type == "sigmoid":
@@ -154,6 +155,7 @@ def dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
     else:
         losses = (delta - 1 / (2 * beta)) ** 2
     return float(np.mean(losses)), (delta, beta, label_smoothing, loss_type)
+    # END SOLUTION
 
 
 def dpo_backward(dloss, cache):
@@ -161,6 +163,7 @@ def dpo_backward(dloss, cache):
 
     At policy = reference (Delta = 0) the sigmoid loss has dL/dDelta = -beta / 2 per pair (before the mean).
     """
+    # BEGIN SOLUTION ex19
     delta, beta, ls, loss_type = cache
     if loss_type == "sigmoid":
         z = beta * delta
@@ -170,6 +173,7 @@ def dpo_backward(dloss, cache):
         ddelta = 2 * (delta - 1 / (2 * beta))
     ddelta = ddelta * dloss / delta.size
     return ddelta, -ddelta
+    # END SOLUTION
 
 
 def dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
@@ -313,6 +317,7 @@ def kl_backward(dkl, cache):
 def gae_loop(rewards, values, mask, gamma=1.0, lam=0.95):
     """rewards, values, mask (B, T) -> (advantages, returns), the recursion backwards in time (TRL's loop)."""
     rewards, values, w = _gae_inputs(rewards, values, mask)
+    # BEGIN SOLUTION ex20
     B, T = rewards.shape
     adv = np.zeros((B, T))
     last = np.zeros(B)
@@ -322,6 +327,7 @@ def gae_loop(rewards, values, mask, gamma=1.0, lam=0.95):
         last = delta + gamma * lam * last * w[:, t]
         adv[:, t] = last
     return adv, (adv + values) * w
+    # END SOLUTION
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
