@@ -29,19 +29,26 @@ def read_documents(path):
     """Read a text file or a folder of them (*.txt, *.md, *.text, *.rst, recursively, sorted) -> docs.
 
     A file is one document, unless it has lines holding only `<|end_of_text|>`, which separate
-    documents. Empty documents are dropped.
+    documents. JSONL files (*.jsonl: one JSON object per line with a string "text", as
+    `llama3np data curate` writes in OUT/kept/) give one document per line; a curation output folder
+    (one holding kept/ and removed/) is read from kept/ only. Empty documents are dropped.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"corpus path not found: {path}")
+    if path.is_dir() and (path / "kept").is_dir() and (path / "removed").is_dir():
+        path = path / "kept"  # a curated folder: train on what the pipeline kept
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
         if not files:
-            raise ValueError(f"no text files ({', '.join(TEXT_SUFFIXES)}) found under {path}")
+            raise ValueError(f"no text files ({', '.join(TEXT_SUFFIXES + ('.jsonl',))}) found under {path}")
     else:
         files = [path]
     docs = []
     for f in files:
+        if f.suffix.lower() == ".jsonl":
+            docs.extend(t.strip("\n") for t in _read_jsonl_texts(f) if t.strip())
+            continue
         try:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -51,6 +58,25 @@ def read_documents(path):
     if not docs:
         raise ValueError(f"the corpus at {path} holds no text")
     return docs
+
+
+def _read_jsonl_texts(path):
+    """The "text" field of every line of a JSONL file; a bad line is an error naming file and line."""
+    import json
+
+    texts = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
+            if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
+            texts.append(d["text"])
+    return texts
 
 
 def _split_on_separator(text):

@@ -6,7 +6,8 @@ Checks in datatrove's order; the first failing one is the reason:
   gopher_too_many_hashes / _ellipsis          "#" or "..." per word above 0.1
   gopher_too_many_bullets                     > 90% of lines start with a bullet
   gopher_too_many_end_ellipsis                > 30% of lines end with an ellipsis
-  gopher_below_alpha_threshold                < 80% of words hold a letter
+  gopher_below_alpha_threshold                < 80% of words hold a letter (words = spaCy tokens, with
+                                              punctuation, as datatrove; alpha_words="whitespace": the paper's)
   gopher_enough_stop_words                    < 2 of the stop words (the, be, to, of, and, that, have, with)
 """
 from .text import is_punctuation_char, split_into_words
@@ -19,7 +20,7 @@ class GopherQualityFilter:
 
     def __init__(self, min_doc_words=50, max_doc_words=100000, min_avg_word_length=3, max_avg_word_length=10,
                  max_symbol_word_ratio=0.1, max_bullet_lines_ratio=0.9, max_ellipsis_lines_ratio=0.3,
-                 max_non_alpha_words_ratio=0.8, min_stop_words=2, stop_words=STOP_WORDS):
+                 max_non_alpha_words_ratio=0.8, min_stop_words=2, stop_words=STOP_WORDS, alpha_words="tokens"):
         self.min_doc_words, self.max_doc_words = min_doc_words, max_doc_words
         self.min_avg_word_length, self.max_avg_word_length = min_avg_word_length, max_avg_word_length
         self.max_symbol_word_ratio = max_symbol_word_ratio
@@ -27,6 +28,9 @@ class GopherQualityFilter:
         # datatrove's name; it is really the minimum fraction of words that hold a letter
         self.max_non_alpha_words_ratio = max_non_alpha_words_ratio
         self.min_stop_words, self.stop_words = min_stop_words, set(stop_words)
+        if alpha_words not in ("tokens", "whitespace"):
+            raise ValueError(f"alpha_words must be 'tokens' (datatrove) or 'whitespace' (the Gopher paper), got {alpha_words!r}")
+        self.alpha_words = alpha_words
 
     def __call__(self, text):
         words = split_into_words(text)
@@ -53,8 +57,11 @@ class GopherQualityFilter:
         ellipsis_end = sum(s.rstrip().endswith(("...", "…")) for s in lines)
         if self.max_ellipsis_lines_ratio and ellipsis_end / len(lines) > self.max_ellipsis_lines_ratio:
             return False, "gopher_too_many_end_ellipsis"
-        with_letter = sum(any(c.isalpha() for c in w) for w in words)
-        if self.max_non_alpha_words_ratio and with_letter / n_words < self.max_non_alpha_words_ratio:
+        # datatrove counts punctuation tokens as words here, so punctuation-dense prose (plays, dialogue)
+        # fails; the Gopher paper means whitespace-separated words: alpha_words="whitespace"
+        alpha_units = words if self.alpha_words == "tokens" else text.split()
+        with_letter = sum(any(c.isalpha() for c in w) for w in alpha_units)
+        if self.max_non_alpha_words_ratio and with_letter / max(1, len(alpha_units)) < self.max_non_alpha_words_ratio:
             return False, "gopher_below_alpha_threshold"
         # stop words are matched case-sensitively, as datatrove does ("The" does not count)
         if self.min_stop_words and len(self.stop_words.intersection(words)) < self.min_stop_words:

@@ -17,6 +17,7 @@ Punctuation: ASCII punctuation, the typographic and full-width marks below and c
 (the same set datatrove lists), plus every Unicode Sentence_Terminal character (datatrove lists those
 by hand: 17 rare ones differ). Other symbols ("•", "©", "€") count as word characters, as there.
 """
+import functools
 import string
 import unicodedata
 
@@ -62,9 +63,11 @@ def is_terminal_punctuation(c):
 TERMINAL_ASCII = (".", "!", "?")
 
 
+@functools.lru_cache(maxsize=8)
 def split_into_words(text):
-    """English words as spaCy's tokenizer gives them (see the module docstring for the differences)."""
-    return _WORD_RE.findall(text)
+    """English words as spaCy's tokenizer gives them (see the module docstring for the differences).
+    A tuple, cached for the last few texts: the filters of one document all split the same text."""
+    return tuple(_WORD_RE.findall(text))
 
 
 def _is_spacy_punct(token):
@@ -94,5 +97,6 @@ def simplify_text(text):
     text = _NUMBERS_RE.sub("0", text.lower())
     text = text.translate(_PUNCTUATION_TO_SPACE)
     text = _WHITESPACE_RE.sub(" ", text.strip())
-    text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    if not text.isascii():  # ASCII has no diacritics to strip
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
     return text.strip()

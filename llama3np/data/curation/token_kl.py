@@ -5,14 +5,23 @@ A document's token frequencies p (under the Llama 3 tokenizer) are compared with
     KL(p || q) = sum_t p(t) log(p(t) / q(t))       q smoothed: (count(t) + 1) / (total + V + 1)
 
 Prose uses the corpus's common tokens and scores low; a page of hashes, base64, mojibake or a foreign
-script uses tokens the corpus hardly has and scores high. The threshold is relative to the corpus:
+script uses tokens the corpus hardly has and scores high. q comes from a clean reference corpus when one is given (`reference_texts`), else from the corpus
+itself. Measured on the web-like corpus (3,000 documents, 4.5% of them salted with outlier tokens):
+with q from the corpus itself the salted pages do NOT stand out (their rare tokens are frequent enough
+in q, and their flat p has a high entropy, which KL subtracts); with q from 200 clean reference
+documents all of them are removed, and 2% of the prose. At web scale the corpus's own q is close to
+a clean one; on a small corpus give a reference. The threshold is relative to the corpus:
 median + z * 1.4826 * MAD (a robust z-score), so it needs no tuning per corpus; an absolute
 `threshold` may be given instead.
 """
+import functools
+
 import numpy as np
 
 
+@functools.lru_cache(maxsize=1)
 def default_tokenizer():
+    """Llama 3's tokenizer (Meta's tokenizer.model), built once per process."""
     from ...tokenizer import Tokenizer
 
     return Tokenizer()
@@ -51,11 +60,14 @@ def robust_threshold(scores, z=3.0):
     return float(med + z * 1.4826 * np.median(np.abs(scores - med)))
 
 
-def token_kl_filter(texts, tokenizer=None, z=3.0, threshold=None):
-    """-> (keep (N,) bool, scores (N,), threshold): remove documents whose KL is above threshold."""
+def token_kl_filter(texts, tokenizer=None, z=3.0, threshold=None, reference_texts=None):
+    """-> (keep (N,) bool, scores (N,), threshold): remove documents whose KL is above threshold.
+    q from reference_texts if given, else from `texts`."""
+    tokenizer = tokenizer or default_tokenizer()
     ids = token_ids(texts, tokenizer)
-    vocab = max((int(i.max()) + 1 for i in ids if len(i)), default=1)
+    ref = ids if reference_texts is None else token_ids(reference_texts, tokenizer)
+    vocab = max((int(i.max()) + 1 for i in ids + ref if len(i)), default=1)
     vocab = max(vocab, getattr(tokenizer, "n_words", 0) or 0)
-    scores = kl_scores(ids, corpus_counts(ids, vocab))
+    scores = kl_scores(ids, corpus_counts(ref, vocab))
     thr = robust_threshold(scores, z) if threshold is None else float(threshold)
     return scores <= thr, scores, thr

@@ -98,7 +98,7 @@ def repeated_lines(rng):
     return "\n".join(_pick(rng, lines) for _ in range(int(rng.integers(15, 25))))
 
 
-def near_duplicate(rng, text, edit_fraction=0.05):
+def near_duplicate(rng, text, edit_fraction=0.02):
     """`text` with about edit_fraction of its words replaced by other words (kept Jaccard high)."""
     words = text.split(" ")
     for i in rng.choice(len(words), size=max(1, int(len(words) * edit_fraction)), replace=False):
@@ -107,17 +107,19 @@ def near_duplicate(rng, text, edit_fraction=0.05):
 
 
 def token_noise(rng, text):
-    """`text` with many words replaced by random strings of rare characters (outlier tokens)."""
-    alphabet = list("ŧŋđħĸłþæßðƒµǂǁǀʘ")  # letters only: spaCy splits symbols off words
+    """`text` with a third of its words replaced by random strings from ~1,900 rare letters (Latin
+    Extended, Greek, Cyrillic, Armenian): mojibake-like outlier tokens the corpus hardly has."""
+    alphabet = [chr(c) for r in ((0x100, 0x250), (0x370, 0x3FF), (0x400, 0x530), (0x531, 0x557)) for c in range(*r)
+                if chr(c).isalpha()]  # letters only: spaCy splits symbols off words
     words = text.split(" ")
     for i in rng.choice(len(words), size=len(words) // 3, replace=False):
-        words[i] = "".join(rng.choice(alphabet, size=int(rng.integers(3, 7))))
+        words[i] = "".join(rng.choice(alphabet, size=int(rng.integers(4, 10))))
     return " ".join(words)
 
 
 def nsfw(rng, text, dirty_words=STAND_IN_DIRTY, n=6):
     words = text.split(" ")
-    for i in rng.choice(len(words), size=n, replace=False):
+    for i in rng.choice(len(words), size=min(n, len(words)), replace=False):
         words[i] = _pick(rng, list(dirty_words))
     return " ".join(words)
 

@@ -1,0 +1,124 @@
+"""`llama3np data curate INPUT --out DIR` and `llama3np data corpus` (add_subcommands; main for tests)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def cmd_curate(args):
+    from .pipeline import CurateConfig, curate
+
+    cfg = CurateConfig.from_file(args.config) if args.config else CurateConfig()
+    cfg.progress = not args.quiet
+    try:
+        report = curate(args.input, args.out, cfg, workers=args.workers)
+    except ImportError as e:  # an optional dependency (better-profanity, trafilatura): say which, no traceback
+        raise ValueError(str(e)) from None
+    print(f"{report['documents']:,} documents: {report['kept']:,} kept, {report['removed']:,} removed "
+          f"-> {Path(args.out) / 'kept'}  (report: {Path(args.out) / 'report.md'})")
+    return 0
+
+
+def assemble_corpus(out, n_docs=2000, seed=0, sources=None, heldout_docs=200, log=print):
+    """Write the labelled web-like corpus to `out`: corpus.jsonl (id, text, metadata.kind/.source),
+    labels.tsv (id, kind), heldout/clean.jsonl (real prose kept out of the corpus, for evaluation),
+    reference/clean.jsonl (other real prose: the token-KL reference, the classifier's positives) and
+    curate_config.json. Real prose from the installed sources, else the built-in grammar."""
+    from ...fileio import atomic_write_bytes
+    from . import sources as src
+    from .webcorpus import STAND_IN_DIRTY, make_web_corpus, prose
+    from .writers import write_jsonl
+
+    out = Path(out)
+    names = sources or [n for n, (present, _) in src.available_sources().items() if present]
+    pool = []
+    for n in names:
+        pool += [(n, d) for d in src.read_source(n)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(pool))
+    heldout = [pool[i] for i in order[:heldout_docs]] if pool else []
+    reference = [pool[i] for i in order[heldout_docs:2 * heldout_docs]] if pool else []
+    pool = [pool[i] for i in order[2 * heldout_docs:]]
+    used = []
+
+    def real_prose(r):
+        name, text = pool[len(used) % len(pool)]
+        used.append(name)
+        return text
+
+    # stand-in dirty words: a real list (better-profanity's) also holds "god", "kill" and "ass", which
+    # would make the King James Bible an NSFW source; the pipeline is told the stand-ins in its config
+    dirty = STAND_IN_DIRTY
+    texts, labels = make_web_corpus(n_docs, seed=seed, prose_fn=real_prose if pool else prose, dirty_words=dirty)
+    docs = [{"id": f"web{i:06d}", "text": t, "metadata": {"kind": k}} for i, (t, k) in enumerate(zip(texts, labels))]
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "corpus.jsonl", docs)
+    atomic_write_bytes(out / "labels.tsv", ("id\tkind\n" + "".join(f"{d['id']}\t{d['metadata']['kind']}\n"
+                                                                   for d in docs)).encode())
+    (out / "heldout").mkdir(exist_ok=True)
+    write_jsonl(out / "heldout" / "clean.jsonl", [{"id": f"held{i:05d}", "text": t, "metadata": {"source": n}}
+                                                  for i, (n, t) in enumerate(heldout)])
+    (out / "reference").mkdir(exist_ok=True)
+    write_jsonl(out / "reference" / "clean.jsonl", [{"id": f"ref{i:05d}", "text": t, "metadata": {"source": n}}
+                                                    for i, (n, t) in enumerate(reference)])
+    cfg = {"params": {"nsfw": {"words": list(STAND_IN_DIRTY)}}}
+    if reference:
+        cfg["params"]["token_kl"] = {"reference": str((out / "reference" / "clean.jsonl").resolve())}
+    atomic_write_bytes(out / "curate_config.json", (json.dumps(cfg, indent=1) + "\n").encode())
+    counts = {k: labels.count(k) for k in sorted(set(labels))}
+    log(f"wrote {len(docs)} documents to {out / 'corpus.jsonl'} (prose from: {', '.join(names) or 'the grammar'}); "
+        f"kinds: {counts}")
+    return docs
+
+
+def cmd_corpus(args):
+    from .sources import available_sources
+
+    avail = available_sources()
+    for name, (present, how) in avail.items():
+        print(f"  {'[x]' if present else '[ ]'} {name:12s} {'' if present else 'install: ' + how}")
+    if args.out:
+        names = args.sources.split(",") if args.sources else None
+        for n in names or []:
+            if n not in avail:
+                raise ValueError(f"unknown source {n!r}; known: {', '.join(avail)}")
+        assemble_corpus(args.out, args.docs, args.seed, names, args.heldout)
+    return 0
+
+
+def add_subcommands(subparsers):
+    """Add `data` with its sub-commands `curate` and `corpus` to the main CLI's sub-parsers."""
+    p = subparsers.add_parser("data", help="pre-training data: curation pipeline and corpora")
+    sub = p.add_subparsers(dest="data_command", required=True)
+    c = sub.add_parser("curate", help="filter and deduplicate a corpus (Llama 3's pipeline)")
+    c.add_argument("input", help="a text/JSONL/HTML file or a folder of them")
+    c.add_argument("--out", required=True, help="output folder: kept/, removed/, report.json, report.md, plots")
+    c.add_argument("--config", help="JSON: {stages: [...], params: {stage: {name: value}}, shard_size: N}")
+    c.add_argument("--workers", type=int, default=1, help="processes for the per-document stages")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_curate)
+    k = sub.add_parser("corpus", help="list the real text sources here; with --out, assemble a labelled web-like corpus")
+    k.add_argument("--out", help="folder for corpus.jsonl, labels.tsv, heldout/, reference/, curate_config.json")
+    k.add_argument("--docs", type=int, default=2000)
+    k.add_argument("--heldout", type=int, default=200, help="real documents kept out, for evaluation")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--sources", help="comma-separated subset of the sources (default: all present)")
+    k.set_defaults(func=cmd_corpus)
+    return p
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="llama3np")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
