@@ -7,7 +7,7 @@ there, and the gold one is what it writes after THIS beginning:
     story_remedies   the animal looked hungry / cold / sad / scared -> what the hero did about it
     animal_answers   the animal looked hungry ... -> what it answered to "What is wrong?"
     past_tense       "Let us bake a cake inside!" -> "They baked a yummy cake ..."
-    pronouns         "... a kind girl named Lily." -> "She lived ... with her mom." (not He/It/They)
+    pronouns         "... a kind girl named Lily." -> "She lived ... with her mom." (not He, not his)
     story_endings    the whole story but its last words -> " The end."
 
 A model trained on the stories has seen every one of these continuations many times, so in the "cloze"
@@ -23,7 +23,9 @@ from ..data import stories
 SUBJECTS = ("story_remedies", "animal_answers", "past_tense", "pronouns", "story_endings")
 PLOTS = {"story_remedies": stories.plot_animal, "animal_answers": stories.plot_animal,
          "past_tense": stories.plot_rain, "pronouns": None, "story_endings": None}
-ENDING_DISTRACTORS = ("The start.", "Once upon a time.", "What is wrong?")
+# Distractors as long as the gold answer in tokens (a sum of log-probabilities favours shorter choices,
+# so with choices of unequal length even a random model would beat 25% in the cloze style).
+ENDING_DISTRACTORS = ("The day.", "The sea.", "The box.")
 
 
 class _PlotSampler(stories.Sampler):
@@ -74,12 +76,14 @@ def _past(text):
 
 
 def _pronoun(text):
+    """The hero's second sentence with she/he and her/his in all four combinations: one agrees with the
+    girl or boy of the first sentence, as the grammar writes it; all four are the same number of tokens."""
     first, rest = text.split(".", 1)
     sentence = rest.split(".", 1)[0].strip() + "."  # "She lived in a big city with her mom."
     word, tail = sentence.split(" ", 1)
     his = "her" if word == "She" else "his"
     body = tail.replace(f" {his} ", " {} ")
-    options = [f"{w} {body.format(p)}" for w, p in (("She", "her"), ("He", "his"), ("It", "its"), ("They", "their"))]
+    options = [f"{w} {body.format(p)}" for w in ("She", "He") for p in ("her", "his")]
     return first + ".", sentence, options
 
 
