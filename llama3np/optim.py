@@ -49,6 +49,7 @@ class AdamW:
         for name, p in self.params.items():  # all checked before anything changes
             if grads[name].shape != p.shape:
                 raise ValueError(f"grad {name!r} has shape {grads[name].shape}, expected {p.shape}")
+        # BEGIN SOLUTION ex10
         lr = self.lr if lr is None else float(lr)
         beta1, beta2 = self.betas
         self.t += 1
@@ -82,6 +83,7 @@ class AdamW:
             np.divide(m, tmp, out=tmp)  # p <- p - lr / bias_correction1 * m / denominator
             tmp *= step_size
             p -= tmp
+        # END SOLUTION
 
     def state_dict(self):
         """Everything needed to continue bit for bit: the step count and both moments (copies)."""
@@ -116,6 +118,7 @@ def get_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    # BEGIN SOLUTION ex11
     min_lr = max_lr * min_lr_ratio
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
@@ -124,6 +127,7 @@ def get_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
         return max_lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)  # 0 -> 1, then held at the floor
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+    # END SOLUTION
 
 
 def sum_of_squares(g):
@@ -144,16 +148,20 @@ def clip_grad_norm(grads, max_norm):
     One factor for all tensors keeps the update's direction (clipping each tensor alone would not).
     A non-finite norm is returned untouched so the caller can skip the step.
     """
+    # BEGIN SOLUTION ex12
     norm = global_grad_norm(grads)
     scale_to_max_norm(grads.values(), norm, max_norm)
     return norm
+    # END SOLUTION
 
 
 def scale_to_max_norm(arrays, norm, max_norm):
     """Scale the arrays in place by max_norm / norm when their global norm `norm` exceeds max_norm
     (None or 0: no clipping; a non-finite norm: untouched). The norm is an argument so that a
     parallel run can pass the one it summed over processes."""
+    # BEGIN SOLUTION ex12
     if max_norm is not None and max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in arrays:
             g *= np.asarray(scale, dtype=g.dtype)
+    # END SOLUTION
