@@ -209,15 +209,18 @@ class Restored:
 
 
 def restore_run(run_dir, warn=True):
-    """The newest checkpoint of `run_dir` that verifies, unpacked (the one place metadata is read), or
-    None if the folder holds no checkpoint. Damaged ones are skipped (warn: see latest_checkpoint)."""
+    """The newest checkpoint of `run_dir` that verifies, unpacked, or None if the folder holds no
+    checkpoint. Damaged ones are skipped (warn: see latest_checkpoint)."""
+    path, ck = latest_checkpoint(run_dir, warn=warn)
+    return None if ck is None else unpack(path, ck)
+
+
+def unpack(path, ck):
+    """read_checkpoint's dict -> Restored: the one place a checkpoint's metadata is read."""
     from ..args import ModelArgs
 
-    path, ck = latest_checkpoint(run_dir, warn=warn)
-    if ck is None:
-        return None
     meta = ck["meta"]
-    return Restored(path=path, model_args=ModelArgs.from_dict(meta["model_args"]), params=ck["params"],
+    return Restored(path=Path(path), model_args=ModelArgs.from_dict(meta["model_args"]), params=ck["params"],
                     opt_state=ck["opt_state"], tokenizer_bytes=ck["tokenizer_bytes"], loader_state=meta["loader"],
                     state=RunState.from_meta(meta), meta=meta)
 
@@ -296,7 +299,6 @@ def load_run(path, dtype=np.float32):
 
     Returns a Transformer with `model.tokenizer` set from the tokenizer stored in the checkpoint.
     """
-    from ..args import ModelArgs
     from ..model import Transformer
     from ..tokenizer import Tokenizer
 
@@ -304,17 +306,17 @@ def load_run(path, dtype=np.float32):
     if not path.exists():
         raise FileNotFoundError(f"no run folder or checkpoint at {path}")
     if path.is_file():
-        ck_path, ck = path, read_checkpoint(path)
+        r = unpack(path, read_checkpoint(path))
     else:
-        ck_path, ck = latest_checkpoint(path)
-        if ck is None:
+        r = restore_run(path)
+        if r is None:
             raise FileNotFoundError(
                 f"{path} is a training run folder with no checkpoint yet (it stopped before its first save; "
                 f"checkpoints come every --save-every steps): continue it with "
                 f"llama3np train --out {path} --resume")
-    model = Transformer(ModelArgs.from_dict(ck["meta"]["model_args"]), dtype=dtype, init=False)
-    fill_params(model, ck["params"], ck_path)
-    model.tokenizer = Tokenizer.from_bytes(ck["tokenizer_bytes"], name=f"{ck_path.name}:tokenizer")
-    model.checkpoint_path = ck_path  # where it came from, for messages
-    model.train_step = int(ck["meta"]["step"])
+    model = Transformer(r.model_args, dtype=dtype, init=False)
+    fill_params(model, r.params, r.path)
+    model.tokenizer = Tokenizer.from_bytes(r.tokenizer_bytes, name=f"{r.path.name}:tokenizer")
+    model.checkpoint_path = r.path  # where it came from, for messages
+    model.train_step = r.state.step
     return model
