@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import llama3np
 from llama3np.eval import data, generative, mmlu, report, robustness, scoring, story_mmlu
@@ -469,3 +471,23 @@ def test_generative_mode_decodes_greedily_and_counts_unparseable_replies_as_wron
     assert r["unparseable"] == 1 and r["items"][0]["reply"].endswith("The best answer is C.")
     gold = [q["answer"] for q in questions["story_remedies"]]
     assert r["micro"] == ((gold[0] == 2) + (gold[2] == 1)) / 3
+
+
+MODEL64 = tiny_model(np.float64, seed=4, max_seq_len=256)
+
+
+@given(prefix=st.lists(st.integers(0, 511), min_size=0, max_size=12),
+       shared=st.integers(0, 12),
+       tail=st.lists(st.integers(0, 511), min_size=1, max_size=6),
+       conts=st.lists(st.lists(st.integers(0, 511), min_size=1, max_size=3), min_size=1, max_size=4))
+def test_prefix_cache_equals_full_recomputation_for_any_prompts(prefix, shared, tail, conts):
+    """Any prefix, any context sharing any part of it, any continuations (1-3 tokens): the cached
+    log-likelihoods equal full recomputations to 1e-12 (float64), twice in a row (the prefix is restored)."""
+    cache = scoring.PrefixCache(MODEL64, prefix, 40, rows=4)
+    context = prefix[:shared] + tail
+    want = [scoring.loglikelihood_full(MODEL64, context, c) for c in conts]
+    for _ in range(2):
+        np.testing.assert_allclose(cache.loglikelihoods(context, conts), want, rtol=0, atol=1e-12)
+    whole = prefix + [7]
+    np.testing.assert_allclose(cache.loglikelihoods(whole, conts),
+                               [scoring.loglikelihood_full(MODEL64, whole, c) for c in conts], rtol=0, atol=1e-12)
