@@ -71,6 +71,7 @@ def _set_backend(name):
 def cmd_train(a):
     from .training import train
     from .training.config import train_config
+    from .training.run_folder import generate_hint
 
     cfg = train_config(a)  # every argument checked before anything is written or computed
     _set_backend(a.backend)
@@ -79,35 +80,7 @@ def cmd_train(a):
     summary = f"validation loss {vals[-1]['val_loss']:.4f}" if vals else "no validation yet"
     if vals and "floor" in vals[-1]:
         summary += f" (entropy floor {vals[-1]['floor']:.4f})"
-    print(f"done: step {cfg.steps}, {summary}; checkpoints in {a.out}\n"
-          f"try: llama3np generate --model {a.out} --prompt {_quote(example_prompt(a.out, model.tokenizer))}",
-          file=sys.stderr)
-
-
-def example_prompt(run_dir, tokenizer, n_words=4):
-    """A prompt for the hint after training: the first words of the run's validation text (so it is in
-    the language and style the model learnt), "Once upon a time" for the built-in stories."""
-    import numpy as np
-
-    try:
-        with np.load(Path(run_dir) / "data.npz") as z:
-            head = z["val"][:200].tolist()
-            stories = "val_floor" in z.files
-    except (OSError, KeyError, ValueError):
-        return "Once upon a time"
-    if stories or not head:
-        return "Once upon a time"
-    ids = [t for t in head[1:] if t not in (tokenizer.bos_id, tokenizer.eos_id)][:64]
-    words = tokenizer.decode(ids).split()[:n_words]
-    return " ".join(words) or "Once upon a time"
-
-
-def _quote(text):
-    """The prompt as the shell needs it: in double quotes when that is safe (the usual case), else shlex's."""
-    import re
-    import shlex
-
-    return f'"{text}"' if re.fullmatch(r"[\w ,.!?:;'-]*", text) else shlex.quote(text)
+    print(f"done: step {cfg.steps}, {summary}; checkpoints in {a.out}\ntry: {generate_hint(a.out)}", file=sys.stderr)
 
 
 def cmd_generate(a):

@@ -165,6 +165,9 @@ def run(a):
     if stopped:
         print(f"llama3np parallel: training stopped: {stopped}", file=sys.stderr)
         return 1
+    from ..training.run_folder import generate_hint
+
+    log(f"try: {generate_hint(cfg.out)}")
     return 0
 
 

@@ -320,3 +320,27 @@ def load_run(path, dtype=np.float32):
     model.checkpoint_path = r.path  # where it came from, for messages
     model.train_step = r.state.step
     return model
+
+
+def generate_hint(run_dir, n_words=4):
+    """The command to try after training: `llama3np generate --model RUN --prompt "..."` with
+    "Once upon a time" for the built-in stories, else the first words of the run's validation text
+    (the language and style the model learnt), quoted for the shell."""
+    import shlex
+
+    prompt = "Once upon a time"
+    try:
+        with np.load(Path(run_dir) / "data.npz") as z:
+            own_text = "val_floor" not in z.files  # the built-in stories carry their entropy floor
+            head = z["val"][:200].tolist() if own_text else []
+        if head:
+            from ..tokenizer import Tokenizer
+
+            with np.load(list_checkpoints(run_dir)[0]) as z:  # the tokenizer only (a hint needs no checksum)
+                tok = Tokenizer.from_bytes(z["tokenizer"].tobytes(), name="run tokenizer")
+            ids = [t for t in head if t not in (tok.bos_id, tok.eos_id)][:64]
+            prompt = " ".join(tok.decode(ids).split()[:n_words]) or prompt
+    except (OSError, KeyError, ValueError, IndexError):
+        pass  # a hint is never worth an error
+    quoted = f'"{prompt}"' if re.fullmatch(r"[\w ,.!?:;'-]*", prompt) else shlex.quote(prompt)
+    return f"llama3np generate --model {shlex.quote(str(run_dir))} --prompt {quoted}"
