@@ -268,6 +268,17 @@ def test_prompts_longer_than_the_context_use_fewer_shots_or_fail_clearly():
         mmlu.evaluate(model, TOK, questions, dev, k_shot=3, fit_shots=False)
 
 
+def test_prompts_too_long_even_at_0_shot_keep_their_end_like_the_harness():
+    questions, dev = story_mmlu.generate_split(2, 1, seed=1, subjects=("story_remedies",))
+    model = tiny_model(np.float64, max_seq_len=120)  # the question alone is ~300 bytes
+    r = mmlu.evaluate(model, TOK, questions, dev, k_shot=1)
+    assert all(it["truncated"] and it["n_shots"] == 0 and it["n_tokens"] == 120 for it in r["items"])
+    for it, q in zip(r["items"], questions["story_remedies"]):
+        ctx, conts = scoring.encode_choices(TOK, mmlu.format_prompt("story_remedies", [], q), mmlu.continuations(q))
+        want = [scoring.loglikelihood_full(model, ctx[-120:], c) for c in conts]  # the last 120 tokens
+        np.testing.assert_allclose(it["logprobs"], want, rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------
 # accuracies and intervals
 def test_wilson_interval_known_values_and_edges():

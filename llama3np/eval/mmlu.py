@@ -134,13 +134,28 @@ def _check_inputs(questions, dev, k_shot, style):
                 check_question(q, f"{subject} dev question {i}")
 
 
+def _left_truncate(encoded, max_len):
+    """Cut prompts from the left so that prompt + continuation - 1 fits max_len (lm-evaluation-harness's
+    rule for over-long contexts) -> (encoded, indices of the cut ones)."""
+    out, cut = [], set()
+    for i, (ctx, conts) in enumerate(encoded):
+        room = max_len - (max(map(len, conts)) - 1)
+        if len(ctx) > room:
+            ctx = ctx[len(ctx) - room:]
+            cut.add(i)
+        out.append((ctx, conts))
+    return out, cut
+
+
 def iter_items(model, tokenizer, questions, dev, k_shot=5, style="harness", *, labels=LETTERS, bos=True,
                use_cache=True, leave_one_out=False, fit_shots=True, start=0):
     """Yield one result dict per question, subject by subject in the dict's order (see `evaluate`).
 
     start: skip the first `start` items (to resume an interrupted run; the rest are the same numbers).
     fit_shots: if a subject's prompts do not fit the model's context, use fewer shots for that subject
-    (hendrycks' rule: k - 1 until every prompt fits; the item records "n_shots"), else raise ValueError.
+    (hendrycks' rule: k - 1 until every prompt fits; the item records "n_shots"); if even 0-shot does not
+    fit, keep the end of the prompt (the harness's left truncation; the item gets "truncated": True).
+    fit_shots=False raises ValueError instead.
     """
     _check_inputs(questions, dev, k_shot, style)
     labels = tuple(labels)
@@ -158,9 +173,14 @@ def iter_items(model, tokenizer, questions, dev, k_shot=5, style="harness", *, l
             if need <= model.args.max_seq_len or not fit_shots or k == 0:
                 break
             k -= 1
+        truncated = set()
         if need > model.args.max_seq_len:
-            raise ValueError(f"{subject}: a {k}-shot prompt needs {need} positions; the model's context is "
-                             f"{model.args.max_seq_len} (max_seq_len)")
+            if not fit_shots:
+                raise ValueError(f"{subject}: a {k}-shot prompt needs {need} positions; the model's context is "
+                                 f"{model.args.max_seq_len} (max_seq_len)")
+            # even 0-shot is too long: keep the END of the prompt, as the harness does (left truncation)
+            encoded, truncated = _left_truncate(encoded, model.args.max_seq_len)
+            need = model.args.max_seq_len
         shared = None
         if use_cache and encoded:
             multi = any(len(c) > 1 for _, conts in encoded for c in conts)
@@ -173,8 +193,11 @@ def iter_items(model, tokenizer, questions, dev, k_shot=5, style="harness", *, l
                 else:
                     lps = [loglikelihood_full(model, ctx, c) for c in conts]
                 pred = max(range(len(lps)), key=lambda j: (lps[j], -j))  # argmax, ties -> lowest letter
-                yield dict(subject=subject, index=i, logprobs=lps, pred=pred, answer=q["answer"],
-                           correct=pred == q["answer"], n_shots=k, n_tokens=len(ctx))
+                item = dict(subject=subject, index=i, logprobs=lps, pred=pred, answer=q["answer"],
+                            correct=pred == q["answer"], n_shots=k, n_tokens=len(ctx))
+                if i in truncated:
+                    item["truncated"] = True  # its prompt lost its beginning to fit the context
+                yield item
             index += 1
 
 
