@@ -226,6 +226,8 @@ def test_prefix_caching_changes_no_log_likelihood_float64(variant):
     b = np.array([it["logprobs"] for it in full["items"]])
     assert a.shape == (4, 4) and np.all(np.isfinite(a))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    if variant == "leave-one-out":  # each question's shot is the other question
+        assert [it["n_shots"] for it in cached["items"]] == [1, 1, 1, 1]
     assert [it["pred"] for it in cached["items"]] == [it["pred"] for it in full["items"]]
 
 

@@ -113,7 +113,8 @@ COT_RESOURCE = "tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
 COT_HEADER = "The following are multiple choice questions (with answers) about "
 COT_REASONING = "\nA: Let's think step by step."
 # The one abstract_algebra question whose text begins with the previous answer's reasoning.
-COT_LEAK = "The symmetric group $S_n$ has $\nactorial{n}$ elements, hence it is not true that $S_{10}$ has 10 elements.\n"
+COT_LEAK = ("The symmetric group $S_n$ has $\nactorial{n}$ elements, hence it is not true that $S_{10}$ has 10 "
+            "elements.\n")
 
 
 def _parse_cot_block(subject, block):

@@ -107,15 +107,16 @@ def select_shots(dev_items, question, k_shot, leave_one_out=False):
 
 # ----------------------------------------------------------------------------------------------------
 def _subject_prompts(tokenizer, subject, items, dev_items, k_shot, style, labels, bos, leave_one_out):
-    """-> (prefix ids, [(context ids, continuation ids)], shots used) for a subject's questions."""
+    """-> (prefix ids, [(context ids, [continuation ids])], [number of shots]) for a subject's questions."""
     prefix = format_prefix(subject, dev_items[:k_shot], style, labels)
     prefix_ids = tokenizer.encode(prefix, bos=bos, eos=False) if prefix else [tokenizer.bos_id]
-    encoded = []
+    encoded, n_shots = [], []
     for q in items:
         shots = select_shots(dev_items, q, k_shot, leave_one_out)
+        n_shots.append(len(shots))
         encoded.append(encode_choices(tokenizer, format_prompt(subject, shots, q, style, labels),
                                       continuations(q, style, labels), bos=bos))
-    return prefix_ids, encoded
+    return prefix_ids, encoded, n_shots
 
 
 def _check_inputs(questions, dev, k_shot, style):
@@ -167,7 +168,7 @@ def iter_items(model, tokenizer, questions, dev, k_shot=5, style="harness", *, l
         dev_items = list(dev.get(subject, [])) if k_shot else []
         k = min(k_shot, len(dev_items))
         while True:
-            prefix_ids, encoded = _subject_prompts(tokenizer, subject, items, dev_items, k, style, labels, bos,
+            prefix_ids, encoded, n_shots = _subject_prompts(tokenizer, subject, items, dev_items, k, style, labels, bos,
                                                    leave_one_out)
             need = max((len(c) + max(map(len, conts)) - 1 for c, conts in encoded), default=0)
             if need <= model.args.max_seq_len or not fit_shots or k == 0:
@@ -194,7 +195,7 @@ def iter_items(model, tokenizer, questions, dev, k_shot=5, style="harness", *, l
                     lps = [loglikelihood_full(model, ctx, c) for c in conts]
                 pred = max(range(len(lps)), key=lambda j: (lps[j], -j))  # argmax, ties -> lowest letter
                 item = dict(subject=subject, index=i, logprobs=lps, pred=pred, answer=q["answer"],
-                            correct=pred == q["answer"], n_shots=k, n_tokens=len(ctx))
+                            correct=pred == q["answer"], n_shots=n_shots[i], n_tokens=len(ctx))
                 if i in truncated:
                     item["truncated"] = True  # its prompt lost its beginning to fit the context
                 yield item

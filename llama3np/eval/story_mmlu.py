@@ -72,7 +72,8 @@ def _past(text):
     for inside, did in stories.INDOOR:
         cut = _cut(text, f" They {did} and had a lot of fun.")
         if cut:
-            return cut[0] + " They", f"{did} and had a lot of fun.", [f"{d} and had a lot of fun." for _, d in stories.INDOOR]
+            options = [f"{d} and had a lot of fun." for _, d in stories.INDOOR]
+            return cut[0] + " They", f"{did} and had a lot of fun.", options
 
 
 def _pronoun(text):
