@@ -205,8 +205,20 @@ def build_parser():
     add_backend_argument(d)
     d.set_defaults(func=cmd_demo)
 
+    # the other rooms bring their own sub-commands
+    from .data.curation import cli as data_cli  # `llama3np data corpus|curate ...`
+    from .doctor import add_subcommands as add_doctor  # `llama3np doctor`
+    from .eval import cli as eval_cli  # `llama3np eval mmlu ...`
+    from .exercises import cli as exercises_cli  # `llama3np check ...`, `llama3np exercises make ...`
     from .parallel import cli as parallel_cli  # `llama3np parallel train --dp 2 --pp 2 ...`
+    from .posttrain import cli as posttrain_cli  # `llama3np sft|rm|rs|dpo|ppo|average ...`, `posttrain demo`
+
     parallel_cli.add_subcommands(sub)
+    data_cli.add_subcommands(sub)
+    posttrain_cli.add_subcommands(sub)
+    eval_cli.add_subcommands(sub)
+    exercises_cli.add_subcommands(sub)
+    add_doctor(sub)
     return parser
 
 

@@ -103,3 +103,12 @@ def test_a_short_demo_trains_samples_and_reports_the_entropy_gap(tmp_path, capsy
     assert "samples before training" in out and "samples after training" in out
     assert "the corpus's entropy is" in out and "checkpoint:" in out and "llama3np chat --model" in out
     assert (tmp_path / "demo" / "loss.png").exists() and (tmp_path / "demo" / "ckpt_00000002.npz").exists()
+
+
+def test_every_room_has_its_command_and_python_m_works():
+    """`python -m llama3np --help` lists the commands of every subsystem (one entry point for all)."""
+    r = subprocess.run([sys.executable, "-m", "llama3np", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for command in ("train", "generate", "chat", "demo", "parallel", "data", "sft", "rm", "rs", "dpo", "ppo",
+                    "average", "posttrain", "eval", "check", "exercises", "doctor"):
+        assert f" {command} " in r.stdout or f"{{{command}," in r.stdout or f",{command}," in r.stdout, command
