@@ -70,12 +70,21 @@ def hash_seeds(num_perm, seed=0):
     return np.random.default_rng(seed).integers(0, 2**64, size=num_perm, dtype=np.uint64)
 
 
-def signatures(texts, num_perm=112, ngram=5, seed=0, chunk=1 << 15):
-    """texts -> (N, num_perm) uint64 MinHash signatures. Shingles are processed `chunk` at a time, so
-    memory stays at chunk * num_perm * 8 bytes (32K shingles x 112 -> 29 MB) whatever the corpus."""
+def signatures(texts, num_perm=112, ngram=5, seed=0):
+    """texts -> (N, num_perm) uint64 MinHash signatures of their word n-gram shingles."""
     hashes, offsets = shingle_hashes(texts, ngram)
+    return signatures_from_hashes(hashes, offsets, num_perm, seed)
+
+
+def signatures_from_hashes(hashes, offsets, num_perm=112, seed=0, chunk=1 << 15):
+    """Shingle hashes (S,) uint64 with offsets (N+1,) -> (N, num_perm) signatures; every set non-empty.
+    Shingles are processed `chunk` at a time, so memory stays at chunk * num_perm * 8 bytes
+    (32K shingles x 112 -> 29 MB) whatever the corpus."""
+    hashes, offsets = np.asarray(hashes, dtype=np.uint64), np.asarray(offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    if np.any(np.diff(offsets) < 1):
+        raise ValueError("every document needs at least one shingle")
     seeds = hash_seeds(num_perm, seed)
-    n = len(texts)
     sig = np.full((n, num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
     doc_of = np.repeat(np.arange(n), np.diff(offsets))  # (S,) which text owns each shingle
     for s0 in range(0, len(hashes), chunk):

@@ -45,7 +45,7 @@ DEFAULT_STAGES = ("url_dedup", "exact_dedup", "gopher_repetition", "gopher_quali
 # parameters of the global stages (the local ones take their filter class's arguments)
 GLOBAL_PARAMS = {"minhash": {"num_bands": 14, "rows_per_band": 8, "ngram": 5, "seed": 0},
                  "line_dedup": {"bucket_size": 100000, "max_count": 6},
-                 "token_kl": {"z": 3.0, "threshold": None, "reference": ""},  # reference: clean text (file/folder)
+                 "token_kl": {"z": 6.0, "threshold": None, "reference": ""},  # reference: clean text (file/folder)
                  "quality_classifier": {"model": "", "threshold": 0.5},
                  "semdedup": {"eps": 0.05, "n_clusters": 0, "seed": 0},
                  "url_dedup": {}, "exact_dedup": {}}

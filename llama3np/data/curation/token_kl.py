@@ -11,8 +11,9 @@ with q from the corpus itself the salted pages do NOT stand out (their rare toke
 in q, and their flat p has a high entropy, which KL subtracts); with q from 200 clean reference
 documents all of them are removed, and 2% of the prose. At web scale the corpus's own q is close to
 a clean one; on a small corpus give a reference. The threshold is relative to the corpus:
-median + z * 1.4826 * MAD (a robust z-score), so it needs no tuning per corpus; an absolute
-`threshold` may be given instead.
+a robust z-score on log KL (KL is skewed to the right): exp(median + z * 1.4826 * MAD) of log KL,
+z = 6 by default, so it needs no tuning per corpus; an absolute `threshold` may be given instead.
+On the real web-like corpus, z = 6 removes all salted pages and 0.9% of prose (z = 3: 4.4%).
 """
 import functools
 
@@ -53,14 +54,14 @@ def kl_scores(ids_per_doc, counts):
     return scores
 
 
-def robust_threshold(scores, z=3.0):
-    """median + z * 1.4826 * MAD (1.4826 * MAD estimates the standard deviation of a normal)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    med = np.median(scores)
-    return float(med + z * 1.4826 * np.median(np.abs(scores - med)))
+def robust_threshold(scores, z=6.0):
+    """exp(median + z * 1.4826 * MAD) over log(scores) (1.4826 * MAD estimates a normal's sd)."""
+    logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-12))
+    med = np.median(logs)
+    return float(np.exp(med + z * 1.4826 * np.median(np.abs(logs - med))))
 
 
-def token_kl_filter(texts, tokenizer=None, z=3.0, threshold=None, reference_texts=None):
+def token_kl_filter(texts, tokenizer=None, z=6.0, threshold=None, reference_texts=None):
     """-> (keep (N,) bool, scores (N,), threshold): remove documents whose KL is above threshold.
     q from reference_texts if given, else from `texts`."""
     tokenizer = tokenizer or default_tokenizer()

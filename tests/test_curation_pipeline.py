@@ -1,0 +1,184 @@
+"""The curation pipeline end to end: every document ends in exactly one of kept/removed with a reason,
+bad input gives clear messages or counted removals, a killed run resumes to the same bytes, N workers
+equal 1, and `llama3np train --data` reads the output. Generated data only."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llama3np.data.curation import webcorpus
+from llama3np.data.curation.cli import main
+from llama3np.data.curation.evaluate import read_labels, read_outcomes, score_run
+from llama3np.data.curation.pipeline import CurateConfig, curate
+
+STAND_INS = {"nsfw": {"words": list(webcorpus.STAND_IN_DIRTY)}}
+
+
+def _params(folder):
+    """Stand-in dirty words, and clean reference text for the token-KL filter's distribution."""
+    import numpy as np
+
+    rng = np.random.default_rng(99)
+    ref = folder / "reference.txt"
+    if not ref.exists():
+        ref.write_text("\n<|end_of_text|>\n".join(webcorpus.prose(rng) for _ in range(60)))
+    return {**STAND_INS, "token_kl": {"reference": str(ref)}}
+
+
+def _write_corpus(folder, n=240, seed=0):
+    texts, labels = webcorpus.make_web_corpus(n, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "web.jsonl", "w") as f:
+        for i, (t, k) in enumerate(zip(texts, labels)):
+            f.write(json.dumps({"id": f"d{i:04d}", "text": t, "url": f"https://example.com/{i}",
+                                "metadata": {"kind": k}}) + "\n")
+    (folder / "labels.tsv").write_text("id\tkind\n" + "".join(f"d{i:04d}\t{k}\n" for i, k in enumerate(labels)))
+    return texts, labels
+
+
+def _tree_bytes(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(Path(out).rglob("*"))
+            if p.is_file() and "_work" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    _write_corpus(d / "in")
+    (d / "in" / "bad.txt").write_bytes(b"caf\xe9 not utf-8")
+    (d / "in" / "binary.txt").write_bytes(b"\x00\x01\x02")
+    (d / "in" / "empty.txt").write_text("   \n")
+    (d / "in" / "long.txt").write_text("word " * 20000)  # one enormous line
+    cfg = CurateConfig(shard_size=60, params=_params(d), progress=False)
+    report = curate(d / "in", d / "out", cfg)
+    return d, report
+
+
+def test_every_input_document_ends_in_exactly_one_of_kept_or_removed(corpus):
+    d, report = corpus
+    outcomes = read_outcomes(d / "out")
+    ids = [json.loads(line)["id"] for line in (d / "in" / "web.jsonl").read_text().splitlines()]
+    assert set(ids) <= set(outcomes) and len(outcomes) == len(ids) + 4
+    kept = sum(1 for f in (d / "out" / "kept").glob("*.jsonl") for _ in f.read_text().splitlines())
+    removed = [json.loads(line) for f in (d / "out" / "removed").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert kept + len(removed) == report["documents"] == len(ids) + 4
+    assert all(r["metadata"]["reason"] and r["metadata"]["removed_by"] for r in removed)
+    assert sum(report["removed_by_reason"].values()) == report["removed"] == len(removed)
+
+
+def test_bad_files_are_counted_removals_with_reasons(corpus):
+    d, _ = corpus
+    outcomes = read_outcomes(d / "out")
+    assert outcomes["bad.txt#0"] == ("read", "not_utf8")
+    assert outcomes["binary.txt#0"] == ("read", "binary")
+    assert outcomes["empty.txt#0"] == ("read", "empty")
+    assert outcomes["long.txt#0"] is not None  # a removal, not a crash
+
+
+def test_junk_is_removed_and_prose_kept_on_the_labelled_corpus(corpus):
+    d, _ = corpus
+    score = score_run(d / "out", read_labels(d / "in" / "labels.tsv"))
+    assert score["precision"] >= 0.95
+    for kind in ("boilerplate", "spam", "log", "code", "lorem", "repeated_lines", "exact_duplicate", "nsfw"):
+        if kind in score["recall"]:
+            assert score["recall"][kind] >= 0.9, (kind, score["confusion"][kind])
+
+
+def test_report_and_plots_are_written(corpus):
+    d, report = corpus
+    for name in ("report.json", "report.md", "funnel.png", "lsh_curve.png", "scores.png"):
+        assert (d / "out" / name).stat().st_size > 0
+    assert json.loads((d / "out" / "report.json").read_text())["kept"] == report["kept"]
+    docs = [f["documents"] for f in report["funnel"]]
+    assert docs == sorted(docs, reverse=True)
+
+
+def test_train_reads_a_curated_folder(corpus):
+    from llama3np.data import read_documents
+
+    d, report = corpus
+    assert len(read_documents(d / "out")) == report["kept"]
+
+
+def test_two_workers_and_an_interrupted_run_end_with_the_same_bytes(corpus, tmp_path):
+    d, _ = corpus
+    cfg = CurateConfig(shard_size=60, params=_params(d), progress=False)
+    curate(d / "in", tmp_path / "w2", cfg, workers=2)
+    assert _tree_bytes(tmp_path / "w2") == _tree_bytes(d / "out")
+    # a run stopped after two shards of the per-document stages (as a kill would leave it), then resumed
+    work = tmp_path / "w2" / "_work"
+    for p in list((work / "local").glob("shard_0000[2-9].*")) + [work / "decisions.json"]:
+        p.unlink()
+    for p in (tmp_path / "w2").glob("report.*"):
+        p.unlink()
+    curate(d / "in", tmp_path / "w2", cfg)
+    assert _tree_bytes(tmp_path / "w2") == _tree_bytes(d / "out")
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_rerun_gives_identical_output(corpus, tmp_path):
+    d, _ = corpus
+    cmd = [sys.executable, "-m", "llama3np.data.curation.cli", "data", "curate", str(d / "in"), "--out",
+           str(tmp_path / "k"), "--quiet", "--config", str(tmp_path / "cfg.json")]
+    (tmp_path / "cfg.json").write_text(json.dumps({"shard_size": 60, "params": _params(d)}))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    for delay in (2.0, 5.0):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert _tree_bytes(tmp_path / "k") == _tree_bytes(d / "out")
+
+
+# --- bad input through the command line: one clear line, exit code 2 -------------------------------
+def test_jsonl_line_that_is_not_json_names_file_and_line(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"text": "fine"}\n{not json}\n')
+    assert main(["data", "curate", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "a.jsonl:2: not a JSON line" in capsys.readouterr().err
+
+
+def test_jsonl_line_without_text_names_file_and_line(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "x"}\n')
+    assert main(["data", "curate", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "a.jsonl:2: expected a JSON object with a string 'text' field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"stages": ["gopher_quality", "magic"]}, "unknown stage 'magic'"),
+    ({"params": {"gopher_quality": {"min_doc_words": "fifty"}}}, "must be int"),
+    ({"params": {"c4_quality": {"filter_lorem_ipsum": 1}}}, "must be bool"),
+    ({"params": {"minhash": {"bands": 3}}}, "unknown parameter 'bands'"),
+    ({"shard_size": 0}, "shard_size must be a positive integer"),
+    ({"stage": []}, "unknown keys"),
+])
+def test_bad_config_is_one_clear_message(tmp_path, capsys, config, message):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert main(["data", "curate", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"), "--quiet",
+                 "--config", str(tmp_path / "c.json")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_input_and_another_runs_folder(tmp_path, capsys):
+    assert main(["data", "curate", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "input not found" in capsys.readouterr().err
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.txt").write_text("other")
+    cfg = CurateConfig(stages=("exact_dedup",), progress=False)
+    curate(tmp_path / "a.txt", tmp_path / "o2", cfg)
+    with pytest.raises(ValueError, match="another input or config"):
+        curate(tmp_path / "b.txt", tmp_path / "o2", cfg)
+
+
+def test_corpus_command_lists_sources_with_install_commands(capsys):
+    assert main(["data", "corpus"]) == 0
+    out = capsys.readouterr().out
+    for name in ("bible", "jargon", "fortunes", "shakespeare", "wikipedia"):
+        assert name in out
