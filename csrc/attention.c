@@ -37,6 +37,11 @@
 #include "llama3np_kernels.h"
 #include "parallel.h"
 
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LLAMA3NP_NO_SIMD)
+#define ATTN_X86 1
+#include <immintrin.h>
+#endif
+
 #define BR 64 /* query rows per tile */
 #define BC 64 /* keys per tile, and the leading dimension of every score tile */
 #if BC != GEMM_TILE_LD
@@ -116,6 +121,123 @@ static void softmax_backward_row(float *dp, const float *p, int n, float D, floa
     for (int c = 0; c < n; c++) dp[c] = p[c] * (dp[c] - D) * scale;
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* AVX2 + FMA versions of the three row operations above: 8 lanes, exp as 8-wide FMA polynomials,   */
+/* one pass each, a ragged end through an 8-float buffer (a masked store, vmaskmovps, is microcoded */
+/* and slow on AMD's Zen). The compiler-vectorized versions are                                    */
+/* built per CPU by target_clones (the loader picks by the CPU, not by LLAMA3NP_ISA), and only with */
+/* gcc; these are picked with the micro-kernel, so an AVX2 CPU (or LLAMA3NP_ISA=avx2) runs them.     */
+
+#if ATTN_X86
+#define AVX2_FN __attribute__((target("avx2,fma")))
+
+/* the same Cephes expf as exp_inplace, 8 at a time (NaN stays NaN: max keeps x when x is NaN) */
+AVX2_FN static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+    const __m256 shift = _mm256_set1_ps(12582912.0f);
+    __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shift);
+    __m256 nf = _mm256_sub_ps(t, shift);
+    __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fmadd_ps(nf, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 - 127));
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+}
+
+/* lanes 0 .. n-1 on (1 <= n <= 7) */
+AVX2_FN static inline __m256i tail_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* the 8 lanes combined pairwise, always in the same order */
+AVX2_FN static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+AVX2_FN static inline float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    h = _mm_max_ps(_mm_movehl_ps(h, h), h);
+    return _mm_cvtss_f32(_mm_max_ss(_mm_movehdup_ps(h), h));
+}
+
+AVX2_FN static float scale_and_max_avx2(float *s, int n, float scale, float init) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    __m256 mx = _mm256_set1_ps(init);
+    int c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + c), sc);
+        _mm256_storeu_ps(s + c, x);
+        mx = _mm256_max_ps(x, mx); /* a NaN x leaves mx as it was, as the portable loop does */
+    }
+    if (c < n) {
+        float buf[8] __attribute__((aligned(32))) = {0};
+        memcpy(buf, s + c, (size_t)(n - c) * sizeof(float));
+        __m256 x = _mm256_mul_ps(_mm256_load_ps(buf), sc);
+        _mm256_store_ps(buf, x);
+        memcpy(s + c, buf, (size_t)(n - c) * sizeof(float));
+        mx = _mm256_max_ps(_mm256_blendv_ps(mx, x, _mm256_castsi256_ps(tail_mask(n - c))), mx);
+    }
+    return hmax8(mx);
+}
+
+AVX2_FN static float exp_affine_sum_avx2(float *s, int n, float a, float b) {
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    __m256 sum = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + c), va, vb));
+        _mm256_storeu_ps(s + c, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (c < n) {
+        float buf[8] __attribute__((aligned(32))) = {0};
+        memcpy(buf, s + c, (size_t)(n - c) * sizeof(float));
+        __m256 e = exp8(_mm256_fmsub_ps(_mm256_load_ps(buf), va, vb));
+        _mm256_store_ps(buf, e);
+        memcpy(s + c, buf, (size_t)(n - c) * sizeof(float));
+        sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(tail_mask(n - c))));
+    }
+    return hsum8(sum);
+}
+
+AVX2_FN static void softmax_backward_row_avx2(float *dp, const float *p, int n, float D, float scale) {
+    const __m256 vd = _mm256_set1_ps(D), sc = _mm256_set1_ps(scale);
+    int c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + c), _mm256_sub_ps(_mm256_loadu_ps(dp + c), vd));
+        _mm256_storeu_ps(dp + c, _mm256_mul_ps(x, sc));
+    }
+    for (; c < n; c++) dp[c] = p[c] * (dp[c] - D) * scale;
+}
+#endif
+
+/* the row operations for each instruction set (numbering of llama3np_kernels.h) */
+typedef struct {
+    float (*scale_and_max)(float *s, int n, float scale, float init);
+    float (*exp_affine_sum)(float *s, int n, float a, float b);
+    void (*softmax_backward_row)(float *dp, const float *p, int n, float D, float scale);
+} row_ops_t;
+
+#define CLONED_ROW_OPS {scale_and_max, exp_affine_sum, softmax_backward_row}
+static const row_ops_t ROW_OPS[N_ISAS] = {
+    CLONED_ROW_OPS,
+#if ATTN_X86
+    {scale_and_max_avx2, exp_affine_sum_avx2, softmax_backward_row_avx2},
+#else
+    CLONED_ROW_OPS,
+#endif
+    CLONED_ROW_OPS, /* AVX-512: the avx512f clones */
+    CLONED_ROW_OPS, /* NEON: the compiler's vectorization of the portable loops */
+};
+
 typedef struct {
     const float *q, *k, *v, *dout, *out, *lse;
     const long *qs, *ks, *vs, *douts, *outs, *lses; /* strides in floats of dims 0, 1, 2 */
@@ -125,6 +247,7 @@ typedef struct {
     float *kv_packed;                               /* forward: packed k^T and v of every kv head */
     const int *kv_start;                            /* (B, T) first visible key per query, or NULL */
     int B, H, KV, T, S, hd, causal, isa;
+    const row_ops_t *rows;                          /* ROW_OPS[isa] */
     float scale;
     int next_task, next_pack, failed;
 } attn_ctx;
@@ -240,10 +363,10 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
                 memset(s, 0, (size_t)bc * sizeof(float));
                 continue;
             }
-            float mx = scale_and_max(s + c0, c1 - c0, a->scale, w->m[r]);
+            float mx = a->rows->scale_and_max(s + c0, c1 - c0, a->scale, w->m[r]);
             /* the online softmax: rescale what was summed under the old max to the new max */
             float correction = expf(w->m[r] - mx); /* exp(-inf) = 0 on the first tile */
-            float sum = exp_affine_sum(s + c0, c1 - c0, 1.0f, mx);
+            float sum = a->rows->exp_affine_sum(s + c0, c1 - c0, 1.0f, mx);
             for (int c = 0; c < c0; c++) s[c] = 0.0f; /* masked: probability 0 */
             for (int c = c1; c < bc; c++) s[c] = 0.0f;
             w->l[r] = w->l[r] * correction + sum;
@@ -305,9 +428,9 @@ static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, floa
         for (int r = 0; r < R; r++) {
             if (c1[r] == c0[r]) continue;
             float *sr = s + r * BC + c0[r];
-            float mx = scale_and_max(sr, c1[r] - c0[r], a->scale, m[r]);
+            float mx = a->rows->scale_and_max(sr, c1[r] - c0[r], a->scale, m[r]);
             float correction = expf(m[r] - mx); /* the online softmax, as in forward_block */
-            l[r] = l[r] * correction + exp_affine_sum(sr, c1[r] - c0[r], 1.0f, mx);
+            l[r] = l[r] * correction + a->rows->exp_affine_sum(sr, c1[r] - c0[r], 1.0f, mx);
             if (correction != 1.0f)
                 for (int d = 0; d < hd; d++) acc[r * hd + d] *= correction;
             m[r] = mx;
@@ -390,6 +513,7 @@ int attention_forward(const float *q, const long *q_strides, const float *k, con
     attn_ctx a = {.q = q, .k = k, .v = v, .qs = q_strides, .ks = k_strides, .vs = v_strides,
                   .out_c = out, .lse_c = lse, .B = B, .H = H, .KV = KV, .T = T, .S = S, .hd = hd,
                   .causal = causal, .kv_start = kv_start, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
+    a.rows = &ROW_OPS[a.isa];
     int nthreads = attention_threads(4.0 * B * H * T * (double)S * hd);
     if (T < ROWS_MAX_T) {
         parallel_run(nthreads, forward_rows_thread, &a);
@@ -447,7 +571,7 @@ static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *
             for (int r = 0; r < br; r++) {
                 float *p = w->p + r * BC;
                 int c0, c1 = visible_keys(a, b, i0 + r, j0, bc, &c0);
-                exp_affine_sum(p + c0, c1 - c0, a->scale, L[(i0 + r) * a->lses[2]]);
+                a->rows->exp_affine_sum(p + c0, c1 - c0, a->scale, L[(i0 + r) * a->lses[2]]);
                 for (int c = 0; c < c0; c++) p[c] = 0.0f;
                 for (int c = c1; c < bc; c++) p[c] = 0.0f;
             }
@@ -457,7 +581,7 @@ static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *
             /* dp (br, bc) = dout_i (br, hd) @ V_j^T (hd, bc) */
             gemm_packed(isa, br, bc, hd, da, w->vt + (long)j0 * hd, (long)NR * hd, w->s, BC, 0);
             for (int r = 0; r < br; r++)
-                softmax_backward_row(w->s + r * BC, w->p + r * BC, bc, w->D[i0 + r], a->scale);
+                a->rows->softmax_backward_row(w->s + r * BC, w->p + r * BC, bc, w->D[i0 + r], a->scale);
             /* dQ_i (br, hd) += ds (br, bc) @ K_j (bc, hd), ds read in place */
             gemm_rowmajor_a(isa, br, hd, bc, w->s, w->kp + (long)j0 * NR, (long)NR * S, dQ + (long)i0 * hd, hd, 1);
             /* dK_j (bc, hd) += ds^T (bc, br) @ Q_i (br, hd) */
@@ -534,6 +658,7 @@ int attention_backward(const float *dout, const long *dout_strides, const float 
                   .ks = k_strides, .vs = v_strides, .douts = dout_strides, .outs = out_strides,
                   .lses = lse_strides, .dq = dq, .dk = dk, .dv = dv, .B = B, .H = H, .KV = KV, .T = T,
                   .S = S, .hd = hd, .causal = causal, .kv_start = kv_start, .isa = current_isa(), .scale = 1.0f / sqrtf((float)hd)};
+    a.rows = &ROW_OPS[a.isa];
     int nthreads = attention_threads(10.0 * B * H * T * (double)S * hd);
     void *partials = NULL;
     if (nthreads > 1 && B * KV < nthreads && H > KV) {

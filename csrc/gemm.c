@@ -316,6 +316,34 @@ __attribute__((target("avx"))) static void transpose_8x8(const float *src, long 
 }
 #endif
 
+#if LLAMA3NP_X86
+/* dst[q * 6 + r] = src[r * ld + q] for r < 6, q < 8: six rows of 8 floats in, eight columns of 6 out
+ * (an AVX2 sliver: MR = 6). The 8 x 8 transpose above with two zero rows, each column stored as 4 + 2
+ * floats, so nothing past the 48 values is written. */
+__attribute__((target("avx"))) static void transpose_6x8(const float *src, long ld, float *dst) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 6; i++) r[i] = _mm256_loadu_ps(src + i * ld);
+    r[6] = r[7] = _mm256_setzero_ps();
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        __m256 lo = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), hi = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+        _mm_storeu_ps(dst + i * 6, _mm256_castps256_ps128(lo)); /* rows 0-3 of column i */
+        _mm_storel_pi((__m64 *)(dst + i * 6 + 4), _mm256_extractf128_ps(lo, 1)); /* rows 4-5 */
+        _mm_storeu_ps(dst + (i + 4) * 6, _mm256_castps256_ps128(hi));
+        _mm_storel_pi((__m64 *)(dst + (i + 4) * 6 + 4), _mm256_extractf128_ps(hi, 1));
+    }
+}
+#endif
+
 /* whether transpose_8x8 can run here (packing only copies: the result is the same either way) */
 #if LLAMA3NP_X86
 static int fast_transpose(void) { return current_isa() == 1 || current_isa() == 2; }
@@ -329,10 +357,15 @@ static void pack_a_sliver(int trans_a, const float *A, long lda, int i0, int mr,
     /* A not transposed, a full sliver of 8 rows: 8 x 8 blocks of A transposed in registers */
     if (!trans_a && mr == 8 && MR == 8 && fast_transpose())
         for (; p + 8 <= kc; p += 8) transpose_8x8(A + (long)i0 * lda + p0 + p, lda, dst + (long)p * MR, MR);
+    if (!trans_a && mr == 6 && MR == 6 && fast_transpose()) /* AVX2's slivers */
+        for (; p + 8 <= kc; p += 8) transpose_6x8(A + (long)i0 * lda + p0 + p, lda, dst + (long)p * MR);
 #endif
-    /* A transposed, a full sliver of 8: one fixed-size copy per p (a 32-byte move, not a loop over mr) */
+    /* A transposed, a full sliver: one fixed-size copy per p (a 32- or 24-byte move, not a loop over mr;
+     * the attention kernel packs its transposed probability tiles this way, AVX2's MR = 6 included) */
     if (trans_a && mr == 8 && MR == 8)
         for (; p < kc; p++) memcpy(dst + (long)p * 8, A + (long)(p0 + p) * lda + i0, 8 * sizeof(float));
+    if (trans_a && mr == 6 && MR == 6)
+        for (; p < kc; p++) memcpy(dst + (long)p * 6, A + (long)(p0 + p) * lda + i0, 6 * sizeof(float));
     for (; p < kc; p++) {
         float *d = dst + (long)p * MR;
         if (trans_a) {
@@ -370,6 +403,17 @@ static void pack_b_sliver(int trans_b, const float *B, long ldb, int p0, int kc,
         }
         for (int p = 0; p < kc; p++)
             for (int j = nr; j < NR; j++) dst[(long)p * NR + j] = 0.0f;
+        return;
+    }
+    /* a full sliver: one fixed-size copy per row (a loop of runtime length nr is slower) */
+    if (nr == NR && (NR == 8 || NR == 16 || NR == 32)) {
+        const float *src = B + (long)p0 * ldb + j0;
+        if (NR == 16)
+            for (int p = 0; p < kc; p++) memcpy(dst + (long)p * 16, src + (long)p * ldb, 16 * sizeof(float));
+        else if (NR == 32)
+            for (int p = 0; p < kc; p++) memcpy(dst + (long)p * 32, src + (long)p * ldb, 32 * sizeof(float));
+        else
+            for (int p = 0; p < kc; p++) memcpy(dst + (long)p * 8, src + (long)p * ldb, 8 * sizeof(float));
         return;
     }
     for (int p = 0; p < kc; p++) {
