@@ -179,6 +179,9 @@ def cmd_mmlu(a):
         print(f"\ninterrupted: {len(items)} of {total} questions saved in {out_path}; continue with --resume",
               file=sys.stderr)
         return 130
+    except Exception:
+        _write_json(out_path, record)  # keep what is done; the error is reported by the caller
+        raise
     finally:
         if bar is not None:
             bar.close()
