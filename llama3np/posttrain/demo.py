@@ -31,6 +31,8 @@ from .sft import train_sft
 @dataclass
 class DemoConfig:
     pretrain_steps: int = 200
+    pretrain_batch: int = 8
+    pretrain_seq_len: int = 256
     pretrain_overrides: dict = field(default_factory=dict)
     n_train: int = 1500  # training instructions
     n_eval: int = 48  # held-out instructions
@@ -56,11 +58,12 @@ class DemoConfig:
     seed: int = 0
 
 
-FAST = DemoConfig(pretrain_steps=30, pretrain_overrides=dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
-                                                             hidden_dim=96, max_seq_len=256),
-                  n_train=60, n_eval=6, max_new_tokens=40, sft_steps=6, sft_batch=4, rm_steps=6, rm_batch=4,
-                  n_eval_pairs=12, rs_prompts=4, rs_k=4, rs_sft_steps=2, dpo_steps=4, dpo_batch=4, ablations=True,
-                  ppo=PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=40))
+# every stage, at toy sizes: for the tests and the notebook (about half a minute)
+FAST = DemoConfig(pretrain_steps=6, pretrain_batch=4, pretrain_seq_len=128,
+                  pretrain_overrides=dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64),
+                  n_train=24, n_eval=4, max_new_tokens=24, sft_steps=3, sft_batch=4, rm_steps=3, rm_batch=4,
+                  n_eval_pairs=8, rs_prompts=3, rs_k=4, rs_sft_steps=2, dpo_steps=3, dpo_batch=4, ablations=True,
+                  ppo=PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=24))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,7 +157,8 @@ def eot_prob_at_end(model, pairs):
 def pretrain(out, cfg, log):
     from ..training import TrainConfig, train
 
-    tc = TrainConfig(out=str(out), preset="tiny", steps=cfg.pretrain_steps, batch_size=8, seq_len=256,
+    tc = TrainConfig(out=str(out), preset="tiny", steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch,
+                     seq_len=cfg.pretrain_seq_len,
                      eval_every=cfg.pretrain_steps, save_every=cfg.pretrain_steps, val_stories=50,
                      model_overrides=dict(cfg.pretrain_overrides), progress=False, seed=cfg.seed)
     return train(tc, log=log)

@@ -26,22 +26,34 @@ from ..data import stories as S
 # the features, recognised by the options of a decision
 
 
+_BY_LIST = {id(S.HERO_ADJECTIVES): "adjective", id(S.HOMES): "home", id(S.FAMILY): "family",
+            id(S.HOBBIES): "hobby", id(S.PLACES): "place", id(S.COLORS): "color", id(S.THINGS): "thing",
+            id(S.PETS): "pet", id(S.ANIMALS): "animal", id(S.TROUBLES): "trouble", id(S.OUTINGS): "outing",
+            id(S.INDOOR): "indoor", id(S.FEELINGS): "feeling", id(S.LESSONS): "lesson",
+            id(S.GIRLS): "name", id(S.BOYS): "name"}
+_NOT_WRITTEN = (["feeling", "lesson"], ["share", "return"])  # decisions whose option is not in the text
+
+
 def feature_of(options):
     """The feature name a `pick(options)` decides, or None for decisions no demand refers to."""
-    by_list = {id(S.HERO_ADJECTIVES): "adjective", id(S.HOMES): "home", id(S.FAMILY): "family",
-               id(S.HOBBIES): "hobby", id(S.PLACES): "place", id(S.COLORS): "color", id(S.THINGS): "thing",
-               id(S.PETS): "pet", id(S.ANIMALS): "animal", id(S.TROUBLES): "trouble", id(S.OUTINGS): "outing",
-               id(S.INDOOR): "indoor", id(S.FEELINGS): "feeling", id(S.LESSONS): "lesson",
-               id(S.GIRLS): "name", id(S.BOYS): "name"}
-    if id(options) in by_list:
-        return by_list[id(options)]
-    if list(options) == ["girl", "boy"]:
+    name = _BY_LIST.get(id(options))
+    if name is not None:
+        return name
+    if options == ["girl", "boy"]:
         return "gender"
-    if list(options) == ["feeling", "lesson"]:
+    if options == ["feeling", "lesson"]:
         return "ending"
     if S.plot_animal in options:
         return "plot"
     return None
+
+
+def written_as(options, option):
+    """The words an option puts in the story (str, or the first item of a tuple such as a trouble's mood),
+    or None when the option is not written as such (a plot, feeling-or-lesson, share-or-return)."""
+    if callable(option) or options in _NOT_WRITTEN:
+        return None
+    return option[0] if isinstance(option, tuple) else option
 
 
 PLOT_OF = {"animal": "plot_animal", "pet": "plot_lost_pet", "thing": "plot_found", "outing": "plot_rain"}
@@ -160,31 +172,48 @@ def write_story(demands, seed):
 # parsing and checking
 
 
+class _Choices(Exception):
+    """The replay needs one more decision; `viable` are the option indices still worth trying."""
+
+    def __init__(self, viable):
+        self.viable = viable
+
+
 class _Recorder(S._Replayer):
-    """Replays forced decisions; records each feature's value and whether a later sentence confirmed it."""
+    """Replays forced decisions and records each feature's value; a feature is confirmed once a sentence that
+    writes it matched the text (the plot and the ending: the next sentence, which differs for each option).
+
+    Options whose words occur nowhere in the rest of the text are not tried: that sentence could not match.
+    """
 
     def __init__(self, target, forced):
         super().__init__(target, forced)
         self.pending, self.confirmed = {}, {}
 
     def pick(self, options, weights=None):
+        if self.i == len(self.forced):
+            rest = self.target[self.pos:]
+            raise _Choices([k for k, o in enumerate(options)
+                            if (w := written_as(options, o)) is None or w in rest])
         value = super().pick(options, weights)
         name = feature_of(options)
         if name is not None:
-            self.pending[name] = value.__name__ if name == "plot" else value
+            self.pending[name] = (value.__name__ if name == "plot" else value, written_as(options, value))
         return value
 
     def say(self, text):
         super().say(text)  # raises _Mismatch when the text stops matching
-        self.confirmed.update(self.pending)  # a sentence after the decision matched: the decision is read
-        self.pending = {}
+        for name, (value, words) in list(self.pending.items()):
+            if words is None or words in text:
+                self.confirmed[name] = value
+                del self.pending[name]
 
 
 def parse(text, max_paths=200_000):
     """-> (features, complete): the features of the longest prefix of `text` the grammar writes, and
     whether the whole text is exactly one story of the grammar. Depth-first over decisions, as
     `stories.derivations`. When several decision paths match the same longest prefix, only the features
-    on which they all agree count (e.g. the indoor game of a rain story cut before its sentence).
+    on which they all agree count.
     """
     best_pos, best = -1, {}
     stack, n = [[]], 0
@@ -194,9 +223,10 @@ def parse(text, max_paths=200_000):
         r = _Recorder(text, forced)
         try:
             S.story(r)
-        except S._Branch as b:
-            stack.extend(forced + [k] for k in reversed(range(b.n)))
-            continue
+        except _Choices as c:
+            if c.viable:
+                stack.extend(forced + [k] for k in reversed(c.viable))
+                continue
         except S._Mismatch:
             pass
         else:

@@ -1,0 +1,276 @@
+"""Command line of post-training: `llama3np sft | rm | rs | dpo | ppo | average` and `llama3np posttrain demo`.
+
+    llama3np sft --model runs/base --data chats.jsonl --out runs/sft        # {"messages": [...]} per line
+    llama3np rm  --model runs/sft --data prefs.jsonl --out runs/rm           # {"prompt","chosen","rejected"}
+    llama3np rs  --model runs/sft --reward-model runs/rm --data prompts.jsonl --out runs/rs --k 8
+    llama3np dpo --model runs/sft --data prefs.jsonl --out runs/dpo [--ref runs/sft] [--beta 0.1 --nll-coef 0.2]
+    llama3np ppo --model runs/dpo --reward-model runs/rm --data prompts.jsonl --out runs/ppo
+    llama3np average --model runs/a --model runs/b --out runs/avg
+    llama3np posttrain demo [--fast]
+
+Each `func(args)` returns an exit code and raises ValueError/FileNotFoundError for bad input (the main
+CLI prints those as one line). `main(argv)` runs them without the main CLI (tests).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_policy(path):
+    """A policy from a folder: a stage run (ours, possibly with extra weights) or anything llama3np.load reads."""
+    from .stage import load_stage_model
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no model at {p}")
+    cfg = p / "config.json"
+    if p.is_dir() and cfg.exists() and "stage" in json.loads(cfg.read_text()):
+        return load_stage_model(p)[0]
+    from ..formats import load
+
+    model = load(p)
+    if model.tokenizer is None:
+        raise ValueError(f"{p}: the model has no tokenizer; post-training needs one for the chat format")
+    return model
+
+
+def _fmt(model):
+    from ..tokenizer import ChatFormat
+
+    return ChatFormat(model.tokenizer)
+
+
+def _prompt_rows(fmt, rows, path, max_seq_len):
+    out = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{path}, row {i}"
+        if "prompt" in row:
+            prompt = row["prompt"]
+            dialog = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        elif "messages" in row:
+            dialog = [m for m in row["messages"] if m.get("role") != "assistant"] or row["messages"]
+        else:
+            raise ValueError(f"{where}: expected a 'prompt' or 'messages' key")
+        if not isinstance(dialog, list) or not dialog:
+            raise ValueError(f"{where}: the prompt must be a string or a non-empty list of messages")
+        ids = fmt.encode_dialog_prompt(dialog)
+        if len(ids) >= max_seq_len:
+            raise ValueError(f"{where}: the prompt has {len(ids)} tokens, no room to reply within "
+                             f"max_seq_len={max_seq_len}")
+        out.append(ids)
+    return out
+
+
+def _pairs(fmt, path, max_seq_len):
+    from .data import preference_example, read_jsonl
+
+    pairs = []
+    for i, row in enumerate(read_jsonl(path), start=1):
+        p = preference_example(fmt, row, max_seq_len, where=f"{path}, row {i}")
+        pairs.append((p.prompt, p.chosen, p.rejected))
+    return pairs
+
+
+def cmd_sft(a):
+    from .data import read_jsonl, sft_example
+    from .sft import train_sft
+
+    model = load_policy(a.model)
+    fmt = _fmt(model)
+    examples = [sft_example(fmt, row.get("messages"), model.args.max_seq_len, where=f"{a.data}, row {i}")
+                for i, row in enumerate(read_jsonl(a.data), start=1)]
+    recs = train_sft(model, examples, a.out, a.steps, a.batch_size, a.lr, a.seed, a.save_every, a.resume, progress=True)
+    print(f"sft: {len(examples)} dialogs, {a.steps} steps, last loss {recs[-1]['loss']:.4f}; run folder {a.out}")
+    return 0
+
+
+def cmd_rm(a):
+    from .reward_model import RewardModel, train_rm
+
+    model = load_policy(a.model)
+    pairs = _pairs(_fmt(model), a.data, model.args.max_seq_len)
+    rm = RewardModel(model, seed=a.seed)
+    recs = train_rm(rm, pairs, a.out, a.steps, a.batch_size, a.lr, a.seed, a.save_every, a.resume, progress=True)
+    print(f"rm: {len(pairs)} pairs, {a.steps} steps, last accuracy {recs[-1]['accuracy']:.3f}; run folder {a.out}")
+    return 0
+
+
+def cmd_rs(a):
+    import numpy as np
+
+    from .data import read_jsonl, write_jsonl
+    from .rejection_sampling import sample_replies, score_replies, winners
+    from .reward_model import load_reward_model
+
+    policy = load_policy(a.model)
+    rm = load_reward_model(a.reward_model)
+    if rm.args.vocab_size != policy.args.vocab_size:
+        raise ValueError(f"the reward model's vocabulary ({rm.args.vocab_size}) differs from the policy's "
+                         f"({policy.args.vocab_size})")
+    fmt = _fmt(policy)
+    rows = read_jsonl(a.data)
+    prompts = _prompt_rows(fmt, rows, a.data, policy.args.max_seq_len)
+    replies, _ = sample_replies(policy, prompts, a.k, a.max_new_tokens, seed=a.seed)
+    scores = score_replies(rm, prompts, replies)
+    tok = policy.tokenizer
+    out = []
+    for row, (ids, mask), in zip(rows, winners(prompts, replies, scores, tok.eot_id)):
+        reply = tok.decode([t for t, m in zip(ids, mask) if m and t != tok.eot_id])
+        prompt = row.get("prompt")
+        dialog = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+            [m for m in row.get("messages", prompt) if m.get("role") != "assistant"]
+        out.append({"messages": dialog + [{"role": "assistant", "content": reply}]})
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    write_jsonl(Path(a.out) / "winners.jsonl", out)
+    print(f"rs: best of {a.k} for {len(prompts)} prompts (mean best RM score {float(np.max(scores, 1).mean()):.3f}); "
+          f"{len(out)} winners in {Path(a.out) / 'winners.jsonl'} (SFT data: llama3np sft --data ...)")
+    return 0
+
+
+def cmd_dpo(a):
+    from .dpo import pairs_reference_logps, train_dpo
+
+    model = load_policy(a.model)
+    ref = load_policy(a.ref or a.model)
+    pairs = _pairs(_fmt(model), a.data, model.args.max_seq_len)
+    ref_lp = pairs_reference_logps(ref, pairs, mask_eot=not a.eot_in_mask, policy=model)
+    recs = train_dpo(model, pairs, ref_lp, a.out, a.steps, a.batch_size, a.lr, a.beta, a.nll_coef, a.seed,
+                     a.save_every, a.resume, progress=True, mask_eot=not a.eot_in_mask,
+                     label_smoothing=a.label_smoothing, loss_type=a.loss_type)
+    print(f"dpo: {len(pairs)} pairs, {a.steps} steps, rewards/accuracies {recs[-1]['rewards/accuracies']:.3f}, "
+          f"rewards/margins {recs[-1]['rewards/margins']:.3f}; run folder {a.out}")
+    return 0
+
+
+def cmd_ppo(a):
+    from .data import read_jsonl
+    from .ppo import PPOConfig, train_ppo
+    from .reward_model import RewardModel, load_reward_model
+
+    policy = load_policy(a.model)
+    ref = load_policy(a.ref or a.model)
+    rm = load_reward_model(a.reward_model)
+    value = load_reward_model(a.value_model or a.reward_model)
+    value = RewardModel(value.model, score=value.score)
+    for name, m in (("reward model", rm), ("value model", value)):
+        if m.args.vocab_size != policy.args.vocab_size:
+            raise ValueError(f"the {name}'s vocabulary ({m.args.vocab_size}) differs from the policy's "
+                             f"({policy.args.vocab_size})")
+    prompts = _prompt_rows(_fmt(policy), read_jsonl(a.data), a.data, policy.args.max_seq_len)
+    cfg = PPOConfig(iterations=a.iterations, batch_size=a.batch_size, mini_batch_size=a.mini_batch_size,
+                    lr=a.lr, max_new_tokens=a.max_new_tokens, kl_estimator=a.kl_estimator,
+                    init_kl_coef=a.kl_coef, target_kl=a.target_kl, seed=a.seed)
+    recs = train_ppo(policy, value, ref, rm, prompts, a.out, cfg, resume=a.resume, progress=True,
+                     save_every=a.save_every)
+    print(f"ppo: {a.iterations} iterations, objective/scores {recs[-1]['objective/scores']:.3f}, "
+          f"objective/kl {recs[-1]['objective/kl']:.3f}; run folder {a.out}")
+    return 0
+
+
+def cmd_average(a):
+    from ..formats import save
+    from .averaging import average_models
+
+    if len(a.model) < 2:
+        raise ValueError("give at least two --model folders to average")
+    models = [load_policy(m) for m in a.model]
+    avg = average_models(models, a.weights)
+    save(avg, a.out, format="llama3np")
+    print(f"averaged {len(models)} models into {a.out}")
+    return 0
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+
+    run_demo(a.out, model=a.model, fast=a.fast, progress=not a.fast)
+    return 0
+
+
+def add_subcommands(subparsers):
+    def common(p, data_help, lr):
+        p.add_argument("--model", required=True, help="the starting model: a run folder or a checkpoint folder")
+        p.add_argument("--data", required=True, help=data_help)
+        p.add_argument("--out", required=True, help="the run folder to write")
+        p.add_argument("--steps", type=int, default=100)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--save-every", type=int, default=50)
+        p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+
+    p = subparsers.add_parser("sft", help="supervised fine-tuning on chats ({'messages': [...]} JSONL)")
+    common(p, "JSONL, one {'messages': [...]} per line; the loss is on assistant turns", 3e-4)
+    p.set_defaults(func=cmd_sft)
+    p = subparsers.add_parser("rm", help="train a reward model on preference pairs")
+    common(p, "JSONL, one {'prompt', 'chosen', 'rejected'} per line", 3e-4)
+    p.set_defaults(func=cmd_rm)
+    p = subparsers.add_parser("dpo", help="direct preference optimisation")
+    common(p, "JSONL, one {'prompt', 'chosen', 'rejected'} per line", 1e-4)
+    p.add_argument("--ref", help="the reference model (default: --model)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--nll-coef", type=float, default=0.2, help="Llama 3's NLL term on the chosen replies")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="> 0: cDPO")
+    p.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid")
+    p.add_argument("--eot-in-mask", action="store_true", help="count <|eot_id|> in the log-probs (ablation)")
+    p.set_defaults(func=cmd_dpo)
+
+    p = subparsers.add_parser("rs", help="rejection sampling: best of K replies by a reward model -> SFT data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--reward-model", required=True, help="a run folder of `llama3np rm`")
+    p.add_argument("--data", required=True, help="JSONL of {'prompt': ...} (or {'messages': [...]})")
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_rs)
+
+    p = subparsers.add_parser("ppo", help="PPO against a reward model with a KL penalty to a reference")
+    p.add_argument("--model", required=True)
+    p.add_argument("--reward-model", required=True)
+    p.add_argument("--value-model", help="a reward model run to start the value model from (default: --reward-model)")
+    p.add_argument("--ref", help="the KL reference (default: --model)")
+    p.add_argument("--data", required=True, help="JSONL of {'prompt': ...}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mini-batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1")
+    p.add_argument("--kl-coef", type=float, default=0.05)
+    p.add_argument("--target-kl", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_ppo)
+
+    p = subparsers.add_parser("average", help="average the weights of models fine-tuned from one start")
+    p.add_argument("--model", action="append", required=True, help="repeat for each model")
+    p.add_argument("--weights", type=float, nargs="*", help="one weight per model (default equal)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_average)
+
+    p = subparsers.add_parser("posttrain", help="post-training demos")
+    sub = p.add_subparsers(dest="posttrain_command", required=True)
+    d = sub.add_parser("demo", help="SFT -> RM -> RS -> DPO -> PPO on a tiny story model, with the ground truth")
+    d.add_argument("--out", default="runs/posttrain")
+    d.add_argument("--model", help="a pre-trained story model (default: pre-train one first, ~3 min)")
+    d.add_argument("--fast", action="store_true", help="a tiny run of a minute (for tests)")
+    d.set_defaults(func=cmd_demo)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="llama3np", description=__doc__.splitlines()[0])
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"llama3np {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

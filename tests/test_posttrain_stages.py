@@ -1,0 +1,129 @@
+"""The stages as run folders: exact resume after a crash, logs with TRL's names, the command line, the
+demo's fast mode, and the small pieces (averaging, best-of-N KL, the adaptive KL controller)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import llama3np
+from llama3np.posttrain import averaging, rejection_sampling as RS
+from llama3np.posttrain import sft as sft_mod
+from llama3np.posttrain.ppo import AdaptiveKLController
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from llama3np.data import stories, train_bpe
+
+    texts, _ = stories.corpus(200, seed=0)
+    return train_bpe("\n\n".join(texts), 600)
+
+
+def small_model(tok, seed=0):
+    args = llama3np.ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, hidden_dim=48,
+                              max_seq_len=128)
+    m = llama3np.Transformer(args, seed=seed)
+    m.tokenizer = tok
+    return m
+
+
+def sft_data(tok, n=6):
+    from llama3np.posttrain.data import sft_example
+    from llama3np.tokenizer import ChatFormat
+
+    fmt = ChatFormat(tok)
+    return [sft_example(fmt, [{"role": "user", "content": f"Write story {i}."},
+                              {"role": "assistant", "content": "Once upon a time, there was a kind girl named Mia."}])
+            for i in range(n)]
+
+
+def test_sft_resumed_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tok, tmp_path, monkeypatch):
+    data = sft_data(tok)
+    whole = small_model(tok)
+    sft_mod.train_sft(whole, data, tmp_path / "whole", steps=5, batch_size=2, save_every=2)
+    crashed = small_model(tok)
+    real, calls = sft_mod.sft_loss_and_grads, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # step 4: after the checkpoint of step 2, before the one of step 4
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft_mod, "sft_loss_and_grads", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sft_mod.train_sft(crashed, data, tmp_path / "crashed", steps=5, batch_size=2, save_every=2)
+    monkeypatch.setattr(sft_mod, "sft_loss_and_grads", real)
+    resumed = small_model(tok, seed=9)  # other weights: everything must come from the checkpoint
+    with pytest.raises(ValueError, match="--resume"):
+        sft_mod.train_sft(resumed, data, tmp_path / "crashed", steps=5, batch_size=2, save_every=2)
+    sft_mod.train_sft(resumed, data, tmp_path / "crashed", steps=5, batch_size=2, save_every=2, resume=True)
+    for name in whole.params:
+        np.testing.assert_array_equal(whole.params[name], resumed.params[name], err_msg=name)
+    logs = [json.loads(line) for line in (tmp_path / "crashed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5], "steps redone after the crash are logged once"
+    assert llama3np.load(tmp_path / "crashed").params["norm.weight"].tolist() == whole.params["norm.weight"].tolist()
+
+
+def test_averaging_is_the_weighted_mean_and_rejects_mismatches(tok):
+    a, b = small_model(tok, 0), small_model(tok, 1)
+    avg = averaging.average_params([a.params, b.params], [3, 1])
+    np.testing.assert_allclose(avg["norm.weight"], 0.75 * a.params["norm.weight"] + 0.25 * b.params["norm.weight"])
+    with pytest.raises(ValueError, match="other weights"):
+        averaging.average_params([a.params, {"x": np.zeros(2)}])
+
+
+def test_best_of_n_kl_is_under_the_bound_and_exact_for_distinct_scores():
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal(64)
+    for n in (1, 2, 4, 8, 16):
+        kl = RS.best_of_n_kl(s, n)
+        bound = RS.best_of_n_kl_bound(n)
+        assert kl <= bound + 1e-12
+    # distinct scores over a pool of K: KL -> log n - (n-1)/n as K grows
+    assert RS.best_of_n_kl(np.arange(100000.0), 4) == pytest.approx(math.log(4) - 0.75, abs=1e-3)
+    assert RS.best_of_n_kl(np.zeros(10), 8) == 0.0, "all tied: best-of-n is the policy"
+
+
+def test_adaptive_kl_controller_pulls_harder_over_budget():
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10)
+    assert c.update(12.0) == pytest.approx(0.1 * 1.02)  # error clipped to +0.2, times 1/10
+    c2 = AdaptiveKLController(0.1, target=6.0, horizon=10)
+    assert c2.update(5.4) == pytest.approx(0.1 * (1 - 0.01))  # 10% under: -0.1, times 1/10
+
+
+def test_cli_sft_and_bad_data(tok, tmp_path, capsys):
+    from llama3np.formats import save
+    from llama3np.posttrain.cli import main
+
+    save(small_model(tok), tmp_path / "base", format="llama3np")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                       {"role": "assistant", "content": "Once upon a time."}]})
+                              for _ in range(3)) + "\n")
+    assert main(["sft", "--model", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path / "s"),
+                 "--steps", "2", "--batch-size", "2"]) == 0
+    assert (tmp_path / "s" / "log.jsonl").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
+    assert main(["dpo", "--model", str(tmp_path / "s"), "--data", str(bad), "--out", str(tmp_path / "d")]) == 2
+    assert "row 1: chosen and rejected are the same text" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_fast_mode_runs_every_stage(tmp_path):
+    from llama3np.posttrain.demo import FAST, run_demo
+
+    import copy
+    cfg = copy.deepcopy(FAST)
+    table, figures = run_demo(tmp_path / "demo", cfg=cfg, stream=open("/dev/null", "w"))
+    assert [row[0] for row in table] == ["pre-trained", "SFT", "rejection sampling", "DPO", "PPO"]
+    log = [json.loads(line) for line in (tmp_path / "demo" / "ppo" / "log.jsonl").read_text().splitlines()]
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg", "val/ratio"):
+        assert key in log[0]
+    dpo = json.loads((tmp_path / "demo" / "dpo" / "log.jsonl").read_text().splitlines()[0])
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert key in dpo
+    assert dpo["rewards/margins"] == 0 and dpo["loss"] == pytest.approx(math.log(2) + 0.2 * dpo["nll_loss"])
+    assert (tmp_path / "demo" / "score_vs_kl.png").exists()
