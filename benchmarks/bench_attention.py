@@ -125,6 +125,7 @@ def main():
         impls = ["c", "numpy"]
         print("torch not installed: comparing with NumPy only")
     print(ENV_NOTE)
+    print(_env.machine_note())
     print(f"attention forward+backward, B={B}, heads={H}, kv_heads={KV}, T={T}, head_dim={hd}, causal; "
           f"best of {cli.repeat}, interleaved; micro-kernel {kernels.isa()}")
     q, k, v, dout = inputs(B, H, KV, T, hd)

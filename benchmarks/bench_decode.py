@@ -34,6 +34,7 @@ def main():
     import transformers
 
     print(ENV_NOTE)
+    print(_env.machine_note())
     print(f"llama3np backend: {backend.get_backend()}" + (f" (micro-kernel {kernels.isa()})" if kernels.available() else ""))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; greedy, float32, batch 1, "
           f"prompt {cli.prompt_len} tokens, {cli.new} new tokens, best of {cli.repeat}")

@@ -79,6 +79,7 @@ def main():
     if not kernels.available():
         raise SystemExit(f"C kernels not built: {kernels.import_error}")
     print(ENV_NOTE)
+    print(_env.machine_note())
     print(f"micro-kernel: {kernels.isa()}; timings: best of {cli.repeat}, ours and OpenBLAS interleaved")
     cases = [] if cli.decode_only else shapes(np.random.default_rng(0))
     for n in cli.threads:

@@ -74,6 +74,7 @@ def main():
     import transformers
 
     print(ENV_NOTE)
+    print(_env.machine_note())
     print(f"llama3np backend: {backend.get_backend()}" + (f" (micro-kernel {kernels.isa()})" if kernels.available() else ""))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; float32, best of {cli.repeat}")
     for n in cli.threads:

@@ -36,6 +36,7 @@ def main():
     tokens = rng.integers(0, args.vocab_size, size=(cli.batch, cli.seq))
     targets = rng.integers(0, args.vocab_size, size=(cli.batch, cli.seq))
     print(ENV_NOTE)
+    print(_env.machine_note())
     print(f"training step of `small` (dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads / "
           f"{args.n_kv_heads} kv heads), batch {cli.batch} x {cli.seq} tokens; best of {cli.repeat}; "
           f"micro-kernel {kernels.isa()}")

@@ -21,15 +21,23 @@ ATTENTION_SHAPE = (1, 8, 2, 256, 64)  # B, heads, kv heads, T, head_dim: GQA, ca
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor())."""
+    """The CPU's model name, with x86's family and model numbers (Linux /proc/cpuinfo; elsewhere
+    platform.processor()), e.g. "Intel(R) Xeon(R) Processor (family 6, model 207)"."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.lower().startswith(("model name", "cpu model", "hardware")):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                fields.setdefault(key, value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or fields.get("cpu model") or fields.get("hardware") or platform.processor()
+    if "cpu family" in fields and "model" in fields:
+        name = f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name or "unknown"
 
 
 def facts() -> dict:
