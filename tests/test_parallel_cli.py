@@ -84,3 +84,12 @@ def test_a_finished_parallel_run_resumed_says_so_and_changes_nothing(tmp_path, c
     err = capsys.readouterr().err
     assert "is finished: step 2 of 2" in err and "goodput" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # parallel.json, log.jsonl: untouched
+
+
+def test_parallel_train_refuses_doc_mask_in_one_line(tmp_path, capsys):
+    """Document masks are a single-process option for now: parallel train says so instead of ignoring it."""
+    from llama3np.cli import main
+
+    rc = main(["parallel", "train", "--out", str(tmp_path / "p"), "--dp", "2", "--steps", "2", "--doc-mask"])
+    assert rc == 2 and "--doc-mask" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -184,14 +184,35 @@ def _nan_at(steps_with_nan):
     real = train_mod.compute_loss_and_grads
     calls = {"n": 0}
 
-    def fake(model, x, y):
-        loss, grads = real(model, x, y)
+    def fake(model, x, y, doc_ids=None):
+        loss, grads = real(model, x, y, doc_ids)
         calls["n"] += 1
         if calls["n"] in steps_with_nan:
             grads["norm.weight"][0] = np.nan
         return loss, grads
 
     return fake
+
+
+def test_document_masked_pretraining_passes_each_rows_documents_to_the_model(tmp_path, monkeypatch):
+    """--doc-mask: every micro-batch's loss is taken with doc_ids that start a new document at each BOS
+    (so a story never attends to the one before it), the run trains, and it differs from a plain run."""
+    real, seen = train_mod.compute_loss_and_grads, []
+
+    def spy(model, x, y, doc_ids=None):
+        seen.append((x.copy(), doc_ids))
+        return real(model, x, y, doc_ids)
+
+    monkeypatch.setattr(train_mod, "compute_loss_and_grads", spy)
+    masked = train(micro_config(tmp_path / "masked", doc_mask=True, steps=4, seq_len=64), log=quiet)
+    bos = masked.tokenizer.bos_id
+    for x, doc_ids in seen:
+        assert doc_ids is not None and doc_ids.shape == x.shape
+        starts = np.diff(doc_ids, axis=1, prepend=0) == 1  # where a new document begins
+        np.testing.assert_array_equal(starts, x == bos)
+    assert any((x[:, 1:] == bos).any() for x, _ in seen), "some row holds the start of a second story"
+    plain = train(micro_config(tmp_path / "plain", steps=4, seq_len=64), log=quiet)
+    assert any(not np.array_equal(masked.params[k], plain.params[k]) for k in plain.params)
 
 
 def test_a_nan_gradient_skips_the_step_and_is_logged(tmp_path, monkeypatch):
@@ -223,8 +244,8 @@ def test_a_loss_spike_far_above_the_recent_mean_is_skipped(tmp_path, monkeypatch
     real = train_mod.compute_loss_and_grads
     calls = {"n": 0}
 
-    def spiky(model, x, y):
-        loss, grads = real(model, x, y)
+    def spiky(model, x, y, doc_ids=None):
+        loss, grads = real(model, x, y, doc_ids)
         calls["n"] += 1
         return (loss * 10 if calls["n"] == 7 else loss), grads
 

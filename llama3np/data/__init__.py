@@ -7,9 +7,9 @@
 The loader's names are re-exported here, so `from llama3np import data; data.read_documents(...)` works.
 """
 from . import stories
-from .loader import (DOC_SEPARATOR, TEXT_SUFFIXES, DataLoader, eval_batches, get_rows, n_rows,
+from .loader import (DOC_SEPARATOR, TEXT_SUFFIXES, DataLoader, document_ids, eval_batches, get_rows, n_rows,
                      read_documents, save_arrays_atomic, tokenize_documents, train_bpe, train_val_split)
 
-__all__ = ["DOC_SEPARATOR", "TEXT_SUFFIXES", "DataLoader", "eval_batches", "get_rows", "n_rows",
+__all__ = ["DOC_SEPARATOR", "TEXT_SUFFIXES", "DataLoader", "document_ids", "eval_batches", "get_rows", "n_rows",
            "read_documents", "save_arrays_atomic", "tokenize_documents", "train_bpe", "train_val_split",
            "stories"]

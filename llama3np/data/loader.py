@@ -209,3 +209,14 @@ def eval_batches(stream, seq_len, batch_size, max_rows=None):
 def save_arrays_atomic(path, **arrays):
     """np.savez, written atomically (see llama3np.fileio)."""
     atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def document_ids(rows, bos_id):
+    """rows (B, T) of the packed stream -> (B, T) ints: which document of its row each token belongs to.
+
+    Every document starts with BOS, so the count of BOS tokens up to and including a position names
+    its document (a row that starts mid-document has id 0 until its first BOS). With these ids the
+    model's document-masked attention keeps each document to itself (`forward(..., doc_ids=...)`).
+    """
+    rows = np.asarray(rows)
+    return np.cumsum(rows == bos_id, axis=1)

@@ -134,6 +134,9 @@ def run(a):
     progress = None
     try:
         cfg, pcfg = _configs(a)
+        if cfg.doc_mask:
+            raise ValueError("--doc-mask is for `llama3np train` (one process) for now: the parallel stages "
+                             "run plain causal attention over the whole row")
         if a.comm == "mpi":
             from . import mpi
 

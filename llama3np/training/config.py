@@ -36,6 +36,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step: the effective batch is batch_size * grad_accum rows
+    doc_mask: bool = False  # documents packed in a row attend only within themselves (Llama 3's mask)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: Optional[int] = None  # None: 10% of the steps (at most 100)
@@ -254,6 +255,10 @@ def add_train_arguments(parser):
                              "(give only what changes, e.g. --steps to extend it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run already in --out (default: refuse, and keep it)")
+    parser.add_argument("--doc-mask", action="store_true", default=None,
+                        help="document-masked attention: the documents packed in a row (each starts with BOS) "
+                             "attend only within themselves, as in Llama 3's pre-training (default: off, "
+                             "plain causal attention over the whole row)")
     parser.add_argument("--final-weights-only", action="store_true",
                         help="the final checkpoint without AdamW's moments: 1/3 the size, but the run cannot be "
                              "resumed or extended from it")
@@ -313,6 +318,8 @@ def train_config(a):
         given["model_overrides"] = overrides
     if a.data is not None and not Path(a.data).exists():
         raise UsageError(f"--data: corpus path not found: {a.data}")
+    if a.doc_mask:
+        given["doc_mask"] = True
     if a.final_weights_only:
         given["final_weights_only"] = True
     runtime = dict(resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)

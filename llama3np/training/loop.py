@@ -118,9 +118,9 @@ def _sum_nll(model, x, y):
     return float(token_nll(logits, y)[0].sum())
 
 
-def compute_loss_and_grads(model, x, y):
+def compute_loss_and_grads(model, x, y, doc_ids=None):
     """One micro-batch's mean loss and gradients (a separate function so tests can inject faults)."""
-    return model.loss_and_grads(x, y)
+    return model.loss_and_grads(x, y, doc_ids=doc_ids)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,7 +340,8 @@ def train(cfg: TrainConfig, log=None, on_eval=None, on_start=None):
             loss, grads = 0.0, None
             for _ in range(cfg.grad_accum):
                 x, y = loader.next_batch()
-                l, g = compute_loss_and_grads(model, x, y)
+                doc_ids = data_mod.document_ids(x, run.tokenizer.bos_id) if cfg.doc_mask else None
+                l, g = compute_loss_and_grads(model, x, y, doc_ids)
                 loss += float(l) / cfg.grad_accum
                 if grads is None:
                     grads = g
