@@ -20,6 +20,8 @@ log P(" A" | prompt) ... log P(" D" | prompt), each the sum over the continuatio
 the FIRST (lowest) letter, as np.argmax does. The prompt starts with BOS by default (as Meta's
 evaluations do; the harness adds it only with add_bos_token=True): bos=False leaves it out.
 """
+import numpy as np
+
 from . import report
 from .scoring import PrefixCache, encode_choices, loglikelihood_full
 
@@ -41,7 +43,7 @@ def check_question(q, where="question"):
     if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
         raise TypeError(f"{where}: 'choices' must be a list of str, got {choices!r}")
     a = q["answer"]
-    if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(choices):
+    if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) or not 0 <= a < len(choices):
         raise ValueError(f"{where}: 'answer' must be an int in [0, {len(choices)}), got {a!r}")
 
 
@@ -194,8 +196,8 @@ def iter_items(model, tokenizer, questions, dev, k_shot=5, style="harness", *, l
                 else:
                     lps = [loglikelihood_full(model, ctx, c) for c in conts]
                 pred = max(range(len(lps)), key=lambda j: (lps[j], -j))  # argmax, ties -> lowest letter
-                item = dict(subject=subject, index=i, logprobs=lps, pred=pred, answer=q["answer"],
-                            correct=pred == q["answer"], n_shots=n_shots[i], n_tokens=len(ctx))
+                item = dict(subject=subject, index=i, logprobs=lps, pred=pred, answer=int(q["answer"]),
+                            correct=pred == int(q["answer"]), n_shots=n_shots[i], n_tokens=len(ctx))
                 if i in truncated:
                     item["truncated"] = True  # its prompt lost its beginning to fit the context
                 yield item

@@ -32,6 +32,7 @@ def summarize(items):
         s["correct"] += int(bool(it["correct"]))
         s["n"] += 1
     for s in subjects.values():
+        s["count"] = s["n"]  # the name for it; "n" is the statistician's
         s["accuracy"] = s["correct"] / s["n"]
         s["ci95"] = wilson_interval(s["correct"], s["n"])
     n = sum(s["n"] for s in subjects.values())
