@@ -31,6 +31,17 @@ def mix64(x):
         return x ^ (x >> np.uint64(31))
 
 
+def _mix64_inplace(x, tmp):
+    """mix64 on x in place (tmp: a scratch array of x's shape): no temporaries, so a cache-sized block
+    of (shingles, hash functions) stays in cache through all eight steps (5x faster than mix64 here)."""
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        np.right_shift(x, np.uint64(shift), out=tmp)
+        np.bitwise_xor(x, tmp, out=x)
+        if mult is not None:
+            np.multiply(x, mult, out=x)
+    return x
+
+
 def word_hashes(words):
     """Distinct words -> uint64 hashes (blake2b, stable across processes, unlike Python's hash())."""
     return np.array([int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
@@ -43,26 +54,31 @@ def shingle_hashes(texts, ngram=5):
     all its words (an empty text: one shingle of nothing), so every text has at least one."""
     docs = [simplify_text(t).split() for t in texts]
     vocab = {}
-    ids = [np.array([vocab.setdefault(w, len(vocab)) for w in d], dtype=np.int64) for d in docs]
-    whash = word_hashes(list(vocab)) if vocab else np.zeros(0, np.uint64)
-    pieces = []
+    flat = np.array([vocab.setdefault(w, len(vocab)) for d in docs for w in d], dtype=np.int64)
+    h = word_hashes(list(vocab))[flat] if len(flat) else np.zeros(0, np.uint64)  # (W,) all words in a row
+    n_words = np.array([len(d) for d in docs], dtype=np.int64)
+    starts = np.r_[0, np.cumsum(n_words)[:-1]]
+    n_shingles = np.maximum(n_words - ngram + 1, 1)
+    # every n-gram of the whole row at once: shingle i covers words i..i+ngram-1
+    L = max(len(h) - ngram + 1, 0)
+    acc = np.full(L, ngram, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for d in ids:
-            h = whash[d]
-            if len(h) < ngram:  # the whole short text as one shingle
-                acc = np.uint64(len(h))
-                for x in h:
-                    acc = mix64(acc * _GOLDEN + x)
-                pieces.append(np.array([acc], dtype=np.uint64))
-                continue
-            n = len(h) - ngram + 1
-            acc = np.full(n, ngram, dtype=np.uint64)
-            for k in range(ngram):  # hash of (w_i, ..., w_{i+n-1}) for every i at once
-                acc = mix64(acc * _GOLDEN + h[k:k + n])
-            pieces.append(acc)
-    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(p) for p in pieces])
-    return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)), offsets
+        for k in range(ngram):
+            acc = mix64(acc * _GOLDEN + h[k:k + L])
+        # keep the n-grams that lie inside one text: positions start .. start + n_words - ngram
+        long_doc = n_words >= ngram
+        pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts[long_doc], n_shingles[long_doc])] or
+                             [np.zeros(0, np.int64)])
+        out = np.empty(int(n_shingles.sum()), dtype=np.uint64)
+        offsets = np.r_[0, np.cumsum(n_shingles)]
+        is_long = np.repeat(long_doc, n_shingles)
+        out[is_long] = acc[pos]
+        for i in np.flatnonzero(~long_doc):  # the whole short text as one shingle
+            a = np.uint64(n_words[i])
+            for x in h[starts[i]:starts[i] + n_words[i]]:
+                a = mix64(a * _GOLDEN + x)
+            out[offsets[i]] = a
+    return out, offsets
 
 
 def hash_seeds(num_perm, seed=0):
@@ -76,10 +92,10 @@ def signatures(texts, num_perm=112, ngram=5, seed=0):
     return signatures_from_hashes(hashes, offsets, num_perm, seed)
 
 
-def signatures_from_hashes(hashes, offsets, num_perm=112, seed=0, chunk=1 << 15):
+def signatures_from_hashes(hashes, offsets, num_perm=112, seed=0, chunk=1024):
     """Shingle hashes (S,) uint64 with offsets (N+1,) -> (N, num_perm) signatures; every set non-empty.
-    Shingles are processed `chunk` at a time, so memory stays at chunk * num_perm * 8 bytes
-    (32K shingles x 112 -> 29 MB) whatever the corpus."""
+    Shingles are processed `chunk` at a time in two buffers of chunk * num_perm * 8 bytes (1024 x 112
+    -> 0.9 MB each: they stay in cache), so memory does not grow with the corpus beyond the signatures."""
     hashes, offsets = np.asarray(hashes, dtype=np.uint64), np.asarray(offsets, dtype=np.int64)
     n = len(offsets) - 1
     if np.any(np.diff(offsets) < 1):
@@ -87,12 +103,17 @@ def signatures_from_hashes(hashes, offsets, num_perm=112, seed=0, chunk=1 << 15)
     seeds = hash_seeds(num_perm, seed)
     sig = np.full((n, num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
     doc_of = np.repeat(np.arange(n), np.diff(offsets))  # (S,) which text owns each shingle
-    for s0 in range(0, len(hashes), chunk):
-        h = mix64(hashes[s0:s0 + chunk, None] ^ seeds[None, :])  # (c, num_perm)
-        d = doc_of[s0:s0 + chunk]
-        starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])  # each text's first row in the chunk
-        mins = np.minimum.reduceat(h, starts, axis=0)  # (texts in chunk, num_perm)
-        sig[d[starts]] = np.minimum(sig[d[starts]], mins)  # a text may straddle two chunks
+    buf, tmp = np.empty((chunk, num_perm), np.uint64), np.empty((chunk, num_perm), np.uint64)
+    with np.errstate(over="ignore"):
+        for s0 in range(0, len(hashes), chunk):
+            c = hashes[s0:s0 + chunk]
+            h = buf[:len(c)]
+            np.bitwise_xor(c[:, None], seeds[None, :], out=h)
+            _mix64_inplace(h, tmp[:len(c)])  # (c, num_perm): hash function i is mix64(shingle ^ seed_i)
+            d = doc_of[s0:s0 + chunk]
+            starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])  # each text's first row in the chunk
+            mins = np.minimum.reduceat(h, starts, axis=0)  # (texts in chunk, num_perm)
+            sig[d[starts]] = np.minimum(sig[d[starts]], mins)  # a text may straddle two chunks
     return sig
 
 
