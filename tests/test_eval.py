@@ -247,7 +247,7 @@ def test_the_k_shot_prefix_is_computed_once_per_subject():
     assert len(starts) == len(questions) + 6  # + one forward per question (single-token letters)
 
 
-def test_a_prompt_sharing_only_part_of_the_prefix_restores_the_prefix_for_the_next_one():
+def test_prompts_sharing_only_part_of_what_the_cache_holds_are_exact_one_after_another():
     model = tiny_model(np.float64)
     prefix = list(range(1, 30))
     shared = scoring.PrefixCache(model, prefix, 64, rows=2)
@@ -495,7 +495,7 @@ MODEL64 = tiny_model(np.float64, seed=4, max_seq_len=256)
        conts=st.lists(st.lists(st.integers(0, 511), min_size=1, max_size=3), min_size=1, max_size=4))
 def test_prefix_cache_equals_full_recomputation_for_any_prompts(prefix, shared, tail, conts):
     """Any prefix, any context sharing any part of it, any continuations (1-3 tokens): the cached
-    log-likelihoods equal full recomputations to 1e-12 (float64), twice in a row (the prefix is restored)."""
+    log-likelihoods equal full recomputations to 1e-12 (float64), twice in a row, then for the prefix + 1 token."""
     cache = scoring.PrefixCache(MODEL64, prefix, 40, rows=4)
     context = prefix[:shared] + tail
     want = [scoring.loglikelihood_full(MODEL64, context, c) for c in conts]

@@ -15,6 +15,7 @@ Why the cache is exact: a causal transformer's keys and values at position t dep
 the same keys and values in every prompt, and computing them once changes nothing but the time.
 Per prompt only the question's own tokens are run; the four answers are then a batch of four rows that
 share the question's keys and values (copied into rows 1..3), one token each or a few for longer labels.
+More generally the cache keeps the last prompt and the next one reuses the longest prefix they share.
 """
 import inspect
 
@@ -96,51 +97,62 @@ def loglikelihood_full(model, context_ids, continuation_ids):
 
 
 class PrefixCache:
-    """A KV cache whose first P positions hold a fixed prefix, reused by every prompt that starts with it.
+    """A KV cache that holds the keys and values of the last prompt; the next prompt reuses the part it
+    shares with it (its longest common prefix) and runs only the rest.
 
-    cache.cache_k[l] is (rows, n_kv_heads, max_len, head_dim). Row 0 is where each prompt's own tokens go
-    (positions P.. onwards, overwritten by the next prompt; stale positions beyond the current one are
-    never read, because a forward at start_pos attends to positions < start_pos + T only). Rows 1.. get
-    the prefix once, and the question's positions per prompt, so the continuations can run as a batch.
-    A prompt that shares only L < P tokens with the prefix (a different tokenization at the boundary, a
-    left-out shot) is still exact: it reuses positions < L and the prefix is restored afterwards.
+    Built with the k-shot prefix of a subject (BOS, header, shots), which is computed once: every prompt of
+    the subject starts with it, so per prompt only the question's own tokens are run. A prompt that shares
+    less (another tokenization at the boundary, leave-one-out shots) is still exact: it reuses what it
+    shares with the previous prompt, whatever that is. Positions beyond the current prompt hold stale
+    keys/values that are never read (a forward at start_pos attends to positions < start_pos + T only).
+
+    cache.cache_k[l] is (rows, n_kv_heads, max_len, head_dim). Prompts run on row 0; rows 1.. receive a copy
+    of row 0 (only the positions they lack) when the continuations are several tokens and run as a batch.
     """
 
     def __init__(self, model, prefix_ids, max_len, rows=1):
-        prefix_ids = [int(t) for t in prefix_ids]  # may be empty (0-shot, no header, no BOS)
         if max_len > model.args.max_seq_len:
             raise ValueError(f"prompts of up to {max_len} tokens do not fit the model's context of "
                              f"{model.args.max_seq_len} tokens (max_seq_len)")
-        self.model, self.prefix, self.rows = model, prefix_ids, rows
+        self.model, self.rows = model, rows
         self.cache = model.new_cache(rows, max_len)
-        self.n_prefix_forwards = 0  # how often the prefix was (re)computed, for the tests and the report
-        self._fill(0)
-
-    def _copy_row0(self, start, stop):
-        """Rows 1.. get row 0's keys and values at positions start..stop-1 (a copy, not a recomputation)."""
-        if self.rows > 1 and stop > start:
-            for layer_cache in (*self.cache.cache_k, *self.cache.cache_v):
-                layer_cache[1:, :, start:stop] = layer_cache[:1, :, start:stop]
-
-    def _fill(self, start):
-        """(Re)compute the prefix's positions start..P-1 in row 0, then copy them to the other rows."""
-        P = len(self.prefix)
-        if start < P:
-            forward_logits(self.model, np.array([self.prefix[start:]]), start, self.cache, last_only=True)
-            self._copy_row0(start, P)
-            self.n_prefix_forwards += 1
+        self.tokens = []  # the tokens whose keys/values row 0 holds, from position 0
+        self.rows_valid = 0  # how many of them rows 1.. hold too
+        self.n_forwards = 0  # forwards run on row 0, for the tests
+        prefix_ids = [int(t) for t in prefix_ids]  # may be empty (0-shot, no header, no BOS)
+        if prefix_ids:
+            self._run(prefix_ids)  # the shared prefix, once
 
     def shared_length(self, context_ids):
-        """How many leading tokens the context shares with the prefix (at most len(context) - 1: the last
-        context token must be run to get the prediction of the first continuation token)."""
-        n = min(len(self.prefix), len(context_ids) - 1)
+        """How many leading tokens the context shares with what the cache holds (at most len(context) - 1:
+        the last context token must be run to get the prediction of the first continuation token)."""
+        n = min(len(self.tokens), len(context_ids) - 1)
         for i in range(n):
-            if self.prefix[i] != context_ids[i]:
+            if self.tokens[i] != context_ids[i]:
                 return i
         return n
 
+    def _run(self, context_ids):
+        """Run the context's tokens after the shared part on row 0 -> log-probabilities (V,) of the token
+        that follows the context."""
+        L = self.shared_length(context_ids)
+        logits = forward_logits(self.model, np.array([context_ids[L:]]), L, self.cache, last_only=True)
+        self.n_forwards += 1
+        self.tokens = list(context_ids)
+        self.rows_valid = min(self.rows_valid, L)
+        return log_softmax(logits[0, -1])
+
+    def _copy_row0(self, stop):
+        """Rows 1.. get row 0's keys and values at the positions they lack, up to `stop` (a copy, not a
+        recomputation)."""
+        start = self.rows_valid
+        if self.rows > 1 and stop > start:
+            for layer_cache in (*self.cache.cache_k, *self.cache.cache_v):
+                layer_cache[1:, :, start:stop] = layer_cache[:1, :, start:stop]
+        self.rows_valid = stop
+
     def loglikelihoods(self, context_ids, continuations):
-        """[log P(cont | context) for cont in continuations] (float64), reusing the prefix's keys/values."""
+        """[log P(cont | context) for cont in continuations] (float64), reusing the cached keys/values."""
         context_ids = [int(t) for t in context_ids]
         n, longest = len(continuations), max(len(c) for c in continuations)
         S = len(context_ids)
@@ -149,20 +161,15 @@ class PrefixCache:
                              f"of {self.cache.max_seq_len} positions")
         if longest > 1 and n > self.rows:
             raise ValueError(f"{n} multi-token continuations need a cache with {n} rows, this one has {self.rows}")
-        L = self.shared_length(context_ids)
-        # the question's own tokens, on row 0, after the shared positions; only the last prediction matters
-        last = log_softmax(forward_logits(self.model, np.array([context_ids[L:]]), L, self.cache,
-                                          last_only=True)[0, -1])  # (V,)
+        last = self._run(context_ids)  # (V,): the prediction after the whole context
         out = np.array([last[c[0]] for c in continuations], dtype=np.float64)
         if longest > 1:
             # the rest of every continuation as one batch: row j holds continuation j (right-padded; a pad
-            # only influences positions after it, which are not read)
-            self._copy_row0(L, S)
+            # only influences positions after it, which are not read). Rows 1.. need the context first.
+            self._copy_row0(S)
             pad = continuations[0][0]
             rows = np.array([c[:-1] + [pad] * (longest - len(c)) for c in continuations])  # (n, longest-1)
             lp = log_softmax(forward_logits(self.model, rows, S, self.cache))  # (n, longest-1, V)
             for j, c in enumerate(continuations):
                 out[j] += sum(lp[j, t - 1, c[t]] for t in range(1, len(c)))
-        if L < len(self.prefix):
-            self._fill(L)  # this prompt overwrote prefix positions L..: put the prefix back
         return out
