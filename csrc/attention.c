@@ -122,7 +122,8 @@ static void softmax_backward_row(float *dp, const float *p, int n, float D, floa
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* AVX2 + FMA versions of the three row operations above: 8 lanes, exp as 8-wide FMA polynomials,   */
+/* AVX2 + FMA and AVX-512 versions of the three row operations above: 8 or 16 lanes, exp as FMA     */
+/* polynomials (the same Cephes coefficients),                                                      */
 /* one pass each, a ragged end through an 8-float buffer (a masked store, vmaskmovps, is microcoded */
 /* and slow on AMD's Zen). The compiler-vectorized versions are                                    */
 /* built per CPU by target_clones (the loader picks by the CPU, not by LLAMA3NP_ISA), and only with */
@@ -217,6 +218,62 @@ AVX2_FN static void softmax_backward_row_avx2(float *dp, const float *p, int n, 
     }
     for (; c < n; c++) dp[c] = p[c] * (dp[c] - D) * scale;
 }
+
+/* AVX-512: the same, 16 lanes, ragged ends by masked loads and stores (cheap here: mask registers) */
+#define AVX512_FN __attribute__((target("avx512f")))
+
+AVX512_FN static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* keeps a NaN x, as exp8 */
+    const __m512 shift = _mm512_set1_ps(12582912.0f);
+    __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift);
+    __m512 nf = _mm512_sub_ps(t, shift);
+    __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(nf, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    __m512i n = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B400000 - 127));
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
+}
+
+AVX512_FN static inline __mmask16 lanes16(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+AVX512_FN static float scale_and_max_avx512(float *s, int n, float scale, float init) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 mx = _mm512_set1_ps(init);
+    for (int c = 0; c < n; c += 16) {
+        __mmask16 m = lanes16(n - c);
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + c), sc);
+        _mm512_mask_storeu_ps(s + c, m, x);
+        mx = _mm512_mask_max_ps(mx, m, x, mx); /* a NaN x leaves mx as it was */
+    }
+    return _mm512_reduce_max_ps(mx);
+}
+
+AVX512_FN static float exp_affine_sum_avx512(float *s, int n, float a, float b) {
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < n; c += 16) {
+        __mmask16 m = lanes16(n - c);
+        __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + c), va, vb));
+        _mm512_mask_storeu_ps(s + c, m, e);
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+AVX512_FN static void softmax_backward_row_avx512(float *dp, const float *p, int n, float D, float scale) {
+    const __m512 vd = _mm512_set1_ps(D), sc = _mm512_set1_ps(scale);
+    for (int c = 0; c < n; c += 16) {
+        __mmask16 m = lanes16(n - c);
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + c), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + c), vd));
+        _mm512_mask_storeu_ps(dp + c, m, _mm512_mul_ps(x, sc));
+    }
+}
 #endif
 
 /* the row operations for each instruction set (numbering of llama3np_kernels.h) */
@@ -231,10 +288,11 @@ static const row_ops_t ROW_OPS[N_ISAS] = {
     CLONED_ROW_OPS,
 #if ATTN_X86
     {scale_and_max_avx2, exp_affine_sum_avx2, softmax_backward_row_avx2},
+    {scale_and_max_avx512, exp_affine_sum_avx512, softmax_backward_row_avx512},
 #else
     CLONED_ROW_OPS,
+    CLONED_ROW_OPS,
 #endif
-    CLONED_ROW_OPS, /* AVX-512: the avx512f clones */
     CLONED_ROW_OPS, /* NEON: the compiler's vectorization of the portable loops */
 };
 
