@@ -117,22 +117,30 @@ def test_encode_choices_moves_the_contexts_trailing_space_to_the_continuation_li
 # ----------------------------------------------------------------------------------------------------
 # toy models with known scores
 class ToyModel:
-    """Logits from a rule instead of weights. `rule(text) -> logits (V,)` sees the text of the tokens it is
-    given; the cache is empty (no layers), so the model API is: args, new_cache, forward."""
+    """Logits from a rule instead of weights: `rule(text) -> logits (V,)` at the last position, where text
+    is the whole sequence so far. Its "KV cache" holds the token ids themselves, in the layout of a real one
+    (rows, 1, positions, 1), so a wrong reuse of cached positions or a wrong row copy shows in the scores."""
 
     def __init__(self, rule, max_seq_len=100_000):
         self.args = llama3np.ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=TOK.n_words, max_seq_len=max_seq_len)
         self.rule = rule
 
     def new_cache(self, batch_size, max_seq_len=None):
-        return type("EmptyCache", (), dict(cache_k=[], cache_v=[], batch_size=batch_size,
-                                           max_seq_len=max_seq_len or self.args.max_seq_len))()
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        ids = np.zeros((batch_size, 1, max_seq_len, 1), dtype=np.int64)
+        return type("TokenCache", (), dict(cache_k=[ids], cache_v=[], batch_size=batch_size,
+                                           max_seq_len=max_seq_len))()
 
     def forward(self, tokens, start_pos=0, cache=None):
         B, T = tokens.shape
+        seq = tokens
+        if cache is not None:
+            ids = cache.cache_k[0]
+            ids[:B, 0, start_pos:start_pos + T, 0] = tokens
+            seq = ids[:B, 0, :start_pos + T, 0]
         out = np.zeros((B, T, self.args.vocab_size))
         for b in range(B):
-            out[b, -1] = self.rule(TOK.decode([t for t in tokens[b] if t < 256 + 4]))
+            out[b, -1] = self.rule(TOK.decode([int(t) for t in seq[b] if t < 256 + 4]))
         return out
 
 
@@ -151,8 +159,10 @@ def test_an_oracle_model_scores_exactly_100_percent():
     gold = {q["question"]: q["answer"] for items in questions.values() for q in items}
 
     def oracle(text):
-        # the question this text ends with (in the cached path the model only sees the question's tokens)
-        found = max(gold, key=lambda k: text.rfind(k))
+        if not text.endswith("Answer:"):  # the k-shot prefix alone: nothing is read from it
+            return np.zeros(TOK.n_words)
+        found = max(gold, key=lambda k: text.rfind(k))  # the question the prompt ends with
+        assert found in text
         return letter_logits(gold[found])
 
     r = mmlu.evaluate(ToyModel(oracle), TOK, questions, dev, k_shot=2)
