@@ -110,8 +110,10 @@ def select_shots(dev_items, question, k_shot, leave_one_out=False):
 # ----------------------------------------------------------------------------------------------------
 def _subject_prompts(tokenizer, subject, items, dev_items, k_shot, style, labels, bos, leave_one_out):
     """-> (prefix ids, [(context ids, [continuation ids])], [number of shots]) for a subject's questions."""
-    prefix = format_prefix(subject, dev_items[:k_shot], style, labels)
-    prefix_ids = tokenizer.encode(prefix, bos=bos, eos=False) if prefix else [tokenizer.bos_id]
+    # the cache starts with the first prompt's header and shots: every prompt shares them (leave-one-out:
+    # most of them; the cache then reuses whatever consecutive prompts share)
+    first_shots = select_shots(dev_items, items[0], k_shot, leave_one_out) if items else []
+    prefix_ids = tokenizer.encode(format_prefix(subject, first_shots, style, labels), bos=bos, eos=False)
     encoded, n_shots = [], []
     for q in items:
         shots = select_shots(dev_items, q, k_shot, leave_one_out)
