@@ -141,7 +141,7 @@ if __name__ == "__main__":
     ax[0].set_xlabel("N")
     ax[0].legend(loc="upper left", fontsize=7)
     ax0b.legend(loc="lower right", fontsize=7)
-    for stage, score, kl, _ in table:
+    for stage, score, kl, *_ in table:
         ax[1].scatter([kl], [score], label=stage)
     ppo = [r for r in figures["ppo_log"] if r.get("objective/true_score") is not None]
     ax[1].set_xlabel("KL(stage || SFT) per reply")

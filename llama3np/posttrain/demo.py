@@ -126,7 +126,8 @@ def preference_data(fmt, instructions, seed):
 
 
 def evaluate(model, sft_model, fmt, instructions, max_new_tokens, seed):
-    """-> dict(score, kl, eos, samples): one sampled reply (temperature 1) per instruction."""
+    """-> dict(score, kl, greedy, eos, samples): one sampled reply (temperature 1) per instruction, its
+    ground-truth score and KL from the SFT model; `greedy` is the score of the greedy replies."""
     prompts = [chat_prompt(fmt, ins) for ins in instructions]
     replies, _ = sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, seed=seed)
     tok = fmt.tokenizer
@@ -134,7 +135,9 @@ def evaluate(model, sft_model, fmt, instructions, max_new_tokens, seed):
     tokens, mask = rollout_rows(prompts, replies)
     kl = ((token_logps(model, tokens) - token_logps(sft_model, tokens)) * mask).sum(1) if sft_model is not None \
         else np.zeros(len(prompts))
-    return {"score": float(np.mean(scores)), "kl": float(np.mean(kl)),
+    greedy, _ = sample_batch(model, prompts, max_new_tokens, temperature=0.0, seed=seed)
+    greedy_score = float(np.mean([task.score(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, greedy)]))
+    return {"score": float(np.mean(scores)), "kl": float(np.mean(kl)), "greedy": greedy_score,
             "eos": float(np.mean([len(r) > 0 and r[-1] == tok.eot_id for r in replies])),
             "samples": [(ins.text, reply_text(tok, r), s) for ins, r, s in zip(instructions[:2], replies, scores)]}
 
@@ -192,8 +195,9 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     ev = lambda m, ref, s: evaluate(m, ref, fmt, eval_ins, cfg.max_new_tokens, [cfg.seed, s])
 
     def row(stage, r):
-        table.append((stage, r["score"], r["kl"], r["eos"]))
-        say(f"  {stage:22s} score {r['score']:.3f}  KL from SFT {r['kl']:7.2f}  ends with <|eot_id|> {r['eos']:.2f}"
+        table.append((stage, r["score"], r["kl"], r["eos"], r["greedy"]))
+        say(f"  {stage:22s} score {r['score']:.3f} (greedy {r['greedy']:.3f})  KL from SFT {r['kl']:7.2f}  "
+            f"ends with <|eot_id|> {r['eos']:.2f}"
             f"  ({time.perf_counter() - t0:.0f} s)")
         text, reply, sc = r["samples"][0]
         say(f"    sample: [{text}] -> {reply[:160]!r}... score {sc:.2f}")
@@ -283,8 +287,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
 
     atomic_write_bytes(out / "figures.json", json.dumps(figures, indent=1, default=float).encode())
     _plot_score_vs_kl(out, table, figures["ppo_log"])
-    say(f"\n{'stage':22s} {'score':>6s} {'KL(.||SFT)':>11s}\n" + "\n".join(
-        f"{s:22s} {sc:6.3f} {kl:11.2f}" for s, sc, kl, _ in table))
+    say(f"\n{'stage':22s} {'score':>6s} {'greedy':>6s} {'KL(.||SFT)':>11s}\n" + "\n".join(
+        f"{s:22s} {sc:6.3f} {g:6.3f} {kl:11.2f}" for s, sc, kl, _, g in table))
     say(f"wall time {figures['wall_s']:.0f} s; figures in {out / 'figures.json'}, plot {out / 'score_vs_kl.png'}")
     return table, figures
 
@@ -308,7 +312,7 @@ def _plot_score_vs_kl(out, table, ppo_log):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for stage, sc, kl, _ in table:
+    for stage, sc, kl, *_ in table:
         ax.scatter([kl], [sc], label=stage)
     ax.set_xlabel("KL(stage || SFT) per reply (nats)")
     ax.set_ylabel("ground-truth score")

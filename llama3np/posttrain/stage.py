@@ -21,6 +21,7 @@ import numpy as np
 
 from ..fileio import atomic_write_bytes
 from ..training import run_folder
+from ..training.step import RunState
 
 
 class StageRun:
@@ -44,45 +45,35 @@ class StageRun:
         self.records = []
 
     def restore(self, params, opt=None):
-        """Fill `params` (and the optimizer) from the latest good checkpoint -> (step, meta); (0, {}) if none."""
-        path, ck = run_folder.latest_checkpoint(self.dir)
-        if ck is None:
-            self._write_log([])
-            return 0, {}
-        for name, p in params.items():
-            if name not in ck["params"] or ck["params"][name].shape != p.shape:
-                raise ValueError(f"{path}: weight {name!r} is missing or has another shape")
-            p[...] = ck["params"][name]
-        if opt is not None:
-            opt.load_state_dict(ck["opt_state"])
-        step = int(ck["meta"]["step"])
-        self._write_log([r for r in self._read_log() if r.get("step", 0) <= step])  # drop steps redone
-        return step, ck["meta"]
+        """Fill `params` (and the optimizer) from the latest good checkpoint -> (step, meta); (0, {}) if none.
+
+        The log is trimmed to the restored step: steps after it will be redone and logged again."""
+        restored = run_folder.restore_run(self.dir)
+        step, meta = (0, {}) if restored is None else (restored.state.step, restored.meta)
+        if restored is not None:
+            for name, p in params.items():
+                a = restored.params.get(name)
+                if a is None or a.shape != p.shape:
+                    raise ValueError(f"{restored.path}: weight {name!r} is missing or has another shape")
+                p[...] = a  # in place: the arrays stay the model's (and the optimizer's)
+            if opt is not None:
+                opt.load_state_dict(restored.opt_state)
+        self.records = run_folder.trim_log(self.log_path, step)
+        return step, meta
 
     def save(self, step, params, opt, tokenizer, model_args, meta=None, keep=2):
-        meta = dict(meta or {}, model_args=model_args.to_dict(), stage=self.stage)
-        return run_folder.save_checkpoint(self.dir, step, params, opt.state_dict(), tokenizer.to_bytes(), meta,
-                                          keep=keep)
+        """A checkpoint of `step` through the pre-training API (training.run_folder.save_run): a stage has no
+        data loader position (its batches are a function of (seed, step)) and no spike rule."""
+        state = RunState(step=int(step), rng=np.random.default_rng(0))
+        return run_folder.save_run(self.dir, params=params, opt_state=opt.state_dict(),
+                                   tokenizer_bytes=tokenizer.to_bytes(), model_args=model_args,
+                                   loader_state={"stage": self.stage}, state=state, keep=keep,
+                                   extra=dict(meta or {}, stage=self.stage))
 
     def log(self, record):
         self.records.append(record)
         with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _read_log(self):
-        if not self.log_path.exists():
-            return []
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: everything after it is redone anyway
-        return out
-
-    def _write_log(self, records):
-        self.records = list(records)
-        atomic_write_bytes(self.log_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+            run_folder.append_log(f, record)
 
     def plot(self, keys, name="metrics.png"):
         """One panel per metric name in `keys` against the step, from log.jsonl."""
@@ -162,18 +153,16 @@ def load_stage_model(path, prefix="", dtype=np.float32):
     """The transformer stored under `prefix` in a stage's latest checkpoint (e.g. "value/" for PPO's value
     model), with the checkpoint's tokenizer -> (model, checkpoint params). `llama3np.load` reads a stage
     folder holding only a policy; this also reads the ones with extra weights (score.weight, value/...)."""
-    from ..args import ModelArgs
     from ..model import Transformer
     from ..tokenizer import Tokenizer
 
-    path, ck = run_folder.latest_checkpoint(path)
-    if ck is None:
+    restored = run_folder.restore_run(path)
+    if restored is None:
         raise FileNotFoundError(f"{path} holds no checkpoint")
-    model = Transformer(ModelArgs.from_dict(ck["meta"]["model_args"]), dtype=dtype, init=False)
-    for name, p in model.params.items():
-        a = ck["params"].get(prefix + name)
-        if a is None or a.shape != p.shape:
-            raise ValueError(f"{path}: weight {prefix + name!r} is missing or has another shape")
-        p[...] = a
-    model.tokenizer = Tokenizer.from_bytes(ck["tokenizer_bytes"], name=f"{path.name}:tokenizer")
-    return model, ck["params"]
+    model = Transformer(restored.model_args, dtype=dtype, init=False)
+    missing = [prefix + n for n in model.params if prefix + n not in restored.params]
+    if missing:
+        raise ValueError(f"{restored.path}: no weights {missing[:2]}... (expected the model's under {prefix!r})")
+    run_folder.fill_params(model, {n: restored.params[prefix + n] for n in model.params}, restored.path)
+    model.tokenizer = Tokenizer.from_bytes(restored.tokenizer_bytes, name=f"{restored.path.name}:tokenizer")
+    return model, restored.params
