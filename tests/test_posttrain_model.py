@@ -288,3 +288,30 @@ def test_ppo_policy_gradients_match_torch_autograd(transformers, torch, tmp_path
     hf_loss.backward()
     assert loss == pytest.approx(hf_loss.item(), rel=1e-4)
     assert_grads_close(grads, hf_grads_by_meta_name(hf, model))
+
+
+def test_packed_dialogs_do_not_leak_into_each_other():
+    """Two dialogs packed in one row with doc_ids: changing every token of the first leaves the second's
+    token log-probs bitwise unchanged, and the packed SFT loss equals the two dialogs' losses side by side."""
+    from llama3np.posttrain import losses as L
+    from llama3np.posttrain.sft import sft_loss_and_grads
+
+    model = tiny_model()
+    rng = np.random.default_rng(6)
+    a, b = rng.integers(0, V, 9), rng.integers(0, V, 7)
+    row = np.concatenate([a, b])[None]
+    doc_ids = np.array([[0] * 9 + [1] * 7])
+    lp = L.token_logps_forward(model.forward(row, doc_ids=doc_ids, keep=False), row)[0]
+    row2 = row.copy()
+    row2[0, :9] = (row2[0, :9] + 5) % V
+    lp2 = L.token_logps_forward(model.forward(row2, doc_ids=doc_ids, keep=False), row2)[0]
+    assert np.array_equal(lp[0, 10:], lp2[0, 10:]), "the second dialog reads nothing of the first"
+    mask = np.ones_like(row, dtype=bool)
+    mask[0, 9] = False  # the first token of the second dialog: predicted from the first dialog's last logit
+    with pytest.raises(ValueError, match="first token"):
+        sft_loss_and_grads(model, row, np.ones_like(mask), doc_ids)
+    loss, _ = sft_loss_and_grads(model, row, mask, doc_ids)
+    la = L.token_logps_forward(model.forward(a[None], keep=False), a[None])[0][0, 1:]
+    lb = L.token_logps_forward(model.forward(b[None], keep=False), b[None])[0][0, 1:]
+    # RoPE positions are absolute, so b's numbers agree up to rounding (relative positions are the same)
+    assert loss == pytest.approx(-(la.sum() + lb.sum()) / (len(la) + len(lb)), rel=1e-10)

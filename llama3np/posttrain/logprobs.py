@@ -29,9 +29,10 @@ def check_batch(model, tokens, mask, name="tokens"):
     return tokens.astype(np.int64, copy=False), mask.astype(bool)
 
 
-def forward_logits(model, tokens, keep):
-    """model.forward without a cache; keep=False holds no activations (scoring only)."""
-    return model.forward(tokens, keep=keep)
+def forward_logits(model, tokens, keep, doc_ids=None):
+    """model.forward without a cache; keep=False holds no activations (scoring only). doc_ids (B, T): several
+    examples packed in a row, each attending only to itself (document-masked attention)."""
+    return model.forward(tokens, keep=keep, doc_ids=doc_ids)
 
 
 def sequence_logps(model, tokens, mask):

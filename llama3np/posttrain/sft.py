@@ -14,10 +14,20 @@ from .logprobs import check_batch, forward_logits, pad_right
 from .stage import StageRun, run_steps, step_rng, update
 
 
-def sft_loss_and_grads(model, tokens, mask):
-    """tokens (B, T), mask (B, T) on the tokens to learn (mask[:, 0] ignored) -> (loss, grads)."""
+def sft_loss_and_grads(model, tokens, mask, doc_ids=None):
+    """tokens (B, T), mask (B, T) on the tokens to learn (mask[:, 0] ignored) -> (loss, grads).
+
+    doc_ids (B, T): dialogs packed into one row, each a run of equal ids, attending only within itself (as
+    Llama 3 packs pre-training documents); the first token of each packed dialog must be masked out (the
+    logit before it belongs to the previous dialog)."""
     tokens, mask = check_batch(model, tokens, mask)
-    logits = forward_logits(model, tokens, keep=True)
+    if doc_ids is not None:
+        doc_ids = np.asarray(doc_ids)
+        starts = np.zeros(doc_ids.shape, dtype=bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        if np.any(mask & starts):
+            raise ValueError("a packed dialog's first token is in the mask: nothing in its own dialog predicts it")
+    logits = forward_logits(model, tokens, keep=True, doc_ids=doc_ids)
     loss, cache = losses.sft_cross_entropy_forward(logits, tokens, mask)
     return loss, model.backward(losses.sft_cross_entropy_backward(1.0, cache))
 
