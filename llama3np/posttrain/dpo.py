@@ -47,9 +47,9 @@ def dpo_loss_and_grads(model, chosen, chosen_mask, rejected, rejected_mask, ref_
     dlogp = np.concatenate([dpi_c, dpi_r])[:, None] * w  # d loss / d logp per token
     metrics = losses.dpo_metrics(pi_c, pi_r, ref_c, ref_r, beta)
     n_chosen = w[:B].sum()
-    if n_chosen == 0:
-        raise ValueError("chosen_mask selects no tokens after position 0: nothing to score")
-    nll = float(-(logp[:B] * w[:B]).sum() / n_chosen)
+    if nll_coef and n_chosen == 0:
+        raise ValueError("chosen_mask selects no tokens after position 0: the NLL term is undefined")
+    nll = float(-(logp[:B] * w[:B]).sum() / n_chosen) if n_chosen else float("nan")
     metrics["nll_loss"] = nll
     if nll_coef:
         loss += nll_coef * nll
