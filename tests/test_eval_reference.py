@@ -25,6 +25,7 @@ def harness_loglikelihoods(hf, torch, ctx, conts):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", [mmlu.LETTERS, ("1", "2", "3", "4")], ids=["letters", "digits"])
 def test_four_log_likelihoods_of_every_item_match_transformers(transformers, torch, tmp_path, labels):
     args = llama3np.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=TOK.n_words, hidden_dim=64,
