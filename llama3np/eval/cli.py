@@ -191,8 +191,9 @@ def cmd_mmlu(a):
     if a.generate:
         record["unparseable"] = sum(bool(it.get("unparseable")) for it in items)
     _write_json(out_path, record)
-    print(report.format_table(summary, title=f"MMLU ({convention['style']}, {a.shots}-shot"
-                                              f"{', BOS' if not a.no_bos else ', no BOS'}): {a.model}"))
+    how = convention["style"] if a.generate else \
+        f"{a.style}, {a.shots}-shot, {'BOS' if not a.no_bos else 'no BOS'}"
+    print(report.format_table(summary, title=f"MMLU ({how}): {a.model}"))
     if a.generate:
         print(f"unparseable replies (counted wrong): {record['unparseable']} of {len(items)}")
     print(f"results: {out_path}", file=sys.stderr)
