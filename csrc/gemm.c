@@ -900,12 +900,14 @@ void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *
 /* The textbook loop: for every C[i, j] a dot product down a column of B (stride N: a cache miss
  * per step once B is larger than the cache). */
 void naive_sgemm(int M, int N, int K, const float *A, const float *B, float *C) {
+    /* BEGIN SOLUTION ex18 */
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
             float acc = 0.0f;
             for (int p = 0; p < K; p++) acc += A[(long)i * K + p] * B[(long)p * N + j];
             C[(long)i * N + j] = acc;
         }
+    /* END SOLUTION */
 }
 
 /* Loops reordered (i, p, j: B and C are read along rows) and tiled so a 64 x 256 block of B stays
