@@ -47,6 +47,9 @@ def pytest_runtest_makereport(item, call):
     if rep.when == "call" or (rep.when == "setup" and not rep.passed):
         doc = " ".join((getattr(item, "function", None).__doc__ or item.name).split()) \
             if getattr(item, "function", None) else item.name
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            doc += f" [{callspec.id}]"
         record = {"nodeid": item.nodeid, "file": item.path.name, "name": item.name, "doc": doc,
                   "max_abs": testing.RECORD["max_abs"], "max_rel": testing.RECORD["max_rel"],
                   "heatmaps": list(testing.RECORD["heatmaps"]), "message": ""}

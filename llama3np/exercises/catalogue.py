@@ -147,7 +147,7 @@ EXERCISES = (
          "If total_steps - 1 - warmup_steps <= 0 there is nothing to decay: return max_lr after the warmup."),
         "test_ex11_schedule.py"),
     Exercise(
-        "ex12", "Gradient clipping by the global norm", ("llama3np/optim.py",), ("clip_grad_norm",), 5,
+        "ex12", "Gradient clipping by the global norm", ("llama3np/optim.py",), ("clip_grad_norm", "scale_to_max_norm"), 5,
         "03_training: 3. Training",
         ("One global norm over every gradient entry, one scale factor for all arrays, applied in place; "
          "return the norm BEFORE clipping.",

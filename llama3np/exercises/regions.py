@@ -2,7 +2,7 @@
 
     # BEGIN SOLUTION ex05b        (nbgrader's delimiters; in C: /* BEGIN SOLUTION ex18 */ or // ...)
     ...
-    # END SOLUTION
+    # END SOLUTION                (C: /* END SOLUTION */)
 
 A region is a run of whole lines inside a function body. Its stub keeps the function's signature and
 docstring (they are outside the region) and raises NotImplementedError naming the exercise, so the
