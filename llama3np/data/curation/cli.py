@@ -32,14 +32,17 @@ def assemble_corpus(out, n_docs=2000, seed=0, sources=None, heldout_docs=200, lo
     from .writers import write_jsonl
 
     out = Path(out)
-    names = sources or [n for n, (present, _) in src.available_sources().items() if present]
+    names = list(sources) if sources is not None else [n for n, (p, _) in src.available_sources().items() if p]
     pool = []
     for n in names:
         pool += [(n, d) for d in src.read_source(n)]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool))
-    heldout = [pool[i] for i in order[:heldout_docs]] if pool else []
-    reference = [pool[i] for i in order[heldout_docs:2 * heldout_docs]] if pool else []
+    if not pool:  # no real text here: the grammar's prose plays every part
+        pool = [("grammar", prose(rng)) for _ in range(2 * heldout_docs)]
+        order = np.arange(len(pool))
+    heldout = [pool[i] for i in order[:heldout_docs]]
+    reference = [pool[i] for i in order[heldout_docs:2 * heldout_docs]]
     pool = [pool[i] for i in order[2 * heldout_docs:]]
     used = []
 
@@ -51,7 +54,7 @@ def assemble_corpus(out, n_docs=2000, seed=0, sources=None, heldout_docs=200, lo
     # stand-in dirty words: a real list (better-profanity's) also holds "god", "kill" and "ass", which
     # would make the King James Bible an NSFW source; the pipeline is told the stand-ins in its config
     dirty = STAND_IN_DIRTY
-    texts, labels = make_web_corpus(n_docs, seed=seed, prose_fn=real_prose if pool else prose, dirty_words=dirty)
+    texts, labels = make_web_corpus(n_docs, seed=seed, prose_fn=real_prose if names else prose, dirty_words=dirty)
     docs = [{"id": f"web{i:06d}", "text": t, "metadata": {"kind": k}} for i, (t, k) in enumerate(zip(texts, labels))]
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "corpus.jsonl", docs)
@@ -64,8 +67,7 @@ def assemble_corpus(out, n_docs=2000, seed=0, sources=None, heldout_docs=200, lo
     write_jsonl(out / "reference" / "clean.jsonl", [{"id": f"ref{i:05d}", "text": t, "metadata": {"source": n}}
                                                     for i, (n, t) in enumerate(reference)])
     cfg = {"params": {"nsfw": {"words": list(STAND_IN_DIRTY)}}}
-    if reference:
-        cfg["params"]["token_kl"] = {"reference": str((out / "reference" / "clean.jsonl").resolve())}
+    cfg["params"]["token_kl"] = {"reference": str((out / "reference" / "clean.jsonl").resolve())}
     atomic_write_bytes(out / "curate_config.json", (json.dumps(cfg, indent=1) + "\n").encode())
     counts = {k: labels.count(k) for k in sorted(set(labels))}
     log(f"wrote {len(docs)} documents to {out / 'corpus.jsonl'} (prose from: {', '.join(names) or 'the grammar'}); "
