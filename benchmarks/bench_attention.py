@@ -10,7 +10,12 @@ implementation as the rise of the peak resident set size over the resident size 
 outputs included. For NumPy, tracemalloc's peak is printed too (it sees NumPy's
 allocations, not C's or torch's).
 
-    python benchmarks/bench_attention.py [--threads 1 2] [--kv-heads 8] [--T 1024] [--repeat 5]
+With --docs N (N > 1), then the same row as N packed documents of T/N tokens (a document mask,
+kv_start): the C kernel skips the key tiles before each document, so it should take about 1/N of the
+plain causal time (no other document's keys), while NumPy still computes and masks the full T x T.
+
+    python benchmarks/bench_attention.py [--threads 1 2] [--kv-heads 8] [--T 1024] [--repeat 5] [--docs 4]
+    LLAMA3NP_BENCH_ISA=avx2 python benchmarks/bench_attention.py    # as on an AVX2 CPU (see _env.py)
 """
 import _env
 
@@ -35,16 +40,16 @@ def inputs(B, H, KV, T, hd, seed=0):
     return q, k, v, dout
 
 
-def step_fn(impl, q, k, v, dout):
-    """A function running one forward + backward with the given implementation."""
+def step_fn(impl, q, k, v, dout, kv_start=None):
+    """A function running one forward + backward with the given implementation (kv_start: C, NumPy)."""
     if impl == "c":
         def step():
-            out, lse = kernels.attention_forward(q, k, v, causal=True)
-            return kernels.attention_backward(dout, q, k, v, out, lse, causal=True)
+            out, lse = kernels.attention_forward(q, k, v, True, kv_start)
+            return kernels.attention_backward(dout, q, k, v, out, lse, True, kv_start)
     elif impl == "numpy":
         def step():
-            out, lse = ops.attention_forward(q, k, v, causal=True)
-            return ops.attention_backward(dout, q, k, v, out, lse, causal=True)
+            out, lse = ops.attention_forward(q, k, v, True, kv_start)
+            return ops.attention_backward(dout, q, k, v, out, lse, True, kv_start)
     else:
         import torch
 
@@ -110,6 +115,7 @@ def main():
     parser.add_argument("--T", type=int, default=1024)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--docs", type=int, default=1, help="also time the row as this many packed documents")
     parser.add_argument("--child", choices=["c", "numpy", "torch"], help=argparse.SUPPRESS)
     cli = parser.parse_args()
     B, H, KV, T, hd = 1, cli.heads, cli.kv_heads, cli.T, cli.head_dim
@@ -144,6 +150,16 @@ def main():
             print(f"  {impl:6s} {times[impl] * 1e3:8.1f} ms   {mem_text}")
         print(f"  C speed-up: {times['numpy'] / times['c']:.2f}x vs NumPy"
               + (f", {times['torch'] / times['c']:.2f}x vs torch" if "torch" in times else ""))
+        if cli.docs > 1:
+            doc_ids = np.minimum(np.arange(T) * cli.docs // T, cli.docs - 1)[None].repeat(B, axis=0)
+            kv_start = ops.kv_start_from_doc_ids(doc_ids)
+            packed = _env.best_of_each({"c causal": step_fn("c", q, k, v, dout),
+                                        "c packed": step_fn("c", q, k, v, dout, kv_start),
+                                        "numpy packed": step_fn("numpy", q, k, v, dout, kv_start)}, cli.repeat)
+            print(f"  {cli.docs} packed documents of ~{T // cli.docs} tokens (kv_start): C {packed['c packed'] * 1e3:.1f} ms"
+                  f" = {packed['c causal'] / packed['c packed']:.2f}x faster than one causal row of {T} "
+                  f"({packed['c causal'] * 1e3:.1f} ms); NumPy {packed['numpy packed'] * 1e3:.1f} ms"
+                  f" ({packed['numpy packed'] / packed['c packed']:.1f}x the C time)")
 
 
 if __name__ == "__main__":

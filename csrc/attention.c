@@ -423,7 +423,9 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
             }
             float mx = a->rows->scale_and_max(s + c0, c1 - c0, a->scale, w->m[r]);
             /* the online softmax: rescale what was summed under the old max to the new max */
-            float correction = expf(w->m[r] - mx); /* exp(-inf) = 0 on the first tile */
+            /* exp(-inf) = 0 on the first tile; most later tiles hold no new max (a running record is
+             * rare), and exp(0) = 1 exactly, so skip the call then */
+            float correction = mx == w->m[r] ? 1.0f : expf(w->m[r] - mx);
             float sum = a->rows->exp_affine_sum(s + c0, c1 - c0, 1.0f, mx);
             for (int c = 0; c < c0; c++) s[c] = 0.0f; /* masked: probability 0 */
             for (int c = c1; c < bc; c++) s[c] = 0.0f;
@@ -487,7 +489,7 @@ static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, floa
             if (c1[r] == c0[r]) continue;
             float *sr = s + r * BC + c0[r];
             float mx = a->rows->scale_and_max(sr, c1[r] - c0[r], a->scale, m[r]);
-            float correction = expf(m[r] - mx); /* the online softmax, as in forward_block */
+            float correction = mx == m[r] ? 1.0f : expf(m[r] - mx); /* as in forward_block */
             l[r] = l[r] * correction + a->rows->exp_affine_sum(sr, c1[r] - c0[r], 1.0f, mx);
             if (correction != 1.0f)
                 for (int d = 0; d < hd; d++) acc[r * hd + d] *= correction;
