@@ -128,10 +128,12 @@ def format_table(results, hint=1):
         e = catalogue.get(r.exercise)
         lines.append(f"{r.exercise}  {e.title}  [{mark[r.status]}]  {r.points:g}/{r.max_points} points")
         lines.append(f"  {'status':<14}{'max abs':>9} {'max rel':>9}  what it checks")
+        said = set()
         for t in r.tests:
             lines.append(f"  {mark[t['status']]:<14}{_fmt(t['max_abs']):>9} {_fmt(t['max_rel']):>9}  {t['doc']}")
-            if t["status"] != PASS and t["message"]:
+            if t["status"] != PASS and t["message"] and t["message"] not in said:
                 lines.append(f"  {'':<14}{'':>20}  -> {t['message']}")
+                said.add(t["message"])  # a stub's message once, not under every test
             for h in t.get("heatmaps") or ():
                 lines.append(f"  {'':<14}{'':>20}  heat map of the gradient error: {h}")
         if r.status == FAIL or (hint > 1 and r.status != PASS):
