@@ -63,7 +63,8 @@ def section_statistics(n_pairs, rng):
         est = minhash.estimated_jaccard(sig[0::2], sig[1::2])
         w = np.abs(est - je) <= 3 * math.sqrt(je * (1 - je) / 112)
         within.append(w)
-        print(f"   J={je:.3f}: mean estimate {est.mean():.4f}, sd {est.std():.4f} (theory {math.sqrt(je*(1-je)/112):.4f}),"
+        print(f"   J={je:.3f}: mean estimate {est.mean():.4f}, sd {est.std():.4f} "
+              f"(theory {math.sqrt(je * (1 - je) / 112):.4f}),"
               f" within 3 sd {w.mean():.4f}")
     print(f"   all {sum(map(len, within))} pairs: within 3 sd {np.mean(np.concatenate(within)):.4f} (goal >= 0.99)")
     print("== 2. LSH candidate rate vs 1-(1-J^8)^14, 14 bands x 8 rows")
@@ -173,7 +174,8 @@ def section_speed(texts, n_docs):
         je = np.array([J[2 * k, 2 * k + 1] for k in range(len(idx))])
         e_ours = np.array([minhash.estimated_jaccard(sig[a], sig[b]) for a, b in idx])
         e_theirs = np.array([mhs[a].jaccard(mhs[b]) for a, b in idx])
-        print(f"   mean |estimate - exact| on {len(idx)} near-copy pairs (mean J {je.mean():.3f}): ours {np.abs(e_ours - je).mean():.4f}, "
+        print(f"   mean |estimate - exact| on {len(idx)} near-copy pairs (mean J {je.mean():.3f}): "
+              f"ours {np.abs(e_ours - je).mean():.4f}, "
               f"datasketch {np.abs(e_theirs - je).mean():.4f}")
     filt_texts = webcorpus.varied_corpus(min(n_docs, 600), seed=2, kinds=[k for k in webcorpus.KINDS
                                                                       if k not in ("log", "code")])

@@ -101,7 +101,8 @@ def add_subcommands(subparsers):
     c.add_argument("--workers", type=int, default=1, help="processes for the per-document stages")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_curate)
-    k = sub.add_parser("corpus", help="list the real text sources here; with --out, assemble a labelled web-like corpus")
+    k = sub.add_parser("corpus", help="list the real text sources here; with --out, assemble a labelled "
+                                      "web-like corpus")
     k.add_argument("--out", help="folder for corpus.jsonl, labels.tsv, heldout/, reference/, curate_config.json")
     k.add_argument("--docs", type=int, default=2000)
     k.add_argument("--heldout", type=int, default=200, help="real documents kept out, for evaluation")

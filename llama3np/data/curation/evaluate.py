@@ -31,7 +31,8 @@ def score_run(out, labels, clean_kind="prose"):
     outcomes = read_outcomes(out)
     missing = set(labels) - set(outcomes)
     if missing:
-        raise ValueError(f"{len(missing)} labelled documents are in neither kept/ nor removed/ (e.g. {sorted(missing)[:3]})")
+        raise ValueError(f"{len(missing)} labelled documents are in neither kept/ nor removed/ "
+                         f"(e.g. {sorted(missing)[:3]})")
     table = defaultdict(Counter)
     for i, kind in labels.items():
         o = outcomes[i]

@@ -29,7 +29,8 @@ class GopherQualityFilter:
         self.max_non_alpha_words_ratio = max_non_alpha_words_ratio
         self.min_stop_words, self.stop_words = min_stop_words, set(stop_words)
         if alpha_words not in ("tokens", "whitespace"):
-            raise ValueError(f"alpha_words must be 'tokens' (datatrove) or 'whitespace' (the Gopher paper), got {alpha_words!r}")
+            raise ValueError(f"alpha_words must be 'tokens' (datatrove) or 'whitespace' (the Gopher paper), "
+                             f"got {alpha_words!r}")
         self.alpha_words = alpha_words
 
     def __call__(self, text):

@@ -8,8 +8,6 @@ epochs, is the fair comparison (a fixed compute budget).
 import json
 from pathlib import Path
 
-import numpy as np
-
 
 def _texts(path):
     return [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -116,7 +116,8 @@ def clean_wikitext(text):
     text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
     text = re.sub(r"'{2,}", "", text)
     text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.M)
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("*", "|", "!", ":", "#"))]
+    markup = ("*", "|", "!", ":", "#")  # lists, table rows, indents, numbered lists
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(markup)]
     return "\n".join(lines)
 
 

@@ -156,7 +156,8 @@ def varied_corpus(n_docs, seed=0, kinds=KINDS):
     texts = [t for t, k in zip(texts, labels) if k in kinds][:n_docs // 2]
     extras = [lambda: "#" + _pick(rng, NOUNS), lambda: "...", lambda: "…", lambda: "[1]", lambda: "[edit]",
               lambda: str(int(rng.integers(1000))), lambda: f"{rng.random() * 100:.2f}", lambda: "-",
-              lambda: "x" * int(rng.integers(990, 1010)) if rng.random() < 0.1 else "word", lambda: "javascript", lambda: "uses cookies",
+              lambda: "x" * int(rng.integers(990, 1010)) if rng.random() < 0.1 else "word",
+              lambda: "javascript", lambda: "uses cookies",
               lambda: "&", lambda: "(" + _pick(rng, NOUNS) + ")", lambda: "don't", lambda: "it's", lambda: ";"]
     while len(texts) < n_docs:
         lines = []
