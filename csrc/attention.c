@@ -459,6 +459,7 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
 /* all T query rows of the G heads of kv head g in batch b; row r is head g*G + r / T, query r % T */
 static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, float *l, int b, int g) {
     const int hd = a->hd, G = a->H / a->KV, T = a->T, R = G * T;
+    const vec_ops_t *vo = vec_ops(a->isa); /* the dot products and axpys of this ISA */
     const float *K = a->k + b * a->ks[0] + g * a->ks[1];
     const float *V = a->v + b * a->vs[0] + g * a->vs[1];
     const float *q[R];
@@ -479,10 +480,10 @@ static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, floa
             const float *k = K + (j0 + c) * ldk;
             for (int r = 0; r < R; r++) {
                 if (c >= c0[r] && c + 4 <= c1[r])
-                    vec_dot4(q[r], k, k + ldk, k + 2 * ldk, k + 3 * ldk, hd, s + r * BC + c);
+                    vo->dot4(q[r], k, k + ldk, k + 2 * ldk, k + 3 * ldk, hd, s + r * BC + c);
                 else
                     for (int cc = c < c0[r] ? c0[r] : c; cc < c + 4 && cc < c1[r]; cc++)
-                        s[r * BC + cc] = vec_dot(q[r], K + (j0 + cc) * ldk, hd);
+                        s[r * BC + cc] = vo->dot(q[r], K + (j0 + cc) * ldk, hd);
             }
         }
         for (int r = 0; r < R; r++) {
@@ -500,10 +501,10 @@ static void forward_rows(const attn_ctx *a, float *s, float *acc, float *m, floa
             const float *v = V + (j0 + c) * ldv;
             for (int r = 0; r < R; r++) {
                 if (c >= c0[r] && c + 4 <= c1[r])
-                    vec_axpy4(acc + r * hd, s + r * BC + c, v, v + ldv, v + 2 * ldv, v + 3 * ldv, hd);
+                    vo->axpy4(acc + r * hd, s + r * BC + c, v, v + ldv, v + 2 * ldv, v + 3 * ldv, hd);
                 else
                     for (int cc = c < c0[r] ? c0[r] : c; cc < c + 4 && cc < c1[r]; cc++)
-                        vec_axpy(acc + r * hd, s[r * BC + cc], V + (j0 + cc) * ldv, hd);
+                        vo->axpy(acc + r * hd, s[r * BC + cc], V + (j0 + cc) * ldv, hd);
             }
         }
     }

@@ -597,40 +597,26 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
 #define SMALL_CHUNK 256
 #define ROWS 4       /* rows of B^T per call of the GEMV kernel */
 
-VECTOR_CLONES
-float vec_dot(const float *x, const float *y, int n) {
-    float s = 0.0f;
-    /* allow this one sum to be reordered into vector lanes (-fopenmp-simd: no OpenMP runtime) */
-#pragma omp simd reduction(+ : s)
-    for (int d = 0; d < n; d++) s += x[d] * y[d];
-    return s;
-}
+/* the vector helpers (gemm.h's vec_ops_t), once per instruction set */
+#define VEC_SUFFIX portable
+#define VEC_TARGET
+#include "vec_body.h"
+#if LLAMA3NP_X86
+#define VEC_SUFFIX avx2
+#define VEC_TARGET __attribute__((target("avx2,fma")))
+#include "vec_body.h"
+#define VEC_SUFFIX avx512
+#define VEC_TARGET __attribute__((target("avx512f")))
+#include "vec_body.h"
+#endif
 
-VECTOR_CLONES
-void vec_axpy(float *y, float alpha, const float *x, int n) {
-    for (int d = 0; d < n; d++) y[d] += alpha * x[d];
-}
-
-/* out[r] = x . y_r for four rows y_r at once: four independent sums keep the FMA units busy */
-VECTOR_CLONES
-void vec_dot4(const float *x, const float *y0, const float *y1, const float *y2, const float *y3, int n,
-                     float *out) {
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int d = 0; d < n; d++) {
-        s0 += x[d] * y0[d];
-        s1 += x[d] * y1[d];
-        s2 += x[d] * y2[d];
-        s3 += x[d] * y3[d];
-    }
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
-}
-
-/* y += a0 x0 + a1 x1 + a2 x2 + a3 x3: four rows per pass over y, so y is loaded and stored 4x less */
-VECTOR_CLONES
-void vec_axpy4(float *y, const float *a, const float *x0, const float *x1, const float *x2, const float *x3,
-                      int n) {
-    for (int d = 0; d < n; d++) y[d] += a[0] * x0[d] + a[1] * x1[d] + a[2] * x2[d] + a[3] * x3[d];
+const vec_ops_t *vec_ops(int isa) {
+#if LLAMA3NP_X86
+    if (isa == 1) return &VEC_OPS_avx2;
+    if (isa == 2) return &VEC_OPS_avx512;
+#endif
+    (void)isa;
+    return &VEC_OPS_portable; /* and NEON: the arm64 baseline vectorizes with NEON */
 }
 
 /* GEMV micro-kernels for B stored transposed (the model's x @ w.T, w (N, K) row-major): out[r] =
@@ -647,7 +633,7 @@ typedef void (*dot_rows_fn)(const float *x, const float *w, long ldw, int n, int
 
 /* portable: the compiler-vectorized dot product, one row at a time */
 static void dot_rows_portable(const float *x, const float *w, long ldw, int n, int K, float *out) {
-    for (int r = 0; r < n; r++) out[r] = vec_dot(x, w + r * ldw, K);
+    for (int r = 0; r < n; r++) out[r] = VEC_OPS_portable.dot(x, w + r * ldw, K);
 }
 
 #if LLAMA3NP_X86
@@ -764,6 +750,7 @@ typedef struct {
     float *C;
     dot_rows_fn dot_rows;
     dot_rows_x4_fn dot_rows_x4;
+    const vec_ops_t *vec;
     int next_chunk;
 } small_m_ctx;
 
@@ -806,12 +793,12 @@ static void small_m_thread(void *arg, int tid, int nthreads, barrier_t *barrier)
             for (; p + 4 <= K; p += 4) {
                 const float *b = g->B + (long)p * g->ldb + n0;
                 for (int i = 0; i < g->M; i++)
-                    vec_axpy4(g->C + (long)i * g->ldc + n0, g->A + (long)i * g->lda + p, b, b + g->ldb,
+                    g->vec->axpy4(g->C + (long)i * g->ldc + n0, g->A + (long)i * g->lda + p, b, b + g->ldb,
                               b + 2 * g->ldb, b + 3 * g->ldb, n1 - n0);
             }
             for (; p < K; p++)
                 for (int i = 0; i < g->M; i++)
-                    vec_axpy(g->C + (long)i * g->ldc + n0, g->A[(long)i * g->lda + p], g->B + (long)p * g->ldb + n0,
+                    g->vec->axpy(g->C + (long)i * g->ldc + n0, g->A[(long)i * g->lda + p], g->B + (long)p * g->ldb + n0,
                              n1 - n0);
         }
     }
@@ -829,7 +816,7 @@ static int sgemm_small_m(int nthreads, int trans_a, int trans_b, int M, int N, i
     }
     const int isa = current_isa();
     small_m_ctx g = {trans_b, M, N, K, accumulate, a ? a : A, a ? K : lda, B, ldb, ldc, C, DOT_ROWS[isa],
-                     DOT_ROWS_X4[isa], 0};
+                     DOT_ROWS_X4[isa], vec_ops(isa), 0};
     parallel_run(nthreads, small_m_thread, &g);
     free(a);
     return 0;

@@ -13,12 +13,18 @@
 #define VECTOR_CLONES
 #endif
 
-/* x . y and y += alpha * x over n floats, vectorized */
-float vec_dot(const float *x, const float *y, int n);
-void vec_axpy(float *y, float alpha, const float *x, int n);
-/* out[r] = x . y_r for r < 4; and y += a[0] x0 + a[1] x1 + a[2] x2 + a[3] x3 */
-void vec_dot4(const float *x, const float *y0, const float *y1, const float *y2, const float *y3, int n, float *out);
-void vec_axpy4(float *y, const float *a, const float *x0, const float *x1, const float *x2, const float *x3, int n);
+/* Vector helpers over n floats, one set per instruction set (vec_body.h): dot = x . y,
+ * axpy: y += alpha * x, dot4: out[r] = x . y_r for r < 4, axpy4: y += a[0] x0 + a[1] x1 + a[2] x2 + a[3] x3.
+ * vec_ops(isa) with isa as current_isa() returns them. */
+typedef struct {
+    float (*dot)(const float *x, const float *y, int n);
+    void (*axpy)(float *y, float alpha, const float *x, int n);
+    void (*dot4)(const float *x, const float *y0, const float *y1, const float *y2, const float *y3, int n,
+                 float *out);
+    void (*axpy4)(float *y, const float *a, const float *x0, const float *x1, const float *x2, const float *x3,
+                  int n);
+} vec_ops_t;
+const vec_ops_t *vec_ops(int isa);
 
 /* Packed operands, for callers that reuse them (attention packs k and v once per head, not per tile).
  * isa is the value of current_isa() read once by the caller, so packing and use agree.
