@@ -236,3 +236,21 @@ def test_pipeline_on_the_real_sources_removes_every_kind_of_junk(tmp_path):
                  "token_noise"):
         if kind in score["recall"]:
             assert score["recall"][kind] >= 0.9, (kind, score["confusion"][kind])
+
+
+@pytest.mark.slow
+def test_mpiexec_two_ranks_give_the_bytes_of_one_process(corpus, tmp_path):
+    import shutil
+
+    pytest.importorskip("mpi4py", reason="the mpi backend needs mpi4py: pip install -e '.[mpi]'")
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found: pip install -e '.[mpi]' installs MPICH's")
+    d, _ = corpus
+    (tmp_path / "cfg.json").write_text(json.dumps({"shard_size": 60, "params": _params(d)}))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "llama3np.data.curation.cli", "data", "curate",
+                        str(d / "in"), "--out", str(tmp_path / "m"), "--quiet", "--mpi", "--config",
+                        str(tmp_path / "cfg.json")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _tree_bytes(tmp_path / "m") == _tree_bytes(d / "out")

@@ -12,10 +12,22 @@ def cmd_curate(args):
 
     cfg = CurateConfig.from_file(args.config) if args.config else CurateConfig()
     cfg.progress = not args.quiet
+    comm = None
     try:
-        report = curate(args.input, args.out, cfg, workers=args.workers)
+        if args.mpi:
+            from ...parallel.mpi import world
+
+            comm = world(timeout=24 * 3600.0)  # ranks wait while rank 0 reads and runs the global stages
+            cfg.progress = cfg.progress and comm.rank == 0
+        report = curate(args.input, args.out, cfg, workers=args.workers, comm=comm)
     except ImportError as e:  # an optional dependency (better-profanity, trafilatura): say which, no traceback
         raise ValueError(str(e)) from None
+    except ValueError:
+        if comm is not None and comm.rank != 0:
+            return 2  # rank 0 prints the message once
+        raise
+    if report is None:  # not rank 0
+        return 0
     print(f"{report['documents']:,} documents: {report['kept']:,} kept, {report['removed']:,} removed "
           f"-> {Path(args.out) / 'kept'}  (report: {Path(args.out) / 'report.md'})")
     return 0
@@ -100,6 +112,7 @@ def add_subcommands(subparsers):
     c.add_argument("--config", help="JSON: {stages: [...], params: {stage: {name: value}}, shard_size: N}")
     c.add_argument("--workers", type=int, default=1, help="processes for the per-document stages")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--mpi", action="store_true", help="run as one rank of an mpiexec job (pip install -e '.[mpi]')")
     c.set_defaults(func=cmd_curate)
     k = sub.add_parser("corpus", help="list the real text sources here; with --out, assemble a labelled "
                                       "web-like corpus")

@@ -13,7 +13,7 @@
 
 Every step writes its files atomically and is skipped when they already exist, so a run killed at any
 moment and started again ends with the same bytes as one that was never interrupted. Everything is a
-function of (input, config): the same with 1 worker or N.
+function of (input, config): the same with 1 worker or N, and under mpiexec (curate(..., comm=...)).
 """
 import hashlib
 import json
@@ -381,20 +381,48 @@ def step_write(work, out, n_shards, cfg, decisions):
     return write_report(out, cfg, decisions, n_kept=len(kept_docs), n_removed=len(removed_docs))
 
 
-def curate(input_path, out, cfg=None, workers=1):
+def curate(input_path, out, cfg=None, workers=1, comm=None):
     """Run the pipeline over INPUT into folder `out`; returns the report (a dict). Resumes if `out`
-    holds a partial run of the same config; raises ValueError if it holds a run of another config."""
+    holds a partial run of the same config; raises ValueError if it holds a run of another config.
+
+    comm: a llama3np.parallel ProcessGroup (e.g. llama3np.parallel.mpi.world() under mpiexec): rank 0
+    reads and writes, every rank filters the shards k with k % size == rank, then rank 0 runs the
+    global stages. The output is the same bytes as one process's. Other ranks return None."""
     cfg = (cfg or CurateConfig()).validate()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     out = Path(out)
     work = out / "_work"
-    work.mkdir(parents=True, exist_ok=True)
-    key_file, key = work / "config.json", {"config": _config_key(cfg), "input": str(Path(input_path).resolve())}
-    if key_file.exists() and json.loads(key_file.read_text()) != key:
-        raise ValueError(f"{out} holds a run of another input or config; choose a new --out or delete it")
-    atomic_write_bytes(key_file, json.dumps(key).encode())
-    n_shards = step_read(input_path, work, cfg)
-    step_local(work, n_shards, cfg, workers)
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        key_file, key = work / "config.json", {"config": _config_key(cfg), "input": str(Path(input_path).resolve())}
+        error = None
+        if key_file.exists() and json.loads(key_file.read_text()) != key:
+            error = f"{out} holds a run of another input or config; choose a new --out or delete it"
+        else:
+            atomic_write_bytes(key_file, json.dumps(key).encode())
+            try:
+                n_shards = step_read(input_path, work, cfg)
+            except (ValueError, FileNotFoundError) as e:
+                error = str(e)
+        if comm is not None:
+            comm.broadcast_object(("error", error) if error else ("ok", n_shards))
+        if error:
+            raise ValueError(error)
+    else:
+        status, value = comm.broadcast_object(None)
+        if status == "error":
+            raise ValueError(value)
+        n_shards = value
+    if size == 1:
+        step_local(work, n_shards, cfg, workers)
+    else:
+        (work / "local").mkdir(exist_ok=True)
+        for k in range(rank, n_shards, size):  # this rank's shards
+            process_shard((work, k, asdict(cfg)))
+        comm.barrier()
+    if rank != 0:
+        return None
     decisions = step_global(work, n_shards, cfg)
     return step_write(work, out, n_shards, cfg, decisions)
