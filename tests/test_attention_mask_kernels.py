@@ -236,3 +236,40 @@ def test_perturbing_one_packed_document_leaves_the_other_documents_logits_bitwis
     # and the C logits are the reference's (NumPy backend) within float32 rounding
     backend.set_backend("numpy")
     np.testing.assert_allclose(logits, model.forward(tokens, doc_ids=doc_ids, keep=False), rtol=1e-4, atol=1e-4)
+
+
+MASKED_CHILD = """
+import numpy as np
+from llama3np import kernels, ops
+rng = np.random.default_rng(8)
+q = rng.standard_normal((2, 4, 70, 16)).astype(np.float32)
+k = rng.standard_normal((2, 2, 90, 16)).astype(np.float32)
+v = rng.standard_normal((2, 2, 90, 16)).astype(np.float32)
+kv_start = ops.kv_start_from_doc_ids((np.arange(90) // 25)[None].repeat(2, 0))[:, 20:]  # 4 documents
+out, lse = kernels.attention_forward(q, k, v, True, kv_start)
+f64 = [x.astype(np.float64) for x in (q, k, v)]
+out64, lse64 = ops.attention_forward(*f64, True, kv_start)
+np.testing.assert_allclose(out, out64, rtol=1e-4, atol=2e-5)
+dq, dk, dv = kernels.attention_backward(out, q, k, v, out, lse, True, kv_start)
+want = ops.attention_backward(out.astype(np.float64), *f64, out64, lse64, True, kv_start)
+for g, w in zip((dq, dk, dv), want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5 * max(1.0, float(np.abs(w).max())))
+print(kernels.isa())
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("isa", ISAS)
+def test_masked_attention_matches_the_reference_under_each_llama3np_isa(isa):
+    """The same check in a fresh process started with LLAMA3NP_ISA=<isa> (the variable, not set_isa)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA3NP_")}
+    env.update(PYTHONPATH=root, LLAMA3NP_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", MASKED_CHILD], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [isa]
