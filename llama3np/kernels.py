@@ -1,8 +1,14 @@
 """Python side of the C kernels in csrc/: validation, then one call into C through cffi.
 
-    kernels.matmul(a, b, out=None)                       C = A @ B, float32, A or B may be x.T views
-    kernels.attention_forward(q, k, v, causal=True, kv_start=None)      -> (out, lse), fused (FlashAttention-style)
-    kernels.attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None)  -> (dq, dk, dv)
+    kernels.matmul(a, b, out=None)                     C = A @ B, float32, A or B may be x.T views
+    kernels.attention_forward(q, k, v, causal=True, kv_start=None)            -> (out, lse), fused
+    kernels.attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None) -> (dq, dk, dv)
+
+kv_start (B, T) ints: document masks / left padding, as ops.attention_forward (FlashAttention-style
+tiles before a query block's first visible key are skipped, so packed rows cost less).
+Micro-kernels: AVX-512, AVX2+FMA (x86-64, chosen at run time), NEON (arm64) and portable C; the
+softmax rows of the attention have their own AVX-512 / AVX2 code. `tuned_matmul()` is False on the
+portable one, and llama3np.backend then sends matrix products to NumPy's BLAS.
 
 Everything is checked here before C sees a pointer: dtype (TypeError), shapes, strides, aliasing
 (ValueError). The C code trusts its arguments, so this file is what keeps a bad array from becoming
