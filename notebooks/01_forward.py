@@ -28,6 +28,7 @@ import numpy as np
 
 import llama3np
 from llama3np import ops
+from llama3np.exercises import check, require
 
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
 
@@ -44,6 +45,11 @@ print(ids)
 print([tokenizer.decode([i]) for i in ids])
 tokens = np.array([ids])  # (B, T) = (1, T)
 B, T = tokens.shape
+
+# %%
+# Exercises ex13a, ex13b (bpe.merge and bpe.learn_merges): graded from reference fixtures, in any order. In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+check("ex13a", "ex13b")
 
 # %% [markdown]
 # ## 2. A tiny Llama 3
@@ -66,6 +72,11 @@ print("...", len(p), "arrays,", llama3np.n_params(args), "parameters")
 x, _ = ops.embedding_forward(tokens, p["tok_embeddings.weight"])
 print("x", x.shape, "# (B, T, dim)")
 
+# %%
+# Exercises ex02 (ops.embedding_backward): graded from reference fixtures, in any order. In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+check("ex02")
+
 # %% [markdown]
 # ## 4. RoPE angles
 # Each pair of features (2i, 2i+1) of a head is rotated by the angle `position * freq[i]`. Llama 3.1
@@ -77,11 +88,19 @@ freqs = ops.rope_frequencies(args)
 cos, sin = ops.rope_cos_sin(freqs, 0, T, np.float32)
 print("freqs", freqs.shape, "cos/sin", cos.shape, "# (T, head_dim/2)")
 
+# %%
+# Exercises ex06a, ex06b (ops.rope_forward and rope_backward): graded from reference fixtures, in any order. In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+check("ex06a", "ex06b")
+
 # %% [markdown]
 # ## 5. One transformer block, step by step
 # `h = x + attention(attention_norm(x))`, then `out = h + feed_forward(ffn_norm(h))`.
 
 # %%
+require("ex04a", "ex05a", "ex06a", "ex07")  # the forward ops this section runs (student version)
+
+
 def block(i, x, verbose=False):
     pre = f"layers.{i}."
     H, KV, hd = args.n_heads, args.n_kv_heads, args.head_dim
@@ -114,6 +133,11 @@ for i in range(args.n_layers):
     h = block(i, h, verbose=(i == 0))
 print("after", args.n_layers, "blocks:", h.shape)
 
+# %%
+# Exercises ex03, ex04a, ex04b, ex07, ex22 (linear, RMSNorm and SwiGLU backward; your own property tests): graded from reference fixtures, in any order. In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+check("ex03", "ex04a", "ex04b", "ex07", "ex22")
+
 # %% [markdown]
 # ## 6. What attention looks at
 # The causal mask lets position t see positions 0..t only. Here are layer 0's attention weights of head 0
@@ -138,6 +162,11 @@ plt.title("layer 0, head 0: who attends to whom")
 plt.colorbar()
 plt.show()
 
+# %%
+# Exercises ex05a, ex05b (causal grouped-query attention forward and backward): graded from reference fixtures, in any order. In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+check("ex05a", "ex05b")
+
 # %% [markdown]
 # ## 7. Final norm, output layer, softmax
 # Logits are kept in float32; softmax subtracts the row maximum so that `exp` never overflows.
@@ -154,6 +183,11 @@ for t in top:
     print(f"{probs[t]:.6f}  {tokenizer.decode([int(t)])!r}")
 print("uniform would be", 1 / args.vocab_size)
 
+# %%
+# Exercises ex08 (ops.cross_entropy_backward): graded from reference fixtures, in any order. In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+check("ex08")
+
 # %% [markdown]
 # ## 8. The same thing in one call
 # `Transformer.forward` composes exactly these ops. On the NumPy backend the logits agree to the last
@@ -165,3 +199,8 @@ print("backend:", llama3np.get_backend())
 full = model.forward(tokens)
 np.testing.assert_allclose(full, logits, rtol=1e-4, atol=1e-5)
 print("model.forward(tokens) matches our step-by-step logits; max difference", np.abs(full - logits).max())
+
+# %%
+# Exercises ex14, ex15 (the KV-cache decode step and top-p sampling): graded from reference fixtures, in any order. In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+check("ex14", "ex15")

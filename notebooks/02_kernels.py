@@ -176,6 +176,13 @@ plt.show()
 source = open(os.path.join(os.path.dirname(kernels.__file__), os.pardir, "csrc", "gemm.c")).read()
 print(re.search(r"/\* AVX-512:.*?\n}\n", source, re.S).group(0))
 
+# %%
+# Exercise ex18 (naive_sgemm in csrc/gemm.c, rebuilt with `python csrc/build_kernels.py`). In the solved
+# package this passes; in the student version it lists what is missing (`--hint 2` in a terminal).
+from llama3np.exercises import check
+
+check("ex18")
+
 # %% [markdown]
 # ## 3. Attention without the score matrix: the online softmax
 # Attention computes, for each query `i`, `out_i = sum_j softmax(s_i)_j v_j` with scores
