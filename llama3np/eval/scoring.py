@@ -89,11 +89,13 @@ def loglikelihood_full(model, context_ids, continuation_ids):
     This is lm-evaluation-harness's way: every (prompt, choice) pair is recomputed from position 0.
     It is the reference the cached path is tested against.
     """
+    # BEGIN SOLUTION ex21
     tokens = list(context_ids) + list(continuation_ids)
     logits = forward_logits(model, np.array([tokens[:-1]]))  # (1, T-1, V): position t predicts t+1
     n_ctx = len(context_ids)
     lp = log_softmax(logits[0, n_ctx - 1:])  # (len(cont), V): the predictions of the continuation
     return float(sum(lp[j, t] for j, t in enumerate(continuation_ids)))
+    # END SOLUTION
 
 
 class PrefixCache:
