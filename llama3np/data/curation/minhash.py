@@ -100,6 +100,7 @@ def signatures_from_hashes(hashes, offsets, num_perm=112, seed=0, chunk=1024):
     n = len(offsets) - 1
     if np.any(np.diff(offsets) < 1):
         raise ValueError("every document needs at least one shingle")
+    # BEGIN SOLUTION ex23
     seeds = hash_seeds(num_perm, seed)
     sig = np.full((n, num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
     doc_of = np.repeat(np.arange(n), np.diff(offsets))  # (S,) which text owns each shingle
@@ -115,6 +116,7 @@ def signatures_from_hashes(hashes, offsets, num_perm=112, seed=0, chunk=1024):
             mins = np.minimum.reduceat(h, starts, axis=0)  # (texts in chunk, num_perm)
             sig[d[starts]] = np.minimum(sig[d[starts]], mins)  # a text may straddle two chunks
     return sig
+    # END SOLUTION
 
 
 def estimated_jaccard(sig_a, sig_b):
