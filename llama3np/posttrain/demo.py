@@ -37,14 +37,14 @@ class DemoConfig:
     n_train: int = 1500  # training instructions
     n_eval: int = 48  # held-out instructions
     max_new_tokens: int = 150
-    sft_steps: int = 150
+    sft_steps: int = 300
     sft_batch: int = 8
-    sft_lr: float = 1e-3
+    sft_lr: float = 3e-3
     rm_steps: int = 120
     rm_batch: int = 8
     rm_lr: float = 3e-4
     n_eval_pairs: int = 100
-    rs_prompts: int = 48
+    rs_prompts: int = 32
     rs_k: int = 16
     rs_sft_steps: int = 40
     dpo_steps: int = 60
