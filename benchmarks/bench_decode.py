@@ -5,13 +5,21 @@ LlamaForCausalLM.generate, do_sample=False, eager attention, our weights copied 
 interleaved, best of N, at 1 and 2 threads. Prints the ratio and how many of the generated ids agree
 (greedy decoding of the same float32 model: they agree until two logits are within rounding).
 
+Then the bandwidth: a decode step reads every weight once (the LM head included, one row of the
+embedding table), so tokens/s x bytes of weights is the rate at which our decode reads them; it is
+printed beside one thread's measured read bandwidth (np.max over --bandwidth-mb of memory, more than
+the L3 by default) and as a percentage of it. On a CPU whose L3 holds the weights the percentage can
+exceed 100% (the weights then come from L3, not memory): the L3 size is printed too.
+
     python benchmarks/bench_decode.py [--presets tiny small] [--threads 1 2] [--new 128] [--prompt-len 16]
+    LLAMA3NP_BENCH_ISA=avx2 python benchmarks/bench_decode.py    # as on an AVX2 CPU (see _env.py)
 """
 import _env
 
 ENV_NOTE = _env.clean_blas_env()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -22,6 +30,40 @@ from llama3np.generation import generate  # noqa: E402
 from llama3np.model import Transformer  # noqa: E402
 
 
+def weight_bytes(model):
+    """Bytes a decode step reads: every weight once, but only one row of the embedding table (unless
+    the LM head is the embedding table itself)."""
+    p = model.params
+    total = sum(x.nbytes for name, x in p.items() if name != "tok_embeddings.weight")
+    emb = p["tok_embeddings.weight"]
+    return total + (emb.nbytes if "output.weight" not in p else emb.nbytes // emb.shape[0])
+
+
+def read_bandwidth(mb):
+    """GB/s of one thread reading `mb` MB once (np.max of float32 ones: a vectorized pass that only
+    reads, one thread; the best of 3)."""
+    x = np.ones(mb * 2**20 // 4, dtype=np.float32)
+    t = _env.best_of(lambda: float(x.max()), repeat=3)
+    return x.nbytes / t / 1e9
+
+
+def l3_bytes():
+    """The L3 cache size in bytes (Linux sysfs), or 0 when unknown."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for index in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
+            with open(f"{base}/{index}/level") as f:
+                if f.read().strip() != "3":
+                    continue
+            with open(f"{base}/{index}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -29,6 +71,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--bandwidth-mb", type=int, default=0,
+                        help="memory read to measure the bandwidth (default: 4x the L3, at least 512 MB)")
     cli = parser.parse_args()
     import torch
     import transformers
@@ -38,6 +82,10 @@ def main():
     print(f"llama3np backend: {backend.get_backend()}" + (f" (micro-kernel {kernels.isa()})" if kernels.available() else ""))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; greedy, float32, batch 1, "
           f"prompt {cli.prompt_len} tokens, {cli.new} new tokens, best of {cli.repeat}")
+    l3 = l3_bytes()
+    mb = cli.bandwidth_mb or max(512, 4 * l3 // 2**20)
+    bandwidth = read_bandwidth(mb)
+    print(f"one thread's read bandwidth: {bandwidth:.1f} GB/s (np.max over {mb} MB; L3 {l3 / 2**20:.0f} MB)")
     for n in cli.threads:
         print(_env.pin_threads(n))
         for name_ in cli.presets:
@@ -77,6 +125,12 @@ def main():
                 line += (f"; llama3np[{name}] {cli.new / t_ours[name]:7.1f} tok/s = {t_theirs / t_ours[name]:.2f}x "
                          f"({agree[name]}/{cli.new} greedy ids identical)")
             print(line + "  (target >= 2x)")
+            wb = weight_bytes(model)
+            if "c" in t_ours:
+                rate = wb * cli.new / t_ours["c"] / 1e9
+                fits = " (they fit in the L3)" if wb < l3 else ""
+                print(f"    weights read per token {wb / 1e6:.0f} MB{fits}: llama3np[c] reads {rate:.1f} GB/s = "
+                      f"{100 * rate / bandwidth:.0f}% of one thread's measured read bandwidth (target >= 80%)")
             backend.set_backend(backends[0])
 
 
