@@ -114,6 +114,18 @@ def test_a_failing_gradient_shows_hint_1_its_error_and_a_heat_map(tmp_path):
     assert "hint 3/3" in grader.format_table([r], hint=3)
 
 
+def test_gate_tests_earn_nothing_but_zero_the_rest_when_they_fail():
+    """ex22: points are the fraction of mutants caught, and 0 if the student's tests fail on correct code."""
+    e = catalogue.get("ex22")
+
+    def rec(status, gate):
+        return {"file": e.tests, "name": "t", "doc": "", "status": status, "max_abs": None, "max_rel": None,
+                "heatmaps": [], "message": "", "gate": gate}
+    caught_3_of_4 = [rec("pass", True)] + [rec("pass", False)] * 3 + [rec("fail", False)]
+    assert grader.score([e], caught_3_of_4)[0].points == round(e.points * 0.75, 2)
+    assert grader.score([e], [rec("fail", True)] + [rec("pass", False)] * 4)[0].points == 0.0
+
+
 def test_every_mutant_differs_from_the_correct_code():
     """Each mutant of the bank gives a different answer from the correct function on some input."""
     rng = np.random.default_rng(0)

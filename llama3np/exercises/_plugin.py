@@ -36,6 +36,10 @@ def _not_implemented(excinfo):
     return walk(excinfo.value) if excinfo is not None else None
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gate: must pass for the exercise's other tests to earn points")
+
+
 def pytest_runtest_setup(item):
     testing.reset_record()
 
@@ -52,7 +56,8 @@ def pytest_runtest_makereport(item, call):
             doc += f" [{callspec.id}]"
         record = {"nodeid": item.nodeid, "file": item.path.name, "name": item.name, "doc": doc,
                   "max_abs": testing.RECORD["max_abs"], "max_rel": testing.RECORD["max_rel"],
-                  "heatmaps": list(testing.RECORD["heatmaps"]), "message": ""}
+                  "heatmaps": list(testing.RECORD["heatmaps"]), "message": "",
+                  "gate": item.get_closest_marker("gate") is not None}
         if rep.passed:
             record["status"] = "pass"
         elif rep.skipped:

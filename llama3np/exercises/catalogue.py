@@ -238,6 +238,26 @@ EXERCISES = (
          "returns = (advantages + values) * mask."),
         "test_ex20_gae.py"),
     Exercise(
+        "ex21", "MMLU scoring by log-likelihood", ("llama3np/eval/scoring.py",), ("loglikelihood_full",), 5,
+        "eval",
+        ("log P(continuation | context) = sum over the continuation's tokens of the log-softmax of the logit that "
+         "predicts each of them, from ONE forward over context + continuation (minus its last token).",
+         "The logits at position t predict token t + 1: the continuation's first token is predicted at "
+         "position len(context) - 1. Use log_softmax (float64, max subtracted).",
+         "forward_logits(model, np.array([tokens[:-1]])) -> (1, T - 1, V); lp = log_softmax(logits[0, n_ctx - 1:]); "
+         "sum lp[j, continuation[j]]. The MMLU answer is the argmax over ' A', ' B', ' C', ' D'."),
+        "test_ex21_mmlu_scoring.py"),
+    Exercise(
+        "ex23", "MinHash signatures", ("llama3np/data/curation/minhash.py",), ("signatures_from_hashes",), 5,
+        "08_curation",
+        ("A document's signature holds, for each of num_perm hash functions, the MINIMUM of that function over "
+         "the document's shingle hashes.",
+         "Hash function i is mix64(shingle ^ seeds[i]) with seeds = hash_seeds(num_perm, seed); document i owns "
+         "hashes[offsets[i]:offsets[i + 1]].",
+         "For each document: mix64(hashes[a:b, None] ^ seeds[None, :]).min(axis=0) inside "
+         "np.errstate(over='ignore'); the chunked version only saves memory."),
+        "test_ex23_minhash.py"),
+    Exercise(
         "ex22", "Property tests of your own, graded against mutants", ("llama3np/exercises/student_properties.py",),
         ("test_softmax_properties", "test_rmsnorm_properties", "test_rope_properties"), 15,
         "01_forward: 5. One transformer block, step by step",

@@ -421,6 +421,41 @@ def ex20():
     return arrays, {"cases": {"default": [1.0, 0.95], "discounted": [0.9, 0.8], "td": [0.99, 0.0]}}
 
 
+class TableModel:
+    """A stand-in language model for ex21: the logits of position t depend on token t alone (a bigram
+    table), so the scoring exercise never runs the student's transformer."""
+
+    def __init__(self, table):
+        self.table = np.asarray(table, dtype=np.float64)
+
+    def forward(self, tokens, start_pos=0, cache=None):
+        return self.table[np.asarray(tokens)]  # (B, T, V)
+
+
+def ex21():
+    from ..eval.scoring import loglikelihood_full
+
+    rng = _rng(25)
+    table = rng.standard_normal((12, 12)) * 2
+    context = np.array([1, 5, 7, 2, 9])
+    choices = np.array([[3], [4], [10, 11], [6, 0, 8]], dtype=object)
+    arrays = {"table": table, "context": context}
+    for i, c in enumerate(choices):
+        arrays[f"choice{i}"] = np.array(c, dtype=np.int64)
+        arrays[f"ll{i}"] = np.array(loglikelihood_full(TableModel(table), list(context), list(c)))
+    return arrays, {"vocab": 12, "model": "TableModel: logits[t] = table[token t]", "choices": 4}
+
+
+def ex23():
+    from ..data.curation.minhash import signatures_from_hashes
+
+    rng = _rng(26)
+    offsets = np.array([0, 3, 4, 12, 20, 2100])  # the last document straddles two chunks of 1024
+    hashes = rng.integers(0, 2**64, size=offsets[-1], dtype=np.uint64)
+    return {"hashes": hashes, "offsets": offsets, "sig": signatures_from_hashes(hashes, offsets, 16, seed=3)}, \
+        {"num_perm": 16, "seed": 3, "documents": 5}
+
+
 GENERATORS = {name: fn for name, fn in globals().items() if name.startswith("ex") and callable(fn)}
 
 

@@ -45,6 +45,12 @@ def select(ids=None):
 
 def run_tests(exercises, artifacts=None, timeout=900, extra_args=()):
     """pytest over the exercises' test files in a subprocess -> list of per-test records."""
+    import importlib.util
+
+    missing = [m for m in ("pytest", "hypothesis") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"llama3np check runs the exercises' tests with pytest and hypothesis ({', '.join(missing)} "
+                         "missing): pip install -e '.[test]'")
     files = [str(TESTS_DIR / e.tests) for e in exercises if (TESTS_DIR / e.tests).exists()]
     if not files:
         return []
@@ -86,7 +92,14 @@ def score(exercises, records):
             status = NOT_ATTEMPTED
         else:
             status = FAIL
-        points = round(e.points * passed / n, 2) if n else 0.0
+        # gate tests (e.g. "your property tests pass on the correct code") earn nothing themselves: they
+        # must pass for the others to count, so ex22's score is exactly the fraction of mutants caught
+        gates = [r for r in tests if r.get("gate")]
+        graded = [r for r in tests if not r.get("gate")] or tests
+        earned = sum(r["status"] == PASS for r in graded) / len(graded) if n else 0.0
+        if any(r["status"] != PASS for r in gates):
+            earned = 0.0
+        points = round(e.points * earned, 2)
         results.append(Result(e.id, status, points, e.points, tests))
     return results
 

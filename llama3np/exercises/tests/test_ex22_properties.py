@@ -1,7 +1,8 @@
 """ex22: your property tests (llama3np/exercises/student_properties.py), graded against mutants.
 
-One test per mutant: it passes when your tests fail on that mutant (caught). Every one of them also
-needs your tests to pass on the correct implementation: tests that fail on everything catch nothing.
+One test per mutant: it passes when your tests fail on that mutant (caught). Your tests must also pass
+on the correct implementation (the `gate` tests: tests that fail on everything catch nothing); then the
+points are exactly the fraction of mutants caught.
 """
 import pytest
 
@@ -20,6 +21,7 @@ def _passes_on_correct_code(family):
         raise AssertionError(f"your {family} tests fail on the CORRECT implementation: {_CORRECT[family]}")
 
 
+@pytest.mark.gate
 @pytest.mark.parametrize("family", list(mutants.MUTANTS))
 def test_your_tests_pass_on_the_correct_code(family):
     """Your tests of this function pass on a correct implementation (required for any mutant to count)."""
