@@ -10,6 +10,7 @@ demands it meets) is exact, and so is every number in the table:
 import copy
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ FAST = DemoConfig(pretrain_steps=6, pretrain_batch=4, pretrain_seq_len=128,
                   n_eval_pairs=8, rs_prompts=3, rs_k=4, rs_sft_steps=2, dpo_steps=3, dpo_batch=4, ablations=True,
                   ppo=PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=24))
 
+
+STAGE_FOLDERS = ("pretrain", "sft", "rm", "rs", "dpo", "dpo_no_nll", "dpo_eot_in_mask", "ppo")
 
 # ----------------------------------------------------------------------------------------------------
 # data of the task
@@ -175,6 +178,9 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     cfg = cfg or (copy.deepcopy(FAST) if fast else DemoConfig())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in STAGE_FOLDERS:  # a demo run replaces the previous one in `out` (only its own folders)
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
     say = lambda msg: (print(msg, file=stream), stream.flush())
     t0 = time.perf_counter()
     if model is None:
