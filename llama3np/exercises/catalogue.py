@@ -248,16 +248,6 @@ EXERCISES = (
          "sum lp[j, continuation[j]]. The MMLU answer is the argmax over ' A', ' B', ' C', ' D'."),
         "test_ex21_mmlu_scoring.py"),
     Exercise(
-        "ex23", "MinHash signatures", ("llama3np/data/curation/minhash.py",), ("signatures_from_hashes",), 5,
-        "08_curation",
-        ("A document's signature holds, for each of num_perm hash functions, the MINIMUM of that function over "
-         "the document's shingle hashes.",
-         "Hash function i is mix64(shingle ^ seeds[i]) with seeds = hash_seeds(num_perm, seed); document i owns "
-         "hashes[offsets[i]:offsets[i + 1]].",
-         "For each document: mix64(hashes[a:b, None] ^ seeds[None, :]).min(axis=0) inside "
-         "np.errstate(over='ignore'); the chunked version only saves memory."),
-        "test_ex23_minhash.py"),
-    Exercise(
         "ex22", "Property tests of your own, graded against mutants", ("llama3np/exercises/student_properties.py",),
         ("test_softmax_properties", "test_rmsnorm_properties", "test_rope_properties"), 15,
         "01_forward: 5. One transformer block, step by step",
@@ -269,6 +259,16 @@ EXERCISES = (
          "Mutants: a flipped sign, the wrong axis, a missing eps, a missing max subtraction, an off-by-one "
          "position, the half-split (HF) pairing. Compare against a slow formula written from the definition."),
         "test_ex22_properties.py"),
+    Exercise(
+        "ex23", "MinHash signatures", ("llama3np/data/curation/minhash.py",), ("signatures_from_hashes",), 5,
+        "08_curation",
+        ("A document's signature holds, for each of num_perm hash functions, the MINIMUM of that function over "
+         "the document's shingle hashes.",
+         "Hash function i is mix64(shingle ^ seeds[i]) with seeds = hash_seeds(num_perm, seed); document i owns "
+         "hashes[offsets[i]:offsets[i + 1]].",
+         "For each document: mix64(hashes[a:b, None] ^ seeds[None, :]).min(axis=0) inside "
+         "np.errstate(over='ignore'); the chunked version only saves memory."),
+        "test_ex23_minhash.py"),
 )
 
 BY_ID = {e.id: e for e in EXERCISES}

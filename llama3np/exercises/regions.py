@@ -98,9 +98,8 @@ def find_regions(root) -> List[Region]:
 
 
 def stub_message(exercise, function):
-    name = function.split(".")[-1]
-    return (f"{exercise}: implement {name} (see its docstring and the notebook; hints: llama3np check "
-            f"{exercise} --hint 1); run: llama3np check {exercise}")
+    return (f"{exercise}: implement {function} (hints: llama3np check {exercise} --hint 1, --hint 2, --hint 3); "
+            f"run: llama3np check {exercise}")
 
 
 def stub_lines(region, c_stub=""):
