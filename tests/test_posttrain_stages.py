@@ -127,3 +127,33 @@ def test_demo_fast_mode_runs_every_stage(tmp_path):
         assert key in dpo
     assert dpo["rewards/margins"] == 0 and dpo["loss"] == pytest.approx(math.log(2) + 0.2 * dpo["nll_loss"])
     assert (tmp_path / "demo" / "score_vs_kl.png").exists()
+
+
+def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path):
+    """Every command on a toy model and toy data: each writes its run folder and reads the previous ones."""
+    from llama3np.formats import save
+    from llama3np.posttrain.cli import main
+
+    save(small_model(tok), tmp_path / "base", format="llama3np")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Write story {i}.", "chosen": "Once upon a time, a girl.",
+                                         "rejected": "The end."}) + "\n" for i in range(4)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Write story {i}."}) + "\n" for i in range(3)))
+    base, d = str(tmp_path / "base"), str(tmp_path)
+    assert main(["rm", "--model", base, "--data", str(prefs), "--out", d + "/rm", "--steps", "2", "--batch-size", "2"]) == 0
+    assert main(["rs", "--model", base, "--reward-model", d + "/rm", "--data", str(prompts), "--out", d + "/rs",
+                 "--k", "2", "--max-new-tokens", "6"]) == 0
+    assert (tmp_path / "rs" / "winners.jsonl").exists()
+    assert main(["dpo", "--model", base, "--data", str(prefs), "--out", d + "/dpo", "--steps", "2",
+                 "--batch-size", "2"]) == 0
+    assert main(["ppo", "--model", d + "/dpo", "--reward-model", d + "/rm", "--data", str(prompts), "--out",
+                 d + "/ppo", "--iterations", "1", "--batch-size", "2", "--mini-batch-size", "2",
+                 "--max-new-tokens", "6"]) == 0
+    rec = json.loads((tmp_path / "ppo" / "log.jsonl").read_text().splitlines()[0])
+    assert rec["val/ratio_first"] == pytest.approx(1.0, abs=1e-5)  # the first minibatch: pi = pi_old
+    assert main(["average", "--model", base, "--model", d + "/dpo", "--out", d + "/avg"]) == 0
+    avg = llama3np.load(tmp_path / "avg")
+    b, p = llama3np.load(tmp_path / "base"), llama3np.load(tmp_path / "dpo")
+    np.testing.assert_allclose(avg.params["norm.weight"], (b.params["norm.weight"] + p.params["norm.weight"]) / 2,
+                               rtol=1e-6)

@@ -100,7 +100,7 @@ def cmd_rs(a):
     import numpy as np
 
     from .data import read_jsonl, write_jsonl
-    from .rejection_sampling import sample_replies, score_replies, winners
+    from .rejection_sampling import sample_replies, score_replies
     from .reward_model import load_reward_model
 
     policy = load_policy(a.model)
@@ -115,12 +115,14 @@ def cmd_rs(a):
     scores = score_replies(rm, prompts, replies)
     tok = policy.tokenizer
     out = []
-    for row, (ids, mask), in zip(rows, winners(prompts, replies, scores, tok.eot_id)):
-        reply = tok.decode([t for t, m in zip(ids, mask) if m and t != tok.eot_id])
+    for row, rs, sc in zip(rows, replies, scores):
+        best = rs[int(np.argmax(sc))]
+        if not best or best[-1] != tok.eot_id:
+            continue  # the best reply never ended: not an example of a whole answer
         prompt = row.get("prompt")
         dialog = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            [m for m in row.get("messages", prompt) if m.get("role") != "assistant"]
-        out.append({"messages": dialog + [{"role": "assistant", "content": reply}]})
+            [m for m in (prompt or row.get("messages")) if m.get("role") != "assistant"]
+        out.append({"messages": dialog + [{"role": "assistant", "content": tok.decode(best[:-1])}]})
     Path(a.out).mkdir(parents=True, exist_ok=True)
     write_jsonl(Path(a.out) / "winners.jsonl", out)
     print(f"rs: best of {a.k} for {len(prompts)} prompts (mean best RM score {float(np.max(scores, 1).mean()):.3f}); "
