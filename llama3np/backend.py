@@ -85,7 +85,7 @@ def linear_backward_weight(dout, cache):
 def routes() -> dict:
     """{"matmul": ..., "attention": ...}: where float32 work goes now, in words (`llama3np doctor`)."""
     if _backend != "c":
-        why = "the numpy backend" if kernels.available() else "C kernels not built"
+        why = "the numpy backend" if kernels.available() else "C kernels not available"
         return {"matmul": f"NumPy's BLAS ({why})", "attention": f"NumPy reference ({why})"}
     isa = kernels.isa()
     matmul_route = (f"C, {isa} micro-kernel" if kernels.tuned_matmul() else
