@@ -146,10 +146,15 @@ def test_a_packed_document_does_not_depend_on_the_others_bit_for_bit(isa):
         assert not np.array_equal(a[:, :, mid], b[:, :, mid]), name
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("T", [2, 200])  # the decode rows path and the tiled path
-def test_masked_attention_is_bitwise_the_same_on_one_and_two_threads(T):
-    """Forward always; backward with one task per kv head (B * n_kv_heads >= threads), as without masks."""
+def test_attention_is_bitwise_the_same_on_one_and_two_threads(T, masked, isa):
+    """Forward always; backward with one task per kv head (B * n_kv_heads >= threads); with and
+    without document masks, on every ISA's micro-kernel and row code."""
+    kernels.set_isa(isa)
     q, k, v, dout, kv_start = _packed(3, T=T, cuts=(T // 3, T // 2))
+    kv_start = kv_start if masked else None
     runs = []
     for threads in (1, 2):
         kernels.set_num_threads(threads)
