@@ -5,6 +5,7 @@
     llama3np check --json points.json --junit report.xml
     llama3np exercises make --out student/ the student version, self-checked (inverted validation)
     llama3np exercises fixtures            regenerate the reference .npz fixtures from the solutions
+    llama3np exercises independence        each exercise solved alone (all others stubs) must pass
 """
 import argparse
 import json
@@ -46,6 +47,17 @@ def _selfcheck(args):
     summary = student.self_check(args.dir, strict=args.strict)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _independence(args):
+    from . import student
+
+    results = student.independence(args.exercises, build_kernels=args.build_kernels)
+    for ex, status in results.items():
+        print(f"  {ex:<6} solved alone, every other exercise a stub: {status}")
+    bad = [ex for ex, s in results.items() if s not in ("pass",) and not s.startswith("skipped")]
+    print("every exercise passes on its own" if not bad else f"NOT independent: {', '.join(bad)}")
+    return 1 if bad else 0
 
 
 def _fixtures(args):
@@ -92,6 +104,10 @@ def add_subcommands(subparsers):
     s.add_argument("dir")
     s.add_argument("--strict", action="store_true")
     s.set_defaults(func=_selfcheck)
+    ind = sub.add_parser("independence", help="solve each exercise alone in a student version: it must pass")
+    ind.add_argument("exercises", nargs="*", help="exercise ids (default: all)")
+    ind.add_argument("--build-kernels", action="store_true", help="also the C exercise (builds the kernels)")
+    ind.set_defaults(func=_independence)
     f = sub.add_parser("fixtures", help="regenerate the reference fixtures (float64 .npz) from the solutions")
     f.add_argument("exercises", nargs="*", help="exercise ids (default: all)")
     f.add_argument("--out", help="folder (default: llama3np/exercises/fixtures)")

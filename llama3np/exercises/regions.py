@@ -112,10 +112,10 @@ def stub_lines(region, c_stub=""):
     return [f"{ind}# {STUB_MARK} ({region.exercise})", f'{ind}raise NotImplementedError("{msg}")']
 
 
-def strip_text(text, path, c_stubs=None):
-    """text with every region replaced by its stub -> (new text, regions)."""
+def strip_text(text, path, c_stubs=None, keep=()):
+    """text with every region (but those of the exercises in `keep`) replaced by its stub -> (new text, regions)."""
     regions = find_in_text(text, path)
     lines = text.splitlines()
-    for r in reversed(regions):
+    for r in reversed([r for r in regions if r.exercise not in keep]):
         lines[r.begin:r.end + 1] = stub_lines(r, (c_stubs or {}).get(r.exercise, ""))
     return "\n".join(lines) + ("\n" if text.endswith("\n") else ""), regions

@@ -78,6 +78,40 @@ def make(out, src_root=None, check=True, build_kernels=False, strict=False):
     return self_check(out, src_root, strict) if check else {}
 
 
+def independence(ids=None, src_root=None, build_kernels=False):
+    """Any order really works: for each exercise, a student version where ONLY that exercise is solved
+    (every other region a stub) must grade it "pass". -> {exercise id: status}.
+
+    The C exercise needs its kernels built (build_kernels=True); without, it is reported "skipped"."""
+    import tempfile
+
+    from . import grader
+
+    src_root = Path(src_root or solved_root())
+    c_stubs = {e.id: e.c_stub for e in catalogue.EXERCISES}
+    files = sorted({r.path for r in find_regions(src_root)})
+    chosen = sorted(grader.select(ids), key=lambda e: any(f.endswith(".c") for f in e.files))  # C last
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="llama3np-independence-") as tmp:
+        out = Path(tmp) / "student"
+        make(out, src_root, check=False)
+        for e in chosen:
+            for path in files:
+                (out / path).write_text(strip_text((src_root / path).read_text(encoding="utf-8"), path, c_stubs,
+                                                   keep={e.id})[0], encoding="utf-8")
+            if any(f.endswith(".c") for f in e.files):
+                if not build_kernels:
+                    results[e.id] = "skipped (C: build_kernels=False)"
+                    continue
+                _build_kernels(out)
+            report = Path(tmp) / f"{e.id}.json"
+            subprocess.run([sys.executable, "-m", "llama3np.exercises.cli", "check", e.id, "--json", str(report)],
+                           cwd=tmp, env=_env(out), capture_output=True, text=True)
+            results[e.id] = json.loads(report.read_text())["exercises"][e.id]["status"] if report.exists() \
+                else "error (no report)"
+    return results
+
+
 def _write_exercise_list(out):
     lines = ["# Exercises", "", "Fill in each stub (search for `YOUR CODE HERE`), then grade it: "
              "`llama3np check exNN` (`--hint 2`, `--hint 3` for more help). Any order works: every "

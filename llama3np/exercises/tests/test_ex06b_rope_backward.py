@@ -1,5 +1,6 @@
 """ex06b: rope_backward, the rotation by the negative angle."""
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,12 @@ def _rotate(x, cos, sin):
     out = np.empty_like(x)
     out[..., 0::2], out[..., 1::2] = z.real, z.imag
     return out
+
+
+@pytest.fixture(autouse=True)
+def own_rope_forward(monkeypatch):
+    """rope_backward may call rope_forward (ex06a): it gets the grader's own, so ex06b stands alone."""
+    monkeypatch.setattr(ops, "rope_forward", lambda x, cos, sin: (_rotate(x, cos, sin), (cos, sin)))
 
 
 def test_matches_the_reference_fixture():

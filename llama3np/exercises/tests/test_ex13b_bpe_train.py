@@ -3,11 +3,32 @@ from collections import Counter
 
 import pytest
 
+from llama3np import bpe
 from llama3np.bpe import MIN_VOCAB_SIZE, OutOfPairs, learn_merges, pretokenize
 from llama3np.exercises.fixtures import bpe_text
 from llama3np.exercises.testing import load_fixture
 
 FX = load_fixture("ex13b")
+
+
+def _replace_pair(ids, pair, new_id):
+    """The grader's own merge (ex13a is another exercise): rebuild the list, skipping matched seconds."""
+    out, skip = [], False
+    for here, nxt in zip(ids, list(ids[1:]) + [None]):
+        if skip:
+            skip = False
+        elif (here, nxt) == tuple(pair):
+            out.append(new_id)
+            skip = True
+        else:
+            out.append(here)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def own_merge(monkeypatch):
+    """learn_merges may call bpe.merge (ex13a): it gets the grader's own, so ex13b stands alone."""
+    monkeypatch.setattr(bpe, "merge", _replace_pair)
 
 
 def _reference_tokens():
