@@ -65,10 +65,16 @@ def run_tests(exercises, artifacts=None, timeout=900, extra_args=()):
         env["LLAMA3NP_GRADE_ARTIFACTS"] = str(artifacts or Path(tempfile.gettempdir()) / "llama3np-check")
         env.setdefault("MPLBACKEND", "Agg")
         env.pop("PYTEST_ADDOPTS", None)
+        # a student's endless loop fails its own test after a minute (pytest-timeout, the [test] extra)
+        per_test = ["-o", "timeout=60"] if importlib.util.find_spec("pytest_timeout") else []
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "llama3np.exercises._plugin", "-p", "no:cacheprovider",
                "-c", str(ini), "--rootdir", str(TESTS_DIR), "-o", "console_output_style=classic",
-               "--tb=no", "-rN", *extra_args, *files]
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+               "--tb=no", "-rN", *per_test, *extra_args, *files]
+        try:
+            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"the grading run took more than {timeout} s (an endless loop without pytest-timeout? "
+                             "pip install -e '.[test]')") from None
         if not report.exists():
             raise RuntimeError(f"the grading run produced no report (pytest exit {proc.returncode}):\n"
                                f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
