@@ -59,10 +59,11 @@ def matmul(a, b):
     place (kernels.matrix_layout is None) go to NumPy rather than being copied, and so does everything
     when the CPU has no tuned micro-kernel (kernels.tuned_matmul(): the portable C kernel is slower
     than NumPy's BLAS; the fused attention stays in C, where it beats NumPy even so)."""
-    if _use_c(a, b) and kernels.tuned_matmul() and kernels.matrix_layout(a) is not None \
-            and kernels.matrix_layout(b) is not None:
-        return kernels.matmul(a, b)
-    return a @ b
+    if _use_c(a, b) and kernels.tuned_matmul():
+        layout_a, layout_b = kernels.matrix_layout(a), kernels.matrix_layout(b)
+        if layout_a is not None and layout_b is not None and a.shape[1] == b.shape[0]:
+            return kernels.matmul_laid_out(a, b, layout_a, layout_b)  # dtype and layouts checked just now
+    return a @ b  # also what raises NumPy's error for shapes that do not fit
 
 
 # ops.linear_* with the products on the C kernels when they are active (the reshapes are the op's own)
