@@ -56,7 +56,7 @@ def pytest_runtest_makereport(item, call):
             doc += f" [{callspec.id}]"
         record = {"nodeid": item.nodeid, "file": item.path.name, "name": item.name, "doc": doc,
                   "max_abs": testing.RECORD["max_abs"], "max_rel": testing.RECORD["max_rel"],
-                  "heatmaps": list(testing.RECORD["heatmaps"]), "message": "",
+                  "heatmaps": list(dict.fromkeys(testing.RECORD["heatmaps"])), "message": "",
                   "gate": item.get_closest_marker("gate") is not None}
         if rep.passed:
             record["status"] = "pass"

@@ -1,8 +1,6 @@
 """Shared by ex09 and ex14: the tiny block of the fixtures, and the ops it calls replayed from the fixture."""
 import json
 
-import numpy as np
-
 from llama3np import backend, model, ops
 from llama3np.args import ModelArgs
 from llama3np.exercises.testing import unflatten
@@ -11,11 +9,6 @@ from llama3np.exercises.testing import unflatten
 def args_of(fx):
     cfg = {k: v for k, v in fx.meta["config"].items() if k in ModelArgs.__dataclass_fields__}
     return ModelArgs(**cfg)
-
-
-def layer_of(fx):
-    """The block's weights: the arrays of the first recorded call are enough, so we store them apart."""
-    return {k[len("p."):]: fx[k] for k in fx if k.startswith("p.")}
 
 
 def block_cache(fx):

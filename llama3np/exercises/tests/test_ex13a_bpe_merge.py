@@ -1,5 +1,4 @@
 """ex13a: bpe.merge, the encoding step: replace every occurrence of a pair, left to right."""
-import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
