@@ -204,7 +204,7 @@ def check_attention_shapes(q, k, v, kv_start=None):
         raise ValueError(f"attention expects q (B, H, T, hd) and k, v (B, KV, S, hd); got "
                          f"q {q.shape}, k {k.shape}, v {v.shape}")
     B, H, T, hd = q.shape
-    if k.shape[0] != B or k.shape[3] != hd or H % k.shape[1] or k.shape[2] < T:
+    if k.shape[0] != B or k.shape[3] != hd or k.shape[1] == 0 or H % k.shape[1] or k.shape[2] < T:
         raise ValueError(f"attention shapes do not fit: q {q.shape}, k {k.shape} (need same B and hd, "
                          "H divisible by KV, S >= T)")
     if kv_start is not None:

@@ -326,6 +326,7 @@ def _good_attention():
         (lambda q, k, v: (q[0], k, v), ValueError, r"attention expects q \(B, H, T, hd\)"),
         (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, r"k, v \(B, KV, S, hd\)"),
         (lambda q, k, v: (q[:, :3], k, v), ValueError, "H divisible by KV"),
+        (lambda q, k, v: (q, k[:, :0], v[:, :0]), ValueError, "H divisible by KV"),  # no kv head at all
         (lambda q, k, v: (q, k[:, :, :2], v[:, :, :2]), ValueError, "S >= T"),
         (lambda q, k, v: (q[..., :4], k, v), ValueError, "same B and hd"),
         (lambda q, k, v: (q[..., ::2], k[..., ::2], v[..., ::2]), ValueError, "last dimension must be contiguous"),
