@@ -21,12 +21,9 @@ def test_forward_matches_the_reference_fixture():
 
 def test_backward_matches_the_reference_fixture():
     """da, db from the forward's cache equal the reference."""
-    a, b = FX["a"], FX["b"]
-    sig = 1.0 / (1.0 + np.exp(-a))
-    da, db = ops.swiglu_backward(FX["dout"], ops.swiglu_forward(a, b)[1])
+    da, db = ops.swiglu_backward(FX["dout"], ops.swiglu_forward(FX["a"], FX["b"])[1])
     assert_close(da, FX["da"], "da")
     assert_close(db, FX["db"], "db")
-    assert sig.shape == da.shape
 
 
 @given(st.integers(1, 6), st.floats(0.1, 5), st.integers(0, 2**31 - 1))
