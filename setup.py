@@ -89,6 +89,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llama3np", "llama3np.*"]),
+    package_data={"llama3np.exercises": ["fixtures/*.npz"]},  # the grading fixtures travel with the package
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["llama3np = llama3np.cli:main"]},
