@@ -77,12 +77,13 @@ print(Counter(d["metadata"]["kind"] for d in docs))
 # document ends in exactly one of `kept/` and `removed/`, a removed one with the stage and the reason.
 
 # %%
-if __name__ == "__main__":  # --workers N starts processes: keep it importable without side effects
-    cfg = CurateConfig(**json.loads((work / "corpus" / "curate_config.json").read_text()), progress=False,
-                       shard_size=100 if FAST else 500)
-    rep = curate(work / "corpus" / "corpus.jsonl", work / "out", cfg, workers=1 if FAST else 2)
-    print(f"{rep['documents']} in, {rep['kept']} kept, {rep['removed']} removed")
-    print(format_score(score_run(work / "out", read_labels(work / "corpus" / "labels.tsv"))))
+# one process here; `--workers N` (or `curate(..., workers=N)` from a script guarded by
+# `if __name__ == "__main__":`) filters the shards in N processes with the same output
+cfg = CurateConfig(**json.loads((work / "corpus" / "curate_config.json").read_text()), progress=False,
+                   shard_size=100 if FAST else 500)
+rep = curate(work / "corpus" / "corpus.jsonl", work / "out", cfg)
+print(f"{rep['documents']} in, {rep['kept']} kept, {rep['removed']} removed")
+print(format_score(score_run(work / "out", read_labels(work / "corpus" / "labels.tsv"))))
 
 # %% [markdown]
 # ### The funnel: documents and tokens left after each stage
