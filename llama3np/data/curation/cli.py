@@ -68,6 +68,9 @@ def assemble_corpus(out, n_docs=2000, seed=0, sources=None, heldout_docs=200, lo
     dirty = STAND_IN_DIRTY
     texts, labels = make_web_corpus(n_docs, seed=seed, prose_fn=real_prose if names else prose, dirty_words=dirty)
     docs = [{"id": f"web{i:06d}", "text": t, "metadata": {"kind": k}} for i, (t, k) in enumerate(zip(texts, labels))]
+    prose_docs = [d for d in docs if d["metadata"]["kind"] == "prose"]  # prose_fn ran once for each, in order
+    for d, name in zip(prose_docs, used or ["grammar"] * len(prose_docs)):
+        d["metadata"]["source"] = name
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "corpus.jsonl", docs)
     atomic_write_bytes(out / "labels.tsv", ("id\tkind\n" + "".join(f"{d['id']}\t{d['metadata']['kind']}\n"
