@@ -84,3 +84,29 @@ def test_semdedup_model_embeddings_are_unit_mean_pooled_hidden_states():
     assert emb.shape == (3, 16)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     assert emb[0] @ emb[1] == pytest.approx(1.0, abs=1e-6) and emb[0] @ emb[2] < 0.999
+
+
+def test_semdedup_stage_embeds_with_a_saved_llama3np_model(tmp_path):
+    """The pipeline's semdedup stage with params.semdedup.model: a folder llama3np.load reads."""
+    import json
+
+    from llama3np import save
+    from llama3np.data.curation.evaluate import read_outcomes
+    from llama3np.data.curation.pipeline import CurateConfig, curate
+
+    texts = [webcorpus.prose(np.random.default_rng(i), 1) for i in range(12)]
+    texts += [texts[0], texts[1]]  # copies: cosine 1 under any embedding
+    tok = bpe.train("\n".join(texts), 600)
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.n_words, hidden_dim=32,
+                     max_seq_len=512)
+    model = Transformer(args, seed=0)
+    model.tokenizer = tok
+    save(model, tmp_path / "m", format="llama3np")
+    lines = [json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)]
+    (tmp_path / "in.jsonl").write_text("".join(lines))
+    cfg = CurateConfig(stages=("semdedup",), progress=False,
+                       params={"semdedup": {"model": str(tmp_path / "m"), "eps": 1e-4, "n_clusters": 2}})
+    curate(tmp_path / "in.jsonl", tmp_path / "out", cfg)
+    out = read_outcomes(tmp_path / "out")
+    assert out["d12"] == ("semdedup", "semantic_duplicate") and out["d13"] == ("semdedup", "semantic_duplicate")
+    assert out["d0"] is None and out["d1"] is None

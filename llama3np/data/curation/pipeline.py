@@ -47,7 +47,8 @@ GLOBAL_PARAMS = {"minhash": {"num_bands": 14, "rows_per_band": 8, "ngram": 5, "s
                  "line_dedup": {"bucket_size": 100000, "max_count": 6},
                  "token_kl": {"z": 6.0, "threshold": None, "reference": ""},  # reference: clean text (file/folder)
                  "quality_classifier": {"model": "", "threshold": 0.5},
-                 "semdedup": {"eps": 0.05, "n_clusters": 0, "seed": 0},
+                 # model: "" = hashed TF-IDF embeddings; else a model folder (llama3np.load) to mean-pool
+                 "semdedup": {"eps": 0.05, "n_clusters": 0, "seed": 0, "model": "", "max_len": 256},
                  "url_dedup": {}, "exact_dedup": {}}
 
 
@@ -312,9 +313,17 @@ def step_global(work, n_shards, cfg):
                 if v < p["threshold"]:
                     remove(i, stage, "low_quality_score")
         elif stage == "semdedup":
-            from .semdedup import semdedup, tfidf_embeddings
+            from .semdedup import model_embeddings, semdedup, tfidf_embeddings
 
-            emb = tfidf_embeddings([texts[i] for i in idx], seed=p["seed"])
+            if p["model"]:
+                from ...formats import load
+
+                model = load(p["model"])
+                if getattr(model, "tokenizer", None) is None:
+                    raise ValueError(f"semdedup model {p['model']} has no tokenizer.model beside it")
+                emb = model_embeddings(model, model.tokenizer, [texts[i] for i in idx], max_len=p["max_len"])
+            else:
+                emb = tfidf_embeddings([texts[i] for i in idx], seed=p["seed"])
             keep = semdedup(emb, eps=p["eps"], n_clusters=p["n_clusters"] or None, seed=p["seed"])
             for i, k in zip(idx, keep):
                 if not k:
