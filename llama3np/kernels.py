@@ -214,10 +214,12 @@ def _matrix_layout(x, name):
 def _bad_stride(x):
     """The first dimension the attention kernels cannot step along (the last must be contiguous, the
     others positive multiples of 4 bytes), or None."""
-    if x.shape[-1] > 1 and x.strides[-1] != 4:
-        return x.ndim - 1
-    for d, (size, stride) in enumerate(zip(x.shape, x.strides)):
-        if size > 1 and (stride <= 0 or stride % 4):  # a dimension of length 1 is never stepped along
+    shape, strides = x.shape, x.strides  # read once: each attribute builds a tuple (a decode step asks
+    last = len(shape) - 1                 # ~10 times per layer)
+    if shape[last] > 1 and strides[last] != 4:
+        return last
+    for d in range(last):
+        if shape[d] > 1 and (strides[d] <= 0 or strides[d] % 4):  # a length-1 dim is never stepped along
             return d
     return None
 
@@ -247,7 +249,9 @@ def _strides(x, name, ndim):
             f"{name} (shape {x.shape}) has stride {x.strides[d]} bytes in dim {d}; the kernels need positive "
             f"multiples of 4; pass np.ascontiguousarray({name})"
         )
-    return ffi.new("long[3]", [x.strides[d] // 4 if x.shape[d] > 1 else 0 for d in range(3)])
+    shape, strides = x.shape, x.strides
+    return ffi.new("long[3]", [strides[0] // 4 if shape[0] > 1 else 0, strides[1] // 4 if shape[1] > 1 else 0,
+                               strides[2] // 4 if shape[2] > 1 else 0])
 
 
 def _check_status(status, what):
