@@ -4,6 +4,7 @@
 `pip install -e '.[test]'`    + pytest, hypothesis and the notebook runner
 `pip install -e '.[ref]'`     + PyTorch (CPU build 2.13.0) and transformers, used only as test references
 `pip install -e '.[notebooks]'` + JupyterLab, to open the walkthroughs in notebooks/
+`pip install -e '.[curation]'` + trafilatura (HTML) and a dirty-word list, for `llama3np data curate`
 """
 import os
 import sys
@@ -37,6 +38,14 @@ extras_require = {
         "torch==2.13.0",  # the CPU build that lies on these machines; other versions download GBs
         "transformers>=4.45",
         "fairscale",  # Meta's llama_models.llama3.model imports it; we compare with its apply_scaling
+        "datatrove[processing]",  # the curation filters' verdicts and reasons, compared document by document
+        "spacy",  # datatrove's word tokenizer (runs offline)
+        "datasketch",  # MinHash LSH, the reference for benchmarks/bench_curation.py
+    ],
+    "curation": [
+        "trafilatura",  # HTML pages -> text (what FineWeb uses)
+        "lxml_html_clean",  # trafilatura needs it with lxml >= 5.2
+        "better-profanity",  # a maintained English word list for the NSFW dirty-word count
     ],
     "notebooks": [
         "jupyterlab>=4",  # `jupyter lab notebooks/01_forward.ipynb`
