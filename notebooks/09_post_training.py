@@ -142,7 +142,8 @@ if __name__ == "__main__":
     ax[0].legend(loc="upper left", fontsize=7)
     ax0b.legend(loc="lower right", fontsize=7)
     for stage, score, kl, *_ in table:
-        ax[1].scatter([kl], [score], label=stage)
+        if np.isfinite(kl):  # the pre-trained model comes before the SFT model: no KL from it
+            ax[1].scatter([kl], [score], label=stage)
     ppo = [r for r in figures["ppo_log"] if r.get("objective/true_score") is not None]
     ax[1].set_xlabel("KL(stage || SFT) per reply")
     ax[1].set_ylabel("ground-truth score")

@@ -137,7 +137,7 @@ def evaluate(model, sft_model, fmt, instructions, max_new_tokens, seed):
     scores = [task.score(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, replies)]
     tokens, mask = rollout_rows(prompts, replies)
     kl = ((token_logps(model, tokens) - token_logps(sft_model, tokens)) * mask).sum(1) if sft_model is not None \
-        else np.zeros(len(prompts))
+        else np.full(len(prompts), np.nan)  # before SFT there is no SFT model to compare with
     greedy, _ = sample_batch(model, prompts, max_new_tokens, temperature=0.0, seed=seed)
     greedy_score = float(np.mean([task.score(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, greedy)]))
     return {"score": float(np.mean(scores)), "kl": float(np.mean(kl)), "greedy": greedy_score,
@@ -321,7 +321,8 @@ def _plot_score_vs_kl(out, table, ppo_log):
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for stage, sc, kl, *_ in table:
-        ax.scatter([kl], [sc], label=stage)
+        if np.isfinite(kl):
+            ax.scatter([kl], [sc], label=stage)
     ax.set_xlabel("KL(stage || SFT) per reply (nats)")
     ax.set_ylabel("ground-truth score")
     ax.legend(fontsize=7)
