@@ -33,6 +33,7 @@ extras_require = {
         "ipykernel>=6.29",
         "jupytext>=1.16",  # the notebooks' readable .py twins
         "threadpoolctl>=3.1",
+        "pyarrow>=14",  # reads the cais/mmlu parquet files the eval tests write
     ],
     "ref": [
         "torch==2.13.0",  # the CPU build that lies on these machines; other versions download GBs
