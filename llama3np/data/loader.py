@@ -47,25 +47,28 @@ def read_documents(path):
     docs = []
     for f in files:
         if f.suffix.lower() == ".jsonl":
-            docs.extend(t.strip("\n") for t in _read_jsonl_texts(f) if t.strip())
+            docs.extend(d["text"].strip("\n") for _, d in read_jsonl(f) if d["text"].strip())
             continue
         try:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{f}: not UTF-8 text ({e})") from None
-        parts = [text] if DOC_SEPARATOR not in text else _split_on_separator(text)
+        parts = split_on_separator(text)
         docs.extend(p.strip("\n") for p in parts if p.strip())
     if not docs:
         raise ValueError(f"the corpus at {path} holds no text")
     return docs
 
 
-def _read_jsonl_texts(path):
-    """The "text" field of every line of a JSONL file; a bad line is an error naming file and line."""
+def read_jsonl(path):
+    """(line number, object) for every non-blank line of a JSONL file (.gz too), each a JSON object with
+    a string "text" (datatrove's and Hugging Face datasets' shape); a bad line is an error naming the
+    file and the line."""
+    import gzip
     import json
 
-    texts = []
-    with open(path, "rb") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -75,11 +78,13 @@ def _read_jsonl_texts(path):
                 raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
             if not isinstance(d, dict) or not isinstance(d.get("text"), str):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
-            texts.append(d["text"])
-    return texts
+            yield lineno, d
 
 
-def _split_on_separator(text):
+def split_on_separator(text):
+    """A file's text -> its documents: split at lines holding only <|end_of_text|> (or the whole text)."""
+    if DOC_SEPARATOR not in text:
+        return [text]
     docs, current = [], []
     for line in text.splitlines(keepends=True):
         if line.strip() == DOC_SEPARATOR:

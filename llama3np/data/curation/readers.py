@@ -5,16 +5,13 @@ still yields one document with empty text and `metadata["reason"]` set ("not_utf
 pipeline counts it as a removal with a reason. A JSONL line that is not a JSON object with a string
 `text` is an error naming the file and the line: that is a broken export, not a bad document.
 """
-import gzip
-import json
 from pathlib import Path
 
+from ..loader import TEXT_SUFFIXES, read_jsonl, split_on_separator
 from .document import Document
 
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 HTML_SUFFIXES = (".html", ".htm")
-DOC_SEPARATOR = "<|end_of_text|>"  # as in llama3np.data.loader: a line holding only this splits documents
 
 
 def _suffix(path):
@@ -55,15 +52,7 @@ def read_text_file(path, name):
     if reason:
         yield Document(id=f"{name}#0", text="", source=name, metadata={"reason": reason})
         return
-    parts, current = [], []
-    if DOC_SEPARATOR in text:
-        for line in text.splitlines(keepends=True):
-            if line.strip() == DOC_SEPARATOR:
-                parts.append("".join(current))
-                current = []
-            else:
-                current.append(line)
-    parts.append("".join(current) if DOC_SEPARATOR in text else text)
+    parts = split_on_separator(text)  # as the training loader splits a file
     for i, part in enumerate(parts):
         yield Document(id=f"{name}#{i}", text=part.strip("\n"), source=name)
 
@@ -71,23 +60,13 @@ def read_text_file(path, name):
 def read_jsonl_file(path, name):
     """JSONL: one object per line with a string `text`; optional `id`, `url`, `metadata` (datatrove's
     and Hugging Face datasets' shape). Blank lines are skipped."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
-            if not isinstance(d, dict) or not isinstance(d.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
-            meta = d.get("metadata") or {}
-            if not isinstance(meta, dict):
-                raise ValueError(f"{path}:{lineno}: 'metadata' must be a JSON object")
-            doc_id = str(d["id"]) if "id" in d else f"{name}#{lineno}"
-            yield Document(id=doc_id, text=d["text"], source=f"{name}:{lineno}", url=str(d.get("url") or ""),
-                           metadata=dict(meta))
+    for lineno, d in read_jsonl(path):
+        meta = d.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}:{lineno}: 'metadata' must be a JSON object")
+        doc_id = str(d["id"]) if "id" in d else f"{name}#{lineno}"
+        yield Document(id=doc_id, text=d["text"], source=f"{name}:{lineno}", url=str(d.get("url") or ""),
+                       metadata=dict(meta))
 
 
 def html_to_text(html):
