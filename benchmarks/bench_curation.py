@@ -37,16 +37,6 @@ from llama3np.data.curation.gopher_repetition import GopherRepetitionFilter  # n
 JS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def pairs_with_jaccard(j, n_pairs, m, rng):
-    o = int(round(2 * m * j / (1 + j)))
-    hashes, offsets = [], [0]
-    for _ in range(n_pairs):
-        u = rng.integers(0, 2**64, size=2 * m - o, dtype=np.uint64)
-        hashes += [u[:m], u[m - o:]]
-        offsets += [offsets[-1] + m, offsets[-1] + 2 * m]
-    return np.concatenate(hashes), np.array(offsets), o / (2 * m - o)
-
-
 def binomial_interval(n, p, level=0.95):
     """The central `level` interval [lo, hi] of Binomial(n, p) counts."""
     from scipy.stats import binom
@@ -58,7 +48,7 @@ def section_statistics(n_pairs, rng):
     print("== 1. estimated Jaccard vs exact (112 hash functions)")
     within = []
     for j in (0.1, 0.3, 0.5, 0.7, 0.9, 0.97):
-        h, off, je = pairs_with_jaccard(j, n_pairs // 2, 200, rng)
+        h, off, je = minhash.shingle_sets_with_jaccard(j, n_pairs // 2, 200, rng)
         sig = minhash.signatures_from_hashes(h, off)
         est = minhash.estimated_jaccard(sig[0::2], sig[1::2])
         w = np.abs(est - je) <= 3 * math.sqrt(je * (1 - je) / 112)
@@ -69,7 +59,7 @@ def section_statistics(n_pairs, rng):
     print(f"   all {sum(map(len, within))} pairs: within 3 sd {np.mean(np.concatenate(within)):.4f} (goal >= 0.99)")
     print("== 2. LSH candidate rate vs 1-(1-J^8)^14, 14 bands x 8 rows")
     for j in JS:
-        h, off, je = pairs_with_jaccard(j, n_pairs, 200, rng)
+        h, off, je = minhash.shingle_sets_with_jaccard(j, n_pairs, 200, rng)
         keys = minhash.band_keys(minhash.signatures_from_hashes(h, off))
         k = int(np.any(keys[0::2] == keys[1::2], axis=1).sum())
         p = float(minhash.candidate_probability(je))
@@ -130,7 +120,6 @@ def section_end_to_end(n_docs, rng):
 def section_speed(texts, n_docs):
     print(f"== 4. speed: {n_docs} documents, one process each")
     texts = texts[:n_docs]
-    hashes, offsets = minhash.shingle_hashes(texts)
 
     def ours():
         return minhash.minhash_clusters(texts)
@@ -139,8 +128,6 @@ def section_speed(texts, n_docs):
     try:
         from datasketch import MinHash, MinHashLSH
 
-        shingle_bytes = [[int(x).to_bytes(8, "little") for x in hashes[offsets[i]:offsets[i + 1]]]
-                         for i in range(len(texts))]
         from llama3np.data.curation.text import simplify_text
 
         def theirs():
@@ -164,10 +151,10 @@ def section_speed(texts, n_docs):
     if len(best) == 2:
         a, b = best.values()
         print(f"   ours / datasketch speed: {b / a:.2f}x")
+    dup = np.flatnonzero(minhash.minhash_clusters(texts) != np.arange(len(texts)))[:300]
+    if len(best) == 2 and len(dup):
         # accuracy of each on up to 300 pairs of near-copies (a document and its cluster's first one)
-        cl = minhash.minhash_clusters(texts)
-        dup = np.flatnonzero(cl != np.arange(len(texts)))[:300]
-        idx = np.stack([dup, cl[dup]], axis=1)
+        idx = np.stack([dup, minhash.minhash_clusters(texts)[dup]], axis=1)
         sig = minhash.signatures(texts)
         mhs = times["datasketch: MinHash + MinHashLSH insert (text in)"]()
         J = exact_jaccard_all_pairs([texts[i] for i in idx.ravel()])

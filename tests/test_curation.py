@@ -152,17 +152,6 @@ def test_minhash_clusters_of_nothing_and_of_short_texts():
     assert minhash_clusters(["", "", "a b"]).tolist() == [0, 0, 2]
 
 
-def _pairs_with_jaccard(j, n_pairs, m, rng):
-    """n_pairs pairs of random 64-bit shingle sets of size m whose exact Jaccard is (close to) j."""
-    o = int(round(2 * m * j / (1 + j)))
-    hashes, offsets = [], [0]
-    for _ in range(n_pairs):
-        u = rng.integers(0, 2**64, size=2 * m - o, dtype=np.uint64)
-        hashes += [u[:m], u[m - o:]]
-        offsets += [offsets[-1] + m, offsets[-1] + 2 * m]
-    return np.concatenate(hashes), np.array(offsets), o / (2 * m - o)
-
-
 def _binomial_central_95(k, n, p):
     """Is k inside the central 95% of Binomial(n, p)? (both tails >= 2.5%)"""
     pmf = [math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(n + 1)]
@@ -173,7 +162,7 @@ def test_estimated_jaccard_within_3_sd_for_99_percent_of_pairs():
     rng = np.random.default_rng(0)
     within = []
     for j in (0.2, 0.5, 0.8, 0.95):
-        h, off, j_exact = _pairs_with_jaccard(j, 150, 100, rng)
+        h, off, j_exact = minhash.shingle_sets_with_jaccard(j, 150, 100, rng)
         sig = minhash.signatures_from_hashes(h, off)
         est = minhash.estimated_jaccard(sig[0::2], sig[1::2])
         within.append(np.abs(est - j_exact) <= 3 * np.sqrt(j_exact * (1 - j_exact) / sig.shape[1]))
@@ -183,7 +172,7 @@ def test_estimated_jaccard_within_3_sd_for_99_percent_of_pairs():
 @pytest.mark.parametrize("j", [0.3, 0.5, 0.6, 0.7, 0.8, 0.9])
 def test_lsh_candidate_rate_follows_the_s_curve(j):
     rng = np.random.default_rng(int(j * 100))
-    h, off, j_exact = _pairs_with_jaccard(j, 300, 100, rng)
+    h, off, j_exact = minhash.shingle_sets_with_jaccard(j, 300, 100, rng)
     keys = minhash.band_keys(minhash.signatures_from_hashes(h, off))
     k = int(np.any(keys[0::2] == keys[1::2], axis=1).sum())
     assert _binomial_central_95(k, 300, float(minhash.candidate_probability(j_exact)))

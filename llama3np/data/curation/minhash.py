@@ -129,6 +129,19 @@ def candidate_probability(j, num_bands=14, rows_per_band=8):
     return 1.0 - (1.0 - np.asarray(j, dtype=np.float64) ** rows_per_band) ** num_bands
 
 
+def shingle_sets_with_jaccard(j, n_pairs, m, rng):
+    """n_pairs pairs of random 64-bit shingle sets of size m whose exact Jaccard is (close to) j, as
+    (hashes, offsets) for signatures_from_hashes, and that exact Jaccard: the inputs on which the
+    estimate's spread and the LSH S-curve are measured (tests, benchmarks/bench_curation.py)."""
+    o = int(round(2 * m * j / (1 + j)))  # shared shingles: |A & B| / |A | B| = o / (2m - o) = j
+    hashes, offsets = [], [0]
+    for _ in range(n_pairs):
+        u = rng.integers(0, 2**64, size=2 * m - o, dtype=np.uint64)
+        hashes += [u[:m], u[m - o:]]
+        offsets += [offsets[-1] + m, offsets[-1] + 2 * m]
+    return np.concatenate(hashes), np.array(offsets), o / (2 * m - o)
+
+
 def band_keys(sig, num_bands=14, rows_per_band=8):
     """(N, b*r) signatures -> (N, b) uint64: one hash per band of r rows (equal rows -> equal key)."""
     n = sig.shape[0]
