@@ -11,7 +11,6 @@ shots: NOT the MMLU test set), or "stories" (default: the MMLU-format set genera
 The JSON results are rewritten atomically every --save-every questions; --resume continues an
 interrupted run from its last save (same arguments required) and ends with the same numbers.
 """
-import argparse
 import json
 import os
 import sys
@@ -225,15 +224,11 @@ def _run_config_robustness(a):
 
 
 def main(argv=None) -> int:
-    """`llama3np eval ...` on its own (for tests): argv like ["eval", "mmlu", "--model", DIR]."""
-    parser = argparse.ArgumentParser(prog="llama3np")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(argv)
-    try:
-        return a.func(a) or 0
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"llama3np: error: {e}", file=sys.stderr)
-        return 2
+    """`llama3np eval ...` from Python (tests) or `python -m`: the one command line, llama3np.cli.main,
+    so the errors, warnings and exit codes are the same; argv starts with the sub-command."""
+    from ..cli import main as llama3np_main
+
+    return llama3np_main(argv)
 
 
 if __name__ == "__main__":

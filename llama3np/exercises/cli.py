@@ -117,14 +117,11 @@ def add_subcommands(subparsers):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llama3np")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"llama3np: error: {e}", file=sys.stderr)
-        return 2
+    """`llama3np check ... / exercises ...` from Python (tests) or `python -m`: the one command line, llama3np.cli.main,
+    so the errors, warnings and exit codes are the same; argv starts with the sub-command."""
+    from ..cli import main as llama3np_main
+
+    return llama3np_main(argv)
 
 
 if __name__ == "__main__":

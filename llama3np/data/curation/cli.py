@@ -1,5 +1,4 @@
 """`llama3np data curate INPUT --out DIR` and `llama3np data corpus` (add_subcommands; main for tests)."""
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -128,15 +127,12 @@ def add_subcommands(subparsers):
     return p
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="llama3np")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv=None) -> int:
+    """`llama3np data ...` from Python (tests) or `python -m`: the one command line, llama3np.cli.main,
+    so the errors, warnings and exit codes are the same; argv starts with the sub-command."""
+    from ...cli import main as llama3np_main
+
+    return llama3np_main(argv)
 
 
 if __name__ == "__main__":
