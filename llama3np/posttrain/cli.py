@@ -11,7 +11,6 @@
 Each `func(args)` returns an exit code and raises ValueError/FileNotFoundError for bad input (the main
 CLI prints those as one line). `main(argv)` runs them without the main CLI (tests).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -195,11 +194,11 @@ def add_subcommands(subparsers):
         p.add_argument("--model", required=True, help="the starting model: a run folder or a checkpoint folder")
         p.add_argument("--data", required=True, help=data_help)
         p.add_argument("--out", required=True, help="the run folder to write")
-        p.add_argument("--steps", type=int, default=100)
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--lr", type=float, default=lr)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--save-every", type=int, default=50)
+        p.add_argument("--steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
+        p.add_argument("--batch-size", type=int, default=8, help="rows (or pairs) per step (default: %(default)s)")
+        p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+        p.add_argument("--save-every", type=int, default=50, help="a checkpoint every N steps (default: %(default)s)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
 
     p = subparsers.add_parser("sft", help="supervised fine-tuning on chats ({'messages': [...]} JSONL)")
@@ -211,67 +210,64 @@ def add_subcommands(subparsers):
     p = subparsers.add_parser("dpo", help="direct preference optimisation")
     common(p, "JSONL, one {'prompt', 'chosen', 'rejected'} per line", 1e-4)
     p.add_argument("--ref", help="the reference model (default: --model)")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--nll-coef", type=float, default=0.2, help="Llama 3's NLL term on the chosen replies")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="> 0: cDPO")
-    p.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta, the strength of the KL leash (default: %(default)s, Llama 3's)")
+    p.add_argument("--nll-coef", type=float, default=0.2, help="Llama 3's NLL term on the chosen replies (default: %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="> 0: cDPO (default: %(default)s)")
+    p.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid", help="DPO's sigmoid loss or IPO's squared one (default: %(default)s)")
     p.add_argument("--eot-in-mask", action="store_true", help="count <|eot_id|> in the log-probs (ablation)")
     p.set_defaults(func=cmd_dpo)
 
     p = subparsers.add_parser("rs", help="rejection sampling: best of K replies by a reward model -> SFT data")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the policy to start from: a run folder or a checkpoint folder")
     p.add_argument("--reward-model", required=True, help="a run folder of `llama3np rm`")
     p.add_argument("--data", required=True, help="JSONL of {'prompt': ...} (or {'messages': [...]})")
-    p.add_argument("--out", required=True)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the run folder to write")
+    p.add_argument("--k", type=int, default=8, help="samples per prompt; the reward model keeps the best (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.set_defaults(func=cmd_rs)
 
     p = subparsers.add_parser("ppo", help="PPO against a reward model with a KL penalty to a reference")
-    p.add_argument("--model", required=True)
-    p.add_argument("--reward-model", required=True)
+    p.add_argument("--model", required=True, help="the policy to start from: a run folder or a checkpoint folder")
+    p.add_argument("--reward-model", required=True, help="a run folder of `llama3np rm`")
     p.add_argument("--value-model", help="a reward model run to start the value model from (default: --reward-model)")
     p.add_argument("--ref", help="the KL reference (default: --model)")
     p.add_argument("--data", required=True, help="JSONL of {'prompt': ...}")
-    p.add_argument("--out", required=True)
-    p.add_argument("--iterations", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--mini-batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1")
-    p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--target-kl", type=float, default=6.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=5)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--out", required=True, help="the run folder to write")
+    p.add_argument("--iterations", type=int, default=20, help="PPO iterations: rollouts then updates (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="rollouts per iteration (default: %(default)s)")
+    p.add_argument("--mini-batch-size", type=int, default=8, help="rollouts per update (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="longest reply (default: %(default)s)")
+    p.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1", help="the per-token KL estimate of the penalty (default: %(default)s)")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="the starting KL coefficient, then adapted (default: %(default)s)")
+    p.add_argument("--target-kl", type=float, default=6.0, help="the adaptive controller's KL target, nats per reply (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=5, help="a checkpoint every N iterations (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.set_defaults(func=cmd_ppo)
 
     p = subparsers.add_parser("average", help="average the weights of models fine-tuned from one start")
     p.add_argument("--model", action="append", required=True, help="repeat for each model")
     p.add_argument("--weights", type=float, nargs="*", help="one weight per model (default equal)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the run folder to write")
     p.set_defaults(func=cmd_average)
 
     p = subparsers.add_parser("posttrain", help="post-training demos")
     sub = p.add_subparsers(dest="posttrain_command", required=True)
     d = sub.add_parser("demo", help="SFT -> RM -> RS -> DPO -> PPO on a tiny story model, with the ground truth")
-    d.add_argument("--out", default="runs/posttrain")
+    d.add_argument("--out", default="runs/posttrain", help="the folder of the stages' runs (default: %(default)s)")
     d.add_argument("--model", help="a pre-trained story model (default: pre-train one first, ~3 min)")
     d.add_argument("--fast", action="store_true", help="a tiny run of a minute (for tests)")
     d.set_defaults(func=cmd_demo)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llama3np", description=__doc__.splitlines()[0])
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"llama3np {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """`llama3np sft|rm|rs|dpo|ppo|average|posttrain ...` from Python (tests) or `python -m`: the one
+    command line, llama3np.cli.main; argv starts with the sub-command."""
+    from ..cli import main as llama3np_main
+
+    return llama3np_main(argv)
 
 
 if __name__ == "__main__":
