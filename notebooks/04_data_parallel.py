@@ -32,6 +32,7 @@ from llama3np.parallel import engine, launch
 from llama3np.parallel.comm import ring_bytes
 from llama3np.parallel.examples import ring_all_reduce_demo, run_on, small_run
 from llama3np.parallel.trace import Trace
+from llama3np.exercises import check
 
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"  # the test suite runs this notebook small
@@ -67,6 +68,9 @@ for o in launch.run(ring_all_reduce_demo, 4, args=(n_elems,), timeout=30):
     print(f"rank {o['rank']}: sum starts {o['result_head']}, sent {o['bytes_sent']} bytes "
           f"= {o['bytes_sent'] / o['buffer_bytes']:.3f} x buffer (2(N-1)/N = {2 * 3 / 4:.3f})")
 assert o["bytes_sent"] == ring_bytes("all_reduce", n_elems * 8, 4)
+
+# %%
+check("ex16a", "ex16b")  # exercises: the ring's reduce-scatter and all-gather
 
 # %% [markdown]
 # ## 3. Training on 2 replicas = training on 1

@@ -33,6 +33,7 @@ from llama3np.parallel import engine
 from llama3np.parallel import schedule as S
 from llama3np.parallel.trace import Trace
 from llama3np.parallel.examples import run_on, small_run
+from llama3np.exercises import check
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 work = tempfile.mkdtemp(prefix="llama3np_nb05_")
@@ -75,6 +76,9 @@ for mm in (1, 2, 4, 8, 16, 32):
     b = S.bubble_fraction(S.simulate(S.one_f_one_b(p, mm)))
     print(f"{mm:2d}   {float(b):.3f}    {max(S.peak_activations(S.gpipe(p, mm))):3d}          "
           f"{S.peak_activations(S.one_f_one_b(p, mm))}")
+
+# %%
+check("ex17")  # exercise: the 1F1B schedule as data
 
 # %% [markdown]
 # ## 3. Interleaving: a smaller bubble for more messages and more memory

@@ -42,6 +42,7 @@ from llama3np.data.curation import minhash, report, sources, webcorpus
 from llama3np.data.curation.cli import assemble_corpus
 from llama3np.data.curation.evaluate import format_score, read_labels, score_run
 from llama3np.data.curation.pipeline import CurateConfig, curate
+from llama3np.exercises import check
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 work = Path(tempfile.mkdtemp(prefix="curation_"))
@@ -136,6 +137,9 @@ for k in (-3, 3):
     ax.plot(grid, grid + k * np.sqrt(grid * (1 - grid) / 112), "r--", lw=0.8)
 ax.set_xlabel("exact Jaccard"), ax.set_ylabel("MinHash estimate")
 print(f"within 3 sd: {np.mean(np.abs(est - js) <= 3 * np.sqrt(js * (1 - js) / 112)):.3f}")
+
+# %%
+check("ex23")  # exercise: MinHash signatures
 
 # %% [markdown]
 # ## 5. The payoff

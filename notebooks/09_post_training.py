@@ -31,6 +31,7 @@ import numpy as np
 
 from llama3np.posttrain import losses as L
 from llama3np.posttrain import story_task as task
+from llama3np.exercises import check
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
@@ -103,6 +104,9 @@ print("loop == vectorised:", np.allclose(L.gae_loop(rew, val, mask, 1.0, 0.95)[0
                                           atol=1e-12))
 print("lambda=1: A = returns - V:", np.allclose(L.gae(rew, val, mask, 1.0, 1.0)[0],
                                                np.cumsum(rew[:, ::-1], 1)[:, ::-1] - val))
+
+# %%
+check("ex19", "ex20")  # exercises: the DPO loss and its gradient, GAE
 
 # %% [markdown]
 # ## 3. The whole pipeline

@@ -31,6 +31,7 @@ import numpy as np
 import llama3np
 from llama3np.eval import mmlu, report, robustness, scoring, story_mmlu
 from llama3np.training import TrainConfig, train
+from llama3np.exercises import check
 
 FAST = os.environ.get("LLAMA3NP_NOTEBOOK_FAST") == "1"
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
@@ -101,6 +102,9 @@ print("log P(' A' ...' D' | prompt) =", lps, "-> predicts", "ABCD"[int(np.argmax
 # %%
 full = [scoring.loglikelihood_full(model, ctx, c) for c in conts]
 print("full recomputation:", np.array(full), " max difference:", np.max(np.abs(np.array(full) - lps)))
+
+# %%
+check("ex21")  # exercise: scoring a continuation by log-likelihood
 
 # %% [markdown]
 # ## 3. Accuracy on the story-world MMLU

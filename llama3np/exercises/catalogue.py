@@ -190,7 +190,7 @@ EXERCISES = (
         "test_ex15_top_p.py"),
     Exercise(
         "ex16a", "Ring reduce-scatter", ("llama3np/parallel/comm.py",), ("ProcessGroup._reduce_scatter",), 10,
-        "04_data_parallel",
+        "04_data_parallel: 2. The ring in real processes",
         ("N - 1 steps; at each step every rank sends one chunk to rank r + 1 and reduces the chunk it receives "
          "from rank r - 1 into its own copy.",
          "At step s rank r sends chunk (r - s - 1) mod N and receives chunk (r - s - 2) mod N; after N - 1 "
@@ -200,14 +200,14 @@ EXERCISES = (
         "test_ex16a_reduce_scatter.py"),
     Exercise(
         "ex16b", "Ring all-gather", ("llama3np/parallel/comm.py",), ("ProcessGroup._all_gather",), 5,
-        "04_data_parallel",
+        "04_data_parallel: 2. The ring in real processes",
         ("N - 1 steps passing chunks around the ring: each rank forwards the chunk it received last step.",
          "At step s rank r sends chunk (r - s) mod N to r + 1 and receives chunk (r - s - 1) mod N from r - 1.",
          "Start with your own chunk (s = 0 sends chunk r); return the list of chunks."),
         "test_ex16b_all_gather.py"),
     Exercise(
         "ex17", "The 1F1B pipeline schedule as data", ("llama3np/parallel/schedule.py",), ("one_f_one_b",), 10,
-        "05_pipeline_parallel",
+        "05_pipeline_parallel: 2. On a logical clock",
         ("Stage s runs min(p - s - 1, m) warm-up forwards, then alternates one forward and one backward, then "
          "drains the remaining backwards.",
          "Use _forward(s, p, j) and _backward(s, p, j): they add the recv/send actions around F and B.",
@@ -224,7 +224,7 @@ EXERCISES = (
                "(void)K; (void)A; (void)B;"),
     Exercise(
         "ex19", "DPO loss and its gradient", ("llama3np/posttrain/losses.py",), ("dpo_forward", "dpo_backward"), 10,
-        "posttrain",
+        "09_post_training: 2. The losses, each beside its formula",
         ("Delta = (pi_c - ref_c) - (pi_r - ref_r); sigmoid loss -(1 - ls) log sigmoid(beta Delta) - ls log "
          "sigmoid(-beta Delta), averaged over the batch.",
          "d/dz [-log sigmoid(z)] = -sigmoid(-z); with z = beta Delta multiply by beta; IPO: (Delta - 1/(2 beta))^2.",
@@ -232,14 +232,14 @@ EXERCISES = (
         "test_ex19_dpo.py"),
     Exercise(
         "ex20", "Generalized advantage estimation (GAE)", ("llama3np/posttrain/losses.py",), ("gae_loop",), 5,
-        "posttrain",
+        "09_post_training: 2. The losses, each beside its formula",
         ("delta_t = r_t + gamma V_{t+1} - V_t, and A_t = delta_t + gamma lambda A_{t+1}, backwards in time.",
          "V past the last response token is 0 (the episode ended): multiply the next value by the mask.",
          "returns = (advantages + values) * mask."),
         "test_ex20_gae.py"),
     Exercise(
         "ex21", "MMLU scoring by log-likelihood", ("llama3np/eval/scoring.py",), ("loglikelihood_full",), 5,
-        "eval",
+        "10_evaluation: 2. Scoring: four log-likelihoods",
         ("log P(continuation | context) = sum over the continuation's tokens of the log-softmax of the logit that "
          "predicts each of them, from ONE forward over context + continuation (minus its last token).",
          "The logits at position t predict token t + 1: the continuation's first token is predicted at "
@@ -261,7 +261,7 @@ EXERCISES = (
         "test_ex22_properties.py"),
     Exercise(
         "ex23", "MinHash signatures", ("llama3np/data/curation/minhash.py",), ("signatures_from_hashes",), 5,
-        "08_curation",
+        "08_data_curation: 4. MinHash, measured",
         ("A document's signature holds, for each of num_perm hash functions, the MINIMUM of that function over "
          "the document's shingle hashes.",
          "Hash function i is mix64(shingle ^ seeds[i]) with seeds = hash_seeds(num_perm, seed); document i owns "
