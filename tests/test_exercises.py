@@ -60,7 +60,11 @@ def test_a_region_becomes_a_stub_that_keeps_the_signature_and_docstring():
 def test_fixtures_regenerate_bit_for_bit_with_their_seed_and_config(tmp_path):
     """`llama3np exercises fixtures` writes the same arrays as the committed ones; each records seed and config."""
     ids = ["ex02", "ex05b", "ex09", "ex15"]
+    from llama3np import backend
+
+    before = backend.get_backend()
     assert cli.main(["exercises", "fixtures", *ids, "--out", str(tmp_path)]) == 0
+    assert backend.get_backend() == before, "making fixtures must leave the process's backend as it was"
     for i in ids:
         new, old = np.load(tmp_path / f"{i}.npz"), np.load(testing.FIXTURES / f"{i}.npz")
         assert sorted(new.files) == sorted(old.files), i

@@ -469,9 +469,15 @@ def generate(ids=None, out_dir=None):
     unknown = [i for i in names if i not in GENERATORS]
     if unknown:
         raise ValueError(f"no fixture generator for {unknown}; generators exist for {sorted(GENERATORS)}")
+    from .. import backend
+
     paths = []
     for name in names:
-        arrays, config = GENERATORS[name]()
+        before = backend.get_backend()  # the block exercises record on the NumPy backend: put it back after
+        try:
+            arrays, config = GENERATORS[name]()
+        finally:
+            backend.set_backend(before)
         arrays = {k: (np.asarray(a, dtype=np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a))
                   for k, a in arrays.items()}
         meta = {"exercise": name, "seed": SEED, "config": config, "generated_by": "llama3np exercises fixtures",
