@@ -30,3 +30,18 @@ def torch():
 def transformers():
     pytest.importorskip("torch", reason="transformers needs PyTorch: pip install -e '.[ref]'")
     return pytest.importorskip("transformers", reason="transformers is a reference only: pip install -e '.[ref]'")
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_settings():
+    """A test may force an ISA, a thread count or a backend: every test starts from the same settings,
+    so no test's result depends on the ones that ran before it in the same process."""
+    from llama3np import backend, kernels
+
+    saved = (kernels.isa(), kernels.get_num_threads()) if kernels.available() else None
+    be = backend.get_backend()
+    yield
+    if saved is not None:
+        kernels.set_isa(saved[0])
+        kernels.set_num_threads(saved[1])
+    backend.set_backend(be)

@@ -27,18 +27,6 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"C kernels not 
 ISAS = kernels.available_isas() if kernels.available() else ["portable"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel_settings():
-    if not kernels.available():
-        yield
-        return
-    isa, threads, be = kernels.isa(), kernels.get_num_threads(), backend.get_backend()
-    yield
-    kernels.set_isa(isa)
-    kernels.set_num_threads(threads)
-    backend.set_backend(be)
-
-
 def _inputs(rng, B, H, KV, T, S, hd, layout):
     """q a transposed view of (B, T, H, hd); k, v contiguous or the first S positions of a longer cache."""
     q = rng.standard_normal((B, T, H, hd)).astype(np.float32).transpose(0, 2, 1, 3)

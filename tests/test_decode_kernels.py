@@ -26,17 +26,6 @@ ISAS = kernels.available_isas() if kernels.available() else ["portable"]
 K_VALUES = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 512, 777]
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel_settings():
-    if not kernels.available():
-        yield
-        return
-    isa, threads = kernels.isa(), kernels.get_num_threads()
-    yield
-    kernels.set_isa(isa)
-    kernels.set_num_threads(threads)
-
-
 def _x_wt(seed, M, N, K):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, K)).astype(np.float32)

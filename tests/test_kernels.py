@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -37,19 +36,6 @@ pytestmark = pytest.mark.skipif(
 
 ISAS = kernels.available_isas() if kernels.available() else ["portable"]
 AWKWARD = [1, 3, 7, 16, 33, 65, 127]
-
-
-@pytest.fixture(autouse=True)
-def _restore_kernel_settings():
-    """Each test may force an ISA or a thread count; put the defaults back after it."""
-    if not kernels.available():
-        yield
-        return
-    isa, threads, be = kernels.isa(), kernels.get_num_threads(), backend.get_backend()
-    yield
-    kernels.set_isa(isa)
-    kernels.set_num_threads(threads)
-    backend.set_backend(be)
 
 
 def _assert_matmul_close(c, a, b):

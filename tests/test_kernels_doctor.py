@@ -18,18 +18,6 @@ from llama3np import backend, doctor, kernels
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"C kernels not built ({kernels.import_error})")
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel_settings():
-    if not kernels.available():
-        yield
-        return
-    isa, threads, be = kernels.isa(), kernels.get_num_threads(), backend.get_backend()
-    yield
-    kernels.set_isa(isa)
-    kernels.set_num_threads(threads)
-    backend.set_backend(be)
-
-
 def test_doctor_prints_what_runs_where(capsys):
     assert doctor.main(["doctor", "--no-timing"]) == 0
     out = capsys.readouterr().out
