@@ -78,7 +78,7 @@ def train_dpo(model, pairs, ref_logps, out, steps=100, batch_size=8, lr=1e-4, be
     Writes the run folder `out` (ref_logps.npz beside the checkpoints) -> log records."""
     from ..fileio import atomic_write
     from ..optim import AdamW
-    from .stage import StageRun, run_steps, step_rng, update
+    from .stage import StageRun, run_steps, step_rng, update, warmup_lr
 
     if not pairs:
         raise ValueError("no preference pairs")
@@ -96,7 +96,7 @@ def train_dpo(model, pairs, ref_logps, out, steps=100, batch_size=8, lr=1e-4, be
         (tc, mc), (tr, mr) = pair_rows([pairs[i] for i in idx], mask_eot)
         loss, grads, m = dpo_loss_and_grads(model, tc, mc, tr, mr, ref_c[idx], ref_r[idx], beta, nll_coef,
                                             label_smoothing, loss_type)
-        m["grad_norm"] = update(opt, grads, lr * min(1.0, (step + 1) / 10), grad_clip)
+        m["grad_norm"] = update(opt, grads, warmup_lr(step, lr, steps), grad_clip)
         return m
 
     records = run_steps(run, steps, step_fn, model.params, opt, model.tokenizer, model.args, save_every, progress)

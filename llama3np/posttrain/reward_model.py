@@ -16,7 +16,7 @@ import numpy as np
 from ..optim import AdamW
 from . import losses
 from .logprobs import check_batch
-from .stage import StageRun, run_steps, step_rng, update
+from .stage import StageRun, run_steps, step_rng, update, warmup_lr
 
 SCORE = "score.weight"  # HF's LlamaForSequenceClassification calls its head `score` (no bias)
 
@@ -113,7 +113,7 @@ def train_rm(rm, pairs, out, steps=100, batch_size=8, lr=3e-4, seed=0, save_ever
         tc, lc = rows([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
         tr, lr_ = rows([pairs[i][0] for i in idx], [pairs[i][2] for i in idx])
         loss, grads, m = rm.loss_and_grads(tc, lc, tr, lr_)
-        m["grad_norm"] = update(opt, grads, lr * min(1.0, (step + 1) / 10), grad_clip)
+        m["grad_norm"] = update(opt, grads, warmup_lr(step, lr, steps), grad_clip)
         if eval_pairs and ((step + 1) % save_every == 0 or step + 1 == steps):
             m["eval_accuracy"] = pair_accuracy(rm, eval_pairs)
         return m

@@ -11,7 +11,7 @@ import numpy as np
 from ..optim import AdamW
 from . import losses
 from .logprobs import check_batch, forward_logits, pad_right
-from .stage import StageRun, run_steps, step_rng, update
+from .stage import StageRun, run_steps, step_rng, update, warmup_lr
 
 
 def sft_loss_and_grads(model, tokens, mask, doc_ids=None):
@@ -46,7 +46,7 @@ def train_sft(model, examples, out, steps=100, batch_size=8, lr=3e-4, seed=0, sa
         idx = step_rng(seed, step).integers(0, len(examples), batch_size)
         tokens, mask = pad_right([examples[i][0] for i in idx], [examples[i][1] for i in idx])
         loss, grads = sft_loss_and_grads(model, tokens, mask)
-        norm = update(opt, grads, lr * min(1.0, (step + 1) / 10), grad_clip)  # 10 warmup steps
+        norm = update(opt, grads, warmup_lr(step, lr, steps), grad_clip)
         return {"loss": loss, "grad_norm": norm, "num_tokens": int(mask[:, 1:].sum())}
 
     records = run_steps(run, steps, step_fn, model.params, opt, model.tokenizer, model.args, save_every, progress)

@@ -105,6 +105,16 @@ def step_rng(seed, step):
     return np.random.default_rng([int(seed), int(step)])
 
 
+WARMUP_STEPS = 10  # a short linear warmup, then the constant rate (fine-tuning runs are short)
+
+
+def warmup_lr(step, lr, steps):
+    """The rate of step `step` of a stage: optim.get_lr's warmup, then flat (min_lr_ratio 1: no decay)."""
+    from ..optim import get_lr
+
+    return get_lr(step, lr, min(WARMUP_STEPS, steps), steps, min_lr_ratio=1.0)
+
+
 def update(opt, grads, lr, grad_clip=1.0):
     """Clip the global gradient norm and take one AdamW step -> the norm before clipping (a float).
 
