@@ -202,6 +202,23 @@ def test_token_kl_removes_documents_salted_with_outlier_tokens():
     assert keep[:len(prose)].mean() >= 0.95  # nearly all prose stays
 
 
+def test_token_kl_compares_a_document_with_clean_text_of_its_own_length():
+    """The plug-in KL of a short document is biased up (its empirical entropy is at most log n): short
+    clean pages score far above long ones. Divided by the KL of clean windows of the same length, both
+    score about 1, and salted pages of either length stand out."""
+    rng = np.random.default_rng(0)
+    long = [webcorpus.prose(rng) for _ in range(60)]
+    short = [" ".join(webcorpus.sentence(rng) for _ in range(3)) for _ in range(60)]  # ~40 tokens
+    salted = [webcorpus.token_noise(rng, t) for t in long[:10] + short[:10]]
+    reference = [webcorpus.prose(rng) for _ in range(50)]
+    texts = long + short + salted
+    _, raw, _ = token_kl.token_kl_filter(texts, reference_texts=reference, length_aware=False)
+    keep, adj, _ = token_kl.token_kl_filter(texts, reference_texts=reference)
+    assert np.median(raw[60:120]) > 1.2 * np.median(raw[:60])  # the bias: short clean text looks odd
+    assert abs(np.median(adj[60:120]) / np.median(adj[:60]) - 1) < 0.1  # gone after the adjustment
+    assert keep[:120].mean() >= 0.95 and not keep[120:].any()
+
+
 # --- quality classifier (a) ------------------------------------------------------------------------
 def test_bag_backward_matches_finite_differences():
     rng = np.random.default_rng(0)
@@ -262,3 +279,34 @@ def test_semdedup_finds_paraphrase_groups_and_removes_more_as_eps_grows():
     assert keep[60:].mean() >= 0.9  # the documents without paraphrases mostly stay
     removed = [int((~semdedup.semdedup(emb, eps=e, seed=0)).sum()) for e in (0.01, 0.05, 0.15, 0.3, 0.5)]
     assert removed == sorted(removed)
+
+
+# --- the real sources' readers (pure functions, no real text needed) ------------------------------
+def test_verses_join_until_a_sentence_ends_and_a_short_tail_joins_the_last_document():
+    from llama3np.data.curation.sources import chunk, verses_to_sentences
+
+    assert verses_to_sentences(["And he said,", "Go; and", "they went.", "Amen!", "So it was"]) == \
+        ["And he said, Go; and they went.", "Amen!", "So it was"]
+    assert chunk(["a b c d", "e f g h", "i"], words=4) == ["a b c d", "e f g h\ni"]  # 1 < 4 // 2 words: joins
+    assert chunk(["a b c d", "e f"], words=4) == ["a b c d", "e f"]
+
+
+def test_scoring_counts_each_reason_precision_and_weights_it_per_kind(tmp_path):
+    from llama3np.data.curation.evaluate import format_tables, score_run
+    from llama3np.data.curation.writers import write_jsonl
+    from llama3np.data.curation import Document
+
+    def doc(i, stage=None, reason=None):
+        return Document(id=i, text="x", metadata={} if stage is None else {"removed_by": stage, "reason": reason})
+
+    (tmp_path / "kept").mkdir(), (tmp_path / "removed").mkdir()
+    write_jsonl(tmp_path / "kept" / "kept_00000.jsonl", [doc("p1"), doc("p2"), doc("s3")])
+    write_jsonl(tmp_path / "removed" / "removed_00000.jsonl",
+                [doc("p3", "f", "r1"), doc("s1", "f", "r1"), doc("s2", "g", "r2"), doc("l1", "g", "r2")])
+    labels = {"p1": "prose", "p2": "prose", "p3": "prose", "s1": "spam", "s2": "spam", "s3": "spam", "l1": "log"}
+    score = score_run(tmp_path, labels)
+    assert score["precision"] == 3 / 4
+    assert score["precision_by_reason"] == {"f/r1": 0.5, "g/r2": 1.0}
+    assert score["recall"]["spam"] == pytest.approx(2 / 3) and score["recall"]["prose"] == pytest.approx(1 / 3)
+    assert score["precision_by_kind"] == {"spam": (0.5 + 1.0) / 2, "log": 1.0}  # spam: one each by r1 and r2
+    assert "f/r1" in format_tables(score)

@@ -45,7 +45,7 @@ DEFAULT_STAGES = ("url_dedup", "exact_dedup", "gopher_repetition", "gopher_quali
 # parameters of the global stages (the local ones take their filter class's arguments)
 GLOBAL_PARAMS = {"minhash": {"num_bands": 14, "rows_per_band": 8, "ngram": 5, "seed": 0},
                  "line_dedup": {"bucket_size": 100000, "max_count": 6},
-                 "token_kl": {"z": 6.0, "threshold": None, "reference": ""},  # reference: clean text (file/folder)
+                 "token_kl": {"z": 6.0, "threshold": None, "reference": "", "length_aware": True},  # reference: clean text (file/folder)
                  "quality_classifier": {"model": "", "threshold": 0.5},
                  # model: "" = hashed TF-IDF embeddings; else a model folder (llama3np.load) to mean-pool.
                  # eps 0.2 suits TF-IDF: paraphrases (reordered sentences, 2 words changed) sit at cosine
@@ -296,7 +296,7 @@ def step_global(work, n_shards, cfg):
             if idx:
                 ref = [d.text for d in read_documents(p["reference"])] if p["reference"] else None
                 keep, s, thr = token_kl.token_kl_filter([texts[i] for i in idx], z=p["z"], threshold=p["threshold"],
-                                                        reference_texts=ref)
+                                                        reference_texts=ref, length_aware=p["length_aware"])
                 scores["token_kl"] = {"scores": s.tolist(), "threshold": thr}
                 for i, k, v in zip(idx, keep, s):
                     extra[i]["token_kl"] = round(float(v), 6)

@@ -31,7 +31,9 @@ ADVERBS = ["slowly", "often", "again", "later", "carefully", "rarely", "together
 CONNECTIVES = ["and then", "because", "while", "so that", "although", "before", "after"]
 LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
          "et dolore magna aliqua").split()
-STAND_IN_DIRTY = ["zorbly", "fleeb", "grimsh", "plonk", "squanch"]  # made-up words standing in for a real list
+# made-up words standing in for a real list; none occurs in the real sources ("plonk" did: the Jargon
+# File defines it, and a Jargon page was removed as NSFW)
+STAND_IN_DIRTY = ["zorbly", "fleeb", "grimsh", "glorpt", "squanch"]
 KINDS = ("prose", "boilerplate", "spam", "log", "code", "lorem", "repeated_lines", "near_duplicate",
          "exact_duplicate", "token_noise", "nsfw")
 
