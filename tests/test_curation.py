@@ -178,6 +178,31 @@ def test_lsh_candidate_rate_follows_the_s_curve(j):
     assert _binomial_central_95(k, 300, float(minhash.candidate_probability(j_exact)))
 
 
+def test_candidate_pairs_list_every_pair_of_a_small_group_once_and_keep_a_large_group_connected():
+    sig = np.zeros((7, 4), np.uint64)
+    sig[:3] = [1, 2, 3, 4]  # a group of 3 in both bands
+    sig[3] = [9, 9, 9, 9]
+    sig[4:] = [[5, 6, 0, 0], [5, 6, 1, 1], [7, 7, 1, 1]]  # 4-5 share band 0, 5-6 share band 1
+    assert minhash.candidate_pairs(sig, 2, 2).tolist() == [[0, 1], [0, 2], [1, 2], [4, 5], [5, 6]]
+    big = np.ones((50, 4), np.uint64)  # 50 copies, windows of 8: linked by overlapping windows
+    e = minhash.candidate_pairs(big, 2, 2, window=8)
+    assert len(e) < 50 * 8 and minhash.union_find(50, e).tolist() == [0] * 50
+
+
+def test_verification_drops_pairs_that_share_a_band_by_chance():
+    """At J = 0.5 about 5% of pairs share one of 14 bands; their 112-row estimate (sd 0.047) is far
+    below 0.75, so none is joined. At J = 0.9 every pair is."""
+    rng = np.random.default_rng(0)
+    h, off, _ = minhash.shingle_sets_with_jaccard(0.5, 300, 100, rng)
+    sig = minhash.signatures_from_hashes(h, off)
+    assert len(minhash.candidate_pairs(sig)) > 3  # the chance candidates exist...
+    cl = minhash.clusters_from_signatures(sig)
+    assert (cl == np.arange(600)).all()  # ...and are sent back
+    h, off, _ = minhash.shingle_sets_with_jaccard(0.9, 300, 100, rng)
+    cl = minhash.clusters_from_signatures(minhash.signatures_from_hashes(h, off))
+    assert (cl[1::2] == np.arange(0, 600, 2)).all()
+
+
 def test_union_find_joins_chains_to_their_smallest_member():
     edges = np.array([[3, 4], [4, 5], [0, 2], [2, 5], [6, 7]])
     assert minhash.union_find(9, edges).tolist() == [0, 1, 0, 0, 0, 0, 6, 6, 8]

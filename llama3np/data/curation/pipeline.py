@@ -43,7 +43,8 @@ ALL_STAGES = tuple(LOCAL_STAGES) + GLOBAL_STAGES
 DEFAULT_STAGES = ("url_dedup", "exact_dedup", "gopher_repetition", "gopher_quality", "c4_quality",
                   "fineweb_quality", "nsfw", "minhash", "line_dedup", "token_kl")
 # parameters of the global stages (the local ones take their filter class's arguments)
-GLOBAL_PARAMS = {"minhash": {"num_bands": 14, "rows_per_band": 8, "ngram": 5, "seed": 0},
+GLOBAL_PARAMS = {"minhash": {"num_bands": 14, "rows_per_band": 8, "ngram": 5, "seed": 0,
+                             "verify_threshold": minhash.VERIFY_THRESHOLD},
                  "line_dedup": {"bucket_size": 100000, "max_count": 6},
                  "token_kl": {"z": 6.0, "threshold": None, "reference": "", "length_aware": True},  # reference: clean text (file/folder)
                  "quality_classifier": {"model": "", "threshold": 0.5},
@@ -278,7 +279,8 @@ def step_global(work, n_shards, cfg):
                 if not keep:
                     remove(i, stage, "duplicate_url" if stage == "url_dedup" else "exact_duplicate")
         elif stage == "minhash":
-            cl = minhash.clusters_from_signatures(sig[idx], p["num_bands"], p["rows_per_band"])
+            cl = minhash.clusters_from_signatures(sig[idx], p["num_bands"], p["rows_per_band"],
+                                                  p["verify_threshold"])
             for j, i in enumerate(idx):
                 if cl[j] != j:
                     remove(i, stage, "minhash_duplicate")
