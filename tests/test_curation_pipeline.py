@@ -254,3 +254,30 @@ def test_mpiexec_two_ranks_give_the_bytes_of_one_process(corpus, tmp_path):
                         str(tmp_path / "cfg.json")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _tree_bytes(tmp_path / "m") == _tree_bytes(d / "out")
+
+
+def test_train_classifier_saves_a_model_that_the_curate_config_points_to(tmp_path):
+    """`llama3np data train-classifier` trains classifier (a) on reference prose against the junk kinds
+    of a labelled corpus, saves it and adds the quality_classifier stage to a curate config, which
+    `curate` then runs."""
+    import numpy as np
+
+    texts, labels = _write_corpus(tmp_path / "in", n=150, seed=5)
+    rng = np.random.default_rng(7)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "clean.txt").write_text("\n<|end_of_text|>\n".join(webcorpus.prose(rng) for _ in range(40)))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"stages": ["exact_dedup"], "params": {}}))
+    assert main(["data", "train-classifier", "--positive", str(tmp_path / "ref"), "--negative",
+                 str(tmp_path / "in" / "web.jsonl"), "--out", str(tmp_path / "m" / "q.npz"), "--config", str(cfg),
+                 "--buckets", "4096", "--dim", "8", "--epochs", "3"]) == 0
+    d = json.loads(cfg.read_text())
+    assert d["stages"] == ["exact_dedup", "quality_classifier"]
+    assert d["params"]["quality_classifier"]["model"] == str((tmp_path / "m" / "q.npz").resolve())
+    c = CurateConfig.from_file(cfg)
+    c.progress = False
+    report = curate(tmp_path / "in" / "web.jsonl", tmp_path / "out", c)
+    assert report["removed_by_reason"].get("quality_classifier/low_quality_score", 0) > 0
+    assert main(["data", "train-classifier", "--positive", str(tmp_path / "ref"), "--negative",
+                 str(tmp_path / "in" / "web.jsonl"), "--negative-kinds", "no_such_kind",
+                 "--out", str(tmp_path / "x.npz")]) == 2  # no negatives: a clear message, exit 2

@@ -1,4 +1,6 @@
-"""`llama3np data curate INPUT --out DIR` and `llama3np data corpus` (add_subcommands; main for tests)."""
+"""`llama3np data curate INPUT --out DIR`, `llama3np data corpus` and `llama3np data train-classifier`
+(add_subcommands; main for tests)."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -104,6 +106,48 @@ def cmd_corpus(args):
     return 0
 
 
+def _texts(path, kinds=None):
+    """Texts of the documents under `path`; with `kinds`, only those whose metadata.kind is one of them
+    (documents without a kind are all taken)."""
+    from .readers import read_documents
+
+    return [d.text for d in read_documents(path) if d.text.strip() and
+            (kinds is None or d.metadata.get("kind") is None or d.metadata["kind"] in kinds)]
+
+
+def cmd_train_classifier(args):
+    """Train quality classifier (a), save it (.npz) and, with --config, point a curate config at it."""
+    from ...fileio import atomic_write_bytes
+    from .fasttext_classifier import train_quality_classifier
+    from .pipeline import DEFAULT_STAGES, CurateConfig
+
+    kinds = set(args.negative_kinds.split(",")) if args.negative_kinds else None
+    pos, neg = _texts(args.positive), _texts(args.negative, kinds)
+    clf, info = train_quality_classifier(pos, neg, holdout=args.holdout, seed=args.seed, n_buckets=args.buckets,
+                                         dim=args.dim, epochs=args.epochs, lr=args.lr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clf.save(out)
+    auroc = "n/a" if info["heldout_auroc"] is None else f"{info['heldout_auroc']:.4f}"
+    print(f"trained on {info['train']:,} documents ({len(pos):,} positive, {len(neg):,} negative in all); "
+          f"loss per epoch {', '.join(f'{x:.4f}' for x in info['loss'])}; held-out AUROC {auroc} "
+          f"on {info['heldout']:,} -> {out}")
+    if args.config:
+        cfg_path = Path(args.config)
+        d = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object with stages/params/shard_size")
+        stages = list(d.get("stages", DEFAULT_STAGES))
+        if "quality_classifier" not in stages:
+            stages.append("quality_classifier")
+        d["stages"] = stages
+        d.setdefault("params", {}).setdefault("quality_classifier", {})["model"] = str(out.resolve())
+        CurateConfig(**{k: (tuple(v) if k == "stages" else v) for k, v in d.items()}).validate()
+        atomic_write_bytes(cfg_path, (json.dumps(d, indent=1) + "\n").encode())
+        print(f"{cfg_path}: stage quality_classifier reads {out.resolve()}")
+    return 0
+
+
 def add_subcommands(subparsers):
     """Add `data` with its sub-commands `curate` and `corpus` to the main CLI's sub-parsers."""
     p = subparsers.add_parser("data", help="pre-training data: curation pipeline and corpora")
@@ -124,6 +168,23 @@ def add_subcommands(subparsers):
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--sources", help="comma-separated subset of the sources (default: all present)")
     k.set_defaults(func=cmd_corpus)
+    t = sub.add_parser("train-classifier", help="train quality classifier (a) (hashed n-grams, logistic "
+                                                "regression) on reference prose against junk; save it as .npz",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--positive", required=True, help="reference text (file/folder; e.g. CORPUS/reference/)")
+    t.add_argument("--negative", required=True, help="junk text (file/folder; e.g. CORPUS/corpus.jsonl)")
+    t.add_argument("--negative-kinds", default="boilerplate,spam,log,code,lorem,repeated_lines,token_noise",
+                   help="take only negative documents whose metadata.kind is one of these ('' = all)")
+    t.add_argument("--out", required=True, help="the classifier file (.npz)")
+    t.add_argument("--config", help="a curate config (JSON) to add the quality_classifier stage and the model to "
+                                    "(created if absent)")
+    t.add_argument("--holdout", type=float, default=0.2, help="fraction of each class kept out and scored (AUROC)")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--dim", type=int, default=16)
+    t.add_argument("--buckets", type=int, default=1 << 18, help="hashed n-gram buckets")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train_classifier)
     return p
 
 

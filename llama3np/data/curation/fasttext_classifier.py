@@ -141,3 +141,29 @@ def auroc(scores, labels):
     avg = (starts + ends + 1) / 2.0
     ranks[order] = np.repeat(avg, ends - starts)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def train_quality_classifier(positive, negative, holdout=0.2, seed=0, n_buckets=1 << 18, dim=16, epochs=5,
+                             lr=0.05):
+    """Train classifier (a) on positive texts (reference prose: label 1) against negative ones (junk:
+    label 0). A `holdout` fraction of each class, drawn with `seed`, is kept out and scored.
+    -> (classifier, {"train": n, "heldout": n, "heldout_auroc": float or None, "loss": [per epoch]})."""
+    positive, negative = list(positive), list(negative)
+    if not positive or not negative:
+        raise ValueError(f"training the quality classifier needs positive and negative texts, got "
+                         f"{len(positive)} positive and {len(negative)} negative")
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for texts, label in ((positive, 1.0), (negative, 0.0)):
+        order = rng.permutation(len(texts))
+        n_held = int(len(texts) * holdout)
+        held += [(texts[i], label) for i in order[:n_held]]
+        train += [(texts[i], label) for i in order[n_held:]]
+    train = [train[i] for i in rng.permutation(len(train))]
+    clf = FastTextClassifier(n_buckets=n_buckets, dim=dim, seed=seed)
+    loss = clf.fit([t for t, _ in train], [y for _, y in train], epochs=epochs, lr=lr, seed=seed)
+    labels = [y for _, y in held]
+    score = auroc(clf.predict_proba([t for t, _ in held]), labels) if 0 < sum(labels) < len(labels) else None
+    return clf, {"train": len(train), "heldout": len(held), "heldout_auroc": score, "loss": loss}
