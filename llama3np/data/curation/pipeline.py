@@ -241,23 +241,133 @@ def step_local(work, n_shards, cfg, workers=1):
 
 # ---------------------------------------------------------------------------------------------------
 # global: the stages that compare documents with each other
+class TextStream:
+    """The documents' current texts, read from the raw shards in input order, never all at once.
+
+    What stays in memory for the whole corpus is small per document (the local records, the MinHash
+    signatures, per-document scores, SemDeDup's embeddings); texts pass through in chunks. Line dedup
+    rewrites texts bucket by bucket into _work/lines/bucket_*.json (ccNet's buckets, on disk), and the
+    stream reads a rewritten text from there as it passes that bucket's range."""
+
+    def __init__(self, work, n_shards):
+        self.work, self.n_shards = work, n_shards
+        self.buckets = []  # (first, last global index, path) of line dedup's rewritten texts, in order
+
+    def __iter__(self):
+        """(global index, text) for every document, in input order."""
+        g, b, changed, last = 0, 0, {}, -1
+        for k in range(self.n_shards):
+            for d in read_jsonl(self.work / "raw" / f"shard_{k:05d}.jsonl"):
+                if g > last and b < len(self.buckets) and g >= self.buckets[b][0]:
+                    changed = {int(i): t for i, t in json.loads(self.buckets[b][2].read_text()).items()}
+                    last, b = self.buckets[b][1], b + 1
+                yield g, changed.get(g, d.text)
+                g += 1
+
+    def chunks(self, alive, size):
+        """Lists of (global index, text) of up to `size` alive documents, in input order."""
+        chunk = []
+        for g, t in self:
+            if alive[g]:
+                chunk.append((g, t))
+                if len(chunk) == size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
+
+def stage_line_dedup(stream, alive, p, remove, extra):
+    """ccNet line dedup over buckets of bucket_size alive documents; rewritten texts go to disk."""
+    folder = stream.work / "lines"
+    folder.mkdir(exist_ok=True)
+    for b, chunk in enumerate(stream.chunks(alive, p["bucket_size"])):
+        new, nrem = line_dedup.dedup_lines([t for _, t in chunk], p["max_count"])
+        changed = {}
+        for (g, _), t, r in zip(chunk, new, nrem):
+            if r:
+                changed[str(g)] = t
+                extra[g]["lines_removed"] = r
+                if not t.strip():
+                    remove(g, "line_dedup", "line_dedup_empty")
+        path = folder / f"bucket_{b:05d}.json"
+        atomic_write_bytes(path, json.dumps(changed).encode())
+        stream.buckets.append((chunk[0][0], chunk[-1][0], path))
+
+
+def stage_token_kl(stream, alive, p, chunk_size):
+    """-> (global indices, scores, threshold). q and the clean curve from the reference text if given
+    (read whole: it is small), else from a first streamed pass over the corpus."""
+    tok = token_kl.default_tokenizer()
+    vocab = tok.n_words
+    if p["reference"]:
+        ref = token_kl.token_ids([d.text for d in read_documents(p["reference"])], tok)
+        counts, curve_ids = token_kl.corpus_counts(ref, vocab), ref[:token_kl.CURVE_DOCS]
+    else:
+        counts, curve_ids = np.zeros(vocab), []
+        for chunk in stream.chunks(alive, chunk_size):
+            ids = token_kl.token_ids([t for _, t in chunk], tok)
+            counts += token_kl.corpus_counts(ids, vocab)
+            curve_ids += ids[:token_kl.CURVE_DOCS - len(curve_ids)]
+    curve = token_kl.clean_curve(curve_ids, counts) if p["length_aware"] else None
+    q = (counts + 1.0) / (counts.sum() + len(counts) + 1.0)
+    gs, scores = [], []
+    for chunk in stream.chunks(alive, chunk_size):
+        ids = token_kl.token_ids([t for _, t in chunk], tok)
+        s = token_kl.adjusted_scores(ids, counts, curve, q) if curve else token_kl.kl_scores(ids, counts, q)
+        gs += [g for g, _ in chunk]
+        scores.append(s)
+    scores = np.concatenate(scores) if scores else np.zeros(0)
+    thr = token_kl.robust_threshold(scores, p["z"]) if p["threshold"] is None else float(p["threshold"])
+    return gs, scores, thr
+
+
+def stage_embeddings(stream, alive, p, chunk_size):
+    """-> (global indices, (N, dim) unit embeddings) for SemDeDup: a saved model's mean-pooled hidden
+    states, or hashed TF-IDF (document frequencies from a first streamed pass)."""
+    from . import semdedup
+
+    gs, emb = [], []
+    if p["model"]:
+        from ...formats import load
+
+        model = load(p["model"])
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError(f"semdedup model {p['model']} has no tokenizer.model beside it")
+        embed = lambda texts: semdedup.model_embeddings(model, model.tokenizer, texts, max_len=p["max_len"])  # noqa: E731
+    else:
+        df, n = np.zeros(1 << 16), 0
+        for chunk in stream.chunks(alive, chunk_size):
+            d, m = semdedup.document_frequencies([t for _, t in chunk])
+            df, n = df + d, n + m
+        proj = semdedup.random_projection(len(df), seed=p["seed"])
+        embed = lambda texts: semdedup.tfidf_transform(texts, df, n, seed=p["seed"], proj=proj)  # noqa: E731
+    for chunk in stream.chunks(alive, chunk_size):
+        gs += [g for g, _ in chunk]
+        emb.append(embed([t for _, t in chunk]))
+    return gs, (np.concatenate(emb) if emb else np.zeros((0, 1), np.float32))
+
+
 def step_global(work, n_shards, cfg):
     path = work / "decisions.json"
     if path.exists():
         return json.loads(path.read_text())
-    recs, sigs, texts = [], [], []
+    recs, sigs = [], []
     for k in range(n_shards):
         recs += json.loads((work / "local" / f"shard_{k:05d}.json").read_text())
         sigs.append(np.load(work / "local" / f"shard_{k:05d}.npy"))
-        texts += [d.text for d in read_jsonl(work / "raw" / f"shard_{k:05d}.jsonl")]
     sig = np.concatenate(sigs) if sigs else np.zeros((0, 112), np.uint64)
     n = len(recs)
+    stream = TextStream(work, n_shards)
     removed = [(r["stage"], r["reason"]) if r["stage"] == "read" else None for r in recs]
     extra = [{} for _ in range(n)]  # per-document metadata the stages add (scores, cluster ids)
     funnel = [("input", n, sum(r["n_tokens"] for r in recs))]
 
     def alive():
         return [i for i in range(n) if removed[i] is None]
+
+    def alive_mask():
+        return [r is None for r in removed]
 
     def remove(i, stage, reason):
         if removed[i] is None:
@@ -287,56 +397,42 @@ def step_global(work, n_shards, cfg):
                     extra[i]["duplicate_of"] = recs[idx[cl[j]]]["id"]
             scores["lsh_curve"] = _measured_lsh_rates(sig[idx], p["num_bands"], p["rows_per_band"])
         elif stage == "line_dedup":
-            new, nrem = line_dedup.dedup_lines_in_buckets([texts[i] for i in idx], p["bucket_size"], p["max_count"])
-            for i, t, r in zip(idx, new, nrem):
-                if r:
-                    texts[i] = t
-                    extra[i]["lines_removed"] = r
-                    if not t.strip():
-                        remove(i, stage, "line_dedup_empty")
+            stage_line_dedup(stream, alive_mask(), p, remove, extra)
         elif stage == "token_kl":
             if idx:
-                ref = [d.text for d in read_documents(p["reference"])] if p["reference"] else None
-                keep, s, thr = token_kl.token_kl_filter([texts[i] for i in idx], z=p["z"], threshold=p["threshold"],
-                                                        reference_texts=ref, length_aware=p["length_aware"])
+                gs, s, thr = stage_token_kl(stream, alive_mask(), p, cfg.shard_size)
                 scores["token_kl"] = {"scores": s.tolist(), "threshold": thr}
-                for i, k, v in zip(idx, keep, s):
+                for i, v in zip(gs, s):
                     extra[i]["token_kl"] = round(float(v), 6)
-                    if not k:
+                    if v > thr:
                         remove(i, stage, "token_kl_outlier")
         elif stage == "quality_classifier":
             if not p["model"]:
                 raise ValueError("stage quality_classifier needs params.quality_classifier.model: a classifier "
-                                 "saved by FastTextClassifier.save (.npz)")
+                                 "saved by FastTextClassifier.save (.npz) or `llama3np data train-classifier`")
             from .fasttext_classifier import FastTextClassifier
 
-            prob = FastTextClassifier.load(p["model"]).predict_proba([texts[i] for i in idx])
-            scores["quality_classifier"] = {"scores": prob.tolist(), "threshold": p["threshold"]}
-            for i, v in zip(idx, prob):
-                extra[i]["quality_score"] = round(float(v), 6)
-                if v < p["threshold"]:
-                    remove(i, stage, "low_quality_score")
+            clf, probs = FastTextClassifier.load(p["model"]), []
+            for chunk in stream.chunks(alive_mask(), cfg.shard_size):
+                prob = clf.predict_proba([t for _, t in chunk])
+                probs += prob.tolist()
+                for (i, _), v in zip(chunk, prob):
+                    extra[i]["quality_score"] = round(float(v), 6)
+                    if v < p["threshold"]:
+                        remove(i, stage, "low_quality_score")
+            scores["quality_classifier"] = {"scores": probs, "threshold": p["threshold"]}
         elif stage == "semdedup":
-            from .semdedup import model_embeddings, semdedup, tfidf_embeddings
+            from .semdedup import semdedup
 
-            if p["model"]:
-                from ...formats import load
-
-                model = load(p["model"])
-                if getattr(model, "tokenizer", None) is None:
-                    raise ValueError(f"semdedup model {p['model']} has no tokenizer.model beside it")
-                emb = model_embeddings(model, model.tokenizer, [texts[i] for i in idx], max_len=p["max_len"])
-            else:
-                emb = tfidf_embeddings([texts[i] for i in idx], seed=p["seed"])
+            gs, emb = stage_embeddings(stream, alive_mask(), p, cfg.shard_size)
             keep = semdedup(emb, eps=p["eps"], n_clusters=p["n_clusters"] or None, seed=p["seed"])
-            for i, k in zip(idx, keep):
+            for i, k in zip(gs, keep):
                 if not k:
                     remove(i, stage, "semantic_duplicate")
         idx = alive()
         funnel.append((stage, len(idx), sum(recs[i]["n_tokens"] for i in idx)))
-    decisions = {"removed": removed, "extra": extra, "texts_changed": {str(i): texts[i] for i in range(n)
-                                                                        if "lines_removed" in extra[i]},
-                 "funnel": funnel, "scores": scores}
+    decisions = {"removed": removed, "extra": extra, "funnel": funnel, "scores": scores,
+                 "line_buckets": [(a, b, p.name) for a, b, p in stream.buckets]}
     atomic_write_bytes(path, json.dumps(decisions).encode())
     return decisions
 
@@ -367,31 +463,42 @@ def _measured_lsh_rates(sig, num_bands, rows_per_band, max_docs=1500, seed=0):
 # ---------------------------------------------------------------------------------------------------
 # write
 def step_write(work, out, n_shards, cfg, decisions):
-    removed, extra, changed = decisions["removed"], decisions["extra"], decisions["texts_changed"]
-    kept_docs, removed_docs, g = [], [], 0
-    for k in range(n_shards):
-        for d in read_jsonl(work / "raw" / f"shard_{k:05d}.jsonl"):
-            if str(g) in changed:
-                d.text = changed[str(g)]
-            d.metadata.update(extra[g])
-            if removed[g] is None:
-                kept_docs.append(d)
-            else:
-                d.metadata["removed_by"], d.metadata["reason"] = removed[g]
-                removed_docs.append(d)
-            g += 1
-    for name, docs in (("kept", kept_docs), ("removed", removed_docs)):
+    """kept/ and removed/ shards of output_shard_size documents, written as the raw shards stream past
+    (line dedup's rewritten texts read from _work/lines/), then the report."""
+    removed, extra = decisions["removed"], decisions["extra"]
+    stream = TextStream(work, n_shards)
+    stream.buckets = [(a, b, work / "lines" / name) for a, b, name in decisions.get("line_buckets", [])]
+    texts = iter(stream)
+    counts, buffers = {"kept": 0, "removed": 0}, {"kept": [], "removed": []}
+
+    def flush(name):
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        size = cfg.output_shard_size
-        n_out = max(1, -(-len(docs) // size))
-        for s in range(n_out):
-            write_jsonl(folder / f"{name}_{s:05d}.jsonl", docs[s * size:(s + 1) * size])
-        for stale in sorted(folder.glob(f"{name}_*.jsonl"))[n_out:]:  # from an older, bigger run
+        write_jsonl(folder / f"{name}_{counts[name] // cfg.output_shard_size:05d}.jsonl", buffers[name])
+        counts[name] += len(buffers[name])
+        buffers[name] = []
+
+    g = 0
+    for k in range(n_shards):
+        for d in read_jsonl(work / "raw" / f"shard_{k:05d}.jsonl"):
+            _, d.text = next(texts)
+            d.metadata.update(extra[g])
+            name = "kept" if removed[g] is None else "removed"
+            if removed[g] is not None:
+                d.metadata["removed_by"], d.metadata["reason"] = removed[g]
+            buffers[name].append(d)
+            if len(buffers[name]) == cfg.output_shard_size:
+                flush(name)
+            g += 1
+    for name in ("kept", "removed"):
+        if buffers[name] or counts[name] == 0:  # an empty folder still gets one (empty) shard
+            flush(name)
+        n_out = max(1, -(-counts[name] // cfg.output_shard_size))
+        for stale in sorted((out / name).glob(f"{name}_*.jsonl"))[n_out:]:  # from an older, bigger run
             stale.unlink()
     from .report import write_report
 
-    return write_report(out, cfg, decisions, n_kept=len(kept_docs), n_removed=len(removed_docs))
+    return write_report(out, cfg, decisions, n_kept=counts["kept"], n_removed=counts["removed"])
 
 
 def curate(input_path, out, cfg=None, workers=1, comm=None):

@@ -19,24 +19,49 @@ def _bucket(g, n_buckets):
     return int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") % n_buckets
 
 
-def tfidf_embeddings(texts, dim=256, n_buckets=1 << 16, seed=0):
-    """texts -> (N, dim) float32 unit rows: hashed uni/bigram TF-IDF (sublinear tf), random projection."""
-    rows = []
-    for t in texts:
-        w = simplify_text(t).split()
-        grams = w + [a + " " + b for a, b in zip(w, w[1:])]
-        ids, counts = np.unique(np.array([_bucket(g, n_buckets) for g in grams] or [0], dtype=np.int64),
-                                return_counts=True)
-        rows.append((ids, 1.0 + np.log(counts)))
+def _tf(text, n_buckets):
+    """-> (bucket ids, sublinear tf 1 + log count) of the text's hashed word uni/bigrams."""
+    w = simplify_text(text).split()
+    grams = w + [a + " " + b for a, b in zip(w, w[1:])]
+    ids, counts = np.unique(np.array([_bucket(g, n_buckets) for g in grams] or [0], dtype=np.int64),
+                            return_counts=True)
+    return ids, 1.0 + np.log(counts)
+
+
+def document_frequencies(texts, n_buckets=1 << 16):
+    """-> (df (n_buckets,), number of texts): in how many texts each hashed n-gram occurs. Sums over
+    chunks of a corpus, so a streamed corpus needs only this array between its two passes."""
     df = np.zeros(n_buckets)
-    for ids, _ in rows:
-        df[ids] += 1
-    idf = np.log((1 + len(texts)) / (1 + df)) + 1.0
-    proj = np.random.default_rng(seed).standard_normal((n_buckets, dim)).astype(np.float32) / np.sqrt(dim)
+    n = 0
+    for t in texts:
+        df[_tf(t, n_buckets)[0]] += 1
+        n += 1
+    return df, n
+
+
+def random_projection(n_buckets, dim=256, seed=0):
+    """(n_buckets, dim) float32 Gaussian / sqrt(dim): distances are kept in expectation (Johnson-Lindenstrauss)."""
+    return np.random.default_rng(seed).standard_normal((n_buckets, dim)).astype(np.float32) / np.sqrt(dim)
+
+
+def tfidf_transform(texts, df, n_docs, dim=256, seed=0, proj=None):
+    """texts -> (N, dim) float32 unit rows: TF-IDF with the corpus's (df, n_docs), random projection
+    (proj: random_projection(len(df), dim, seed), passed in when it is already built)."""
+    n_buckets = len(df)
+    idf = np.log((1 + n_docs) / (1 + df)) + 1.0
+    proj = random_projection(n_buckets, dim, seed) if proj is None else proj
     emb = np.zeros((len(texts), dim), dtype=np.float32)
-    for n, (ids, tf) in enumerate(rows):
+    for n, t in enumerate(texts):
+        ids, tf = _tf(t, n_buckets)
         emb[n] = (tf * idf[ids]).astype(np.float32) @ proj[ids]
     return normalize(emb)
+
+
+def tfidf_embeddings(texts, dim=256, n_buckets=1 << 16, seed=0):
+    """texts -> (N, dim) float32 unit rows: hashed uni/bigram TF-IDF (sublinear tf), random projection."""
+    texts = list(texts)
+    df, n = document_frequencies(texts, n_buckets)
+    return tfidf_transform(texts, df, n, dim, seed)
 
 
 def model_embeddings(model, tokenizer, texts, max_len=256):

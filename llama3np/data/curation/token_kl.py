@@ -91,21 +91,31 @@ def clean_kl_by_length(ref_ids, counts, lengths, n_windows=64, seed=0):
     return out
 
 
+def clean_curve(ref_ids, counts, seed=0):
+    """-> (grid (G,) int64 lengths, clean (G,) median KL of clean windows of each length): lengths
+    sqrt(2) apart from 8 tokens to the reference documents' median length."""
+    lens = [len(i) for i in ref_ids if len(i)]
+    top = max(float(np.median(lens)), 8.0) if lens else 8.0
+    grid = np.unique(np.round(2.0 ** np.arange(3, np.log2(top) + 0.25, 0.5)).astype(np.int64))
+    if not lens:
+        return grid, np.ones(len(grid))
+    return grid, clean_kl_by_length(ref_ids, counts, grid, seed=seed)
+
+
+def adjusted_scores(ids_per_doc, counts, curve, q=None):
+    """-> (N,) KL(p_doc || q) / (the clean curve at the document's length), interpolated in log length;
+    a document longer than the curve is compared with its last point (its own KL is lower still, so
+    the comparison errs towards keeping it)."""
+    grid, clean = curve
+    n = np.array([max(len(i), 1) for i in ids_per_doc], dtype=np.float64)
+    expected = np.exp(np.interp(np.log(n), np.log(grid), np.log(np.maximum(clean, 1e-12))))
+    return kl_scores(ids_per_doc, counts, q) / expected if len(n) else np.zeros(0)
+
+
 def length_adjusted_scores(ids_per_doc, ref_ids, counts, seed=0):
     """-> (N,) KL(p_doc || q) / (median KL of clean windows of the document's length): about 1 for
-    clean text whatever its length, higher for outlier tokens. The clean curve is sampled at lengths
-    sqrt(2) apart, from 8 tokens to the reference documents' median length, and interpolated in log
-    length; a longer document is compared with windows of that median length (its own KL is lower
-    still, so the comparison errs towards keeping it)."""
-    n = np.array([max(len(i), 1) for i in ids_per_doc], dtype=np.float64)
-    lens = [len(i) for i in ref_ids if len(i)]
-    if len(n) == 0 or not lens:
-        return np.zeros(len(n))
-    top = max(float(np.median(lens)), 8.0)
-    grid = np.unique(np.round(2.0 ** np.arange(3, np.log2(top) + 0.25, 0.5)).astype(np.int64))
-    clean = clean_kl_by_length(ref_ids, counts, grid, seed=seed)
-    expected = np.exp(np.interp(np.log(n), np.log(grid), np.log(np.maximum(clean, 1e-12))))
-    return kl_scores(ids_per_doc, counts) / expected
+    clean text whatever its length, higher for outlier tokens (clean_curve, adjusted_scores)."""
+    return adjusted_scores(ids_per_doc, counts, clean_curve(ref_ids, counts, seed))
 
 
 def robust_threshold(scores, z=6.0):
@@ -113,6 +123,11 @@ def robust_threshold(scores, z=6.0):
     logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-12))
     med = np.median(logs)
     return float(np.exp(med + z * 1.4826 * np.median(np.abs(logs - med))))
+
+
+# without a reference, the clean curve is drawn from the corpus's first documents (enough windows, and
+# the streaming pipeline does not hold the whole corpus's tokens)
+CURVE_DOCS = 2000
 
 
 def token_kl_filter(texts, tokenizer=None, z=6.0, threshold=None, reference_texts=None, length_aware=True):
@@ -125,6 +140,6 @@ def token_kl_filter(texts, tokenizer=None, z=6.0, threshold=None, reference_text
     vocab = max((int(i.max()) + 1 for i in ids + ref if len(i)), default=1)
     vocab = max(vocab, getattr(tokenizer, "n_words", 0) or 0)
     counts = corpus_counts(ref, vocab)
-    scores = length_adjusted_scores(ids, ref, counts) if length_aware else kl_scores(ids, counts)
+    scores = length_adjusted_scores(ids, ref[:CURVE_DOCS], counts) if length_aware else kl_scores(ids, counts)
     thr = robust_threshold(scores, z) if threshold is None else float(threshold)
     return scores <= thr, scores, thr
