@@ -7,7 +7,7 @@ FLOPs utilisation (MFU): the step's matmul FLOPs (6 x params-in-matmuls x tokens
 the time, against the machine's GEMM peak measured here (the best float32 matmul rate of numpy/OpenBLAS
 and of our C kernel on a large square product).
 
-    python benchmarks/bench_train.py [--presets tiny small] [--threads 1 2] [--repeat 3]
+    python benchmarks/bench_train.py [--presets tiny small] [--threads 1 2] [--repeat 3] [--backends c numpy]
 """
 import _env
 
@@ -69,6 +69,8 @@ def main():
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", default=["c", "numpy"], choices=["c", "numpy"],
+                        help="llama3np backends to time beside PyTorch")
     cli = parser.parse_args()
     import torch
     import transformers
@@ -108,7 +110,7 @@ def main():
                 topt.step()
                 return loss.item()
 
-            backends = ["c", "numpy"] if kernels.available() else ["numpy"]
+            backends = [k for k in cli.backends if k != "c" or kernels.available()] or ["numpy"]
             first = {}
             # same weights, same batch: the losses before any update must agree
             with torch.no_grad():

@@ -14,7 +14,7 @@ import sysconfig
 from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ["csrc/gemm.c", "csrc/attention.c", "csrc/parallel.c"]  # relative to ROOT, as setuptools wants
+SOURCES = ["csrc/gemm.c", "csrc/attention.c", "csrc/elementwise.c", "csrc/parallel.c"]  # relative to ROOT, as setuptools wants
 HEADER = os.path.join(ROOT, "csrc", "llama3np_kernels.h")
 
 
@@ -30,7 +30,8 @@ def _compile_args():
     if sys.platform == "win32":
         args = []
     else:
-        args = ["-O3", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
+        # -fno-math-errno: sqrtf need not set errno, so loops that call it vectorize (values unchanged)
+        args = ["-O3", "-fno-math-errno", "-pthread", "-Wall", "-Wno-unknown-pragmas"]
         if sys.platform != "darwin":
             args.append("-fopenmp-simd")
     return args + shlex.split(os.environ.get("LLAMA3NP_CFLAGS", ""))

@@ -11,6 +11,8 @@
 #ifndef LLAMA3NP_KERNELS_H
 #define LLAMA3NP_KERNELS_H
 
+#include <stdint.h>
+
 /* ---- matrix multiply: C (M, N) = op(A) (M, K) @ op(B) (K, N), op(X) = X or X^T ---------------- */
 /* A is (M, K) with row stride lda, or if trans_a it is stored as (K, M) with row stride lda;
  * the same for B. accumulate=0 overwrites C, accumulate=1 adds to it. */
@@ -55,5 +57,33 @@ int current_isa(void);
 /* Threads used by sgemm and attention (a pool of pthreads kept between calls; small work uses one). */
 void set_num_threads(int n);
 int get_num_threads(void);
+
+/* ---- the elementwise ops of a training step (elementwise.c), fused and threaded ---------------- */
+/* Every array contiguous unless a stride is given; rows of C (RMSNorm), V (cross-entropy) or hd
+ * (RoPE) floats. The same bits at any thread count and on every instruction set. */
+/* RMSNorm: y = xhat * weight, xhat = x * rstd, rstd (N,) = 1 / sqrt(mean(x^2) + eps) */
+int rmsnorm_forward(const float *x, const float *weight, float eps, long N, long C, float *y, float *xhat,
+                    float *rstd);
+/* dx (N, C) and dweight (C,) (both overwritten) from dout, and the forward's xhat and rstd */
+int rmsnorm_backward(const float *dout, const float *xhat, const float *rstd, const float *weight, long N, long C,
+                     float *dx, float *dweight);
+/* SwiGLU's gate over n elements: out = silu(a) * b, and sig = sigmoid(a), silu = a * sig for the backward */
+void swiglu_forward(const float *a, const float *b, long n, float *out, float *sig, float *silu);
+void swiglu_backward(const float *dout, const float *a, const float *b, const float *sig, const float *silu, long n,
+                     float *da, float *db);
+/* RoPE: x (B, T, n, hd) with strides in floats for its first three dims, cos and sin (T, hd/2), out
+ * (B, T, n, hd) contiguous; the backward is the forward with -sin */
+void rope_forward(const float *x, const long *x_strides, const float *cos, const float *sin, long B, long T, long n,
+                  long hd, float *out);
+/* cross-entropy rows: logits (N, V), targets (N,) in [0, V) -> lse (N,), nll (N,) = lse - logits[target];
+ * backward: dlogits (N, V) = (softmax(logits) - onehot(target)) * scale[row] */
+void cross_entropy_forward(const float *logits, const int64_t *targets, long N, long V, float *lse, float *nll);
+void cross_entropy_backward(const float *logits, const int64_t *targets, const float *lse, const float *scale,
+                            long N, long V, float *dlogits);
+/* AdamW over n floats in place (p, m, v), the coefficients as optim.AdamW rounds them to float32;
+ * decay = 1 - lr * weight_decay, or 1 for a weight that is not decayed */
+void adamw_update(float *p, const float *g, float *m, float *v, long n, float decay, float beta1,
+                  float one_minus_beta1, float beta2, float one_minus_beta2, float sqrt_bc2, float eps,
+                  float step_size);
 
 #endif

@@ -109,6 +109,80 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
     return ops.attention_backward(dout, q, k, v, out, lse, causal, kv_start)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The elementwise ops of ops.py, fused and threaded in C for float32 C-contiguous arrays (kernels.dense);
+# everything else goes to the reference. The caches are the reference's, so a C forward and a NumPy
+# backward (or the reverse) fit together.
+
+
+def rmsnorm_forward(x, weight, eps):
+    """x (B, T, C) -> (y, cache (xhat, rstd (B, T, 1), weight)), as ops.rmsnorm_forward."""
+    if _use_c(x, weight) and kernels.dense(x, weight):
+        y, xhat, rstd = kernels.rmsnorm_forward(x, weight, eps)
+        return y, (xhat, rstd, weight)
+    return ops.rmsnorm_forward(x, weight, eps)
+
+
+def rmsnorm_backward(dout, cache):
+    """-> (dx, dweight)."""
+    xhat, rstd, weight = cache
+    if _use_c(dout, xhat, rstd, weight) and kernels.dense(dout, xhat, rstd, weight):
+        return kernels.rmsnorm_backward(dout, xhat, rstd, weight)
+    return ops.rmsnorm_backward(dout, cache)
+
+
+def swiglu_forward(a, b):
+    """silu(a) * b -> (out, cache (a, b, sig, silu)), as ops.swiglu_forward."""
+    if _use_c(a, b) and kernels.dense(a, b):
+        out, sig, silu = kernels.swiglu_forward(a, b)
+        return out, (a, b, sig, silu)
+    return ops.swiglu_forward(a, b)
+
+
+def swiglu_backward(dout, cache):
+    """-> (da, db)."""
+    if _use_c(dout, *cache) and kernels.dense(dout, *cache):
+        return kernels.swiglu_backward(dout, *cache)
+    return ops.swiglu_backward(dout, cache)
+
+
+def _rope_in_c(x, cos, sin):
+    return (_use_c(x, cos, sin) and kernels.dense(cos, sin) and x.ndim == 4 and kernels.fits_attention(x)
+            and x.shape[-1] % 2 == 0)
+
+
+def rope_forward(x, cos, sin):
+    """x (B, T, n, hd) -> (rotated x, cache (cos, sin)), as ops.rope_forward."""
+    if _rope_in_c(x, cos, sin):
+        return kernels.rope_forward(x, cos, sin), (cos, sin)
+    return ops.rope_forward(x, cos, sin)
+
+
+def rope_backward(dout, cache):
+    """dout (B, T, n, hd), read in place when its last dimension is contiguous (the model passes a
+    transposed view) -> dx, C-contiguous on the C path."""
+    cos, sin = cache
+    if _rope_in_c(dout, cos, sin):
+        return kernels.rope_forward(dout, cos, sin, inverse=True)
+    return ops.rope_backward(dout, cache)
+
+
+def cross_entropy_forward(logits, targets, mask=None):
+    """-> (mean nll, cache), as ops.cross_entropy_forward, with the per-position nll and lse in C."""
+    if _use_c(logits) and kernels.dense(logits):
+        return ops.cross_entropy_forward(logits, targets, mask, kernels.cross_entropy_rows)
+    return ops.cross_entropy_forward(logits, targets, mask)
+
+
+def cross_entropy_backward(dloss, cache):
+    """-> dlogits (B, T, V): (softmax - onehot(target)) * dloss * weight / count, one pass in C."""
+    logits, targets, lse, weights, count = cache
+    if _use_c(logits, lse) and kernels.dense(logits, lse):
+        scale = np.ascontiguousarray((dloss * weights / count).astype(np.float32))  # ops' per-row factor
+        return kernels.cross_entropy_backward(logits, targets, lse, scale)
+    return ops.cross_entropy_backward(dloss, cache)
+
+
 def _apply_environment():
     name = os.environ.get("LLAMA3NP_BACKEND")
     if not name:

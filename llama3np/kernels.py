@@ -404,3 +404,162 @@ def attention_backward(dout, q, k, v, out, lse, causal=True, kv_start=None):
                                     _ptr(lse), lses, _ptr(dq), _ptr(dk), _ptr(dv), B, H, KV, T, S, hd, c, kvp)
     _check_status(status, "attention_backward")
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# the elementwise ops of a training step (csrc/elementwise.c): RMSNorm, SwiGLU, RoPE, cross-entropy,
+# AdamW. One or two passes over memory each, on the thread pool; the same bits at any thread count and
+# on every instruction set. RoPE, SwiGLU's backward and AdamW give the reference's bits exactly; the
+# others differ from llama3np.ops by their exp and the order of their sums (~1e-7 relative).
+
+
+def _check_dense(x, name):
+    """float32, aligned and C-contiguous: what the elementwise kernels read and write."""
+    _check_array(x, name)
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} (shape {x.shape}, strides {x.strides}) must be C-contiguous; "
+                         f"pass np.ascontiguousarray({name})")
+
+
+def dense(*arrays) -> bool:
+    """True when every array is float32, aligned and C-contiguous (the elementwise kernels' layout)."""
+    for x in arrays:
+        if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.aligned:
+            return False
+    return True
+
+
+def _same_shape(x, name, shape):
+    if x.shape != shape:
+        raise ValueError(f"{name} has shape {x.shape}, expected {shape}")
+
+
+def rmsnorm_forward(x, weight, eps):
+    """x (..., C), weight (C,) -> (y, xhat, rstd (..., 1)): y = xhat * weight, xhat = x * rstd,
+    rstd = 1 / sqrt(mean(x^2) + eps), as ops.rmsnorm_forward."""
+    _require()
+    _check_dense(x, "x")
+    _check_dense(weight, "weight")
+    if x.ndim < 1 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight has shape {weight.shape}, expected ({x.shape[-1] if x.ndim else '?'},) for x {x.shape}")
+    y, xhat = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty(x.shape[:-1] + (1,), dtype=np.float32)
+    C = x.shape[-1]
+    if x.size:
+        lib.rmsnorm_forward(_ptr(x), _ptr(weight), float(eps), x.size // C, C, _ptr(y), _ptr(xhat), _ptr(rstd))
+    return y, xhat, rstd
+
+
+def rmsnorm_backward(dout, xhat, rstd, weight):
+    """-> (dx like dout, dweight (C,)) from the forward's xhat, rstd (..., 1) and weight."""
+    _require()
+    for x, name in ((dout, "dout"), (xhat, "xhat"), (rstd, "rstd"), (weight, "weight")):
+        _check_dense(x, name)
+    _same_shape(xhat, "xhat", dout.shape)
+    _same_shape(rstd, "rstd", dout.shape[:-1] + (1,))
+    _same_shape(weight, "weight", dout.shape[-1:])
+    dx, dweight = np.empty_like(dout), np.zeros(dout.shape[-1:], dtype=np.float32)
+    C = dout.shape[-1]
+    if dout.size:
+        status = lib.rmsnorm_backward(_ptr(dout), _ptr(xhat), _ptr(rstd), _ptr(weight), dout.size // C, C,
+                                      _ptr(dx), _ptr(dweight))
+        _check_status(status, "rmsnorm_backward")
+    return dx, dweight
+
+
+def swiglu_forward(a, b):
+    """a, b of one shape -> (silu(a) * b, sig, silu): sig = sigmoid(a), silu = a * sig (ops.swiglu_forward)."""
+    _require()
+    _check_dense(a, "a")
+    _check_dense(b, "b")
+    _same_shape(b, "b", a.shape)
+    out, sig, silu = np.empty_like(a), np.empty_like(a), np.empty_like(a)
+    if a.size:
+        lib.swiglu_forward(_ptr(a), _ptr(b), a.size, _ptr(out), _ptr(sig), _ptr(silu))
+    return out, sig, silu
+
+
+def swiglu_backward(dout, a, b, sig, silu):
+    """-> (da, db), from the forward's a, b, sig, silu (ops.swiglu_backward, the same bits)."""
+    _require()
+    for x, name in ((dout, "dout"), (a, "a"), (b, "b"), (sig, "sig"), (silu, "silu")):
+        _check_dense(x, name)
+        _same_shape(x, name, dout.shape)
+    da, db = np.empty_like(dout), np.empty_like(dout)
+    if dout.size:
+        lib.swiglu_backward(_ptr(dout), _ptr(a), _ptr(b), _ptr(sig), _ptr(silu), dout.size, _ptr(da), _ptr(db))
+    return da, db
+
+
+def rope_forward(x, cos, sin, inverse=False):
+    """x (B, T, n, hd) -> x rotated by the angles of cos, sin (T, hd/2), as ops.rope_forward (inverse:
+    by the negative angles, ops.rope_backward), a new C-contiguous array. x is read in place when its
+    last dimension is contiguous (e.g. the transposed view of a (B, n, T, hd) gradient)."""
+    _require()
+    _check_dense(cos, "cos")
+    _check_dense(sin, "sin")
+    xs = _strides(x, "x", 4)
+    B, T, n, hd = x.shape
+    if hd % 2 or cos.shape != (T, hd // 2) or sin.shape != cos.shape:
+        raise ValueError(f"RoPE needs an even head_dim and cos, sin of shape (T, hd/2) = {(T, hd // 2)}; got "
+                         f"x {x.shape}, cos {cos.shape}, sin {sin.shape}")
+    out = np.empty((B, T, n, hd), dtype=np.float32)
+    if out.size:
+        lib.rope_forward(_ptr(x), xs, _ptr(cos), _ptr(-sin if inverse else sin), B, T, n, hd, _ptr(out))
+    return out
+
+
+def _check_targets(targets, shape, V):
+    """targets: integers of the given shape in [0, V), as a contiguous int64 array (C indexes with them)."""
+    targets = np.asarray(targets)
+    if targets.shape != shape or targets.dtype.kind not in "iu":
+        raise ValueError(f"targets must be integers of shape {shape}, got shape {targets.shape} and dtype {targets.dtype}")
+    if targets.size and (targets.min() < 0 or targets.max() >= V):
+        raise ValueError(f"targets hold ids outside [0, {V}): min {targets.min()}, max {targets.max()}")
+    return np.ascontiguousarray(targets, dtype=np.int64)
+
+
+def cross_entropy_rows(logits, targets):
+    """logits (..., V), targets (...) ints in [0, V) -> (nll (...), lse (...)): lse = log sum exp(logits)
+    over the vocabulary, nll = lse - logits[target] (ops.token_nll)."""
+    _require()
+    _check_dense(logits, "logits")
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last axis (the vocabulary), got shape {logits.shape}")
+    V = logits.shape[-1]
+    t64 = _check_targets(targets, logits.shape[:-1], V)
+    lse, nll = np.empty(logits.shape[:-1], np.float32), np.empty(logits.shape[:-1], np.float32)
+    if lse.size:
+        lib.cross_entropy_forward(_ptr(logits), ffi.from_buffer("int64_t[]", t64), lse.size, V, _ptr(lse), _ptr(nll))
+    return nll, lse
+
+
+def cross_entropy_backward(logits, targets, lse, scale):
+    """dlogits (..., V) = (softmax(logits) - onehot(targets)) * scale[..., None], the softmax from lse."""
+    _require()
+    for x, name in ((logits, "logits"), (lse, "lse"), (scale, "scale")):
+        _check_dense(x, name)
+    _same_shape(lse, "lse", logits.shape[:-1])
+    _same_shape(scale, "scale", logits.shape[:-1])
+    V = logits.shape[-1]
+    t64 = _check_targets(targets, logits.shape[:-1], V)
+    dlogits = np.empty_like(logits)
+    if lse.size:
+        lib.cross_entropy_backward(_ptr(logits), ffi.from_buffer("int64_t[]", t64), _ptr(lse), _ptr(scale), lse.size,
+                                   V, _ptr(dlogits))
+    return dlogits
+
+
+def adamw_update(p, g, m, v, decay, beta1, beta2, sqrt_bc2, eps, step_size):
+    """One AdamW update of p, m, v in place (optim.AdamW.step's operations in its order, each rounded
+    to float32 as NumPy rounds it: the same bits). decay = 1 - lr * weight_decay, or 1 for no decay."""
+    _require()
+    for x, name in ((p, "p"), (g, "g"), (m, "m"), (v, "v")):
+        _check_dense(x, name)
+        _same_shape(x, name, p.shape)
+        if x is not g and not x.flags.writeable:
+            raise ValueError(f"{name} must be writeable (updated in place)")
+    f32 = np.float32  # NumPy rounds a Python float to the array's dtype before operating
+    if p.size:
+        lib.adamw_update(_ptr(p), _ptr(g), _ptr(m), _ptr(v), p.size, f32(decay), f32(beta1), f32(1 - beta1),
+                         f32(beta2), f32(1 - beta2), f32(sqrt_bc2), f32(eps), f32(step_size))

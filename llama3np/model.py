@@ -103,13 +103,13 @@ def block_forward(p, i, x, rope, args, group=None, start_pos=0, cache=None, kv_s
     H, KV, hd = args.n_heads // tp, args.n_kv_heads // tp, args.head_dim  # this rank's heads
     cos, sin = rope
     # attention
-    xn, an_c = ops.rmsnorm_forward(x, p[pre + "attention_norm.weight"], args.norm_eps)
+    xn, an_c = backend.rmsnorm_forward(x, p[pre + "attention_norm.weight"], args.norm_eps)
     xn = f_forward(xn, group)
     xq, q_c = backend.linear_forward(xn, p[pre + "attention.wq.weight"])  # (B, T, H*hd)
     xk, k_c = backend.linear_forward(xn, p[pre + "attention.wk.weight"])  # (B, T, KV*hd)
     xv, v_c = backend.linear_forward(xn, p[pre + "attention.wv.weight"])  # (B, T, KV*hd)
-    xq, _ = ops.rope_forward(xq.reshape(B, T, H, hd), cos, sin)  # (B, T, H, hd)
-    xk, _ = ops.rope_forward(xk.reshape(B, T, KV, hd), cos, sin)  # (B, T, KV, hd)
+    xq, _ = backend.rope_forward(xq.reshape(B, T, H, hd), cos, sin)  # (B, T, H, hd)
+    xk, _ = backend.rope_forward(xk.reshape(B, T, KV, hd), cos, sin)  # (B, T, KV, hd)
     q = xq.transpose(0, 2, 1, 3)  # (B, H, T, hd)
     k = xk.transpose(0, 2, 1, 3)  # (B, KV, T, hd)
     v = xv.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
@@ -126,11 +126,11 @@ def block_forward(p, i, x, rope, args, group=None, start_pos=0, cache=None, kv_s
     att_out, o_c = backend.linear_forward(att2, p[pre + "attention.wo.weight"])  # tp: a partial sum
     h = x + g_forward(att_out, group)
     # feed-forward: w2(silu(w1 x) * w3 x) (tp: over this rank's hidden units)
-    hn, fn_c = ops.rmsnorm_forward(h, p[pre + "ffn_norm.weight"], args.norm_eps)
+    hn, fn_c = backend.rmsnorm_forward(h, p[pre + "ffn_norm.weight"], args.norm_eps)
     hn = f_forward(hn, group)
     a, w1_c = backend.linear_forward(hn, p[pre + "feed_forward.w1.weight"])  # (B, T, hidden)
     b, w3_c = backend.linear_forward(hn, p[pre + "feed_forward.w3.weight"])  # (B, T, hidden)
-    gate, sw_c = ops.swiglu_forward(a, b)
+    gate, sw_c = backend.swiglu_forward(a, b)
     ffn_out, w2_c = backend.linear_forward(gate, p[pre + "feed_forward.w2.weight"])  # tp: a partial sum
     out = h + g_forward(ffn_out, group)
     if cache is not None:
@@ -152,23 +152,23 @@ def block_backward(i, dout, bc: BlockCache, grads, group=None, defer=None):
     # BEGIN SOLUTION ex09
     # feed-forward, reversed; dout flows into the residual h as well
     dg = linear(g_backward(dout, group), bc.w2_c, "feed_forward.w2.weight")
-    da, db = ops.swiglu_backward(dg, bc.swiglu_c)
+    da, db = backend.swiglu_backward(dg, bc.swiglu_c)
     dhn = linear(da, bc.w1_c, "feed_forward.w1.weight")
     dhn3 = linear(db, bc.w3_c, "feed_forward.w3.weight")
-    dh, dffn_norm = ops.rmsnorm_backward(f_backward(dhn + dhn3, group), bc.ffn_norm_c)
+    dh, dffn_norm = backend.rmsnorm_backward(f_backward(dhn + dhn3, group), bc.ffn_norm_c)
     accumulate(grads, pre + "ffn_norm.weight", dffn_norm)
     dh += dout
     # attention, reversed
     datt2 = linear(g_backward(dh, group), bc.wo_c, "attention.wo.weight")
     datt = datt2.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
     dq, dk, dv = backend.attention_backward(datt, bc.q, bc.k, bc.v, bc.att, bc.lse, True, bc.kv_start)
-    dxq = ops.rope_backward(dq.transpose(0, 2, 1, 3), bc.rope).reshape(B, T, H * hd)
-    dxk = ops.rope_backward(dk.transpose(0, 2, 1, 3), bc.rope).reshape(B, T, KV * hd)
+    dxq = backend.rope_backward(dq.transpose(0, 2, 1, 3), bc.rope).reshape(B, T, H * hd)
+    dxk = backend.rope_backward(dk.transpose(0, 2, 1, 3), bc.rope).reshape(B, T, KV * hd)
     dxv = dv.transpose(0, 2, 1, 3).reshape(B, T, KV * hd)
     dxn = linear(dxq, bc.wq_c, "attention.wq.weight")
     dxn_k = linear(dxk, bc.wk_c, "attention.wk.weight")
     dxn_v = linear(dxv, bc.wv_c, "attention.wv.weight")
-    dx, dattention_norm = ops.rmsnorm_backward(f_backward(dxn + dxn_k + dxn_v, group), bc.attention_norm_c)
+    dx, dattention_norm = backend.rmsnorm_backward(f_backward(dxn + dxn_k + dxn_v, group), bc.attention_norm_c)
     accumulate(grads, pre + "attention_norm.weight", dattention_norm)
     return dx + dh
     # END SOLUTION
@@ -258,7 +258,7 @@ class Transformer:
         for i in range(args.n_layers):
             x, bc = block_forward(p, i, x, rope, args, None, start_pos, cache, kv_start)
             blocks.append(bc)
-        x, norm_c = ops.rmsnorm_forward(x, p["norm.weight"], args.norm_eps)
+        x, norm_c = backend.rmsnorm_forward(x, p["norm.weight"], args.norm_eps)
         out_c = None
         if not return_hidden:
             x, out_c = backend.linear_forward(x, self._output_weight())  # (B, T, V)
@@ -293,7 +293,7 @@ class Transformer:
     def _backward_from_hidden(self, dx, doutput):
         acts = self.activations
         grads = {}
-        dx, grads["norm.weight"] = ops.rmsnorm_backward(dx, acts.norm_c)
+        dx, grads["norm.weight"] = backend.rmsnorm_backward(dx, acts.norm_c)
         for i in reversed(range(self.args.n_layers)):
             dx = block_backward(i, dx, acts.blocks[i], grads)
         dembed = ops.embedding_backward(dx, acts.embedding_c)
@@ -324,8 +324,8 @@ class Transformer:
             if mask.dtype.kind not in "biuf":
                 raise TypeError(f"mask must be boolean or numeric, got dtype {mask.dtype}")
         logits = self.forward(tokens, doc_ids=doc_ids)
-        loss, ce_cache = ops.cross_entropy_forward(logits, targets, mask)
-        return loss, self.backward(ops.cross_entropy_backward(1.0, ce_cache))
+        loss, ce_cache = backend.cross_entropy_forward(logits, targets, mask)
+        return loss, self.backward(backend.cross_entropy_backward(1.0, ce_cache))
 
     # ------------------------------------------------------------------------------------------------
     def _output_weight(self):

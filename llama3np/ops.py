@@ -291,8 +291,10 @@ def token_nll(logits, targets):
     return lse - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
 
 
-def cross_entropy_forward(logits, targets, mask=None):
-    """logits (B, T, V), targets (B, T) ints, mask (B, T) or None -> scalar mean negative log-likelihood."""
+def cross_entropy_forward(logits, targets, mask=None, token_nll=token_nll):
+    """logits (B, T, V), targets (B, T) ints, mask (B, T) or None -> scalar mean negative log-likelihood.
+    `token_nll` computes the per-position nll and lse (the C kernel's, via backend.cross_entropy_forward);
+    every other line is the same for both."""
     nll, lse = token_nll(logits, targets)  # (B, T) each
     weights = np.ones_like(nll) if mask is None else mask.astype(nll.dtype)
     count = weights.sum()

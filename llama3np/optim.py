@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from . import backend, kernels
+
 
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), the update of `torch.optim.AdamW`.
@@ -49,6 +51,8 @@ class AdamW:
         for name, p in self.params.items():  # all checked before anything changes
             if grads[name].shape != p.shape:
                 raise ValueError(f"grad {name!r} has shape {grads[name].shape}, expected {p.shape}")
+        if self._step_in_c(grads, lr):
+            return
         # BEGIN SOLUTION ex10
         lr = self.lr if lr is None else float(lr)
         beta1, beta2 = self.betas
@@ -84,6 +88,26 @@ class AdamW:
             tmp *= step_size
             p -= tmp
         # END SOLUTION
+
+    def _step_in_c(self, grads, lr):
+        """The update below in one threaded pass of C per parameter (kernels.adamw_update: the same
+        float32 operations in the same order, so the same bits), when the C backend is active and every
+        parameter, gradient and moment is float32 and C-contiguous. Returns whether it did the step."""
+        if backend.get_backend() != "c" or not kernels.available():
+            return False
+        for name, p in self.params.items():
+            if not kernels.dense(p, grads[name], self.m[name], self.v[name]) or not p.flags.writeable:
+                return False
+        lr = self.lr if lr is None else float(lr)
+        beta1, beta2 = self.betas
+        self.t += 1
+        step_size = lr / (1 - beta1 ** self.t)
+        sqrt_bc2 = math.sqrt(1 - beta2 ** self.t)
+        for name, p in self.params.items():
+            decay = 1 - lr * self.weight_decay if self.weight_decay and p.ndim >= 2 else 1.0
+            kernels.adamw_update(p, grads[name], self.m[name], self.v[name], decay, beta1, beta2, sqrt_bc2,
+                                 self.eps, step_size)
+        return True
 
     def state_dict(self):
         """Everything needed to continue bit for bit: the step count and both moments (copies)."""

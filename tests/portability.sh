@@ -18,7 +18,7 @@ source "$ROOT/tests/scratch_build.sh"
 
 CC=clang LDSHARED="clang -shared" LLAMA3NP_CFLAGS="-Wextra -Werror" scratch_build
 scratch_check_import "clang build:"
-(cd "$WORK" && PYTHONPATH="$WORK" "$PYTHON" -m pytest tests/test_kernels.py tests/test_decode_kernels.py tests/test_attention_mask_kernels.py -q -p no:cacheprovider)
+(cd "$WORK" && PYTHONPATH="$WORK" "$PYTHON" -m pytest tests/test_kernels.py tests/test_decode_kernels.py tests/test_attention_mask_kernels.py tests/test_elementwise_kernels.py -q -p no:cacheprovider)
 echo "portability.sh: clang build (-Wall -Wextra -Werror) passes the kernel tests"
 
 SYSROOT=/usr/aarch64-linux-gnu

@@ -7,7 +7,8 @@
 # The sanitized library goes into a scratch copy of the package (tests/scratch_build.sh). Python itself is not instrumented, so libasan is preloaded;
 # leak detection is off because the interpreter never frees some of its memory.
 #
-#   tests/sanitize.sh                 # tests/test_kernels.py, test_decode_kernels.py, test_attention_mask_kernels.py
+#   tests/sanitize.sh                 # tests/test_kernels.py, test_decode_kernels.py, test_attention_mask_kernels.py,
+#                                     # test_elementwise_kernels.py
 #   tests/sanitize.sh -k attention    # extra arguments go to pytest
 #
 # ThreadSanitizer needs clang (TSAN_CC): gcc 12's TSan runtime crashes at start on these kernels.
@@ -41,7 +42,7 @@ r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 assert r.returncode != 0 and "AddressSanitizer" in r.stderr, "the sanitizer did not catch a planted overflow"
 print("planted overflow caught: AddressSanitizer is active")
 PY
-"$PYTHON" -m pytest tests/test_kernels.py tests/test_decode_kernels.py tests/test_attention_mask_kernels.py -q -p no:cacheprovider "$@"
+"$PYTHON" -m pytest tests/test_kernels.py tests/test_decode_kernels.py tests/test_attention_mask_kernels.py tests/test_elementwise_kernels.py -q -p no:cacheprovider "$@"
 echo "sanitize.sh: no AddressSanitizer / UBSan reports"
 
 unset LD_PRELOAD  # the ASan runtime preloaded for Python above must not be in the TSan programs

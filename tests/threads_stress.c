@@ -7,12 +7,14 @@
  * its own), the fused attention (whose threads meet at a barrier), and a forked child. Then every
  * micro-kernel this CPU runs (tests/portability.sh runs it on arm64 under qemu: NEON there) is checked:
  * matmul against the triple loop, and attention (with and without document masks) against the
- * portable kernel's, which the Python tests check against the NumPy reference.
+ * portable kernel's, which the Python tests check against the NumPy reference. The elementwise kernels
+ * run at 1-3 threads and must give the same bits.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -119,6 +121,48 @@ static int attention_runs(void) {
     return rc;
 }
 
+/* Every elementwise kernel (csrc/elementwise.c) at 1, 2 and 3 threads on inputs big enough to split:
+ * the pool's workers write disjoint parts of the outputs, and the results must be the same bits. */
+static int elementwise_runs(void) {
+    enum { R = 300, C = 256, V = 1200, RV = 150, NE = R * C };
+    float *x = malloc(NE * sizeof(float)), *w = malloc(C * sizeof(float)), *logits = malloc(RV * V * sizeof(float));
+    float *ref = NULL, *res = malloc(8 * NE * sizeof(float) + 3 * RV * V * sizeof(float) + 4 * RV * sizeof(float));
+    int64_t targets[RV];
+    long xs[3] = {64 * 4 * 16, 4 * 16, 16}; /* (B=NE/4096, T=64, n=4, hd=16) */
+    for (int i = 0; i < NE; i++) x[i] = sinf(0.37f * (float)i) * 3.0f;
+    for (int c = 0; c < C; c++) w[c] = 1.0f + 0.01f * (float)c;
+    for (int i = 0; i < RV * V; i++) logits[i] = cosf(0.11f * (float)i) * 4.0f;
+    for (int r = 0; r < RV; r++) targets[r] = (r * 37) % V;
+    size_t total = 8 * (size_t)NE + 3 * (size_t)RV * V + 4 * (size_t)RV;
+    int bad = 0;
+    for (int n = 1; n <= 3; n++) {
+        set_num_threads(n);
+        float *o = res; /* outputs laid one after the other */
+        float *y = o, *xhat = o + NE, *rstd = o + 2 * NE, *dx = rstd + R, *dw = dx + NE;
+        rmsnorm_forward(x, w, 1e-5f, R, C, y, xhat, rstd);
+        rmsnorm_backward(x, xhat, rstd, w, R, C, dx, dw);
+        float *sw = o + 3 * NE; /* out, sig, silu, da, db: NE each, then RoPE */
+        swiglu_forward(x, w, 1, sw, sw + 1, sw + 2); /* a lone element, then the whole array */
+        swiglu_forward(x, y, NE, sw, sw + NE, sw + 2 * NE);
+        swiglu_backward(y, x, y, sw + NE, sw + 2 * NE, NE, sw + 3 * NE, sw + 4 * NE);
+        float *ce = o + 8 * NE, *lse = ce + 3 * (size_t)RV * V, *nll = lse + RV;
+        rope_forward(x, xs, logits, logits + 512, NE / 4096, 64, 4, 16, ce); /* cos, sin (64, 8) */
+        cross_entropy_forward(logits, targets, RV, V, lse, nll);
+        cross_entropy_backward(logits, targets, lse, rstd, RV, V, ce + RV * V);
+        adamw_update(x, y, xhat, rstd, R, 0.999f, 0.9f, 0.1f, 0.95f, 0.05f, 0.5f, 1e-8f, 1e-3f);
+        if (!ref) {
+            ref = malloc(total * sizeof(float));
+            memcpy(ref, res, total * sizeof(float));
+        } else if (memcmp(ref, res, total * sizeof(float)) != 0) {
+            fprintf(stderr, "elementwise kernels differ at %d threads\n", n);
+            bad = 1;
+        }
+        for (int i = 0; i < R; i++) x[i] = sinf(0.37f * (float)i) * 3.0f; /* undo the AdamW update */
+    }
+    free(x), free(w), free(logits), free(ref), free(res);
+    return bad;
+}
+
 int main(void) {
     double worst = 0;
     for (int n = 1; n <= 4; n++) { /* teams of every size, the pool growing and shrinking its use */
@@ -134,6 +178,7 @@ int main(void) {
     pthread_join(t1, NULL), pthread_join(t2, NULL);
     worst = fmax(worst, fmax(w1, w2));
     if (attention_runs() != 0) return fprintf(stderr, "attention failed\n"), 1;
+    if (elementwise_runs() != 0) return 1;
     worst = fmax(worst, check_every_isa());
     pid_t child = fork(); /* the child has no workers: the pool must start its own */
     if (child == 0) _exit(check_matmul(99) < 1e-4 ? 0 : 1);
