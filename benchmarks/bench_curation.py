@@ -15,7 +15,11 @@ Prints, one section each:
      MinHashLSH with 14 bands x 8 rows), with each side's estimation error; our four heuristic filters
      vs datatrove's (the same documents, one process each);
   5. peak RSS while computing signatures for --rss-mb MB of text, streamed in chunks (only the
-     signatures are kept: 896 bytes per document); --only-memory runs this section alone.
+     signatures are kept: 896 bytes per document); --only-memory runs this section alone;
+  6. with --pipeline-mb N: the whole pipeline (`llama3np data curate`, exact dedup, MinHash, line
+     dedup, token KL) on N MB of generated text in a child process, and that process's peak RSS
+     (the global stage streams texts; per-document records and signatures stay in memory);
+     --only-pipeline runs this section alone.
 Datasketch and datatrove are optional; their columns are skipped with the reason when absent.
 """
 import _env
@@ -219,6 +223,54 @@ def section_memory(mb):
           f"peak RSS {peak:.0f} MB (before: {before:.0f} MB)")
 
 
+def write_generated_jsonl(path, mb, seed=0):
+    """About `mb` MB of distinct documents as JSONL: 8-20 sentences drawn from a pool of 20,000 grammar
+    sentences, in paragraphs of 4 (fast to make; no two documents alike). -> (documents, bytes)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    pool = [webcorpus.sentence(rng) for _ in range(20000)]
+    n, size = 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < mb * 2**20:
+            picks = rng.integers(0, len(pool), size=int(rng.integers(8, 21)))
+            text = "\n".join(" ".join(pool[i] for i in picks[a:a + 4]) for a in range(0, len(picks), 4))
+            line = json.dumps({"id": f"g{n:08d}", "text": text}) + "\n"
+            f.write(line)
+            n, size = n + 1, size + len(text.encode())
+    return n, size
+
+
+def section_pipeline_memory(mb, workers):
+    """The whole pipeline (read, local stages, global stages, write) on `mb` MB in a child process; its
+    peak RSS from getrusage(RUSAGE_CHILDREN). Global stages: exact dedup, MinHash, line dedup, token KL
+    (q from 200 reference documents)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    print(f"== 6. the pipeline on {mb} MB of generated text, {workers} worker(s), in a child process")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n, size = write_generated_jsonl(tmp / "in.jsonl", mb)
+        rng = np.random.default_rng(1)
+        (tmp / "ref.txt").write_text("\n<|end_of_text|>\n".join(webcorpus.prose(rng) for _ in range(200)))
+        cfg = {"stages": ["exact_dedup", "minhash", "line_dedup", "token_kl"], "shard_size": 5000,
+               "output_shard_size": 50000, "params": {"token_kl": {"reference": str(tmp / "ref.txt")}}}
+        (tmp / "cfg.json").write_text(json.dumps(cfg))
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "llama3np.cli", "data", "curate", str(tmp / "in.jsonl"), "--out",
+                        str(tmp / "out"), "--config", str(tmp / "cfg.json"), "--workers", str(workers), "--quiet"],
+                       check=True, cwd=_env.ROOT)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        report = json.loads((tmp / "out" / "report.json").read_text())
+        print(f"   {size / 2**20:.0f} MB of text, {n:,} documents ({report['kept']:,} kept) in "
+              f"{time.perf_counter() - t:.0f}s; signatures {n * 112 * 8 / 2**20:.0f} MB; "
+              f"peak RSS of the largest process {peak:.0f} MB")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=2500)
@@ -226,17 +278,24 @@ def main():
     ap.add_argument("--speed-docs", type=int, default=1000)
     ap.add_argument("--rss-mb", type=int, default=200)
     ap.add_argument("--only-memory", action="store_true", help="run section 5 alone")
+    ap.add_argument("--pipeline-mb", type=int, default=0, help="section 6: the whole pipeline on this many MB")
+    ap.add_argument("--workers", type=int, default=1, help="section 6's --workers")
+    ap.add_argument("--only-pipeline", action="store_true", help="run section 6 alone")
     args = ap.parse_args()
     print(_env.machine_note())
     print(_env.pin_threads(1))
     rng = np.random.default_rng(0)
     if args.only_memory:
         return section_memory(args.rss_mb)
+    if args.only_pipeline:
+        return section_pipeline_memory(args.pipeline_mb, args.workers)
     section_statistics(args.pairs, rng)
     texts = section_end_to_end(args.docs, rng)
     section_speed(texts, args.speed_docs)
     if args.rss_mb:
         section_memory(args.rss_mb)
+    if args.pipeline_mb:
+        section_pipeline_memory(args.pipeline_mb, args.workers)
 
 
 if __name__ == "__main__":

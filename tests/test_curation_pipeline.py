@@ -281,3 +281,28 @@ def test_train_classifier_saves_a_model_that_the_curate_config_points_to(tmp_pat
     assert main(["data", "train-classifier", "--positive", str(tmp_path / "ref"), "--negative",
                  str(tmp_path / "in" / "web.jsonl"), "--negative-kinds", "no_such_kind",
                  "--out", str(tmp_path / "x.npz")]) == 2  # no negatives: a clear message, exit 2
+
+
+def test_line_dedup_in_buckets_on_disk_gives_the_in_memory_result(tmp_path):
+    """The global stage streams texts: line dedup rewrites each bucket into _work/lines/ and later
+    stages and the writer read the rewritten texts from there. The kept texts must be those of
+    line_dedup.dedup_lines_in_buckets over the whole corpus in memory."""
+    import numpy as np
+
+    from llama3np.data.curation import line_dedup
+
+    rng = np.random.default_rng(3)
+    banner = "Subscribe to our newsletter for more great stories"
+    texts = [webcorpus.prose(rng, 2) + ("\n" + banner if i % 2 else "") for i in range(40)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"id": f"d{i:03d}", "text": t}) + "\n"
+                                                     for i, t in enumerate(texts)))
+    cfg = CurateConfig(stages=("line_dedup", "token_kl"), shard_size=7, output_shard_size=9, progress=False,
+                       params={"line_dedup": {"bucket_size": 16, "max_count": 6}})
+    report = curate(tmp_path / "in", tmp_path / "out", cfg)
+    expected, removed = line_dedup.dedup_lines_in_buckets(texts, 16, 6)
+    assert sum(r > 0 for r in removed) > 0 and len(list((tmp_path / "out" / "_work" / "lines").glob("*.json"))) == 3
+    docs = {json.loads(line)["id"]: json.loads(line)["text"] for f in (tmp_path / "out").glob("*/*.jsonl")
+            for line in f.read_text().splitlines()}
+    assert [docs[f"d{i:03d}"] for i in range(40)] == expected
+    assert report["kept"] + report["removed"] == 40 and len(list((tmp_path / "out" / "kept").glob("*.jsonl"))) >= 2

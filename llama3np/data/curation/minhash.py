@@ -162,8 +162,12 @@ def candidate_pairs(sig, num_bands=14, rows_per_band=8, window=32):
     of the same key, so a group of up to `window` members lists all its pairs (near-duplicate groups
     are small), and a larger group (many copies of one page) stays linked through overlapping windows
     at N * window pairs, not N^2 / 2."""
-    keys = band_keys(sig, num_bands, rows_per_band)
-    n = sig.shape[0]
+    return candidate_pairs_from_keys(band_keys(sig, num_bands, rows_per_band), window)
+
+
+def candidate_pairs_from_keys(keys, window=32):
+    """candidate_pairs from (N, b) band keys."""
+    n, num_bands = keys.shape
     edges = []
     for b in range(num_bands):
         order = np.argsort(keys[:, b], kind="stable")
@@ -197,15 +201,16 @@ def lsh_threshold(num_bands=14, rows_per_band=8):
     return (1.0 / num_bands) ** (1.0 / rows_per_band)
 
 
-def verified_pairs(sig, edges, threshold, block=100000):
-    """Keep the candidate pairs whose signature-estimated Jaccard is >= threshold.
+def verified_pairs(sig, edges, threshold, rows=None, block=20000):
+    """Keep the candidate pairs whose signature-estimated Jaccard is >= threshold (edge ends are rows
+    of sig, or indices into `rows`, the rows of sig being clustered).
 
     A band shared by chance (J = 0.5 shares one of 14 bands with probability 0.05) would otherwise
     join two documents, and union-find would join their clusters; the 112-row estimate (sd <= 0.047)
     sends those back. text-dedup and others verify candidates the same way."""
     keep = np.zeros(len(edges), dtype=bool)
     for a in range(0, len(edges), block):  # blocks of pairs keep memory small
-        e = edges[a:a + block]
+        e = edges[a:a + block] if rows is None else rows[edges[a:a + block]]
         keep[a:a + block] = np.mean(sig[e[:, 0]] == sig[e[:, 1]], axis=1) >= threshold
     return edges[keep]
 
@@ -230,13 +235,18 @@ def union_find(n, edges):
         label = new
 
 
-def clusters_from_signatures(sig, num_bands=14, rows_per_band=8, threshold=None):
+def clusters_from_signatures(sig, num_bands=14, rows_per_band=8, threshold=None, rows=None, block=65536):
     """(N, b*r) signatures -> (N,) cluster ids (the smallest index in each cluster): LSH candidates,
     verified by estimated Jaccard >= threshold (default VERIFY_THRESHOLD; 0 keeps every candidate),
-    joined by union-find."""
+    joined by union-find. rows: cluster only these rows of sig (ids then index `rows`); sig is read
+    in blocks, never copied whole (on a large corpus the signatures are most of the memory)."""
     threshold = VERIFY_THRESHOLD if threshold is None else threshold
-    edges = candidate_pairs(sig, num_bands, rows_per_band)
-    return union_find(sig.shape[0], verified_pairs(sig, edges, threshold))
+    rows = np.arange(sig.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    keys = np.zeros((len(rows), num_bands), np.uint64)  # (M, b): 8 bytes a band
+    for a in range(0, len(rows), block):
+        keys[a:a + block] = band_keys(sig[rows[a:a + block]], num_bands, rows_per_band)
+    edges = candidate_pairs_from_keys(keys)
+    return union_find(len(rows), verified_pairs(sig, edges, threshold, rows))
 
 
 def minhash_clusters(texts, num_bands=14, rows_per_band=8, ngram=5, seed=0):

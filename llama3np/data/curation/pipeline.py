@@ -277,7 +277,7 @@ class TextStream:
             yield chunk
 
 
-def stage_line_dedup(stream, alive, p, remove, extra):
+def stage_line_dedup(stream, alive, p, remove, lines_removed):
     """ccNet line dedup over buckets of bucket_size alive documents; rewritten texts go to disk."""
     folder = stream.work / "lines"
     folder.mkdir(exist_ok=True)
@@ -287,7 +287,7 @@ def stage_line_dedup(stream, alive, p, remove, extra):
         for (g, _), t, r in zip(chunk, new, nrem):
             if r:
                 changed[str(g)] = t
-                extra[g]["lines_removed"] = r
+                lines_removed[g] = r
                 if not t.strip():
                     remove(g, "line_dedup", "line_dedup_empty")
         path = folder / f"bucket_{b:05d}.json"
@@ -348,107 +348,161 @@ def stage_embeddings(stream, alive, p, chunk_size):
     return gs, (np.concatenate(emb) if emb else np.zeros((0, 1), np.float32))
 
 
+@dataclass
+class Records:
+    """What the global stage keeps per document besides its signature, as arrays (~30 bytes each).
+    Keys are 64-bit: the text hash is already 64 bits (exact_dedup.text_hash); a URL is hashed to 64
+    (two different URLs collide with probability ~N^2 / 2^65: 3e-8 for a million documents)."""
+    url_key: np.ndarray  # (N,) uint64; 0 = no URL
+    text_key: np.ndarray  # (N,) uint64
+    n_tokens: np.ndarray  # (N,) int64
+    local: np.ndarray  # (N,) int32: code of the first failing per-document stage or the reader's reason; 0 = none
+
+
+def _url_key(url):
+    return int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little") | 1 if url else 0
+
+
+def load_records(work, n_shards, codes):
+    """The local stage's records, shard by shard, into Records; `codes` is the (stage, reason) table
+    (codes[0] = None) that the codes index, extended as new pairs appear."""
+    index = {c: i for i, c in enumerate(codes)}
+    cols = {"url_key": [], "text_key": [], "n_tokens": [], "local": []}
+    for k in range(n_shards):
+        recs = json.loads((work / "local" / f"shard_{k:05d}.json").read_text())
+        cols["url_key"].append(np.array([_url_key(r["url"]) for r in recs], dtype=np.uint64))
+        cols["text_key"].append(np.array([int(r["hash"], 16) for r in recs], dtype=np.uint64))
+        cols["n_tokens"].append(np.array([r["n_tokens"] for r in recs], dtype=np.int64))
+        local = []
+        for r in recs:
+            c = (r["stage"], r["reason"]) if r["stage"] else None
+            if c not in index:
+                index[c] = len(codes)
+                codes.append(c)
+            local.append(index[c])
+        cols["local"].append(np.array(local, dtype=np.int32))
+    return Records(**{k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()})
+
+
+def first_occurrences(keys, has_key):
+    """(N,) keys, (N,) bool -> (N,) bool: True for the first document of each key and for those without."""
+    keep = np.ones(len(keys), dtype=bool)
+    idx = np.flatnonzero(has_key)
+    _, first = np.unique(keys[idx], return_index=True)  # index of each key's first occurrence
+    keep[idx] = False
+    keep[idx[first]] = True
+    return keep
+
+
+# per-document numbers the stages add, written into the document's metadata, in stage order
+EXTRA_COLUMNS = (("minhash", "duplicate_of"), ("line_dedup", "lines_removed"), ("token_kl", "token_kl"),
+                 ("quality_classifier", "quality_score"))
+
+
 def step_global(work, n_shards, cfg):
+    """-> decisions: `removed` (N,) int32 codes into `codes` [(stage, reason), 0 = kept], the extra
+    columns (duplicate_of as a global index, lines_removed, token_kl, quality_score; -1/0/nan = none),
+    the funnel, the scores' thresholds and the LSH curve. Saved as decisions.npz + decisions.json."""
     path = work / "decisions.json"
     if path.exists():
-        return json.loads(path.read_text())
-    recs, sigs = [], []
+        d = json.loads(path.read_text())
+        with np.load(work / "decisions.npz") as z:
+            d.update({k: z[k] for k in z.files})
+        d["codes"] = [tuple(c) if c else None for c in d["codes"]]
+        return d
+    codes = [None, ("read", "empty")]
+    rec = load_records(work, n_shards, codes)
+    n = len(rec.n_tokens)
+    mh = _params(cfg, "minhash")
+    sig, a = np.empty((n, mh["num_bands"] * mh["rows_per_band"]), np.uint64), 0  # filled in place: no 2nd copy
     for k in range(n_shards):
-        recs += json.loads((work / "local" / f"shard_{k:05d}.json").read_text())
-        sigs.append(np.load(work / "local" / f"shard_{k:05d}.npy"))
-    sig = np.concatenate(sigs) if sigs else np.zeros((0, 112), np.uint64)
-    n = len(recs)
+        s = np.load(work / "local" / f"shard_{k:05d}.npy")
+        sig[a:a + len(s)], a = s, a + len(s)
     stream = TextStream(work, n_shards)
-    removed = [(r["stage"], r["reason"]) if r["stage"] == "read" else None for r in recs]
-    extra = [{} for _ in range(n)]  # per-document metadata the stages add (scores, cluster ids)
-    funnel = [("input", n, sum(r["n_tokens"] for r in recs))]
+    code_of = {c: i for i, c in enumerate(codes)}
+    removed = np.where(np.isin(rec.local, [code_of[c] for c in codes[1:] if c[0] == "read"]), rec.local, 0)
+    col = {"duplicate_of": np.full(n, -1, np.int64), "lines_removed": np.zeros(n, np.int32),
+           "token_kl": np.full(n, np.nan), "quality_score": np.full(n, np.nan)}
+
+    def remove(i, stage, reason):  # i: an index or an index array; only alive documents change
+        if (stage, reason) not in code_of:
+            code_of[(stage, reason)] = len(codes)
+            codes.append((stage, reason))
+        i = np.atleast_1d(i)
+        removed[i[removed[i] == 0]] = code_of[(stage, reason)]
 
     def alive():
-        return [i for i in range(n) if removed[i] is None]
+        return np.flatnonzero(removed == 0)
 
-    def alive_mask():
-        return [r is None for r in removed]
-
-    def remove(i, stage, reason):
-        if removed[i] is None:
-            removed[i] = (stage, reason)
-
-    funnel.append(("read", len(alive()), sum(recs[i]["n_tokens"] for i in alive())))
+    funnel = [("input", n, int(rec.n_tokens.sum())), ("read", len(alive()), int(rec.n_tokens[alive()].sum()))]
     scores = {}
     for stage in cfg.stages:
         p = _params(cfg, stage)
         idx = alive()
         if stage in LOCAL_STAGES:
-            for i in idx:
-                if recs[i]["stage"] == stage:
-                    remove(i, stage, recs[i]["reason"])
+            for c in range(1, len(codes)):
+                if codes[c][0] == stage:
+                    remove(idx[rec.local[idx] == c], stage, codes[c][1])
         elif stage in ("url_dedup", "exact_dedup"):
-            key = "url" if stage == "url_dedup" else "hash"
-            first = exact_dedup.first_occurrences([recs[i][key] for i in idx])
-            for i, keep in zip(idx, first):
-                if not keep:
-                    remove(i, stage, "duplicate_url" if stage == "url_dedup" else "exact_duplicate")
+            keys = rec.url_key[idx] if stage == "url_dedup" else rec.text_key[idx]
+            first = first_occurrences(keys, keys != 0 if stage == "url_dedup" else np.ones(len(idx), bool))
+            remove(idx[~first], stage, "duplicate_url" if stage == "url_dedup" else "exact_duplicate")
         elif stage == "minhash":
-            cl = minhash.clusters_from_signatures(sig[idx], p["num_bands"], p["rows_per_band"],
-                                                  p["verify_threshold"])
-            for j, i in enumerate(idx):
-                if cl[j] != j:
-                    remove(i, stage, "minhash_duplicate")
-                    extra[i]["duplicate_of"] = recs[idx[cl[j]]]["id"]
-            scores["lsh_curve"] = _measured_lsh_rates(sig[idx], p["num_bands"], p["rows_per_band"])
+            cl = minhash.clusters_from_signatures(sig, p["num_bands"], p["rows_per_band"], p["verify_threshold"],
+                                                  rows=idx)
+            dup = np.flatnonzero(cl != np.arange(len(idx)))
+            remove(idx[dup], stage, "minhash_duplicate")
+            col["duplicate_of"][idx[dup]] = idx[cl[dup]]
+            scores["lsh_curve"] = _measured_lsh_rates(sig, idx, p["num_bands"], p["rows_per_band"])
         elif stage == "line_dedup":
-            stage_line_dedup(stream, alive_mask(), p, remove, extra)
-        elif stage == "token_kl":
-            if idx:
-                gs, s, thr = stage_token_kl(stream, alive_mask(), p, cfg.shard_size)
-                scores["token_kl"] = {"scores": s.tolist(), "threshold": thr}
-                for i, v in zip(gs, s):
-                    extra[i]["token_kl"] = round(float(v), 6)
-                    if v > thr:
-                        remove(i, stage, "token_kl_outlier")
+            stage_line_dedup(stream, removed == 0, p, remove, col["lines_removed"])
+        elif stage == "token_kl" and len(idx):
+            gs, s, thr = stage_token_kl(stream, removed == 0, p, cfg.shard_size)
+            gs = np.array(gs, dtype=np.int64)
+            col["token_kl"][gs] = s
+            scores["token_kl"] = {"threshold": thr}
+            remove(gs[s > thr], stage, "token_kl_outlier")
         elif stage == "quality_classifier":
             if not p["model"]:
                 raise ValueError("stage quality_classifier needs params.quality_classifier.model: a classifier "
                                  "saved by FastTextClassifier.save (.npz) or `llama3np data train-classifier`")
             from .fasttext_classifier import FastTextClassifier
 
-            clf, probs = FastTextClassifier.load(p["model"]), []
-            for chunk in stream.chunks(alive_mask(), cfg.shard_size):
+            clf = FastTextClassifier.load(p["model"])
+            for chunk in stream.chunks(removed == 0, cfg.shard_size):
+                gs = np.array([g for g, _ in chunk], dtype=np.int64)
                 prob = clf.predict_proba([t for _, t in chunk])
-                probs += prob.tolist()
-                for (i, _), v in zip(chunk, prob):
-                    extra[i]["quality_score"] = round(float(v), 6)
-                    if v < p["threshold"]:
-                        remove(i, stage, "low_quality_score")
-            scores["quality_classifier"] = {"scores": probs, "threshold": p["threshold"]}
+                col["quality_score"][gs] = prob
+                remove(gs[prob < p["threshold"]], stage, "low_quality_score")
+            scores["quality_classifier"] = {"threshold": p["threshold"]}
         elif stage == "semdedup":
             from .semdedup import semdedup
 
-            gs, emb = stage_embeddings(stream, alive_mask(), p, cfg.shard_size)
+            gs, emb = stage_embeddings(stream, removed == 0, p, cfg.shard_size)
             keep = semdedup(emb, eps=p["eps"], n_clusters=p["n_clusters"] or None, seed=p["seed"])
-            for i, k in zip(gs, keep):
-                if not k:
-                    remove(i, stage, "semantic_duplicate")
+            remove(np.array(gs, dtype=np.int64)[~keep], stage, "semantic_duplicate")
         idx = alive()
-        funnel.append((stage, len(idx), sum(recs[i]["n_tokens"] for i in idx)))
-    decisions = {"removed": removed, "extra": extra, "funnel": funnel, "scores": scores,
+        funnel.append((stage, len(idx), int(rec.n_tokens[idx].sum())))
+    decisions = {"codes": codes, "funnel": funnel, "scores": scores,
                  "line_buckets": [(a, b, p.name) for a, b, p in stream.buckets]}
-    atomic_write_bytes(path, json.dumps(decisions).encode())
-    return decisions
+    arrays = {"removed": removed, **col}
+    atomic_write(work / "decisions.npz", lambda f: np.savez(f, **arrays))
+    atomic_write_bytes(path, json.dumps(decisions).encode())  # last: its presence marks the step done
+    return {**decisions, **arrays}
 
 
-def _measured_lsh_rates(sig, num_bands, rows_per_band, max_docs=1500, seed=0):
-    """For pairs of (up to max_docs) documents binned by estimated Jaccard: the fraction that share
-    a band. Plotted over the S-curve: the two should agree."""
-    if len(sig) < 2:
+def _measured_lsh_rates(sig, rows, num_bands, rows_per_band, max_docs=1500, seed=0):
+    """For pairs of (up to max_docs) of the documents `rows`, binned by estimated Jaccard: the fraction
+    that share a band. Plotted over the S-curve: the two should agree."""
+    if len(rows) < 2:
         return []
     rng = np.random.default_rng(seed)
-    s = sig[np.sort(rng.choice(len(sig), size=min(len(sig), max_docs), replace=False))]
+    s = sig[rows[np.sort(rng.choice(len(rows), size=min(len(rows), max_docs), replace=False))]]
     keys = minhash.band_keys(s, num_bands, rows_per_band)
     i, j = np.triu_indices(len(s), k=1)
     est, cand = np.zeros(len(i)), np.zeros(len(i), dtype=bool)
-    for a in range(0, len(i), 200000):  # blocks of pairs keep memory small
-        sl = slice(a, a + 200000)
+    for a in range(0, len(i), 20000):  # blocks of pairs keep memory small (2 x 20000 x 112 x 8 B = 36 MB)
+        sl = slice(a, a + 20000)
         est[sl] = np.mean(s[i[sl]] == s[j[sl]], axis=1)
         cand[sl] = np.any(keys[i[sl]] == keys[j[sl]], axis=1)
     bins = np.linspace(0, 1, 21)
@@ -465,11 +519,14 @@ def _measured_lsh_rates(sig, num_bands, rows_per_band, max_docs=1500, seed=0):
 def step_write(work, out, n_shards, cfg, decisions):
     """kept/ and removed/ shards of output_shard_size documents, written as the raw shards stream past
     (line dedup's rewritten texts read from _work/lines/), then the report."""
-    removed, extra = decisions["removed"], decisions["extra"]
+    codes, removed = decisions["codes"], decisions["removed"]
     stream = TextStream(work, n_shards)
-    stream.buckets = [(a, b, work / "lines" / name) for a, b, name in decisions.get("line_buckets", [])]
+    stream.buckets = [(a, b, work / "lines" / name) for a, b, name in decisions["line_buckets"]]
     texts = iter(stream)
     counts, buffers = {"kept": 0, "removed": 0}, {"kept": [], "removed": []}
+    dup_of = decisions["duplicate_of"]
+    roots, id_of = set(dup_of[dup_of >= 0].tolist()), {}  # a cluster's kept document comes first
+    columns = [(name, decisions[name]) for stage, name in EXTRA_COLUMNS if stage in cfg.stages]
 
     def flush(name):
         folder = out / name
@@ -482,10 +539,18 @@ def step_write(work, out, n_shards, cfg, decisions):
     for k in range(n_shards):
         for d in read_jsonl(work / "raw" / f"shard_{k:05d}.jsonl"):
             _, d.text = next(texts)
-            d.metadata.update(extra[g])
-            name = "kept" if removed[g] is None else "removed"
-            if removed[g] is not None:
-                d.metadata["removed_by"], d.metadata["reason"] = removed[g]
+            if g in roots:
+                id_of[g] = d.id
+            for name, v in columns:
+                if name == "duplicate_of" and v[g] >= 0:
+                    d.metadata[name] = id_of[int(v[g])]
+                elif name == "lines_removed" and v[g] > 0:
+                    d.metadata[name] = int(v[g])
+                elif name in ("token_kl", "quality_score") and not np.isnan(v[g]):
+                    d.metadata[name] = round(float(v[g]), 6)
+            name = "kept" if removed[g] == 0 else "removed"
+            if removed[g]:
+                d.metadata["removed_by"], d.metadata["reason"] = codes[removed[g]]
             buffers[name].append(d)
             if len(buffers[name]) == cfg.output_shard_size:
                 flush(name)

@@ -66,8 +66,14 @@ def _save(fig, path):
 
 
 def write_report(out, cfg, decisions, n_kept, n_removed):
-    removed = decisions["removed"]
-    reasons = Counter(f"{s}/{r}" for s, r in (x for x in removed if x is not None))
+    """decisions: pipeline.step_global's (removed codes into `codes`, the score columns, funnel, scores)."""
+    codes, removed = decisions["codes"], np.asarray(decisions["removed"])
+    reasons = Counter({f"{codes[c][0]}/{codes[c][1]}": int(v) for c, v in enumerate(np.bincount(removed))
+                       if c and v})
+    # the score histograms: each score stage's column over the documents it scored, with its threshold
+    columns = {"token_kl": "token_kl", "quality_classifier": "quality_score"}
+    hists = {k: {"scores": decisions[columns[k]][~np.isnan(decisions[columns[k]])], "threshold": v["threshold"]}
+             for k, v in decisions["scores"].items() if k in columns}
     report = {"documents": len(removed), "kept": n_kept, "removed": n_removed,
               "removed_by_reason": dict(sorted(reasons.items())),
               "funnel": [{"stage": s, "documents": d, "tokens": t} for s, d, t in decisions["funnel"]],
@@ -83,8 +89,8 @@ def write_report(out, cfg, decisions, n_kept, n_removed):
     lines += [f"| {k} | {v:,} |" for k, v in sorted(reasons.items())]
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     _save(plot_funnel(decisions["funnel"]), out / "funnel.png")
-    if any(isinstance(v, dict) and "scores" in v for v in decisions["scores"].values()):
-        _save(plot_scores(decisions["scores"]), out / "scores.png")
+    if hists:
+        _save(plot_scores(hists), out / "scores.png")
     mh = cfg.params.get("minhash", {})
     _save(plot_lsh_curve(report["lsh_curve"], mh.get("num_bands", 14), mh.get("rows_per_band", 8)),
           out / "lsh_curve.png")
