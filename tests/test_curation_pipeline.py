@@ -236,6 +236,9 @@ def test_pipeline_on_the_real_sources_removes_every_kind_of_junk(tmp_path):
                  "token_noise"):
         if kind in score["recall"]:
             assert score["recall"][kind] >= 0.9, (kind, score["confusion"][kind])
+    # 0.931 here (400 documents); 0.946 on 3,000 (benchmarks/curation_real_corpus.py); 0.816 before the
+    # corpus readers extracted text (Jargon braces, Bible verses) and token KL took length into account
+    assert score["precision"] >= 0.9, score["confusion"]["prose"]
 
 
 @pytest.mark.slow
