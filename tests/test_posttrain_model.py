@@ -181,6 +181,30 @@ def test_reward_model_gradients_match_finite_differences():
         assert rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6, name
 
 
+def test_mean_pooled_reward_gradients_match_finite_differences_and_ignore_the_prompt():
+    """pooling="mean": the reward is the head's mean over the reply tokens first..last, so the gradient reaches the
+    head only through those positions; the same loss and backward as "last", with other pooling weights."""
+    from llama3np.posttrain.reward_model import SCORE, RewardModel
+
+    rm = RewardModel(tiny_model(), seed=1, pooling="mean")
+    rm.score *= 20
+    c, lc, r, lr = rm_batch()
+    fc, fr = np.array([3, 2]), np.array([2, 3])
+    f = lambda: rm.loss_and_grads(c, lc, r, lr, 0.1, fc, fr)[0]
+    _, grads, _ = rm.loss_and_grads(c, lc, r, lr, 0.1, fc, fr)
+    rng = np.random.default_rng(3)
+    for name in [SCORE, "tok_embeddings.weight", "layers.0.attention.wq.weight", "norm.weight"]:
+        idx = sample_indices(rm.params[name], 10, rng)
+        num = numerical_grad(f, rm.params[name], indices=idx)
+        assert rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6, name
+    v = rm.values(c)
+    np.testing.assert_allclose(rm.rewards(c, lc, first=fc), [v[0, 3:7].mean(), v[1, 2:5].mean()], rtol=1e-12)
+    with pytest.raises(ValueError, match="needs `first`"):
+        rm.rewards(c, lc)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        RewardModel(tiny_model(), pooling="max")
+
+
 def ppo_batch(model, seed=0):
     from llama3np.posttrain.logprobs import token_logps
 

@@ -157,3 +157,43 @@ def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path):
     b, p = llama3np.load(tmp_path / "base"), llama3np.load(tmp_path / "dpo")
     np.testing.assert_allclose(avg.params["norm.weight"], (b.params["norm.weight"] + p.params["norm.weight"]) / 2,
                                rtol=1e-6)
+
+
+def test_ppo_resumed_after_a_skipped_value_step_and_a_crash_ends_like_an_uninterrupted_run(tok, tmp_path,
+                                                                                            monkeypatch):
+    """A non-finite value gradient skips the value optimizer's step only, so the policy's and the value model's
+    step counts differ; a resumed run must restore both (AdamW's bias correction reads them), or its value
+    model drifts from the uninterrupted run's."""
+    from llama3np.posttrain import ppo as P
+    from llama3np.posttrain.reward_model import RewardModel
+    from llama3np.tokenizer import ChatFormat
+
+    fmt = ChatFormat(tok)
+    prompts = [fmt.encode_dialog_prompt([{"role": "user", "content": f"Write story {i}."}]) for i in range(4)]
+    cfg = P.PPOConfig(iterations=3, batch_size=2, mini_batch_size=2, ppo_epochs=1, max_new_tokens=4)
+    real = P.value_loss_and_grads
+
+    def run(out, nan_at=None, crash_at=None, resume=False):
+        calls = []
+
+        def value_grads(*a, **k):
+            calls.append(1)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt("killed")
+            loss, g, st = real(*a, **k)
+            return loss, ({n: x * np.nan for n, x in g.items()} if len(calls) == nan_at else g), st
+
+        monkeypatch.setattr(P, "value_loss_and_grads", value_grads)
+        policy, value = small_model(tok), RewardModel(small_model(tok, seed=2), seed=2)
+        P.train_ppo(policy, value, small_model(tok), RewardModel(small_model(tok, seed=1), seed=1), prompts,
+                    out, cfg, resume=resume, save_every=1)
+        return policy, value
+
+    whole_policy, whole_value = run(tmp_path / "whole", nan_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed", nan_at=1, crash_at=3)  # killed in iteration 3, after the checkpoint of 2
+    policy, value = run(tmp_path / "crashed", resume=True)
+    for name in whole_value.params:
+        np.testing.assert_array_equal(whole_value.params[name], value.params[name], err_msg=name)
+    for name in whole_policy.params:
+        np.testing.assert_array_equal(whole_policy.params[name], policy.params[name], err_msg=name)

@@ -89,7 +89,7 @@ def cmd_rm(a):
 
     model = load_policy(a.model)
     pairs = _pairs(_fmt(model), a.data, model.args.max_seq_len)
-    rm = RewardModel(model, seed=a.seed)
+    rm = RewardModel(model, seed=a.seed, pooling=a.pooling)
     recs = train_rm(rm, pairs, a.out, a.steps, a.batch_size, a.lr, a.seed, a.save_every, a.resume, progress=True)
     print(f"rm: {len(pairs)} pairs, {a.steps} steps, last accuracy {recs[-1]['accuracy']:.3f}; run folder {a.out}")
     return 0
@@ -206,6 +206,9 @@ def add_subcommands(subparsers):
     p.set_defaults(func=cmd_sft)
     p = subparsers.add_parser("rm", help="train a reward model on preference pairs")
     common(p, "JSONL, one {'prompt', 'chosen', 'rejected'} per line", 3e-4)
+    p.add_argument("--pooling", choices=["last", "mean"], default="last",
+                   help="the reward: the head at the reply's last token (Llama 3's) or its mean over the reply "
+                        "(default: %(default)s)")
     p.set_defaults(func=cmd_rm)
     p = subparsers.add_parser("dpo", help="direct preference optimisation")
     common(p, "JSONL, one {'prompt', 'chosen', 'rejected'} per line", 1e-4)

@@ -25,25 +25,32 @@ from .dpo import pairs_reference_logps, preference_accuracy, train_dpo
 from .logprobs import clone_model, token_logps
 from .ppo import PPOConfig, rollout_rows, train_ppo
 from .rejection_sampling import best_of_n_curve, sample_replies, score_replies, winners
+from .averaging import average_models
 from .reward_model import RewardModel, pair_accuracy, ranked_pairs, train_rm
 from .sft import train_sft
 
 
 @dataclass
 class DemoConfig:
-    pretrain_steps: int = 200
+    pretrain_steps: int = 400
     pretrain_batch: int = 8
     pretrain_seq_len: int = 256
     pretrain_overrides: dict = field(default_factory=dict)
+    # a fraction of the pre-training documents are series: 2-3 stories sharing features (story_task.series_document),
+    # text in which reading back pays; stories only, never an instruction
+    series_fraction: float = 0.5
     n_train: int = 1500  # training instructions
     n_eval: int = 48  # held-out instructions
     max_new_tokens: int = 150
-    sft_steps: int = 300
+    sft_steps: int = 500
     sft_batch: int = 8
-    sft_lr: float = 3e-3
-    rm_steps: int = 120
+    sft_lr: float = 1e-3
+    rm_steps: int = 150
     rm_batch: int = 8
     rm_lr: float = 3e-4
+    rm_pooling: str = "mean"
+    rm_prompts: int = 64  # training prompts whose SFT samples (rm_k each), ranked by the checker, train the RM
+    rm_k: int = 4
     n_eval_pairs: int = 100
     rs_prompts: int = 32
     rs_k: int = 16
@@ -63,7 +70,7 @@ class DemoConfig:
 FAST = DemoConfig(pretrain_steps=6, pretrain_batch=4, pretrain_seq_len=128,
                   pretrain_overrides=dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64),
                   n_train=24, n_eval=4, max_new_tokens=24, sft_steps=3, sft_batch=4, rm_steps=3, rm_batch=4,
-                  n_eval_pairs=8, rs_prompts=3, rs_k=4, rs_sft_steps=2, dpo_steps=3, dpo_batch=4, ablations=True,
+                  n_eval_pairs=8, rm_prompts=3, rm_k=2, rs_prompts=3, rs_k=4, rs_sft_steps=2, dpo_steps=3, dpo_batch=4, ablations=True,
                   ppo=PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=24))
 
 
@@ -93,6 +100,16 @@ def sft_examples(fmt, instructions, seed):
     return out
 
 
+def rank_by_score(replies, scores):
+    """One reply per distinct true score, best first (ties prefer nothing, so they are not paired)."""
+    ranked, seen = [], set()
+    for i in sorted(range(len(replies)), key=lambda i: -scores[i]):
+        if scores[i] not in seen:
+            seen.add(scores[i])
+            ranked.append(replies[i])
+    return ranked
+
+
 def preference_data(fmt, instructions, seed):
     """-> (rm_pairs, dpo_pairs): (prompt, better, worse) id triples ranked by the exact checker.
 
@@ -110,17 +127,26 @@ def preference_data(fmt, instructions, seed):
         cands = [task.write_story(tuple(rng.sample(d, k)), s1), task.write_story(tuple(rng.sample(d, k - 1)), s2)]
         if rng.random() < 0.5:
             cands.append(task.write_story(tuple(d), s1))
-        scored = sorted({c: task.score(ins.demands, c) for c in cands}.items(), key=lambda x: -x[1])
-        ranked, last = [], None
-        for text, sc in scored:
-            if sc != last:  # one reply per distinct score: ties prefer nothing
-                ranked.append(reply_ids(tok, text))
-                last = sc
+        cands = list(dict.fromkeys(cands))
+        ranked = rank_by_score([reply_ids(tok, c) for c in cands], [task.score(ins.demands, c) for c in cands])
         if len(ranked) < 2:
             continue
         prompt = chat_prompt(fmt, ins)
         rm_pairs += ranked_pairs(prompt, ranked)
         dpo_pairs.append((prompt, ranked[0], ranked[-1]))
+    return rm_pairs, dpo_pairs
+
+
+def checker_pairs(prompts, replies, true_scores):
+    """-> (rm_pairs, dpo_pairs) from the policy's own samples, ranked by the exact checker (this task's
+    annotator): Llama 3 collects its preference data each round from the current models' samples, so the RM
+    and DPO see the replies they will judge. RM: every ordered pair of distinct scores; DPO: best vs worst."""
+    rm_pairs, dpo_pairs = [], []
+    for prompt, rs, ts in zip(prompts, replies, true_scores):
+        ranked = rank_by_score(rs, list(ts))
+        if len(ranked) >= 2:
+            rm_pairs += ranked_pairs(prompt, ranked)
+            dpo_pairs.append((prompt, ranked[0], ranked[-1]))
     return rm_pairs, dpo_pairs
 
 
@@ -161,12 +187,20 @@ def eot_prob_at_end(model, pairs):
 
 
 def pretrain(out, cfg, log):
+    """The base model: the tiny preset pre-trained on stories, a `series_fraction` of the documents being series of
+    stories that share features (`story_task.pretraining_documents`; no instruction anywhere). The corpus goes to
+    `out`.txt, documents separated by <|end_of_text|> lines, and trains like any --data corpus."""
+    from ..fileio import atomic_write_bytes
     from ..training import TrainConfig, train
 
-    tc = TrainConfig(out=str(out), preset="tiny", steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch,
-                     seq_len=cfg.pretrain_seq_len,
-                     eval_every=cfg.pretrain_steps, save_every=cfg.pretrain_steps, val_stories=50,
-                     model_overrides=dict(cfg.pretrain_overrides), progress=False, seed=cfg.seed)
+    tokens = cfg.pretrain_steps * cfg.pretrain_batch * cfg.pretrain_seq_len
+    docs = task.pretraining_documents(int(tokens / 150 * 1.1) + 200, cfg.seed, cfg.series_fraction)  # ~150 tokens/story
+    corpus = Path(str(out) + ".txt")
+    atomic_write_bytes(corpus, "\n<|end_of_text|>\n".join(docs).encode())
+    tc = TrainConfig(out=str(out), preset="tiny", data=str(corpus), steps=cfg.pretrain_steps,
+                     batch_size=cfg.pretrain_batch, seq_len=cfg.pretrain_seq_len, eval_every=cfg.pretrain_steps,
+                     save_every=cfg.pretrain_steps, model_overrides=dict(cfg.pretrain_overrides), progress=False,
+                     seed=cfg.seed)
     return train(tc, log=log)
 
 
@@ -183,9 +217,12 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
             shutil.rmtree(out / name)
     say = lambda msg: (print(msg, file=stream), stream.flush())
     t0 = time.perf_counter()
+    figures = {}
     if model is None:
         say(f"pre-training a tiny story model ({cfg.pretrain_steps} steps) in {out / 'pretrain'} ...")
         base = pretrain(out / "pretrain", cfg, log=lambda m: None)
+        figures["pretrain_s"] = time.perf_counter() - t0
+        say(f"  pre-training took {figures['pretrain_s']:.0f} s")
     else:
         base = load(model)
     if base.tokenizer is None:
@@ -197,7 +234,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     n_mem = max(64, cfg.max_new_tokens + 64)
     if base.args.max_seq_len < n_mem:
         raise ValueError(f"the model's context ({base.args.max_seq_len}) is too short for prompt + reply ({n_mem})")
-    figures, table = {}, []
+    table = []
     # every stage sampled with the same seed (common random numbers): the differences between rows are
     # the models', not the draws' (with 48 prompts, two draws of one model differ by ~0.03)
     ev = lambda m, ref, s: evaluate(m, ref, fmt, eval_ins, cfg.max_new_tokens, [cfg.seed, 0])
@@ -219,12 +256,22 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     r = ev(policy, sft_model, 1)
     figures["sft_score"] = r["score"]
     row("SFT", r)
-    # reward model, from the SFT model
+    true_of = lambda inss, replies: np.array([[task.score(ins.demands, reply_text(tok, x)) for x in rs]
+                                              for ins, rs in zip(inss, replies)])
+    # preference data: the built-in pairs (grammar stories, edited > chosen > rejected) and the SFT model's own
+    # samples on other training prompts, ranked by the checker (Llama 3 collects each round's pairs this way)
     rm_pairs, dpo_pairs = preference_data(fmt, train_ins, cfg.seed + 1)
     eval_rm, eval_dpo = preference_data(fmt, task.instructions(cfg.n_eval_pairs, seed=cfg.seed * 7 + 3), cfg.seed + 2)
-    rm = RewardModel(clone_model(sft_model), seed=cfg.seed)
-    train_rm(rm, rm_pairs, out / "rm", cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, cfg.seed, save_every=cfg.rm_steps,
-             progress=progress)
+    pol_ins = train_ins[cfg.rs_prompts:cfg.rs_prompts + cfg.rm_prompts]
+    pol_prompts = [chat_prompt(fmt, ins) for ins in pol_ins]
+    pol_replies, _ = sample_replies(policy, pol_prompts, cfg.rm_k, cfg.max_new_tokens, seed=[cfg.seed, 1])
+    rm_pol, dpo_pol = checker_pairs(pol_prompts, pol_replies, true_of(pol_ins, pol_replies))
+    say(f"  preference pairs: {len(rm_pairs)} built-in + {len(rm_pol)} from {len(pol_replies) * cfg.rm_k} SFT "
+        f"samples (RM); {len(dpo_pairs)} + {len(dpo_pol)} (DPO)")
+    # reward model, from the SFT model
+    rm = RewardModel(clone_model(sft_model), seed=cfg.seed, pooling=cfg.rm_pooling)
+    train_rm(rm, rm_pairs + rm_pol, out / "rm", cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, cfg.seed,
+             save_every=cfg.rm_steps, progress=progress)
     figures["rm_accuracy"] = pair_accuracy(rm, eval_rm)
     say(f"  reward model: held-out pairwise accuracy {figures['rm_accuracy']:.3f} on {len(eval_rm)} pairs")
     # rejection sampling with the RM, then SFT on the winners
@@ -232,7 +279,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     prompts = [chat_prompt(fmt, ins) for ins in rs_ins]
     replies, _ = sample_replies(policy, prompts, cfg.rs_k, cfg.max_new_tokens, seed=cfg.seed)
     rm_scores = score_replies(rm, prompts, replies)
-    true = np.array([[task.score(ins.demands, reply_text(tok, rr)) for rr in rs] for ins, rs in zip(rs_ins, replies)])
+    true = true_of(rs_ins, replies)
     figures["rm_checker_agreement"] = _pairwise_agreement(rm_scores, true)
     curve = best_of_n_curve(rm_scores, true)
     figures["best_of_n"] = curve
@@ -247,6 +294,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     r = ev(policy, sft_model, 2)
     figures["rs_score"] = r["score"]
     row("rejection sampling", r)
+    dpo_pairs = dpo_pairs + dpo_pol + checker_pairs(prompts, replies, true)[1]
     # DPO from the RS model, its reference = itself before DPO
     ref_lp = pairs_reference_logps(policy, dpo_pairs)
     ref_eval = pairs_reference_logps(policy, eval_dpo)
@@ -267,8 +315,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     policy = dpo_models["dpo"]
     figures["dpo_accuracy"] = preference_accuracy(policy, eval_dpo, ref_eval)
     figures["ref/eot_prob"] = eot_prob_at_end(dpo_ref_model, eval_dpo)
-    say(f"  DPO: held-out preference accuracy {figures['dpo_accuracy']:.3f} (0.5 is chance; 0 at the start, where "
-        f"every margin is exactly 0)")
+    say(f"  DPO: held-out preference accuracy {figures['dpo_accuracy']:.3f} on {len(eval_dpo)} pairs (0.5 is chance; "
+        f"0 at the start, where every margin is exactly 0)")
     if cfg.ablations:
         say(f"  DPO ablations: logps/chosen at the end {figures['dpo/logps_chosen_last']:.2f} with the NLL term, "
             f"{figures['dpo_no_nll/logps_chosen_last']:.2f} without; P(<|eot_id|>) at reply ends: reference "

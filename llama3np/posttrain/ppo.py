@@ -124,7 +124,7 @@ def ppo_iteration(policy, value_model, ref_model, reward_model, prompts, cfg, op
     ref_logps = token_logps(ref_model, tokens) * mask
     old_values = shifted_values(value_model.values(tokens).astype(np.float64)) * mask
     last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # (B,) the last reply token of each row
-    scores = reward_model.rewards(tokens, last)
+    scores = reward_model.rewards(tokens, last, first=np.clip(np.argmax(mask, axis=1), 1, last))
     has_eos = np.array([len(r) > 0 and r[-1] == eot for r in replies])
     scores = np.where(has_eos, scores, scores - cfg.missing_eos_penalty)
     # 3. per-token rewards: the KL penalty everywhere, the score at the end
@@ -205,8 +205,12 @@ def train_ppo(policy, value_model, ref_model, reward_model, prompts, out, cfg: P
 
     def start_meta(meta):
         kl_ctl.value = float(meta["kl_coef"])
+        # the checkpoint's optimizer state has one step count (the policy's); a non-finite gradient skips
+        # one optimizer's step and not the other's, so the value optimizer's count rides in the metadata
+        opt_value.t = int(meta.get("value_t", opt_policy.t))
 
     records = run_steps(run, cfg.iterations, step_fn, params, BothOptimisers, policy.tokenizer, policy.args,
-                        save_every, progress, meta_fn=lambda: {"kl_coef": kl_ctl.value}, start_meta=start_meta)
+                        save_every, progress, meta_fn=lambda: {"kl_coef": kl_ctl.value, "value_t": opt_value.t},
+                        start_meta=start_meta)
     run.plot(["objective/scores", "objective/kl", "objective/true_score", "policy/clipfrac_avg", "kl_coef"])
     return records

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ..generation import sample_batch
-from .reward_model import rows
+from .reward_model import reply_first, rows
 
 
 def sample_replies(policy, prompts, k, max_new_tokens=160, temperature=1.0, top_p=1.0, seed=0, batch_size=32):
@@ -38,7 +38,7 @@ def score_replies(rm, prompts, replies, batch_size=32):
     flat_p = [prompts[p] for p in range(len(prompts)) for _ in replies[p]]
     flat_r = [r for rs in replies for r in rs]
     tokens, last = rows(flat_p, flat_r)
-    return rm.rewards(tokens, last, batch_size).reshape(len(prompts), -1)
+    return rm.rewards(tokens, last, batch_size, reply_first(flat_p)).reshape(len(prompts), -1)
 
 
 def best_of_n_curve(rm_scores, true_scores, ns=(1, 2, 4, 8, 16)):

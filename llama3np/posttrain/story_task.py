@@ -249,3 +249,41 @@ def score(demands, text):
     """The fraction of demands met, in [0, 1]: the ground-truth score of a reply."""
     met = check(demands, text)
     return sum(met) / len(met)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a pre-training corpus in which copying pays
+
+
+def demands_of(text):
+    """The demands a complete story meets, read by parsing it: ((kind, value), ...) in DEMAND_KINDS order."""
+    f, _ = parse(text)
+    out = [("name", (f["gender"], f["name"]))] if "gender" in f and "name" in f else []
+    out += [(k, f[k]) for k in ("home", "hobby") if k in f]
+    out += [(k, f[k]) for k, plot in PLOT_OF.items() if f.get("plot") == plot and k in f]
+    out += [("ending", f["ending"])] if "ending" in f else []
+    return tuple(sorted(out, key=lambda d: DEMAND_KINDS.index(d[0])))
+
+
+def series_document(seed, n_stories=(2, 3), p_keep=0.7):
+    """Two or three stories that share features, as one pre-training document (stories only, no instruction).
+
+    The first story is free; each later one keeps each of its features (the hero's name, home, hobby, the
+    plot's animal, pet, thing or outing, the ending) with probability p_keep. The grammar names everything
+    once, so a model trained on single stories never needs to look back more than a sentence; in a series,
+    the stories before tell what comes next, and reading the context pays (what an instruction needs).
+    """
+    rng = random.Random(seed)
+    first = write_story((), rng.randrange(2**31))
+    kept = demands_of(first)
+    texts = [first]
+    for _ in range(rng.choice(list(n_stories)) - 1):
+        texts.append(write_story(tuple(d for d in kept if rng.random() < p_keep), rng.randrange(2**31)))
+    return "\n\n".join(texts)
+
+
+def pretraining_documents(n, seed, series_fraction=0.5):
+    """n documents: single stories (`stories.sample_story`) and, a `series_fraction` of them, series."""
+    rng = random.Random(seed)
+    return [series_document(rng.randrange(2**31)) if rng.random() < series_fraction
+            else S.sample_story(rng.randrange(2**31))[0] for _ in range(n)]
