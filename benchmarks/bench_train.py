@@ -5,7 +5,8 @@ torch.optim.AdamW; ours: Transformer.loss_and_grads + llama3np.AdamW on the acti
 when built). Both run interleaved in one process, best of N, at 1 and 2 threads. Also prints the model
 FLOPs utilisation (MFU): the step's matmul FLOPs (6 x params-in-matmuls x tokens + attention) divided by
 the time, against the machine's GEMM peak measured here (the best float32 matmul rate of numpy/OpenBLAS
-and of our C kernel on a large square product).
+and of our C kernel on a large square product). Beside the wall-time ratio, the ratio of the fastest CPU
+times (all threads): at 1 thread it is what a shared machine's other work disturbs least.
 
     python benchmarks/bench_train.py [--presets tiny small] [--threads 1 2] [--repeat 3] [--backends c numpy]
 """
@@ -14,6 +15,7 @@ import _env
 ENV_NOTE = _env.clean_blas_env()
 
 import argparse  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -123,14 +125,26 @@ def main():
             def on(k):  # ours() on backend k
                 return lambda: (backend.set_backend(k), ours())
 
-            times = _env.best_of_each({"torch": theirs, **{k: on(k) for k in backends}}, cli.repeat)
+            cpu = {}  # the fastest CPU time (all threads) of each: steadier than wall time on a shared machine
+
+            def cpu_timed(name, fn):
+                def run():
+                    t = time.process_time()
+                    fn()
+                    cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - t)
+                return run
+
+            fns = {"torch": theirs, **{k: on(k) for k in backends}}
+            times = _env.best_of_each({k: cpu_timed(k, f) for k, f in fns.items()}, cli.repeat)
             t_theirs, t_ours = times["torch"], {k: times[k] for k in backends}
             fl = step_flops(args, B, T)
             print(f"  {name} (batch {B}x{T}, {fl / 1e9:.1f} GFLOP/step): PyTorch {B * T / t_theirs:6.0f} tok/s "
                   f"(MFU {fl / t_theirs / 1e9 / best_peak:.0%})")
             for k in backends:
                 print(f"      llama3np[{k}] {B * T / t_ours[k]:6.0f} tok/s = {t_theirs / t_ours[k]:.2f}x PyTorch "
-                      f"(MFU {fl / t_ours[k] / 1e9 / best_peak:.0%})")
+                      f"(MFU {fl / t_ours[k] / 1e9 / best_peak:.0%}); CPU time {cpu[k]:.2f} s vs {cpu['torch']:.2f} s "
+                      f"= {cpu['torch'] / cpu[k]:.2f}x" + (" (1 thread: the figure a busy machine disturbs least)"
+                                                           if n == 1 else ""))
             print("      loss before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
             backend.set_backend(backends[0])
 

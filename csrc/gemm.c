@@ -38,9 +38,13 @@
 /* Block sizes (in floats). KC: depth of one packed block; NC: width of a packed B block (KC*NC*4
  * bytes = 384 KiB, in L2); MC: the most rows of a packed A block (528 KiB, streamed a sliver at a
  * time). Row blocks are multiples of 24 (a multiple of every MR: 4, 6, 8) so that only the last one
- * has a partial sliver. */
+ * has a partial sliver. KC and NC can be set at build time (LLAMA3NP_CFLAGS="-DKC=384") to try others. */
+#ifndef KC
 #define KC 256
+#endif
+#ifndef NC
 #define NC 384
+#endif
 #define MC 528
 #define MAX_MR 8
 #define MAX_NR 32
