@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -110,10 +112,14 @@ check("ex19", "ex20")  # exercises: the DPO loss and its gradient, GAE
 
 # %% [markdown]
 # ## 3. The whole pipeline
-# Pre-train (or load) a story model; SFT on instructions with forced stories; a reward model from the
-# SFT model (Bradley-Terry over edited > chosen > rejected); rejection sampling (best of K by the RM, then
-# SFT on the winners); DPO (beta 0.1, NLL 0.2, formatting tokens masked); PPO (value model from the RM,
-# KL penalty, GAE, clipping, adaptive KL). After each stage: the ground-truth score of sampled replies to
+# Pre-train (or load) a story model: stories only, half the documents "series" of 2-3 stories that share
+# features (the grammar names everything once, so single stories never reward reading back; an instruction
+# needs exactly that). SFT on instructions with forced stories; a reward model from the SFT model
+# (Bradley-Terry over edited > chosen > rejected, plus the SFT model's own samples ranked by the checker; its
+# reward is the head's mean over the reply, which a 4-layer model learns faster than the head at the last
+# token); rejection sampling (best of K by the RM, then SFT on the winners); DPO (beta 0.1, NLL 0.2,
+# formatting tokens masked; pairs built-in and from the policy's samples); PPO (value model from the RM, KL
+# penalty, GAE, clipping, adaptive KL). After each stage: the ground-truth score of sampled replies to
 # held-out instructions, and the KL from the SFT model.
 
 # %%

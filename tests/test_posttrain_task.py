@@ -82,3 +82,43 @@ def test_reply_rows_mask_the_eot_for_dpo(fmt):
     assert not mask[0, :len(pair.prompt)].any()
     _, with_eot = reply_rows([pair.prompt], [pair.chosen], mask_eot=False)
     assert with_eot[0].sum() == len(pair.chosen)
+
+
+def split_series(doc):
+    parts = doc.split("\n\nOnce upon a time")
+    return [parts[0]] + ["Once upon a time" + p for p in parts[1:]]
+
+
+def test_series_documents_are_grammar_stories_that_share_the_first_storys_features():
+    """A series is 2-3 complete stories of the grammar; the second keeps each feature of the first (as the
+    checker reads it) with probability 0.7, so the stories before tell what comes next."""
+    kept = []
+    for seed in range(40):
+        texts = split_series(T.series_document(seed))
+        assert 2 <= len(texts) <= 3
+        assert all(T.parse(t)[1] for t in texts), texts  # each a whole story of the grammar
+        first, second = T.demands_of(texts[0]), set(T.demands_of(texts[1]))
+        assert {k for k, _ in first} >= {"name", "home", "hobby", "ending"}
+        kept += [d in second for d in first]
+    assert 0.6 < sum(kept) / len(kept) < 1.0  # 0.7, plus features a free choice repeats by chance
+
+
+def test_demands_of_reads_back_what_was_forced():
+    for i, ins in enumerate(T.instructions(20, seed=5)):
+        assert set(ins.demands) <= set(T.demands_of(T.write_story(ins.demands, seed=i)))
+
+
+def test_instructions_restricted_to_some_kinds_and_the_default_unchanged():
+    assert T.instructions(5, seed=2) == T.instructions(5, seed=2, kinds=None)
+    for ins in T.instructions(30, seed=2, kinds=("home", "hobby", "ending")):
+        assert {k for k, _ in ins.demands} <= {"home", "hobby", "ending"} and len(ins.demands) >= 2
+    with pytest.raises(ValueError, match="subset of"):
+        T.instructions(1, seed=0, kinds=("home", "colour"))
+
+
+def test_checker_pairs_rank_the_policys_replies_and_never_pair_ties():
+    from llama3np.posttrain.demo import checker_pairs
+
+    rm_pairs, dpo_pairs = checker_pairs([[1], [2]], [[[10], [11], [12]], [[20], [21]]], [[0.5, 1.0, 0.5], [0.5, 0.5]])
+    assert rm_pairs == [([1], [11], [10])]  # 1.0 > 0.5 (the first reply of score 0.5); the tied prompt gives none
+    assert dpo_pairs == [([1], [11], [10])]

@@ -183,9 +183,19 @@ def cmd_average(a):
 
 
 def cmd_demo(a):
-    from .demo import run_demo
+    import copy
 
-    run_demo(a.out, model=a.model, fast=a.fast, progress=not a.fast)
+    from . import story_task
+    from .demo import FAST, DemoConfig, run_demo
+
+    cfg = copy.deepcopy(FAST) if a.fast else DemoConfig()
+    if a.demand_kinds:
+        kinds = tuple(k.strip() for k in a.demand_kinds.split(","))
+        bad = [k for k in kinds if k not in story_task.DEMAND_KINDS]
+        if bad:
+            raise ValueError(f"--demand-kinds: unknown kind(s) {bad}; expected some of {story_task.DEMAND_KINDS}")
+        cfg.demand_kinds = kinds
+    run_demo(a.out, model=a.model, cfg=cfg, progress=not a.fast)
     return 0
 
 
@@ -260,8 +270,12 @@ def add_subcommands(subparsers):
     sub = p.add_subparsers(dest="posttrain_command", required=True)
     d = sub.add_parser("demo", help="SFT -> RM -> RS -> DPO -> PPO on a tiny story model, with the ground truth")
     d.add_argument("--out", default="runs/posttrain", help="the folder of the stages' runs (default: %(default)s)")
-    d.add_argument("--model", help="a pre-trained story model (default: pre-train one first, ~3 min)")
+    d.add_argument("--model", help="a pre-trained story model (default: pre-train one first, 400 steps on stories "
+                                   "and series of stories, ~5-7 min on 2 cores)")
     d.add_argument("--fast", action="store_true", help="a tiny run of a minute (for tests)")
+    d.add_argument("--demand-kinds", help="comma-separated demand kinds the instructions draw from, e.g. "
+                                          "home,hobby,ending (default: all of name, home, hobby, animal, pet, "
+                                          "thing, outing, ending)")
     d.set_defaults(func=cmd_demo)
 
 

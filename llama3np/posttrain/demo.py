@@ -39,6 +39,7 @@ class DemoConfig:
     # a fraction of the pre-training documents are series: 2-3 stories sharing features (story_task.series_document),
     # text in which reading back pays; stories only, never an instruction
     series_fraction: float = 0.5
+    demand_kinds: tuple = None  # None: every kind of story_task.DEMAND_KINDS; else only these
     n_train: int = 1500  # training instructions
     n_eval: int = 48  # held-out instructions
     max_new_tokens: int = 150
@@ -155,18 +156,25 @@ def checker_pairs(prompts, replies, true_scores):
 
 
 def evaluate(model, sft_model, fmt, instructions, max_new_tokens, seed):
-    """-> dict(score, kl, greedy, eos, samples): one sampled reply (temperature 1) per instruction, its
-    ground-truth score and KL from the SFT model; `greedy` is the score of the greedy replies."""
+    """-> dict(score, kl, greedy, by_kind, eos, samples): one sampled reply (temperature 1) per instruction, its
+    ground-truth score and KL from the SFT model; `greedy` is the score of the greedy replies; `by_kind` the
+    fraction of demands of each kind met (name, home, ...)."""
     prompts = [chat_prompt(fmt, ins) for ins in instructions]
     replies, _ = sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, seed=seed)
     tok = fmt.tokenizer
-    scores = [task.score(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, replies)]
+    met = [task.check(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, replies)]
+    scores = [sum(m) / len(m) for m in met]
+    kinds = {}
+    for ins, m in zip(instructions, met):
+        for (kind, _), ok in zip(ins.demands, m):
+            kinds.setdefault(kind, []).append(ok)
     tokens, mask = rollout_rows(prompts, replies)
     kl = ((token_logps(model, tokens) - token_logps(sft_model, tokens)) * mask).sum(1) if sft_model is not None \
         else np.full(len(prompts), np.nan)  # before SFT there is no SFT model to compare with
     greedy, _ = sample_batch(model, prompts, max_new_tokens, temperature=0.0, seed=seed)
     greedy_score = float(np.mean([task.score(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, greedy)]))
     return {"score": float(np.mean(scores)), "kl": float(np.mean(kl)), "greedy": greedy_score,
+            "by_kind": {k: float(np.mean(v)) for k, v in sorted(kinds.items(), key=lambda kv: task.DEMAND_KINDS.index(kv[0]))},
             "eos": float(np.mean([len(r) > 0 and r[-1] == tok.eot_id for r in replies])),
             "samples": [(ins.text, reply_text(tok, r), s) for ins, r, s in zip(instructions[:2], replies, scores)]}
 
@@ -229,8 +237,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
         raise ValueError(f"{model}: the model has no tokenizer")
     tok = base.tokenizer
     fmt = ChatFormat(tok)
-    train_ins = task.instructions(cfg.n_train, seed=cfg.seed * 7 + 1)
-    eval_ins = task.instructions(cfg.n_eval, seed=cfg.seed * 7 + 2)
+    train_ins = task.instructions(cfg.n_train, seed=cfg.seed * 7 + 1, kinds=cfg.demand_kinds)
+    eval_ins = task.instructions(cfg.n_eval, seed=cfg.seed * 7 + 2, kinds=cfg.demand_kinds)
     n_mem = max(64, cfg.max_new_tokens + 64)
     if base.args.max_seq_len < n_mem:
         raise ValueError(f"the model's context ({base.args.max_seq_len}) is too short for prompt + reply ({n_mem})")
@@ -244,6 +252,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
         say(f"  {stage:22s} score {r['score']:.3f} (greedy {r['greedy']:.3f})  KL from SFT {r['kl']:7.2f}  "
             f"ends with <|eot_id|> {r['eos']:.2f}"
             f"  ({time.perf_counter() - t0:.0f} s)")
+        say("    demands met by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in r["by_kind"].items()))
+        figures.setdefault("by_kind", {})[stage] = r["by_kind"]
         text, reply, sc = r["samples"][0]
         say(f"    sample: [{text}] -> {reply[:160]!r}... score {sc:.2f}")
 
@@ -261,7 +271,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     # preference data: the built-in pairs (grammar stories, edited > chosen > rejected) and the SFT model's own
     # samples on other training prompts, ranked by the checker (Llama 3 collects each round's pairs this way)
     rm_pairs, dpo_pairs = preference_data(fmt, train_ins, cfg.seed + 1)
-    eval_rm, eval_dpo = preference_data(fmt, task.instructions(cfg.n_eval_pairs, seed=cfg.seed * 7 + 3), cfg.seed + 2)
+    eval_pair_ins = task.instructions(cfg.n_eval_pairs, seed=cfg.seed * 7 + 3, kinds=cfg.demand_kinds)
+    eval_rm, eval_dpo = preference_data(fmt, eval_pair_ins, cfg.seed + 2)
     pol_ins = train_ins[cfg.rs_prompts:cfg.rs_prompts + cfg.rm_prompts]
     pol_prompts = [chat_prompt(fmt, ins) for ins in pol_ins]
     pol_replies, _ = sample_replies(policy, pol_prompts, cfg.rm_k, cfg.max_new_tokens, seed=[cfg.seed, 1])
@@ -322,6 +333,12 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
             f"{figures['dpo_no_nll/logps_chosen_last']:.2f} without; P(<|eot_id|>) at reply ends: reference "
             f"{figures['ref/eot_prob']:.3f}, formatting masked {figures['dpo/eot_prob']:.3f}, <|eot_id|> in the "
             f"mask {figures['dpo_eot_in_mask/eot_prob']:.3f}")
+    if cfg.ablations:  # model averaging (Llama 3, 4.1.5): two DPO runs from one start, differing in nll_coef
+        avg = average_models([dpo_models["dpo"], dpo_models["dpo_no_nll"]])
+        figures["dpo_avg_accuracy"] = preference_accuracy(avg, eval_dpo, ref_eval)
+        figures["dpo_avg_score"] = ev(avg, sft_model, 3)["score"]
+        say(f"  DPO model average (NLL 0.2 and 0 runs, weights 1/2): held-out preference accuracy "
+            f"{figures['dpo_avg_accuracy']:.3f}, score {figures['dpo_avg_score']:.3f}")
     r = ev(policy, sft_model, 3)
     figures["dpo_score"] = r["score"]
     row("DPO", r)

@@ -119,11 +119,19 @@ class Instruction:
     demands: tuple  # ((kind, value), ...)
 
 
-def make_instruction(rng, n_demands=None):
-    """A random instruction with 2 or 3 demands (at most one about the plot: a story has one plot)."""
+def make_instruction(rng, n_demands=None, kinds=None):
+    """A random instruction with 2 or 3 demands (at most one about the plot: a story has one plot).
+
+    kinds: draw only demands of these kinds (e.g. ("home", "hobby", "ending")); None: all of DEMAND_KINDS."""
+    if kinds is not None and (not kinds or set(kinds) - set(DEMAND_KINDS)):
+        raise ValueError(f"kinds must be a non-empty subset of {DEMAND_KINDS}, got {kinds}")
     n = n_demands or rng.choice([2, 3])
     plot_kind = rng.choice(["animal", "pet", "thing", "outing"])
-    kinds = rng.sample(["name", "home", "hobby", "ending", plot_kind], n)
+    pool = ["name", "home", "hobby", "ending", plot_kind]
+    if kinds is not None:
+        pool = [k for k in pool if k in kinds] or [next(k for k in kinds if k in PLOT_OF)]
+        n = min(n, len(pool))
+    kinds = rng.sample(pool, n)
     demands = []
     for kind in sorted(kinds, key=DEMAND_KINDS.index):
         if kind == "name":
@@ -138,9 +146,9 @@ def make_instruction(rng, n_demands=None):
     return Instruction(text, tuple(demands))
 
 
-def instructions(n, seed):
+def instructions(n, seed, kinds=None):
     rng = random.Random(seed)
-    return [make_instruction(rng) for _ in range(n)]
+    return [make_instruction(rng, kinds=kinds) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------
