@@ -1,9 +1,10 @@
 """Which code runs the hot loops: the C kernels (llama3np.kernels) or plain NumPy.
 
-The model never calls the C kernels directly: it calls `backend.linear_*` and `backend.attention_*`,
-which route float32 work to C when the "c" backend is active and everything else (float64 gradient
-checks, the "numpy" backend, layouts the kernels do not take) to NumPy and the reference in
-`llama3np.ops`. The dependency runs one way: backend -> ops and kernels; ops imports nothing back.
+The model never calls the C kernels directly: it calls `backend.linear_*`, `backend.attention_*` and
+the elementwise ops (`backend.rmsnorm_*`, `swiglu_*`, `rope_*`, `cross_entropy_*`; optim.AdamW asks
+`get_backend()` for its update), which route float32 work to C when the "c" backend is active and
+everything else (float64 gradient checks, the "numpy" backend, layouts the kernels do not take) to
+NumPy and the reference in `llama3np.ops`. The dependency runs one way: backend -> ops and kernels; ops imports nothing back.
 
 The default is "c" when the extension is built, else "numpy" (with one warning, at the first routed
 call); LLAMA3NP_BACKEND=numpy|c overrides it. A value it cannot honour (LLAMA3NP_BACKEND=gpu, or "c"
@@ -84,14 +85,17 @@ def linear_backward_weight(dout, cache):
 
 
 def routes() -> dict:
-    """{"matmul": ..., "attention": ...}: where float32 work goes now, in words (`llama3np doctor`)."""
+    """{"matmul": ..., "attention": ..., "elementwise": ...}: where float32 work goes now, in words
+    (`llama3np doctor`)."""
     if _backend != "c":
         why = "the numpy backend" if kernels.available() else "C kernels not available"
-        return {"matmul": f"NumPy's BLAS ({why})", "attention": f"NumPy reference ({why})"}
+        return {"matmul": f"NumPy's BLAS ({why})", "attention": f"NumPy reference ({why})",
+                "elementwise": f"NumPy reference ({why})"}
     isa = kernels.isa()
     matmul_route = (f"C, {isa} micro-kernel" if kernels.tuned_matmul() else
                     "NumPy's BLAS (no tuned micro-kernel for this CPU; the portable one is slower)")
-    return {"matmul": matmul_route, "attention": f"fused C kernel ({isa} micro-kernel)"}
+    return {"matmul": matmul_route, "attention": f"fused C kernel ({isa} micro-kernel)",
+            "elementwise": f"fused C kernels, threaded ({isa}): RMSNorm, SwiGLU, RoPE, cross-entropy, AdamW"}
 
 
 def attention_forward(q, k, v, causal=True, kv_start=None):
