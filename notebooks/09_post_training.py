@@ -116,8 +116,7 @@ check("ex19", "ex20")  # exercises: the DPO loss and its gradient, GAE
 # features (the grammar names everything once, so single stories never reward reading back; an instruction
 # needs exactly that). SFT on instructions with forced stories; a reward model from the SFT model
 # (Bradley-Terry over edited > chosen > rejected, plus the SFT model's own samples ranked by the checker; its
-# reward is the head's mean over the reply, which a 4-layer model learns faster than the head at the last
-# token); rejection sampling (best of K by the RM, then SFT on the winners); DPO (beta 0.1, NLL 0.2,
+# reward is the head's mean over the reply's tokens, where a demand met or missed shows); rejection sampling (best of K by the RM, then SFT on the winners); DPO (beta 0.1, NLL 0.2,
 # formatting tokens masked; pairs built-in and from the policy's samples); PPO (value model from the RM, KL
 # penalty, GAE, clipping, adaptive KL). After each stage: the ground-truth score of sampled replies to
 # held-out instructions, and the KL from the SFT model.

@@ -7,9 +7,8 @@ pairs with the Bradley-Terry loss (Llama 3, section 4.1.2; Ouyang et al. 2022).
     loss   = mean -log sigmoid(r_chosen - r_rejected)
 
 pooling="last" is Llama 3's (and TRL's) reading. pooling="mean" reads the mean of the values over the reply's
-tokens, first[b]..last[b]: a small model learns it much faster, because a demand met or missed shows at the
-tokens that write it, and the final <|eot_id|> (after " The end." in every story) would have to gather
-all of that through attention first. Both are the same loss: reward = sum_t w[b, t] values[b, t] with
+tokens, first[b]..last[b]: a demand met or missed shows at the tokens that write it, while the final
+<|eot_id|> (after " The end." in every story) would have to gather all of that through attention first. Both are the same loss: reward = sum_t w[b, t] values[b, t] with
 pooling weights w (one-hot at `last`, or uniform over the reply).
 
 The backward runs the other way: d loss/d reward -> d values (one nonzero per row) -> score_head_backward
