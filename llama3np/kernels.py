@@ -6,6 +6,11 @@
 
 kv_start (B, T) ints: document masks / left padding, as ops.attention_forward (FlashAttention-style
 tiles before a query block's first visible key are skipped, so packed rows cost less).
+
+    kernels.rmsnorm_forward / rmsnorm_backward, swiglu_forward / swiglu_backward, rope_forward,
+    cross_entropy_rows / cross_entropy_backward, adamw_update
+                                                       the elementwise work of a training step, fused and
+                                                       threaded (csrc/elementwise.c; see their section)
 Micro-kernels: AVX-512, AVX2+FMA (x86-64, chosen at run time), NEON (arm64) and portable C; the
 softmax rows of the attention have their own AVX-512 / AVX2 code. `tuned_matmul()` is False on the
 portable one, and llama3np.backend then sends matrix products to NumPy's BLAS.
