@@ -122,3 +122,20 @@ def test_checker_pairs_rank_the_policys_replies_and_never_pair_ties():
     rm_pairs, dpo_pairs = checker_pairs([[1], [2]], [[[10], [11], [12]], [[20], [21]]], [[0.5, 1.0, 0.5], [0.5, 0.5]])
     assert rm_pairs == [([1], [11], [10])]  # 1.0 > 0.5 (the first reply of score 0.5); the tied prompt gives none
     assert dpo_pairs == [([1], [11], [10])]
+
+
+def test_minimal_pairs_share_every_decision_but_the_demands(fmt):
+    """The RM's minimal edits: one seed per instruction, all demands forced > one dropped > none; the better
+    reply always meets more demands, and the two texts share the hero's adjective and family (free decisions)."""
+    from llama3np.posttrain.demo import minimal_pairs
+
+    ins = T.instructions(6, seed=4)
+    pairs = minimal_pairs(fmt, ins, seed=0)
+    assert pairs
+    by_prompt = {tuple(fmt.encode_dialog_prompt([{"role": "user", "content": i.text}])): i for i in ins}
+    for prompt, better, worse in pairs:
+        demands = by_prompt[tuple(prompt)].demands
+        b, w = (fmt.tokenizer.decode(r[:-1]) for r in (better, worse))
+        assert T.score(demands, b) > T.score(demands, w)
+        fb, fw = T.parse(b)[0], T.parse(w)[0]
+        assert fb["adjective"] == fw["adjective"] and fb["family"] == fw["family"]
