@@ -147,7 +147,8 @@ def minimal_pairs(fmt, instructions, seed):
     for ins in instructions:
         d, s = list(ins.demands), rng.randrange(10**9)
         texts = list(dict.fromkeys(task.write_story(tuple(f), s) for f in (d, rng.sample(d, len(d) - 1), ())))
-        ranked = rank_by_score([reply_ids(fmt.tokenizer, t) for t in texts], [task.score(ins.demands, t) for t in texts])
+        ranked = rank_by_score([reply_ids(fmt.tokenizer, t) for t in texts],
+                               [task.score(ins.demands, t) for t in texts])
         if len(ranked) >= 2:
             pairs += ranked_pairs(chat_prompt(fmt, ins), ranked)
     return pairs
@@ -189,7 +190,7 @@ def evaluate(model, sft_model, fmt, instructions, max_new_tokens, seed):
     greedy, _ = sample_batch(model, prompts, max_new_tokens, temperature=0.0, seed=seed)
     greedy_score = float(np.mean([task.score(ins.demands, reply_text(tok, r)) for ins, r in zip(instructions, greedy)]))
     return {"score": float(np.mean(scores)), "kl": float(np.mean(kl)), "greedy": greedy_score,
-            "by_kind": {k: float(np.mean(v)) for k, v in sorted(kinds.items(), key=lambda kv: task.DEMAND_KINDS.index(kv[0]))},
+            "by_kind": {k: float(np.mean(kinds[k])) for k in task.DEMAND_KINDS if k in kinds},
             "eos": float(np.mean([len(r) > 0 and r[-1] == tok.eot_id for r in replies])),
             "samples": [(ins.text, reply_text(tok, r), s) for ins, r, s in zip(instructions[:2], replies, scores)]}
 

@@ -77,7 +77,8 @@ class RewardModel:
         out = []
         for i in range(0, len(tokens), batch_size):
             v = self.values(tokens[i:i + batch_size])
-            w = self.pool_weights(v.shape[1], last[i:i + batch_size], None if first is None else first[i:i + batch_size])
+            f = None if first is None else first[i:i + batch_size]
+            w = self.pool_weights(v.shape[1], last[i:i + batch_size], f)
             out.append((v * w).sum(1))
         return np.concatenate(out).astype(np.float64)
 
