@@ -42,6 +42,8 @@
 #include <immintrin.h>
 #endif
 
+#include "exp_neg.h"
+
 #define BR 64 /* query rows per tile */
 #define BC 64 /* keys per tile, and the leading dimension of every score tile */
 #if BC != GEMM_TILE_LD
@@ -50,33 +52,11 @@
 #define TILE_ROWS (BR + 8) /* gemm_rowmajor_a may read up to 7 rows past the last one (zeros) */
 
 /* ---------------------------------------------------------------------------------------------- */
-/* exp of a row of scores, written so the compiler vectorizes it (libm's expf is one call per value).
- * Cephes' expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n built in the
- * exponent bits. Relative error ~1e-7. Inputs are <= ~0 here (scores minus their max or their lse);
- * NaN stays NaN. */
+/* exp of a row of scores (exp_neg.h), a loop the compiler vectorizes. Inputs are <= ~0 here (scores
+ * minus their max or their lse). */
 VECTOR_CLONES
 static void exp_inplace(float *x, int n) {
-    for (int i = 0; i < n; i++) {
-        float v = x[i] < -87.0f ? -87.0f : x[i]; /* exp(-87) ~ 1.6e-38: still a normal float */
-        /* n = round(v / ln2): adding 1.5 * 2^23 pushes the fraction bits out, leaving n in the low
-         * bits of t's mantissa (bit arithmetic, so no float-to-int conversion of a NaN) */
-        float t = v * 1.44269504088896341f + 12582912.0f;
-        float nf = t - 12582912.0f;
-        float r = v - nf * 0.693359375f + nf * 2.12194440e-4f; /* ln2 in two parts: r keeps its low bits */
-        float y = 1.9875691500e-4f;
-        y = y * r + 1.3981999507e-3f;
-        y = y * r + 8.3334519073e-3f;
-        y = y * r + 4.1665795894e-2f;
-        y = y * r + 1.6666665459e-1f;
-        y = y * r + 5.0000001201e-1f;
-        y = y * r * r + r + 1.0f;
-        uint32_t tbits, two_n_bits;
-        memcpy(&tbits, &t, 4);
-        two_n_bits = (tbits - 0x4B400000u + 127u) << 23; /* 0x4B400000 = the bits of 1.5 * 2^23 */
-        float two_n;
-        memcpy(&two_n, &two_n_bits, 4);
-        x[i] = y * two_n;
-    }
+    for (int i = 0; i < n; i++) x[i] = exp_neg(x[i]);
 }
 
 /* scale a row and return its max (lanes of 16 so the compiler can vectorize the reduction) */

@@ -26,6 +26,7 @@
 #include "gemm.h"
 #include "llama3np_kernels.h"
 #include "parallel.h"
+#include "exp_neg.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(LLAMA3NP_NO_SIMD)
 #define EW_X86 1

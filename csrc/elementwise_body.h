@@ -14,28 +14,9 @@
 #endif
 #define EW_NAME(name) EW_CAT(name, EW_SUFFIX)
 
-/* exp(x) for x <= 0 (Cephes' expf, as attention.c): x = n ln2 + r, exp(r) by a degree-6 polynomial,
- * 2^n built in the exponent bits; relative error ~1e-7. x < -87 is read as -87 (exp ~1.6e-38, still a
- * normal float); NaN stays NaN. Inline, so the loops that call it vectorize. */
-EW_TARGET static inline float EW_NAME(exp_neg_)(float x) {
-    float v = x < -87.0f ? -87.0f : x;
-    float t = v * 1.44269504088896341f + 12582912.0f; /* n = round(v / ln2) in t's low mantissa bits */
-    float nf = t - 12582912.0f;
-    float r = v - nf * 0.693359375f + nf * 2.12194440e-4f; /* ln2 in two parts: r keeps its low bits */
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    uint32_t tbits, two_n_bits;
-    memcpy(&tbits, &t, 4);
-    two_n_bits = (tbits - 0x4B400000u + 127u) << 23; /* 0x4B400000 = the bits of 1.5 * 2^23 */
-    float two_n;
-    memcpy(&two_n, &two_n_bits, 4);
-    return y * two_n;
-}
+/* exp(x) for x <= 0: exp_neg.h's (the one attention.c uses), compiled here with this ISA's target so the
+ * loops that call it vectorize. */
+EW_TARGET static inline float EW_NAME(exp_neg_)(float x) { return exp_neg(x); }
 
 /* sum of x[c] * y[c] over a row, in 16 lanes added in a fixed order */
 EW_TARGET static float EW_NAME(row_dot_)(const float *x, const float *y, long n) {
