@@ -21,11 +21,11 @@ import numpy as np
 from ..generation import sample_batch
 from ..tokenizer import ChatFormat
 from . import story_task as task
+from .averaging import average_models
 from .dpo import pairs_reference_logps, preference_accuracy, train_dpo
 from .logprobs import clone_model, token_logps
 from .ppo import PPOConfig, rollout_rows, train_ppo
 from .rejection_sampling import best_of_n_curve, sample_replies, score_replies, winners
-from .averaging import average_models
 from .reward_model import RewardModel, pair_accuracy, ranked_pairs, train_rm
 from .sft import train_sft
 
@@ -261,7 +261,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     table = []
     # every stage sampled with the same seed (common random numbers): the differences between rows are
     # the models', not the draws' (with 48 prompts, two draws of one model differ by ~0.03)
-    ev = lambda m, ref, s: evaluate(m, ref, fmt, eval_ins, cfg.max_new_tokens, [cfg.seed, 0])
+    ev = lambda m, ref: evaluate(m, ref, fmt, eval_ins, cfg.max_new_tokens, [cfg.seed, 0])
 
     def row(stage, r):
         table.append((stage, r["score"], r["kl"], r["eos"], r["greedy"]))
@@ -273,13 +273,13 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
         text, reply, sc = r["samples"][0]
         say(f"    sample: [{text}] -> {reply[:160]!r}... score {sc:.2f}")
 
-    row("pre-trained", ev(base, None, 0))
+    row("pre-trained", ev(base, None))
     # SFT
     policy = clone_model(base)
     train_sft(policy, sft_examples(fmt, train_ins, cfg.seed), out / "sft", cfg.sft_steps, cfg.sft_batch, cfg.sft_lr,
               cfg.seed, save_every=cfg.sft_steps, progress=progress)
     sft_model = clone_model(policy)
-    r = ev(policy, sft_model, 1)
+    r = ev(policy, sft_model)
     figures["sft_score"] = r["score"]
     row("SFT", r)
     true_of = lambda inss, replies: np.array([[task.score(ins.demands, reply_text(tok, x)) for x in rs]
@@ -320,7 +320,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     if won:
         train_sft(policy, won, out / "rs", cfg.rs_sft_steps, cfg.sft_batch, cfg.sft_lr / 3, cfg.seed,
                   save_every=cfg.rs_sft_steps, progress=progress)
-    r = ev(policy, sft_model, 2)
+    r = ev(policy, sft_model)
     figures["rs_score"] = r["score"]
     row("rejection sampling", r)
     dpo_pairs = dpo_pairs + dpo_pol + checker_pairs(prompts, replies, true)[1]
@@ -351,13 +351,13 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
             f"{figures['dpo_no_nll/logps_chosen_last']:.2f} without; P(<|eot_id|>) at reply ends: reference "
             f"{figures['ref/eot_prob']:.3f}, formatting masked {figures['dpo/eot_prob']:.3f}, <|eot_id|> in the "
             f"mask {figures['dpo_eot_in_mask/eot_prob']:.3f}")
-    if cfg.ablations:  # model averaging (Llama 3, 4.1.5): two DPO runs from one start, differing in nll_coef
+        # model averaging (Llama 3, 4.1.5): two DPO runs from one start, differing in nll_coef
         avg = average_models([dpo_models["dpo"], dpo_models["dpo_no_nll"]])
         figures["dpo_avg_accuracy"] = preference_accuracy(avg, eval_dpo, ref_eval)
-        figures["dpo_avg_score"] = ev(avg, sft_model, 3)["score"]
+        figures["dpo_avg_score"] = ev(avg, sft_model)["score"]
         say(f"  DPO model average (NLL 0.2 and 0 runs, weights 1/2): held-out preference accuracy "
             f"{figures['dpo_avg_accuracy']:.3f}, score {figures['dpo_avg_score']:.3f}")
-    r = ev(policy, sft_model, 3)
+    r = ev(policy, sft_model)
     figures["dpo_score"] = r["score"]
     row("DPO", r)
     # PPO from the DPO model: value model from the RM, KL penalty to the DPO model
@@ -369,7 +369,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
                      save_every=max(1, cfg.ppo.iterations), true_score_fn=true_fn)
     figures["ppo_log"] = [{k: rec.get(k) for k in ("step", "objective/true_score", "objective/kl", "objective/scores",
                                                      "policy/clipfrac_avg", "kl_coef")} for rec in recs]
-    r = ev(policy, sft_model, 4)
+    r = ev(policy, sft_model)
     figures["ppo_score"] = r["score"]
     row("PPO", r)
     figures["table"] = table
