@@ -234,6 +234,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
 
     stream = stream or sys.stdout
     cfg = cfg or (copy.deepcopy(FAST) if fast else DemoConfig())
+    task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in STAGE_FOLDERS:  # a demo run replaces the previous one in `out` (only its own folders)

@@ -119,12 +119,18 @@ class Instruction:
     demands: tuple  # ((kind, value), ...)
 
 
+def check_kinds(kinds):
+    """kinds: None (all of DEMAND_KINDS) or a non-empty subset of DEMAND_KINDS; anything else is a ValueError."""
+    if kinds is not None and (not kinds or set(kinds) - set(DEMAND_KINDS)):
+        raise ValueError(f"demand kinds must be a non-empty subset of {DEMAND_KINDS}, got {kinds}")
+    return kinds
+
+
 def make_instruction(rng, n_demands=None, kinds=None):
     """A random instruction with 2 or 3 demands (at most one about the plot: a story has one plot).
 
     kinds: draw only demands of these kinds (e.g. ("home", "hobby", "ending")); None: all of DEMAND_KINDS."""
-    if kinds is not None and (not kinds or set(kinds) - set(DEMAND_KINDS)):
-        raise ValueError(f"kinds must be a non-empty subset of {DEMAND_KINDS}, got {kinds}")
+    check_kinds(kinds)
     n = n_demands or rng.choice([2, 3])
     plot_kind = rng.choice(["animal", "pet", "thing", "outing"])
     pool = ["name", "home", "hobby", "ending", plot_kind]
