@@ -259,16 +259,22 @@ class TextStream:
         self.work, self.n_shards = work, n_shards
         self.buckets = []  # (first, last global index, path) of line dedup's rewritten texts, in order
 
-    def __iter__(self):
-        """(global index, text) for every document, in input order."""
+    def documents(self):
+        """(global index, Document with its current text) for every document, in input order."""
         g, b, changed, last = 0, 0, {}, -1
         for k in range(self.n_shards):
             for d in read_jsonl(self.work / "raw" / f"shard_{k:05d}.jsonl"):
                 if g > last and b < len(self.buckets) and g >= self.buckets[b][0]:
                     changed = {int(i): t for i, t in json.loads(self.buckets[b][2].read_text()).items()}
                     last, b = self.buckets[b][1], b + 1
-                yield g, changed.get(g, d.text)
+                d.text = changed.get(g, d.text)
+                yield g, d
                 g += 1
+
+    def __iter__(self):
+        """(global index, text) for every document, in input order."""
+        for g, d in self.documents():
+            yield g, d.text
 
     def chunks(self, alive, size):
         """Lists of (global index, text) of up to `size` alive documents, in input order."""
@@ -316,7 +322,7 @@ def stage_token_kl(stream, alive, p, chunk_size):
             counts += token_kl.corpus_counts(ids, vocab)
             curve_ids += ids[:token_kl.CURVE_DOCS - len(curve_ids)]
     curve = token_kl.clean_curve(curve_ids, counts) if p["length_aware"] else None
-    q = (counts + 1.0) / (counts.sum() + len(counts) + 1.0)
+    q = token_kl.smoothed_q(counts)
     gs, scores = [], []
     for chunk in stream.chunks(alive, chunk_size):
         ids = token_kl.token_ids([t for _, t in chunk], tok)
@@ -528,7 +534,6 @@ def step_write(work, out, n_shards, cfg, decisions):
     codes, removed = decisions["codes"], decisions["removed"]
     stream = TextStream(work, n_shards)
     stream.buckets = [(a, b, work / "lines" / name) for a, b, name in decisions["line_buckets"]]
-    texts = iter(stream)
     counts, buffers = {"kept": 0, "removed": 0}, {"kept": [], "removed": []}
     dup_of = decisions["duplicate_of"]
     roots, id_of = set(dup_of[dup_of >= 0].tolist()), {}  # a cluster's kept document comes first
@@ -541,26 +546,22 @@ def step_write(work, out, n_shards, cfg, decisions):
         counts[name] += len(buffers[name])
         buffers[name] = []
 
-    g = 0
-    for k in range(n_shards):
-        for d in read_jsonl(work / "raw" / f"shard_{k:05d}.jsonl"):
-            _, d.text = next(texts)
-            if g in roots:
-                id_of[g] = d.id
-            for name, v in columns:
-                if name == "duplicate_of" and v[g] >= 0:
-                    d.metadata[name] = id_of[int(v[g])]
-                elif name == "lines_removed" and v[g] > 0:
-                    d.metadata[name] = int(v[g])
-                elif name in ("token_kl", "quality_score") and not np.isnan(v[g]):
-                    d.metadata[name] = round(float(v[g]), 6)
-            name = "kept" if removed[g] == 0 else "removed"
-            if removed[g]:
-                d.metadata["removed_by"], d.metadata["reason"] = codes[removed[g]]
-            buffers[name].append(d)
-            if len(buffers[name]) == cfg.output_shard_size:
-                flush(name)
-            g += 1
+    for g, d in stream.documents():  # one read of the raw shards (with line dedup's rewritten texts)
+        if g in roots:
+            id_of[g] = d.id
+        for name, v in columns:
+            if name == "duplicate_of" and v[g] >= 0:
+                d.metadata[name] = id_of[int(v[g])]
+            elif name == "lines_removed" and v[g] > 0:
+                d.metadata[name] = int(v[g])
+            elif name in ("token_kl", "quality_score") and not np.isnan(v[g]):
+                d.metadata[name] = round(float(v[g]), 6)
+        name = "kept" if removed[g] == 0 else "removed"
+        if removed[g]:
+            d.metadata["removed_by"], d.metadata["reason"] = codes[removed[g]]
+        buffers[name].append(d)
+        if len(buffers[name]) == cfg.output_shard_size:
+            flush(name)
     for name in ("kept", "removed"):
         if buffers[name] or counts[name] == 0:  # an empty folder still gets one (empty) shard
             flush(name)

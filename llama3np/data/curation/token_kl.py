@@ -51,11 +51,16 @@ def corpus_counts(ids_per_doc, vocab_size):
     return counts
 
 
+def smoothed_q(counts):
+    """(V,) token counts -> (V,) add-one smoothed probabilities q (no token has q = 0)."""
+    return (counts + 1.0) / (counts.sum() + len(counts) + 1.0)
+
+
 def kl_scores(ids_per_doc, counts, q=None):
     """Per document KL(p_doc || q_corpus) in nats; an empty document scores 0. (q: counts smoothed,
     passed in when it is already computed.)"""
     if q is None:
-        q = (counts + 1.0) / (counts.sum() + len(counts) + 1.0)
+        q = smoothed_q(counts)
     scores = np.zeros(len(ids_per_doc))
     for i, ids in enumerate(ids_per_doc):
         if len(ids) == 0:
@@ -80,7 +85,7 @@ def clean_kl_by_length(ref_ids, counts, lengths, n_windows=64, seed=0):
     Windows stay inside one document: a window across documents mixes topics and scores lower than
     any single page (it removed 6 of 34 long Wikipedia articles)."""
     lens = np.array([len(i) for i in ref_ids])
-    q = (counts + 1.0) / (counts.sum() + len(counts) + 1.0)
+    q = smoothed_q(counts)
     rng = np.random.default_rng(seed)
     out = np.empty(len(lengths))
     for j, n in enumerate(lengths):
