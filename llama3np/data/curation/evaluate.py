@@ -60,14 +60,7 @@ def score_run(out, labels, clean_kind="prose"):
             "confusion": {k: dict(sorted(c.items())) for k, c in sorted(table.items())}}
 
 
-def format_score(score):
-    lines = [f"precision (removed that were junk): {score['precision']:.3f}"]
-    lines += [f"  stage {s:20s} precision {p:.3f}" for s, p in score["precision_by_stage"].items()]
-    lines += [f"  kind {k:16s} removed {r:.3f}  {score['confusion'][k]}" for k, r in score["recall"].items()]
-    return "\n".join(lines)
-
-
-def format_tables(score, clean_kind="prose"):
+def format_tables(score):
     """The per-kind table (documents, removed = recall, precision) and the confusion table by reason
     (rows: kinds; columns: stage/reason and kept; last row: each reason's precision) as text."""
     conf = score["confusion"]
