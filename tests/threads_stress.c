@@ -126,14 +126,14 @@ static int attention_runs(void) {
 static int elementwise_runs(void) {
     enum { R = 300, C = 256, V = 1200, RV = 150, NE = R * C };
     float *x = malloc(NE * sizeof(float)), *w = malloc(C * sizeof(float)), *logits = malloc(RV * V * sizeof(float));
-    float *ref = NULL, *res = malloc(8 * NE * sizeof(float) + 3 * RV * V * sizeof(float) + 4 * RV * sizeof(float));
+    size_t total = 8 * (size_t)NE + R + C + 3 * (size_t)RV * V + 2 * (size_t)RV;
+    float *ref = NULL, *res = malloc(total * sizeof(float));
     int64_t targets[RV];
     long xs[3] = {64 * 4 * 16, 4 * 16, 16}; /* (B=NE/4096, T=64, n=4, hd=16) */
     for (int i = 0; i < NE; i++) x[i] = sinf(0.37f * (float)i) * 3.0f;
     for (int c = 0; c < C; c++) w[c] = 1.0f + 0.01f * (float)c;
     for (int i = 0; i < RV * V; i++) logits[i] = cosf(0.11f * (float)i) * 4.0f;
     for (int r = 0; r < RV; r++) targets[r] = (r * 37) % V;
-    size_t total = 8 * (size_t)NE + 3 * (size_t)RV * V + 4 * (size_t)RV;
     int bad = 0;
     for (int n = 1; n <= 3; n++) {
         set_num_threads(n);
@@ -141,11 +141,11 @@ static int elementwise_runs(void) {
         float *y = o, *xhat = o + NE, *rstd = o + 2 * NE, *dx = rstd + R, *dw = dx + NE;
         rmsnorm_forward(x, w, 1e-5f, R, C, y, xhat, rstd);
         rmsnorm_backward(x, xhat, rstd, w, R, C, dx, dw);
-        float *sw = o + 3 * NE; /* out, sig, silu, da, db: NE each, then RoPE */
+        float *sw = dw + C; /* out, sig, silu, da, db: NE each, then RoPE (after dx and dw: all compared) */
         swiglu_forward(x, w, 1, sw, sw + 1, sw + 2); /* a lone element, then the whole array */
         swiglu_forward(x, y, NE, sw, sw + NE, sw + 2 * NE);
         swiglu_backward(y, x, y, sw + NE, sw + 2 * NE, NE, sw + 3 * NE, sw + 4 * NE);
-        float *ce = o + 8 * NE, *lse = ce + 3 * (size_t)RV * V, *nll = lse + RV;
+        float *ce = sw + 5 * NE, *lse = ce + 3 * (size_t)RV * V, *nll = lse + RV;
         rope_forward(x, xs, logits, logits + 512, NE / 4096, 64, 4, 16, ce); /* cos, sin (64, 8) */
         cross_entropy_forward(logits, targets, RV, V, lse, nll);
         cross_entropy_backward(logits, targets, lse, rstd, RV, V, ce + RV * V);
