@@ -124,7 +124,10 @@ def test_normalize_url(a, b):
 
 
 def test_first_occurrences_keep_the_first_and_ignore_empty_keys():
-    assert exact_dedup.first_occurrences(["a", "b", "a", "", "", "b"]) == [True, True, False, True, True, False]
+    assert exact_dedup.first_occurrences(["a", "b", "a", "", "", "b"]).tolist() == [True, True, False, True, True, False]
+    keys = np.array([7, 0, 7, 0, 3], dtype=np.uint64)  # hashed keys; 0 counts as a key when has_key says so
+    assert exact_dedup.first_occurrences(keys).tolist() == [True, True, False, True, True]
+    assert exact_dedup.first_occurrences(keys, np.ones(5, bool)).tolist() == [True, True, False, False, True]
 
 
 def test_line_seen_in_more_than_max_count_documents_is_removed_in_its_bucket_only():

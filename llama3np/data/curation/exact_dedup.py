@@ -7,6 +7,8 @@ trailing slash, query parameters sorted and tracking parameters (utm_*, fbclid, 
 import hashlib
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import numpy as np
+
 from .text import simplify_text
 
 TRACKING_PARAMS = ("fbclid", "gclid", "ref", "source")
@@ -35,11 +37,15 @@ def normalize_url(url):
     return urlunsplit((scheme, host, path, urlencode(query), ""))
 
 
-def first_occurrences(keys):
-    """keys (in document order; "" = no key) -> list of bools: True for the first of each key."""
-    seen, keep = set(), []
-    for k in keys:
-        keep.append(not k or k not in seen)
-        if k:
-            seen.add(k)
+def first_occurrences(keys, has_key=None):
+    """(N,) keys in document order, (N,) bool has_key -> (N,) bool: True for the first document of each key
+    and for those without one. has_key defaults to "the key is not empty" ("" or 0)."""
+    keys = np.asarray(keys)
+    if has_key is None:
+        has_key = keys != keys.dtype.type()
+    keep = np.ones(len(keys), dtype=bool)
+    idx = np.flatnonzero(has_key)
+    _, first = np.unique(keys[idx], return_index=True)  # index of each key's first occurrence
+    keep[idx] = False
+    keep[idx[first]] = True
     return keep

@@ -396,16 +396,6 @@ def load_records(work, n_shards, codes):
     return Records(**{k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()})
 
 
-def first_occurrences(keys, has_key):
-    """(N,) keys, (N,) bool -> (N,) bool: True for the first document of each key and for those without."""
-    keep = np.ones(len(keys), dtype=bool)
-    idx = np.flatnonzero(has_key)
-    _, first = np.unique(keys[idx], return_index=True)  # index of each key's first occurrence
-    keep[idx] = False
-    keep[idx[first]] = True
-    return keep
-
-
 # per-document numbers the stages add, written into the document's metadata, in stage order
 EXTRA_COLUMNS = (("minhash", "duplicate_of"), ("line_dedup", "lines_removed"), ("token_kl", "token_kl"),
                  ("quality_classifier", "quality_score"))
@@ -457,7 +447,8 @@ def step_global(work, n_shards, cfg):
                     remove(idx[rec.local[idx] == c], stage, codes[c][1])
         elif stage in ("url_dedup", "exact_dedup"):
             keys = rec.url_key[idx] if stage == "url_dedup" else rec.text_key[idx]
-            first = first_occurrences(keys, keys != 0 if stage == "url_dedup" else np.ones(len(idx), bool))
+            has_key = keys != 0 if stage == "url_dedup" else np.ones(len(idx), bool)  # 0: no URL
+            first = exact_dedup.first_occurrences(keys, has_key)
             remove(idx[~first], stage, "duplicate_url" if stage == "url_dedup" else "exact_duplicate")
         elif stage == "minhash":
             cl = minhash.clusters_from_signatures(sig, p["num_bands"], p["rows_per_band"], p["verify_threshold"],
