@@ -15,12 +15,24 @@ The backward runs the other way: d loss/d reward -> d values (one nonzero per ro
 -> model.backward_hidden(dhidden). Llama 3 ranks an edited reply above the chosen one above the
 rejected one: every ordered pair of the three is a Bradley-Terry term.
 The same class is PPO's value model (`values` at every position, not only the last).
+
+Packed rows (Llama 3, 4.1.2: "we concatenate the prompt and multiple responses into a single row with responses
+randomly shuffled"): a group (prompt, [replies best first]) becomes one row, the prompt once and then the K replies
+in a seeded random order, each ending with <|eot_id|>; every ordered pair (better, worse) of the row is a
+Bradley-Terry term on the rewards read per reply. K replies cost len(prompt) + sum len(reply) positions instead of
+K(K-1)/2 pairs of two rows each. Attention stays plainly causal, Meta's approximation: a later reply sees the
+prompt AND the replies before it, so only the first reply of a row is scored as it would be alone.
+    batch = packed_rows(groups, rng, eot_id)              # PackedRows: tokens (B, T), per reply row/first/last/rank
+    loss, grads, metrics = rm.packed_loss_and_grads(batch)
+    train_rm(rm, groups, out, packed=True)                # batch_size groups per step
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from ..optim import AdamW
 from . import losses
-from .logprobs import check_batch
+from .logprobs import check_batch, pad_right
 from .stage import StageRun, run_steps, step_rng, update, warmup_lr
 
 POOLINGS = ("last", "mean")
@@ -104,6 +116,35 @@ class RewardModel:
                    "rewards/margins": float(np.mean(r[:B] - r[B:]))}
         return loss, self.backward(dv), metrics
 
+    def packed_rewards(self, batch, keep=False):
+        """batch: PackedRows -> rewards (J,) float64, one per reply, read inside its packed row (no gradient
+        unless keep=True, for packed_loss_and_grads). Also returns the values (B, T) and the pooling weights (J, T)."""
+        v = self.values(batch.tokens, keep=keep)
+        w = self.pool_weights(v.shape[1], batch.last, batch.first)  # (J, T): reply j's weights in its row
+        return (v[batch.row] * w).sum(1).astype(np.float64), v, w
+
+    def packed_loss_and_grads(self, batch, margin=0.0):
+        """Bradley-Terry over every ordered pair (better, worse) inside each packed row: one forward and one
+        backward over the B rows -> (loss, grads, metrics), the loss the mean over all pairs of the batch (each
+        pair weighs as much as in the unpacked loss).
+
+        Causal attention as in Meta's approximation: a reply sees the prompt and the replies before it in its
+        row. No exact variant here: "the prompt and its own reply only" is not a contiguous key range, so the
+        model's kv_start masks cannot say it; the exact computation is the unpacked one (loss_and_grads)."""
+        better, worse = packed_pairs(batch)
+        r, v, w = self.packed_rewards(batch, keep=True)
+        loss, cache = losses.bradley_terry_forward(r[better], r[worse], margin)
+        db, dw = losses.bradley_terry_backward(1.0, cache)
+        dr = np.zeros(len(r))
+        np.add.at(dr, better, db)  # a reply is the better one of some pairs and the worse one of others
+        np.add.at(dr, worse, dw)
+        dv = np.zeros(v.shape)
+        np.add.at(dv, batch.row, dr[:, None] * w)  # reward_j = sum_t w[j, t] v[row_j, t]
+        metrics = {"loss": loss, "accuracy": float(np.mean(r[better] > r[worse])),
+                   "rewards/chosen": float(r[better].mean()), "rewards/rejected": float(r[worse].mean()),
+                   "rewards/margins": float(np.mean(r[better] - r[worse]))}
+        return loss, self.backward(dv.astype(v.dtype)), metrics
+
 
 def reply_first(prompts):
     """(B,) the index of each reply's first token in rows(prompts, replies): the prompt's length."""
@@ -126,6 +167,70 @@ def ranked_pairs(prompt, replies_best_first):
     return [(prompt, r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
 
 
+def group_pairs(groups):
+    """Groups (prompt, [replies best first]) -> every ordered (prompt, better, worse) pair: the unpacked data of
+    the same rankings."""
+    return [pair for prompt, replies in groups for pair in ranked_pairs(prompt, replies)]
+
+
+class PackedRows(NamedTuple):
+    """B packed rows holding J replies in all; the reply arrays are flat over the batch, in row order."""
+    tokens: np.ndarray  # (B, T) int64: prompt, then the row's replies, right-padded
+    row: np.ndarray  # (J,) the row of each reply
+    first: np.ndarray  # (J,) the index of its first token in that row
+    last: np.ndarray  # (J,) the index of its final <|eot_id|>
+    rank: np.ndarray  # (J,) its place in its group's ranking, 0 = best
+
+
+def check_group(prompt, replies, eot_id, max_seq_len=None, where="group"):
+    """A group is a non-empty prompt and >= 2 distinct replies, each ending with <|eot_id|> (which marks where one
+    reply ends and the next begins in a packed row); prompt + replies must fit max_seq_len."""
+    if len(prompt) == 0:
+        raise ValueError(f"{where}: the prompt is empty (a packed row starts with the prompt)")
+    if len(replies) < 2 or len({tuple(r) for r in replies}) != len(replies):
+        raise ValueError(f"{where}: a group needs >= 2 distinct replies ranked best first, got {len(replies)} "
+                         f"replies of which {len({tuple(r) for r in replies})} distinct")
+    for k, r in enumerate(replies):
+        if len(r) == 0 or r[-1] != eot_id:
+            raise ValueError(f"{where}: reply {k} does not end with <|eot_id|> ({eot_id}); in a packed row it "
+                             "is what ends one reply before the next")
+    n = len(prompt) + sum(len(r) for r in replies)
+    if max_seq_len is not None and n > max_seq_len:
+        raise ValueError(f"{where}: the packed row (prompt and {len(replies)} replies) is {n} tokens, longer than "
+                         f"max_seq_len={max_seq_len}; drop replies from the group or use unpacked pairs")
+
+
+def packed_row(prompt, replies_best_first, rng, eot_id, max_seq_len=None):
+    """One group -> (ids, first (K,), last (K,), rank (K,)): the prompt once, then the K replies in the order
+    rng.permutation(K) draws (Llama 3 shuffles them so that position in the row says nothing about rank)."""
+    check_group(prompt, replies_best_first, eot_id, max_seq_len)
+    order = rng.permutation(len(replies_best_first))
+    ids, first, last = list(prompt), [], []
+    for k in order:
+        first.append(len(ids))
+        ids += list(replies_best_first[k])
+        last.append(len(ids) - 1)
+    return ids, np.array(first), np.array(last), order
+
+
+def packed_rows(groups, rng, eot_id, max_seq_len=None, pad_id=0):
+    """Groups (prompt, [replies best first]) -> PackedRows, one row per group, each shuffled by `rng`."""
+    if len(groups) == 0:
+        raise ValueError("no groups to pack")
+    rows_ = [packed_row(p, rs, rng, eot_id, max_seq_len) for p, rs in groups]
+    tokens, _ = pad_right([ids for ids, *_ in rows_], pad_id=pad_id)
+    row = np.concatenate([np.full(len(f), b) for b, (_, f, _, _) in enumerate(rows_)])
+    cat = lambda i: np.concatenate([r[i] for r in rows_])
+    return PackedRows(tokens, row, cat(1), cat(2), cat(3))
+
+
+def packed_pairs(batch):
+    """-> (better (P,), worse (P,)): indices into the batch's replies of every ordered pair of one row."""
+    same = batch.row[:, None] == batch.row[None, :]
+    better, worse = np.nonzero(same & (batch.rank[:, None] < batch.rank[None, :]))
+    return better, worse
+
+
 def pair_accuracy(rm, pairs, batch_size=32):
     """The fraction of (prompt, better, worse) pairs the reward model orders correctly (strictly)."""
     if not pairs:
@@ -138,21 +243,33 @@ def pair_accuracy(rm, pairs, batch_size=32):
 
 
 def train_rm(rm, pairs, out, steps=100, batch_size=8, lr=3e-4, seed=0, save_every=50, resume=False,
-             progress=False, grad_clip=1.0, eval_pairs=None):
-    """Bradley-Terry training on (prompt, better, worse) id triples -> log records."""
+             progress=False, grad_clip=1.0, eval_pairs=None, packed=False):
+    """Bradley-Terry training -> log records. packed=False: `pairs` are (prompt, better, worse) id triples and a
+    step draws batch_size of them, two rows each. packed=True: `pairs` are groups (prompt, [replies best first],
+    see group_pairs for the same data unpacked) and a step draws batch_size groups, one packed row each (every
+    ordered pair of a row is a term). eval_pairs are (prompt, better, worse) triples scored in separate rows, as
+    the reward model is used afterwards."""
     if not pairs:
-        raise ValueError("no preference pairs")
-    run = StageRun(out, "rm", dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, n_pairs=len(pairs),
-                                   pooling=rm.pooling), resume=resume)
+        raise ValueError("no preference groups" if packed else "no preference pairs")
+    eot_id = None
+    if packed:
+        if rm.tokenizer is None:
+            raise ValueError("packed reward-model training needs the model's tokenizer (its <|eot_id|>)")
+        eot_id = rm.tokenizer.eot_id
+        for i, (prompt, replies) in enumerate(pairs):  # all bad input now, not at the step that draws it
+            check_group(prompt, replies, eot_id, rm.args.max_seq_len, where=f"group {i}")
+    config = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, n_pairs=len(pairs), pooling=rm.pooling)
+    if packed:  # only then: run folders made before the option still resume
+        config.update(packed=True, n_groups=config.pop("n_pairs"))
+    run = StageRun(out, "rm", config, resume=resume)
     opt = AdamW(rm.params, lr=lr, weight_decay=0.0)
 
     def step_fn(step):
-        idx = step_rng(seed, step).integers(0, len(pairs), batch_size)
-        prompts = [pairs[i][0] for i in idx]
-        tc, lc = rows(prompts, [pairs[i][1] for i in idx])
-        tr, lr_ = rows(prompts, [pairs[i][2] for i in idx])
-        first = reply_first(prompts)
-        loss, grads, m = rm.loss_and_grads(tc, lc, tr, lr_, chosen_first=first, rejected_first=first)
+        batch = rm_step_batch(pairs, seed, step, batch_size, eot_id)
+        if packed:
+            loss, grads, m = rm.packed_loss_and_grads(batch)
+        else:
+            loss, grads, m = rm.loss_and_grads(*batch)
         m["grad_norm"] = update(opt, grads, warmup_lr(step, lr, steps), grad_clip)
         if eval_pairs and ((step + 1) % save_every == 0 or step + 1 == steps):
             m["eval_accuracy"] = pair_accuracy(rm, eval_pairs)
@@ -161,6 +278,21 @@ def train_rm(rm, pairs, out, steps=100, batch_size=8, lr=3e-4, seed=0, save_ever
     records = run_steps(run, steps, step_fn, rm.params, opt, rm.tokenizer, rm.args, save_every, progress)
     run.plot(["loss", "accuracy", "rewards/margins", "eval_accuracy"])
     return records
+
+
+def rm_step_batch(data, seed, step, batch_size, eot_id=None):
+    """The batch of train_rm's step `step`, a function of (seed, step) only (exact resume). eot_id None: `data` are
+    pairs -> the arguments of loss_and_grads (chosen, chosen_last, rejected, rejected_last, margin, chosen_first,
+    rejected_first); else `data` are groups -> PackedRows, the order of each row's replies drawn from the same rng."""
+    rng = step_rng(seed, step)
+    idx = rng.integers(0, len(data), batch_size)
+    if eot_id is not None:
+        return packed_rows([data[i] for i in idx], rng, eot_id)
+    prompts = [data[i][0] for i in idx]
+    tc, lc = rows(prompts, [data[i][1] for i in idx])
+    tr, lr = rows(prompts, [data[i][2] for i in idx])
+    first = reply_first(prompts)
+    return tc, lc, tr, lr, 0.0, first, first
 
 
 def load_reward_model(path, dtype=np.float32):
