@@ -103,6 +103,9 @@ def test_packed_rows_bad_input():
         R.packed_rows([([], replies)], rng, EOT)
     with pytest.raises(ValueError, match="no groups"):
         R.packed_rows([], rng, EOT)
+    # fit_groups: the longest best-first prefix that fits (4 + 5 + 3 = 12), a group of < 2 left is dropped
+    assert R.fit_groups([(prompt, replies)], 12) == [(prompt, replies[:2])]
+    assert R.fit_groups([(prompt, replies)], 11) == []
 
 
 def story_groups(tok, n=6):

@@ -200,6 +200,19 @@ def check_group(prompt, replies, eot_id, max_seq_len=None, where="group"):
                          f"max_seq_len={max_seq_len}; drop replies from the group or use unpacked pairs")
 
 
+def fit_groups(groups, max_seq_len):
+    """-> the groups whose packed row fits max_seq_len, each cut to the longest best-first prefix of its ranking
+    that fits (a group left with < 2 replies is dropped): K long replies may not fit one row."""
+    out = []
+    for prompt, replies in groups:
+        n, k = len(prompt), 0
+        while k < len(replies) and n + len(replies[k]) <= max_seq_len:
+            n, k = n + len(replies[k]), k + 1
+        if k >= 2:
+            out.append((prompt, list(replies[:k])))
+    return out
+
+
 def packed_row(prompt, replies_best_first, rng, eot_id, max_seq_len=None):
     """One group -> (ids, first (K,), last (K,), rank (K,)): the prompt once, then the K replies in the order
     rng.permutation(K) draws (Llama 3 shuffles them so that position in the row says nothing about rank)."""
