@@ -16,6 +16,7 @@
  * The instruction set of the micro-kernel is chosen at run time (select_isa), so one build runs on
  * any x86-64 (portable, AVX2, AVX-512); on arm64 the same file builds the portable and NEON kernels.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -599,7 +600,9 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
 
 #define SMALL_M 16   /* up to this many rows of A streaming beats packing (measured, M = 1..32, K = N = 2048) */
 #define SMALL_CHUNK 256
-#define ROWS 4       /* rows of B^T per call of the GEMV kernel */
+#define STREAMS 8    /* rows of B^T the GEMV kernels read at once, far apart (see below) */
+#define STREAMS_M 4  /* ... for fewer rows of A than this (memory-bound); for more, ROWS adjacent ones */
+#define ROWS 4
 
 /* the vector helpers (gemm.h's vec_ops_t), once per instruction set */
 #define VEC_SUFFIX portable
@@ -623,21 +626,27 @@ const vec_ops_t *vec_ops(int isa) {
     return &VEC_OPS_portable; /* and NEON: the arm64 baseline vectorizes with NEON */
 }
 
-/* GEMV micro-kernels for B stored transposed (the model's x @ w.T, w (N, K) row-major): out[r] =
- * x . w_r for n consecutive rows w_r = w + r * ldw. In a decode step every row of w is used once, so
- * the speed is set by how fast w streams in from memory, and two choices matter:
- *   - rows are read one after the other, each from its start to its end: w arrives as ONE sequential
- *     stream, which the hardware prefetcher follows across pages. Interleaving four rows (2 KB apart
- *     for dim 512) measured 2.3x slower from DRAM (12 vs 29 GB/s on one core; OpenBLAS's GEMV measured
- *     the same 12 here).
- *   - four accumulators per row: an FMA waits 4 cycles for its previous sum, and two can start per
- *     cycle, so one running sum would leave the core idle most of the time.
- * Each sum is reduced in a fixed order (same inputs, same bits, whatever the thread count). */
-typedef void (*dot_rows_fn)(const float *x, const float *w, long ldw, int n, int K, float *out);
+/* GEMV micro-kernels for B stored transposed (the model's x @ w.T, w (N, K) row-major). In a decode
+ * step every row of w is used once, so the speed is set by how fast w streams in from memory:
+ *   - STREAMS rows are read at once, and they are far apart: rows r, r + gap, ..., r + 7 gap of a
+ *     chunk of rows (gap = chunk / 8, 64 KB for dim 512). Each of the eight is a sequential stream that
+ *     the hardware prefetchers follow on its own, so eight streams of cache misses are in flight
+ *     instead of one. On a Xeon (4 KB pages) the weights of a `small` decode step came in at 15-17
+ *     GB/s this way, 10 GB/s reading one row after the other and 10-12 interleaving four ADJACENT
+ *     rows (2 KB apart: one stream that the prefetcher sees jumping back and forth; on a Zen 4 that
+ *     measured 2.3x slower than one row at a time).
+ *   - one accumulator per row: with eight rows there are eight independent sums, which keep the FMA
+ *     units busy (an FMA waits ~4 cycles for its previous sum, and two can start per cycle), and
+ *     x is loaded once for eight rows of w.
+ * Every row's sum has the same order, lanes and reduction whichever group it was computed in (eight
+ * rows far apart, the last rows of a chunk one by one, four rows of x at once): a row's bits never
+ * depend on the thread count, the chunking or the other rows of x. */
+typedef void (*dot_rows_fn)(const float *x, const float *w, long ldw, long gap, int n, int K, float *out);
+/* out[s] = x . w_s for s < n <= STREAMS, row w_s = w + s * gap * ldw */
 
 /* portable: the compiler-vectorized dot product, one row at a time */
-static void dot_rows_portable(const float *x, const float *w, long ldw, int n, int K, float *out) {
-    for (int r = 0; r < n; r++) out[r] = VEC_OPS_portable.dot(x, w + r * ldw, K);
+static void dot_rows_portable(const float *x, const float *w, long ldw, long gap, int n, int K, float *out) {
+    for (int s = 0; s < n; s++) out[s] = VEC_OPS_portable.dot(x, w + s * gap * ldw, K);
 }
 
 #if LLAMA3NP_X86
@@ -649,51 +658,78 @@ __attribute__((target("avx2,fma"))) INLINE float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* S rows at once (S a constant after inlining: the accumulators stay in registers), `step` floats apart */
+__attribute__((target("avx2,fma"))) INLINE void avx2_dots(const float *x, const float *w, long step, int S, int K,
+                                                          float *out) {
+    __m256 c[STREAMS];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; s++) c[s] = _mm256_setzero_ps();
+    int p = 0;
+    for (; p + 8 <= K; p += 8) {
+        __m256 xp = _mm256_loadu_ps(x + p);
+#pragma GCC unroll 8
+        for (int s = 0; s < S; s++) c[s] = _mm256_fmadd_ps(xp, _mm256_loadu_ps(w + s * step + p), c[s]);
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s < S; s++) {
+        float sum = hsum_avx2(c[s]);
+        for (int q = p; q < K; q++) sum = fmaf(x[q], w[s * step + q], sum); /* the last K % 8 */
+        out[s] = sum;
+    }
+}
+
 __attribute__((target("avx2,fma")))
-static void dot_rows_avx2(const float *x, const float *w, long ldw, int n, int K, float *out) {
-    for (int r = 0; r < n; r++, w += ldw) {
-        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-        int p = 0;
-        for (; p + 32 <= K; p += 32) {
-            c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p), _mm256_loadu_ps(w + p), c0);
-            c1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p + 8), _mm256_loadu_ps(w + p + 8), c1);
-            c2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p + 16), _mm256_loadu_ps(w + p + 16), c2);
-            c3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p + 24), _mm256_loadu_ps(w + p + 24), c3);
-        }
-        for (; p + 8 <= K; p += 8) c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + p), _mm256_loadu_ps(w + p), c0);
-        float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
-        for (; p < K; p++) s += x[p] * w[p]; /* the last K % 8 */
-        out[r] = s;
+static void dot_rows_avx2(const float *x, const float *w, long ldw, long gap, int n, int K, float *out) {
+    int s = 0;
+    if (n == STREAMS) {
+        avx2_dots(x, w, gap * ldw, STREAMS, K, out);
+        return;
     }
+    for (; s + 4 <= n; s += 4) avx2_dots(x, w + s * gap * ldw, gap * ldw, 4, K, out + s);
+    for (; s < n; s++) avx2_dots(x, w + s * gap * ldw, 0, 1, K, out + s);
+}
+
+/* AVX-512: four accumulators per row (16 lanes each, 64 floats a step), four rows at once (16 of the
+ * 32 zmm registers): eight rows would need all 32. The last K % 64 floats go 16 at a time into the
+ * first accumulator, a masked load reading only the lanes it keeps. */
+__attribute__((target("avx512f"))) INLINE void avx512_dots(const float *x, const float *w, long step, int S, int K,
+                                                           float *out) {
+    __m512 c[4][4];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) c[i / 4][i % 4] = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 64 <= K; p += 64)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            __m512 xj = _mm512_loadu_ps(x + p + 16 * j);
+#pragma GCC unroll 4
+            for (int s = 0; s < S; s++) c[s][j] = _mm512_fmadd_ps(xj, _mm512_loadu_ps(w + s * step + p + 16 * j), c[s][j]);
+        }
+    for (; p < K; p += 16) {
+        __mmask16 m = K - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - p)) - 1);
+        __m512 xm = _mm512_maskz_loadu_ps(m, x + p);
+#pragma GCC unroll 4
+        for (int s = 0; s < S; s++) c[s][0] = _mm512_fmadd_ps(xm, _mm512_maskz_loadu_ps(m, w + s * step + p), c[s][0]);
+    }
+#pragma GCC unroll 4
+    for (int s = 0; s < S; s++)
+        out[s] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c[s][0], c[s][1]), _mm512_add_ps(c[s][2], c[s][3])));
 }
 
 __attribute__((target("avx512f")))
-static void dot_rows_avx512(const float *x, const float *w, long ldw, int n, int K, float *out) {
-    for (int r = 0; r < n; r++, w += ldw) {
-        __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-        int p = 0;
-        for (; p + 64 <= K; p += 64) {
-            c0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + p), _mm512_loadu_ps(w + p), c0);
-            c1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + p + 16), _mm512_loadu_ps(w + p + 16), c1);
-            c2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + p + 32), _mm512_loadu_ps(w + p + 32), c2);
-            c3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + p + 48), _mm512_loadu_ps(w + p + 48), c3);
-        }
-        /* the last K % 64 floats, 16 at a time; a masked load reads only the lanes it keeps */
-        for (; p < K; p += 16) {
-            __mmask16 m = K - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - p)) - 1);
-            c0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + p), _mm512_maskz_loadu_ps(m, w + p), c0);
-        }
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)));
-    }
+static void dot_rows_avx512(const float *x, const float *w, long ldw, long gap, int n, int K, float *out) {
+    int s = 0;
+    for (; s + 4 <= n; s += 4) avx512_dots(x, w + s * gap * ldw, gap * ldw, 4, K, out + s);
+    for (; s < n; s++) avx512_dots(x, w + s * gap * ldw, 0, 1, K, out + s);
 }
 
-/* Four rows of x at once (a prefill of several tokens): out[i * ROWS + r] = x_i . w_r, x_i = x + i * ldx.
+/* Four rows of x at once (a prefill of several tokens): out[i * STREAMS + s] = x_i . w_s, x_i = x + i * ldx.
  * Each load of w feeds four FMAs instead of one, so the loads no longer limit the speed. Every x_i
- * gets exactly the accumulators, order and reduction of dot_rows_avx512, so a token's result has
- * the same bits alone or in a batch. (AVX-512 only: its 16 accumulators need the 32 zmm registers.) */
+ * gets exactly the accumulators, order and reduction of avx512_dots, so a token's result has the
+ * same bits alone or in a batch. (AVX-512 only: its 16 accumulators need the 32 zmm registers.) */
 __attribute__((target("avx512f")))
-static void dot_rows_x4_avx512(const float *x, long ldx, const float *w, long ldw, int n, int K, float *out) {
-    for (int r = 0; r < n; r++, w += ldw) {
+static void dot_rows_x4_avx512(const float *x, long ldx, const float *w, long ldw, long gap, int n, int K, float *out) {
+    for (int s = 0; s < n; s++, w += gap * ldw) {
         __m512 c[4][4];
 #pragma GCC unroll 16
         for (int i = 0; i < 16; i++) c[i / 4][i % 4] = _mm512_setzero_ps();
@@ -716,13 +752,13 @@ static void dot_rows_x4_avx512(const float *x, long ldx, const float *w, long ld
         }
 #pragma GCC unroll 4
         for (int i = 0; i < 4; i++)
-            out[i * ROWS + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c[i][0], c[i][1]),
-                                                                   _mm512_add_ps(c[i][2], c[i][3])));
+            out[i * STREAMS + s] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c[i][0], c[i][1]),
+                                                                      _mm512_add_ps(c[i][2], c[i][3])));
     }
 }
 #endif
 
-typedef void (*dot_rows_x4_fn)(const float *x, long ldx, const float *w, long ldw, int n, int K, float *out);
+typedef void (*dot_rows_x4_fn)(const float *x, long ldx, const float *w, long ldw, long gap, int n, int K, float *out);
 /* NULL: that instruction set computes one row of x at a time */
 static const dot_rows_x4_fn DOT_ROWS_X4[N_ISAS] = {
     NULL,
@@ -758,6 +794,32 @@ typedef struct {
     int next_chunk;
 } small_m_ctx;
 
+/* C[i, n + s * gap] (+)= v[i * STREAMS + s] for the rows i of A and the nb columns s */
+static void scatter_rows(const small_m_ctx *g, int i0, int m, int n, long gap, int nb, const float *v) {
+    for (int i = 0; i < m; i++) {
+        float *c = g->C + (long)(i0 + i) * g->ldc + n;
+        for (int s = 0; s < nb; s++) c[s * gap] = g->accumulate ? c[s * gap] + v[i * STREAMS + s] : v[i * STREAMS + s];
+    }
+}
+
+/* Columns n, n + gap, ..., of C (nb of them) for every row of A: the nb rows of B^T they need are read
+ * by every row of A while they are in L1 (8 rows of 2 KB for dim 512) */
+static void small_m_columns(const small_m_ctx *g, int n, long gap, int nb) {
+    const float *b = g->B + (long)n * g->ldb; /* row n of the stored B^T */
+    int i = 0;
+    if (g->dot_rows_x4)
+        for (; i + 4 <= g->M; i += 4) {
+            float v[4 * STREAMS];
+            g->dot_rows_x4(g->A + (long)i * g->lda, g->lda, b, g->ldb, gap, nb, g->K, v);
+            scatter_rows(g, i, 4, n, gap, nb, v);
+        }
+    for (; i < g->M; i++) {
+        float v[STREAMS];
+        g->dot_rows(g->A + (long)i * g->lda, b, g->ldb, gap, nb, g->K, v);
+        scatter_rows(g, i, 1, n, gap, nb, v);
+    }
+}
+
 static void small_m_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
     (void)tid, (void)nthreads, (void)barrier;
     small_m_ctx *g = (small_m_ctx *)arg;
@@ -766,29 +828,17 @@ static void small_m_thread(void *arg, int tid, int nthreads, barrier_t *barrier)
         int n0 = __atomic_fetch_add(&g->next_chunk, 1, __ATOMIC_RELAXED) * SMALL_CHUNK;
         if (n0 >= g->N) break;
         int n1 = n0 + SMALL_CHUNK < g->N ? n0 + SMALL_CHUNK : g->N;
-        /* each row (or row segment) of B is read once, for all M rows of A, while it is in L1 */
         if (g->trans_b) {
-            /* ROWS rows of B^T (8 KB for dim 512) stay in L1 while every row of A uses them */
-            for (int n = n0; n < n1; n += ROWS) {
-                const float *b = g->B + (long)n * g->ldb; /* rows n.. of the stored B^T */
-                int nb = n1 - n < ROWS ? n1 - n : ROWS;
-                int i = 0;
-                if (g->dot_rows_x4)
-                    for (; i + 4 <= g->M; i += 4) {
-                        float v[4 * ROWS];
-                        g->dot_rows_x4(g->A + (long)i * g->lda, g->lda, b, g->ldb, nb, K, v);
-                        for (int j = 0; j < 4; j++) {
-                            float *c = g->C + (long)(i + j) * g->ldc + n;
-                            const float *vj = v + j * ROWS;
-                            for (int r = 0; r < nb; r++) c[r] = g->accumulate ? c[r] + vj[r] : vj[r];
-                        }
-                    }
-                for (; i < g->M; i++) {
-                    float v[ROWS];
-                    g->dot_rows(g->A + (long)i * g->lda, b, g->ldb, nb, K, v);
-                    float *c = g->C + (long)i * g->ldc + n;
-                    for (int r = 0; r < nb; r++) c[r] = g->accumulate ? c[r] + v[r] : v[r];
-                }
+            if (g->M < STREAMS_M) {
+                /* the chunk's rows of B^T as STREAMS streams: rows r, r + gap, ..., r + 7 gap for r < gap,
+                 * then the last (n1 - n0) % STREAMS rows side by side */
+                int gap = (n1 - n0) / STREAMS, rest = (n1 - n0) - gap * STREAMS;
+                for (int r = 0; r < gap; r++) small_m_columns(g, n0 + r, gap, STREAMS);
+                if (rest) small_m_columns(g, n0 + gap * STREAMS, 1, rest);
+            } else {
+                /* enough rows of A to be bound by the FMAs rather than by memory: adjacent rows of B^T,
+                 * whose lines do not compete for the same L1 sets while every row of A reads them */
+                for (int n = n0; n < n1; n += ROWS) small_m_columns(g, n, 1, n1 - n < ROWS ? n1 - n : ROWS);
             }
         } else {
             if (!g->accumulate)

@@ -1,8 +1,9 @@
 """The decode path of the C matmul: a few rows of x times a transposed weight (x @ w.T, w (N, K)).
 
 A KV-cache decode step multiplies ONE row per sequence by every weight matrix, so sgemm sends M <= 16
-rows with B stored transposed to its GEMV micro-kernels (csrc/gemm.c, `dot_rows_*`), which stream each
-row of w once, from start to end, with four accumulators and a masked (AVX-512) or scalar tail.
+rows with B stored transposed to its GEMV micro-kernels (csrc/gemm.c, `dot_rows_*`), which read eight
+rows of w at once, far apart in a chunk of rows for 1-3 rows of x (eight memory streams) and side by
+side for more, each row's sum with a masked (AVX-512) or scalar tail.
 
 What must hold:
 - the product equals float64 NumPy within the float32 dot-product bound, on every instruction set,
@@ -48,10 +49,12 @@ def test_decode_product_equals_float64_numpy_on_every_isa_for_every_tail(M, N, K
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_one_token_gives_the_same_bits_alone_as_inside_a_small_batch(isa):
-    """Row i of (x @ w.T) for a batch of rows is bitwise the product of row i alone."""
+@pytest.mark.parametrize("N", [7, 8, 300, 1000])
+def test_one_token_gives_the_same_bits_alone_as_inside_a_small_batch(isa, N):
+    """Row i of (x @ w.T) for a batch of rows is bitwise the product of row i alone (alone, the rows of w
+    are read eight far-apart ones at a time; in a batch of 9, side by side: the grouping changes nothing)."""
     kernels.set_isa(isa)
-    x, w = _x_wt(1, 9, 300, 515)
+    x, w = _x_wt(1, 9, N, 515)
     batch = kernels.matmul(x, w.T)
     for i in range(len(x)):
         assert np.array_equal(kernels.matmul(x[i:i + 1], w.T)[0], batch[i])
