@@ -601,8 +601,8 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
 #define SMALL_M 16   /* up to this many rows of A streaming beats packing (measured, M = 1..32, K = N = 2048) */
 #define SMALL_CHUNK 256
 #define STREAMS 8    /* rows of B^T the GEMV kernels read at once, far apart (see below) */
-#define STREAMS_M 4  /* ... for fewer rows of A than this (memory-bound); for more, ROWS adjacent ones */
-#define ROWS 4
+#define STREAMS_M 4  /* ... for fewer rows of A than this (memory-bound); for more, ROWS adjacent ones, */
+#define ROWS 4       /* which stay in L1 while every row of A reads them (eight measured slower at M = 16) */
 
 /* the vector helpers (gemm.h's vec_ops_t), once per instruction set */
 #define VEC_SUFFIX portable
@@ -635,9 +635,10 @@ const vec_ops_t *vec_ops(int isa) {
  *     GB/s this way, 10 GB/s reading one row after the other and 10-12 interleaving four ADJACENT
  *     rows (2 KB apart: one stream that the prefetcher sees jumping back and forth; on a Zen 4 that
  *     measured 2.3x slower than one row at a time).
- *   - one accumulator per row: with eight rows there are eight independent sums, which keep the FMA
- *     units busy (an FMA waits ~4 cycles for its previous sum, and two can start per cycle), and
- *     x is loaded once for eight rows of w.
+ *   - AVX2: one accumulator per row, eight rows at once: eight independent sums keep the FMA units
+ *     busy (an FMA waits ~4 cycles for its previous sum, and two can start per cycle), and x is
+ *     loaded once for eight rows of w. AVX-512 keeps the four accumulators per row it always had
+ *     (the same bits as before), so it takes the eight rows four at a time (16 of its 32 registers).
  * Every row's sum has the same order, lanes and reduction whichever group it was computed in (eight
  * rows far apart, the last rows of a chunk one by one, four rows of x at once): a row's bits never
  * depend on the thread count, the chunking or the other rows of x. */
@@ -803,7 +804,7 @@ static void scatter_rows(const small_m_ctx *g, int i0, int m, int n, long gap, i
 }
 
 /* Columns n, n + gap, ..., of C (nb of them) for every row of A: the nb rows of B^T they need are read
- * by every row of A while they are in L1 (8 rows of 2 KB for dim 512) */
+ * by every row of A while they are in L1 */
 static void small_m_columns(const small_m_ctx *g, int n, long gap, int nb) {
     const float *b = g->B + (long)n * g->ldb; /* row n of the stored B^T */
     int i = 0;
