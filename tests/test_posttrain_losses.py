@@ -211,3 +211,14 @@ def test_score_head_gradcheck():
     dh, dw = L.score_head_backward(g, cache)
     _check(lambda: float((L.score_head_forward(h, wt)[0] * g).sum()), dh, h)
     _check(lambda: float((L.score_head_forward(h, wt)[0] * g).sum()), dw, wt)
+
+
+@given(st.integers(1, 300), st.integers(0, 200), st.integers(0, 2**31 - 1))
+def test_masked_row_sums_do_not_change_when_a_row_is_padded(n, pad, seed):
+    """A sequence's log-prob must be one number whatever batch it is in (DPO stores the reference's once)."""
+    rng = np.random.default_rng(seed)
+    x = (-rng.exponential(2.0, (2, n)) * rng.random((2, n)) ** 8).astype(np.float32)  # confident tokens: tiny values
+    w = rng.random((2, n)) < 0.8
+    padded_x = np.concatenate([x, rng.standard_normal((2, pad)).astype(np.float32)], 1)
+    padded_w = np.concatenate([w, np.zeros((2, pad), bool)], 1)
+    assert np.array_equal(L.masked_row_sums(x, w), L.masked_row_sums(padded_x, padded_w))

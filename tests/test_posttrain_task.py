@@ -103,6 +103,40 @@ def test_series_documents_are_grammar_stories_that_share_the_first_storys_featur
     assert 0.6 < sum(kept) / len(kept) < 1.0  # 0.7, plus features a free choice repeats by chance
 
 
+def test_synopsis_documents_name_features_the_story_then_has():
+    """A synopsis line, a blank line, a whole story of the grammar that has every feature the synopsis names."""
+    named = []
+    for seed in range(30):
+        head, story = T.synopsis_document(seed).split("\n\n", 1)
+        assert head.startswith("A story about ") and T.parse(story)[1]
+        features = T.demands_of(story)
+        said = [d for d in features if _says(head, d)]
+        assert said, (head, features)
+        named.append(len(said))
+    assert max(named) > min(named)  # 1 to 5 features named, not always the same number
+
+
+def _says(head, demand):
+    kind, value = demand
+    return (f"named {value[1]}" if kind == "name" else f"a {value}." if kind == "ending" else value) in head
+
+
+def test_pretraining_documents_mix_and_bad_fractions():
+    docs = T.pretraining_documents(60, seed=1, series_fraction=0.25, synopsis_fraction=0.5)
+    n_syn = sum(d.startswith("A story about ") for d in docs)
+    n_series = sum(d.count("Once upon a time") > 1 for d in docs)
+    assert 15 < n_syn < 45 and 5 < n_series < 25
+    with pytest.raises(ValueError, match="sum <= 1"):
+        T.pretraining_documents(3, seed=0, series_fraction=0.6, synopsis_fraction=0.6)
+
+
+def test_restricted_kinds_draw_their_plots_every_time_and_n_demands_is_checked():
+    ins = T.instructions(40, seed=3, kinds=("home", "pet"))
+    assert all({k for k, _ in i.demands} == {"home", "pet"} for i in ins)  # pet was drawn 1 time in 4 before
+    with pytest.raises(ValueError, match="n_demands must be 1 to 5"):
+        T.make_instruction(random.Random(0), n_demands=6)
+
+
 def test_demands_of_reads_back_what_was_forced():
     for i, ins in enumerate(T.instructions(20, seed=5)):
         assert set(ins.demands) <= set(T.demands_of(T.write_story(ins.demands, seed=i)))

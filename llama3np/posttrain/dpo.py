@@ -40,7 +40,7 @@ def dpo_loss_and_grads(model, chosen, chosen_mask, rejected, rejected_mask, ref_
     logp, lp_cache = losses.token_logps_forward(logits, tokens)  # (2B, T)
     w = mask.astype(logp.dtype)
     w[:, 0] = 0  # nothing predicts the first token
-    logps = (logp * w).sum(-1)  # (2B,)
+    logps = losses.masked_row_sums(logp, w)  # (2B,), as sequence_logps sums them
     pi_c, pi_r = logps[:B], logps[B:]
     loss, dpo_cache = losses.dpo_forward(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing, loss_type)
     dpi_c, dpi_r = losses.dpo_backward(1.0, dpo_cache)

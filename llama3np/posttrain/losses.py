@@ -25,6 +25,16 @@ def _as_weights(mask, dtype):
     return np.asarray(mask).astype(dtype)
 
 
+def masked_row_sums(x, w):
+    """(B, T) values and weights -> (B,) float64 sums of x * w, added left to right.
+
+    NumPy's .sum() adds in blocks whose boundaries depend on the row's length, so padding a row with zeros
+    can change the last bit of its sum; added in order, the padding adds exact zeros at the end. A sequence's
+    log-prob is then the same number in any batch: the DPO reference's, stored once, equals the policy's at
+    the first step exactly (margins exactly 0)."""
+    return np.cumsum(x * w, axis=-1, dtype=np.float64)[..., -1]
+
+
 # ----------------------------------------------------------------------------------------------------
 # log-probabilities of the given tokens, from the logits that predict them
 
@@ -65,7 +75,7 @@ def sequence_logps_forward(logits, tokens, mask):
     logp, lp_cache = token_logps_forward(logits, tokens)
     w = _as_weights(mask, logits.dtype)
     w[:, 0] = 0
-    return (logp * w).sum(-1), (lp_cache, w)
+    return masked_row_sums(logp, w), (lp_cache, w)
 
 
 def sequence_logps_backward(dlogps, cache):

@@ -127,15 +127,17 @@ def check_kinds(kinds):
 
 
 def make_instruction(rng, n_demands=None, kinds=None):
-    """A random instruction with 2 or 3 demands (at most one about the plot: a story has one plot).
+    """A random instruction with n_demands (default: 2 or 3) demands, at most one about the plot (a story has one).
 
     kinds: draw only demands of these kinds (e.g. ("home", "hobby", "ending")); None: all of DEMAND_KINDS."""
     check_kinds(kinds)
+    if n_demands is not None and not 1 <= n_demands <= 5:
+        raise ValueError(f"n_demands must be 1 to 5 (name, home, hobby, ending and one plot), got {n_demands}")
     n = n_demands or rng.choice([2, 3])
-    plot_kind = rng.choice(["animal", "pet", "thing", "outing"])
-    pool = ["name", "home", "hobby", "ending", plot_kind]
+    plots = [k for k in PLOT_OF if kinds is None or k in kinds]  # a story has one plot: one of these at most
+    pool = ["name", "home", "hobby", "ending"] + ([rng.choice(plots)] if plots else [])
     if kinds is not None:
-        pool = [k for k in pool if k in kinds] or [next(k for k in kinds if k in PLOT_OF)]
+        pool = [k for k in pool if k in kinds]
         n = min(n, len(pool))
     kinds = rng.sample(pool, n)
     demands = []
@@ -152,9 +154,10 @@ def make_instruction(rng, n_demands=None, kinds=None):
     return Instruction(text, tuple(demands))
 
 
-def instructions(n, seed, kinds=None):
+def instructions(n, seed, kinds=None, sizes=None):
+    """n instructions from `seed`; sizes: the numbers of demands to draw from (None: 2 or 3, as held out)."""
     rng = random.Random(seed)
-    return [make_instruction(rng, kinds=kinds) for _ in range(n)]
+    return [make_instruction(rng, n_demands=rng.choice(sizes) if sizes else None, kinds=kinds) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,8 +299,41 @@ def series_document(seed, n_stories=(2, 3), p_keep=0.7):
     return "\n\n".join(texts)
 
 
-def pretraining_documents(n, seed, series_fraction=0.5):
-    """n documents: single stories (`stories.sample_story`) and, a `series_fraction` of them, series."""
+def synopsis(demands):
+    """A one-line summary naming some of a story's features, as a book's blurb does: "A story about a girl named
+    Lily who lives by the sea and meets a fox. It ends with a lesson." Not the instruction's wording (and no chat
+    format): what pre-training teaches is to read a summary and write what it names; SFT teaches to take an
+    instruction as one."""
+    d = dict(demands)
+    subject = f"a {d['name'][0]} named {d['name'][1]}" if "name" in d else "a child"
+    say = {"home": "lives {}", "hobby": "loves to {}", "pet": "loses a {}", "thing": "finds a {}",
+           "outing": "wants to {} on a rainy day"}
+    clauses = [f"meets {S.article(d[k])} {d[k]}" if k == "animal" else say[k].format(d[k])
+               for k in DEMAND_KINDS if k in d and k not in ("name", "ending")]
+    text = f"A story about {subject}" + (" who " + " and ".join(clauses) if clauses else "") + "."
+    return text + (f" It ends with a {d['ending']}." if "ending" in d else "")
+
+
+def synopsis_document(seed):
+    """A synopsis of 1 to 5 of a story's features (name, home, hobby, the plot's animal/pet/thing/outing, the
+    ending), a blank line, then the story: text in which the words to write next were given at the top."""
     rng = random.Random(seed)
-    return [series_document(rng.randrange(2**31)) if rng.random() < series_fraction
-            else S.sample_story(rng.randrange(2**31))[0] for _ in range(n)]
+    story = write_story((), rng.randrange(2**31))
+    features = list(demands_of(story))
+    named = sorted(rng.sample(features, rng.randint(1, len(features))), key=lambda d: DEMAND_KINDS.index(d[0]))
+    return synopsis(named) + "\n\n" + story
+
+
+def pretraining_documents(n, seed, series_fraction=0.25, synopsis_fraction=0.5):
+    """n documents: synopsis documents (a `synopsis_fraction`), series (a `series_fraction`), single stories
+    (`stories.sample_story`, the rest). Stories only and summaries of them: never an instruction."""
+    if not (0 <= series_fraction and 0 <= synopsis_fraction and series_fraction + synopsis_fraction <= 1):
+        raise ValueError(f"series_fraction and synopsis_fraction must be >= 0 with a sum <= 1, got "
+                         f"{series_fraction} and {synopsis_fraction}")
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        u, s = rng.random(), rng.randrange(2**31)
+        docs.append(synopsis_document(s) if u < synopsis_fraction else series_document(s)
+                    if u < synopsis_fraction + series_fraction else S.sample_story(s)[0])
+    return docs
