@@ -673,10 +673,10 @@ const vec_ops_t *vec_ops(int isa) {
  *     GB/s this way, 10 GB/s reading one row after the other and 10-12 interleaving four ADJACENT
  *     rows (2 KB apart: one stream that the prefetcher sees jumping back and forth; on a Zen 4 that
  *     measured 2.3x slower than one row at a time).
- *   - AVX2: one accumulator per row, eight rows at once: eight independent sums keep the FMA units
- *     busy (an FMA waits ~4 cycles for its previous sum, and two can start per cycle), and x is
- *     loaded once for eight rows of w. AVX-512 keeps the four accumulators per row it always had
- *     (the same bits as before), so it takes the eight rows four at a time (16 of its 32 registers).
+ *   - one accumulator per row, eight rows at once: eight independent sums keep the FMA units busy
+ *     (an FMA waits ~4 cycles for its previous sum, and two can start per cycle), and x is loaded
+ *     once for eight rows of w. (AVX-512 with four accumulators per row, four rows at once, read
+ *     14-15 GB/s here; eight rows of one accumulator, 16-17.)
  * Every row's sum has the same order, lanes and reduction whichever group it was computed in (eight
  * rows far apart, the last rows of a chunk one by one, four rows of x at once): a row's bits never
  * depend on the thread count, the chunking or the other rows of x. */
@@ -728,72 +728,63 @@ static void dot_rows_avx2(const float *x, const float *w, long ldw, long gap, in
     for (; s < n; s++) avx2_dots(x, w + s * gap * ldw, 0, 1, K, out + s);
 }
 
-/* AVX-512: four accumulators per row (16 lanes each, 64 floats a step), four rows at once (16 of the
- * 32 zmm registers): eight rows would need all 32. The last K % 64 floats go 16 at a time into the
- * first accumulator, a masked load reading only the lanes it keeps. */
+/* AVX-512: the same with 16 lanes, eight rows at once (8 of the 32 zmm registers); the last K % 16
+ * floats by a masked load, which reads only the lanes it keeps. */
 __attribute__((target("avx512f"))) INLINE void avx512_dots(const float *x, const float *w, long step, int S, int K,
                                                            float *out) {
-    __m512 c[4][4];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; i++) c[i / 4][i % 4] = _mm512_setzero_ps();
-    int p = 0;
-    for (; p + 64 <= K; p += 64)
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
-            __m512 xj = _mm512_loadu_ps(x + p + 16 * j);
-#pragma GCC unroll 4
-            for (int s = 0; s < S; s++) c[s][j] = _mm512_fmadd_ps(xj, _mm512_loadu_ps(w + s * step + p + 16 * j), c[s][j]);
-        }
-    for (; p < K; p += 16) {
+    __m512 c[STREAMS];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; s++) c[s] = _mm512_setzero_ps();
+    for (int p = 0; p < K; p += 16) {
         __mmask16 m = K - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - p)) - 1);
-        __m512 xm = _mm512_maskz_loadu_ps(m, x + p);
-#pragma GCC unroll 4
-        for (int s = 0; s < S; s++) c[s][0] = _mm512_fmadd_ps(xm, _mm512_maskz_loadu_ps(m, w + s * step + p), c[s][0]);
+        __m512 xp = _mm512_maskz_loadu_ps(m, x + p);
+#pragma GCC unroll 8
+        for (int s = 0; s < S; s++) c[s] = _mm512_fmadd_ps(xp, _mm512_maskz_loadu_ps(m, w + s * step + p), c[s]);
     }
-#pragma GCC unroll 4
-    for (int s = 0; s < S; s++)
-        out[s] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c[s][0], c[s][1]), _mm512_add_ps(c[s][2], c[s][3])));
+#pragma GCC unroll 8
+    for (int s = 0; s < S; s++) out[s] = _mm512_reduce_add_ps(c[s]);
 }
 
 __attribute__((target("avx512f")))
 static void dot_rows_avx512(const float *x, const float *w, long ldw, long gap, int n, int K, float *out) {
     int s = 0;
+    if (n == STREAMS) {
+        avx512_dots(x, w, gap * ldw, STREAMS, K, out);
+        return;
+    }
     for (; s + 4 <= n; s += 4) avx512_dots(x, w + s * gap * ldw, gap * ldw, 4, K, out + s);
     for (; s < n; s++) avx512_dots(x, w + s * gap * ldw, 0, 1, K, out + s);
 }
 
 /* Four rows of x at once (a prefill of several tokens): out[i * STREAMS + s] = x_i . w_s, x_i = x + i * ldx.
- * Each load of w feeds four FMAs instead of one, so the loads no longer limit the speed. Every x_i
- * gets exactly the accumulators, order and reduction of avx512_dots, so a token's result has the
- * same bits alone or in a batch. (AVX-512 only: its 16 accumulators need the 32 zmm registers.) */
+ * Each load of w feeds four FMAs instead of one, so the loads no longer limit the speed. Four rows of w
+ * at a time (16 accumulators), each sum exactly as avx512_dots makes it, so a token's result has the
+ * same bits alone or in a batch. (AVX-512 only: AVX2 has 16 registers.) */
+__attribute__((target("avx512f"))) INLINE void avx512_dots_x4(const float *x, long ldx, const float *w, long step,
+                                                              int S, int K, float *out) {
+    __m512 c[4][4];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) c[i / 4][i % 4] = _mm512_setzero_ps();
+    for (int p = 0; p < K; p += 16) {
+        __mmask16 m = K - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - p)) - 1);
+#pragma GCC unroll 4
+        for (int s = 0; s < S; s++) {
+            __m512 ws = _mm512_maskz_loadu_ps(m, w + s * step + p);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) c[i][s] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i * ldx + p), ws, c[i][s]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+        for (int s = 0; s < S; s++) out[i * STREAMS + s] = _mm512_reduce_add_ps(c[i][s]);
+}
+
 __attribute__((target("avx512f")))
 static void dot_rows_x4_avx512(const float *x, long ldx, const float *w, long ldw, long gap, int n, int K, float *out) {
-    for (int s = 0; s < n; s++, w += gap * ldw) {
-        __m512 c[4][4];
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) c[i / 4][i % 4] = _mm512_setzero_ps();
-        int p = 0;
-        for (; p + 64 <= K; p += 64) {
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                __m512 wj = _mm512_loadu_ps(w + p + 16 * j);
-#pragma GCC unroll 4
-                for (int i = 0; i < 4; i++)
-                    c[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + p + 16 * j), wj, c[i][j]);
-            }
-        }
-        for (; p < K; p += 16) {
-            __mmask16 m = K - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - p)) - 1);
-            __m512 wm = _mm512_maskz_loadu_ps(m, w + p);
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++)
-                c[i][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i * ldx + p), wm, c[i][0]);
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++)
-            out[i * STREAMS + s] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(c[i][0], c[i][1]),
-                                                                      _mm512_add_ps(c[i][2], c[i][3])));
-    }
+    int s = 0;
+    for (; s + 4 <= n; s += 4) avx512_dots_x4(x, ldx, w + s * gap * ldw, gap * ldw, 4, K, out + s);
+    for (; s < n; s++) avx512_dots_x4(x, ldx, w + s * gap * ldw, 0, 1, K, out + s);
 }
 #endif
 
