@@ -396,7 +396,8 @@ def load_records(work, n_shards, codes):
     return Records(**{k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()})
 
 
-# per-document numbers the stages add, written into the document's metadata, in stage order
+# per-document numbers the stages add, in stage order: written into the document's metadata, and the score
+# stages' (token_kl, quality_classifier) histogrammed in the report
 EXTRA_COLUMNS = (("minhash", "duplicate_of"), ("line_dedup", "lines_removed"), ("token_kl", "token_kl"),
                  ("quality_classifier", "quality_score"))
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from ...fileio import atomic_write, atomic_write_bytes
 from .minhash import candidate_probability
+from .pipeline import EXTRA_COLUMNS
 
 
 def plot_funnel(funnel):
@@ -71,7 +72,8 @@ def write_report(out, cfg, decisions, n_kept, n_removed):
     reasons = Counter({f"{codes[c][0]}/{codes[c][1]}": int(v) for c, v in enumerate(np.bincount(removed))
                        if c and v})
     # the score histograms: each score stage's column over the documents it scored, with its threshold
-    columns = {"token_kl": "token_kl", "quality_classifier": "quality_score"}
+    # (the stages with a threshold in decisions["scores"]: token_kl, quality_classifier)
+    columns = dict(EXTRA_COLUMNS)
     hists = {k: {"scores": decisions[columns[k]][~np.isnan(decisions[columns[k]])], "threshold": v["threshold"]}
              for k, v in decisions["scores"].items() if k in columns}
     report = {"documents": len(removed), "kept": n_kept, "removed": n_removed,
