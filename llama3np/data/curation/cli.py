@@ -142,7 +142,7 @@ def cmd_train_classifier(args):
             stages.append("quality_classifier")
         d["stages"] = stages
         d.setdefault("params", {}).setdefault("quality_classifier", {})["model"] = str(out.resolve())
-        CurateConfig(**{k: (tuple(v) if k == "stages" else v) for k, v in d.items()}).validate()
+        CurateConfig.from_dict(d, cfg_path)  # what `curate --config` will read: check it before writing
         atomic_write_bytes(cfg_path, (json.dumps(d, indent=1) + "\n").encode())
         print(f"{cfg_path}: stage quality_classifier reads {out.resolve()}")
     return 0

@@ -109,11 +109,17 @@ class CurateConfig:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e})") from None
+        return cls.from_dict(d, path)
+
+    @classmethod
+    def from_dict(cls, d, where="config"):
+        """A config file's JSON object -> the validated config (its stages list becomes a tuple). `where`
+        names the file in the error messages."""
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object with stages/params/shard_size")
+            raise ValueError(f"{where}: expected a JSON object with stages/params/shard_size")
         unknown = set(d) - {"stages", "params", "shard_size", "output_shard_size"}
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected stages, params, shard_size, "
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected stages, params, shard_size, "
                              "output_shard_size")
         cfg = cls(**{k: (tuple(v) if k == "stages" and isinstance(v, list) else v) for k, v in d.items()})
         return cfg.validate()
