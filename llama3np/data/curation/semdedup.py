@@ -31,10 +31,15 @@ def _tf(text, n_buckets):
 def document_frequencies(texts, n_buckets=1 << 16):
     """-> (df (n_buckets,), number of texts): in how many texts each hashed n-gram occurs. Sums over
     chunks of a corpus, so a streamed corpus needs only this array between its two passes."""
+    return _document_frequencies((_tf(t, n_buckets) for t in texts), n_buckets)
+
+
+def _document_frequencies(tfs, n_buckets):
+    """_tf's (bucket ids, tf) of each text -> (df, number of texts)."""
     df = np.zeros(n_buckets)
     n = 0
-    for t in texts:
-        df[_tf(t, n_buckets)[0]] += 1
+    for ids, _ in tfs:
+        df[ids] += 1
         n += 1
     return df, n
 
@@ -47,21 +52,26 @@ def random_projection(n_buckets, dim=256, seed=0):
 def tfidf_transform(texts, df, n_docs, dim=256, seed=0, proj=None):
     """texts -> (N, dim) float32 unit rows: TF-IDF with the corpus's (df, n_docs), random projection
     (proj: random_projection(len(df), dim, seed), passed in when it is already built)."""
+    return _tfidf_transform([_tf(t, len(df)) for t in texts], df, n_docs, dim, seed, proj)
+
+
+def _tfidf_transform(tfs, df, n_docs, dim, seed, proj):
+    """_tf's (bucket ids, tf) of each text -> (N, dim) float32 unit rows (tfidf_transform)."""
     n_buckets = len(df)
     idf = np.log((1 + n_docs) / (1 + df)) + 1.0
     proj = random_projection(n_buckets, dim, seed) if proj is None else proj
-    emb = np.zeros((len(texts), dim), dtype=np.float32)
-    for n, t in enumerate(texts):
-        ids, tf = _tf(t, n_buckets)
+    emb = np.zeros((len(tfs), dim), dtype=np.float32)
+    for n, (ids, tf) in enumerate(tfs):
         emb[n] = (tf * idf[ids]).astype(np.float32) @ proj[ids]
     return normalize(emb)
 
 
 def tfidf_embeddings(texts, dim=256, n_buckets=1 << 16, seed=0):
-    """texts -> (N, dim) float32 unit rows: hashed uni/bigram TF-IDF (sublinear tf), random projection."""
-    texts = list(texts)
-    df, n = document_frequencies(texts, n_buckets)
-    return tfidf_transform(texts, df, n, dim, seed)
+    """texts -> (N, dim) float32 unit rows: hashed uni/bigram TF-IDF (sublinear tf), random projection.
+    Each text is hashed once: its (bucket ids, tf) serve both the document frequencies and its row."""
+    tfs = [_tf(t, n_buckets) for t in texts]
+    df, n = _document_frequencies(tfs, n_buckets)
+    return _tfidf_transform(tfs, df, n, dim, seed, None)
 
 
 def model_embeddings(model, tokenizer, texts, max_len=256):
