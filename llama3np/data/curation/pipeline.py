@@ -9,7 +9,8 @@
               a document is removed by the first stage that removes it. Texts are streamed from the
               raw shards (TextStream), never held whole: in memory stay per-document columns (Records,
               ~30 bytes), the signatures (896 bytes) and SemDeDup's embeddings; line dedup holds one
-              bucket and writes its rewritten texts to _work/lines/
+              bucket and writes its rewritten texts to _work/lines/; token KL without a reference
+              leaves its first pass's token ids in _work/token_kl/ for its second
                                                             -> _work/decisions.npz, decisions.json
     write     kept/kept_*.jsonl, removed/removed_*.jsonl (with metadata.removed_by and .reason),
               written as the raw shards stream past; report.json, report.md, funnel/score/S-curve plots
@@ -315,29 +316,52 @@ def stage_line_dedup(stream, alive, p, remove, lines_removed):
 
 def stage_token_kl(stream, alive, p, chunk_size):
     """-> (global indices, scores, threshold). q and the clean curve from the reference text if given
-    (read whole: it is small), else from a first streamed pass over the corpus."""
+    (read whole: it is small), else from a first streamed pass over the corpus, which leaves each
+    chunk's token ids on disk for the scoring pass: every document is tokenized once."""
     tok = token_kl.default_tokenizer()
     vocab = tok.n_words
+    chunks = ((np.array([g for g, _ in c], dtype=np.int64), token_kl.token_ids([t for _, t in c], tok))
+              for c in stream.chunks(alive, chunk_size))  # (global indices, token ids per document)
     if p["reference"]:
         ref = token_kl.token_ids([d.text for d in read_documents(p["reference"])], tok)
         counts, curve_ids = token_kl.corpus_counts(ref, vocab), ref[:token_kl.CURVE_DOCS]
     else:
-        counts, curve_ids = np.zeros(vocab), []
-        for chunk in stream.chunks(alive, chunk_size):
-            ids = token_kl.token_ids([t for _, t in chunk], tok)
+        counts, curve_ids, paths = np.zeros(vocab), [], []
+        (stream.work / "token_kl").mkdir(exist_ok=True)
+        for k, (g, ids) in enumerate(chunks):
             counts += token_kl.corpus_counts(ids, vocab)
             curve_ids += ids[:token_kl.CURVE_DOCS - len(curve_ids)]
+            paths.append(_save_token_ids(stream.work / "token_kl" / f"chunk_{k:05d}.npz", g, ids))
+        chunks = (_load_token_ids(path) for path in paths)
     curve = token_kl.clean_curve(curve_ids, counts) if p["length_aware"] else None
     q = token_kl.smoothed_q(counts)
     gs, scores = [], []
-    for chunk in stream.chunks(alive, chunk_size):
-        ids = token_kl.token_ids([t for _, t in chunk], tok)
+    for g, ids in chunks:
         s = token_kl.adjusted_scores(ids, counts, curve, q) if curve else token_kl.kl_scores(ids, counts, q)
-        gs += [g for g, _ in chunk]
+        gs += g.tolist()
         scores.append(s)
+    if not p["reference"]:
+        (stream.work / "token_kl").rmdir()  # its files were deleted as they were read
     scores = np.concatenate(scores) if scores else np.zeros(0)
     thr = token_kl.robust_threshold(scores, p["z"]) if p["threshold"] is None else float(p["threshold"])
     return gs, scores, thr
+
+
+def _save_token_ids(path, g, ids):
+    """One chunk's global indices and token ids per document -> path (.npz; the ids as uint32, 4 bytes a
+    token: Llama 3's 128,256 ids fit)."""
+    atomic_write(path, lambda f: np.savez(f, g=g, ids=np.concatenate(ids).astype(np.uint32),
+                                          lens=np.array([len(i) for i in ids], dtype=np.int64)))
+    return path
+
+
+def _load_token_ids(path):
+    """_save_token_ids's file -> (global indices, token ids (int64) per document); the file is deleted: it
+    is read once, and the corpus's tokens need not stay on disk."""
+    with np.load(path) as z:
+        g, ids, lens = z["g"], z["ids"].astype(np.int64), z["lens"]
+    path.unlink()
+    return g, np.split(ids, np.cumsum(lens)[:-1])
 
 
 def stage_embeddings(stream, alive, p, chunk_size):
