@@ -25,6 +25,7 @@ from ..generation import sample_batch
 from ..optim import AdamW
 from . import losses
 from .logprobs import forward_logits, token_logps
+from .reward_model import reply_span
 from .stage import StageRun, run_steps, step_rng, update
 
 
@@ -123,8 +124,8 @@ def ppo_iteration(policy, value_model, ref_model, reward_model, prompts, cfg, op
     old_logps = token_logps(policy, tokens) * mask
     ref_logps = token_logps(ref_model, tokens) * mask
     old_values = shifted_values(value_model.values(tokens).astype(np.float64)) * mask
-    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # (B,) the last reply token of each row
-    scores = reward_model.rewards(tokens, last, first=np.clip(np.argmax(mask, axis=1), 1, last))
+    first, last = reply_span(mask)  # (B,) each row's first and last reply token
+    scores = reward_model.rewards(tokens, last, first=first)
     has_eos = np.array([len(r) > 0 and r[-1] == eot for r in replies])
     scores = np.where(has_eos, scores, scores - cfg.missing_eos_penalty)
     # 3. per-token rewards: the KL penalty everywhere, the score at the end

@@ -151,6 +151,15 @@ def reply_first(prompts):
     return np.array([len(p) for p in prompts])
 
 
+def reply_span(mask):
+    """response mask (B, T) bool, True on each row's reply tokens -> (first, last) (B,): the index of each
+    reply's first and last token: for a prompt and a reply, reply_first(prompts) and rows()'s `last`. A row
+    without a reply (its prompt already filled max_seq_len) gets last = T - 1 and first = 1 (T > 1): the
+    bounds 1 <= first <= last that pool_weights asks of every row."""
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    return np.clip(np.argmax(mask, axis=1), 1, last), last
+
+
 def rows(prompts, replies, pad_id=0):
     """Prompt and reply id lists -> tokens (B, T) right-padded, last (B,) the index of each row's last token."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, replies)]
