@@ -25,7 +25,7 @@ from ..generation import sample_batch
 from ..optim import AdamW
 from . import losses
 from .logprobs import forward_logits, token_logps
-from .reward_model import reply_span
+from .reward_model import reply_first, reply_span, rows
 from .stage import StageRun, run_steps, step_rng, update
 
 
@@ -68,15 +68,11 @@ class AdaptiveKLController:
 
 
 def rollout_rows(prompts, replies, pad_id=0):
-    """-> tokens (B, T) right-padded, response mask (B, T) on the reply tokens (the actions)."""
-    seqs = [list(p) + list(r) for p, r in zip(prompts, replies)]
-    T = max(len(s) for s in seqs)
-    tokens = np.full((len(seqs), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=bool)
-    for b, (p, s) in enumerate(zip(prompts, seqs)):
-        tokens[b, :len(s)] = s
-        mask[b, len(p):len(s)] = True
-    return tokens, mask
+    """-> tokens (B, T) right-padded (the reward model's rows), response mask (B, T) on the reply tokens (the
+    actions): positions len(prompt) .. len(prompt) + len(reply) - 1."""
+    tokens, last = rows(prompts, replies, pad_id)
+    t = np.arange(tokens.shape[1])
+    return tokens, (t >= reply_first(prompts)[:, None]) & (t <= last[:, None])
 
 
 def shifted_values(v):
