@@ -33,6 +33,18 @@ def atomic_write(path, write) -> None:
     fsync_dir(folder)
 
 
+def remove_stale_temporaries(folder) -> int:
+    """Delete the `.NAME.XXXX.tmp` files a killed writer left in `folder` (recursively) -> how many. Call it
+    when a run resumes, before anything writes: a live writer's temporary would be deleted too."""
+    n = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(root, name))
+                n += 1
+    return n
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 

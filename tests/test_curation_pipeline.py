@@ -309,3 +309,15 @@ def test_line_dedup_in_buckets_on_disk_gives_the_in_memory_result(tmp_path):
             for line in f.read_text().splitlines()}
     assert [docs[f"d{i:03d}"] for i in range(40)] == expected
     assert report["kept"] + report["removed"] == 40 and len(list((tmp_path / "out" / "kept").glob("*.jsonl"))) >= 2
+
+
+def test_a_rerun_removes_the_temporaries_a_killed_run_left(corpus, tmp_path):
+    """A SIGKILL inside an atomic write leaves `.NAME.XXXX.tmp` (never a half-written NAME): the rerun deletes it."""
+    d, _ = corpus
+    out = tmp_path / "k"
+    (out / "_work").mkdir(parents=True)
+    (out / ".funnel.png.abc123.tmp").write_bytes(b"half")
+    (out / "_work" / ".shard.jsonl.x.tmp").write_bytes(b"half")
+    curate(d / "in", out, CurateConfig(shard_size=60, params=_params(d), progress=False))
+    assert _tree_bytes(out) == _tree_bytes(d / "out")
+    assert not list(out.rglob("*.tmp"))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...fileio import atomic_write, atomic_write_bytes
+from ...fileio import atomic_write, atomic_write_bytes, remove_stale_temporaries
 from . import exact_dedup, line_dedup, minhash, token_kl
 from .c4_quality import C4QualityFilter
 from .fineweb_quality import FineWebQualityFilter
@@ -610,6 +610,7 @@ def curate(input_path, out, cfg=None, workers=1, comm=None):
     work = out / "_work"
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # a killed run's half-written files (never under their real names)
         key_file, key = work / "config.json", {"config": _config_key(cfg), "input": str(Path(input_path).resolve())}
         error = None
         if key_file.exists() and json.loads(key_file.read_text()) != key:
