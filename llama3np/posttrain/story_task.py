@@ -301,9 +301,9 @@ def series_document(seed, n_stories=(2, 3), p_keep=0.7):
 
 def synopsis(demands):
     """A one-line summary naming some of a story's features, as a book's blurb does: "A story about a girl named
-    Lily who lives by the sea and meets a fox. It ends with a lesson." Not the instruction's wording (and no chat
-    format): what pre-training teaches is to read a summary and write what it names; SFT teaches to take an
-    instruction as one."""
+    Lily who lives by the sea and meets a fox. It ends with a lesson." A description, not a request, and no chat
+    format: pre-training teaches to read a summary and write what it names; SFT teaches to read an instruction
+    as one."""
     d = dict(demands)
     subject = f"a {d['name'][0]} named {d['name'][1]}" if "name" in d else "a child"
     say = {"home": "lives {}", "hobby": "loves to {}", "pet": "loses a {}", "thing": "finds a {}",
