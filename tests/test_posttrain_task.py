@@ -111,7 +111,7 @@ def test_synopsis_documents_name_features_the_story_then_has():
         assert head.startswith("A story about ") and T.parse(story)[1]
         features = T.demands_of(story)
         said = [d for d in features if _says(head, d)]
-        assert said, (head, features)
+        assert said and head == T.synopsis(said), (head, features)  # it names these of the story's, nothing else
         named.append(len(said))
     assert max(named) > min(named)  # 1 to 5 features named, not always the same number
 
@@ -133,6 +133,7 @@ def test_pretraining_documents_mix_and_bad_fractions():
 def test_restricted_kinds_draw_their_plots_every_time_and_n_demands_is_checked():
     ins = T.instructions(40, seed=3, kinds=("home", "pet"))
     assert all({k for k, _ in i.demands} == {"home", "pet"} for i in ins)  # pet was drawn 1 time in 4 before
+    assert {len(i.demands) for i in T.instructions(40, seed=3, sizes=(4, 5))} == {4, 5}
     with pytest.raises(ValueError, match="n_demands must be 1 to 5"):
         T.make_instruction(random.Random(0), n_demands=6)
 

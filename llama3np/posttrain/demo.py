@@ -39,7 +39,7 @@ class DemoConfig:
     # pre-training documents in which reading back pays (stories and summaries of them, never an instruction):
     # synopses ("A story about a girl named Lily who meets a fox." then the story) and series of 2-3 stories that
     # share features; documents masked from each other (Llama 3's document mask). At 400 steps the base model then
-    # prefers the summarised home 0.54 of the time (chance 1/6), without the mask or synopses never (0.17)
+    # prefers the summarised home 0.54 of the time (chance 1/6); synopses without the mask: 0.17
     synopsis_fraction: float = 0.7
     series_fraction: float = 0.1
     demand_kinds: tuple = None  # None: every kind of story_task.DEMAND_KINDS; else only these
