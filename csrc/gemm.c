@@ -717,16 +717,22 @@ __attribute__((target("avx2,fma"))) INLINE void avx2_dots(const float *x, const 
     }
 }
 
-__attribute__((target("avx2,fma")))
-static void dot_rows_avx2(const float *x, const float *w, long ldw, long gap, int n, int K, float *out) {
-    int s = 0;
-    if (n == STREAMS) {
-        avx2_dots(x, w, gap * ldw, STREAMS, K, out);
-        return;
+/* The row driver of one instruction set, compiled under its own target so that each ISA##_dots call
+ * inlines with S a constant (its accumulators in registers): eight far-apart rows at once, else four,
+ * then one by one. */
+#define DOT_ROWS_DRIVER(ISA, TARGET)                                                                     \
+    __attribute__((target(TARGET))) static void dot_rows_##ISA(const float *x, const float *w, long ldw, \
+                                                               long gap, int n, int K, float *out) {    \
+        if (n == STREAMS) {                                                                              \
+            ISA##_dots(x, w, gap * ldw, STREAMS, K, out);                                                \
+            return;                                                                                      \
+        }                                                                                                \
+        int s = 0;                                                                                       \
+        for (; s + 4 <= n; s += 4) ISA##_dots(x, w + s * gap * ldw, gap * ldw, 4, K, out + s);           \
+        for (; s < n; s++) ISA##_dots(x, w + s * gap * ldw, 0, 1, K, out + s);                           \
     }
-    for (; s + 4 <= n; s += 4) avx2_dots(x, w + s * gap * ldw, gap * ldw, 4, K, out + s);
-    for (; s < n; s++) avx2_dots(x, w + s * gap * ldw, 0, 1, K, out + s);
-}
+
+DOT_ROWS_DRIVER(avx2, "avx2,fma")
 
 /* AVX-512: the same with 16 lanes, eight rows at once (8 of the 32 zmm registers); the last K % 16
  * floats by a masked load, which reads only the lanes it keeps. */
@@ -745,16 +751,7 @@ __attribute__((target("avx512f"))) INLINE void avx512_dots(const float *x, const
     for (int s = 0; s < S; s++) out[s] = _mm512_reduce_add_ps(c[s]);
 }
 
-__attribute__((target("avx512f")))
-static void dot_rows_avx512(const float *x, const float *w, long ldw, long gap, int n, int K, float *out) {
-    int s = 0;
-    if (n == STREAMS) {
-        avx512_dots(x, w, gap * ldw, STREAMS, K, out);
-        return;
-    }
-    for (; s + 4 <= n; s += 4) avx512_dots(x, w + s * gap * ldw, gap * ldw, 4, K, out + s);
-    for (; s < n; s++) avx512_dots(x, w + s * gap * ldw, 0, 1, K, out + s);
-}
+DOT_ROWS_DRIVER(avx512, "avx512f")
 
 /* Four rows of x at once (a prefill of several tokens): out[i * STREAMS + s] = x_i . w_s, x_i = x + i * ldx.
  * Each load of w feeds four FMAs instead of one, so the loads no longer limit the speed. Four rows of w
