@@ -69,6 +69,10 @@ def matmul(a, b):
 
 # ops.linear_* with the products on the C kernels when they are active (the reshapes are the op's own)
 def linear_forward(x, weight):
+    # the model's case (dense float32, x not empty) goes to C with fewer checks: ~60 calls per decode step
+    if (_backend == "c" and x.size and kernels.tuned_matmul() and kernels.dense(x, weight) and weight.ndim == 2
+            and x.shape[-1] == weight.shape[1]):
+        return kernels.linear_dense(x, weight), (x, weight)
     return ops.linear_forward(x, weight, matmul)
 
 

@@ -77,3 +77,18 @@ def test_decode_product_reads_a_strided_x_and_a_sliced_weight_in_place():
     big_w = rng.standard_normal((70, 600)).astype(np.float32)
     x, w = big_x[:, :513], big_w[3:67, :513]  # rows 600 floats apart
     assert np.array_equal(kernels.matmul(x, w.T), kernels.matmul(np.ascontiguousarray(x), np.ascontiguousarray(w).T))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 512), (2, 3, 100), (1, 0, 64), (0, 64), (5, 17)])
+def test_the_models_linear_short_path_gives_matmuls_bits(shape):
+    """backend.linear_forward sends dense float32 x and weight to kernels.linear_dense (fewer checks, for a
+    decode step's ~60 calls): the same bits and shape as matmul(x2, weight.T), empty inputs included."""
+    from llama3np import backend
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((300, shape[-1])).astype(np.float32)
+    y, cache = backend.linear_forward(x, w)
+    want = kernels.matmul(x.reshape(-1, shape[-1]), w.T).reshape(shape[:-1] + (300,))
+    assert y.shape == want.shape and y.dtype == np.float32 and np.array_equal(y, want)
+    assert cache[0] is x and cache[1] is w
