@@ -637,7 +637,9 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
 /* of rows of B scaled by A[i, p]. Threads take chunks of columns of C.                              */
 
 #define SMALL_M 16   /* up to this many rows of A streaming beats packing (measured, M = 1..32, K = N = 2048) */
-#define SMALL_CHUNK 256
+#define SMALL_CHUNK 256 /* columns of C per task (rows of the stored B^T) */
+#define MIN_CHUNK 64     /* ... at least, when several threads share a product */
+#define GEMV_BYTES_PER_THREAD 262144.0 /* of B, for each thread of a product of 1-3 rows of A */
 #define STREAMS 8    /* rows of B^T the GEMV kernels read at once, far apart (see below) */
 #define STREAMS_M 4  /* ... for fewer rows of A than this (memory-bound); for more, ROWS adjacent ones, */
 #define ROWS 4       /* which stay in L1 while every row of A reads them (eight measured slower at M = 16) */
@@ -818,6 +820,7 @@ typedef struct {
     dot_rows_fn dot_rows;
     dot_rows_x4_fn dot_rows_x4;
     const vec_ops_t *vec;
+    int chunk; /* columns of C per task */
     int next_chunk;
 } small_m_ctx;
 
@@ -852,9 +855,9 @@ static void small_m_thread(void *arg, int tid, int nthreads, barrier_t *barrier)
     small_m_ctx *g = (small_m_ctx *)arg;
     const int K = g->K;
     for (;;) {
-        int n0 = __atomic_fetch_add(&g->next_chunk, 1, __ATOMIC_RELAXED) * SMALL_CHUNK;
+        int n0 = __atomic_fetch_add(&g->next_chunk, 1, __ATOMIC_RELAXED) * g->chunk;
         if (n0 >= g->N) break;
-        int n1 = n0 + SMALL_CHUNK < g->N ? n0 + SMALL_CHUNK : g->N;
+        int n1 = n0 + g->chunk < g->N ? n0 + g->chunk : g->N;
         if (g->trans_b) {
             if (g->M < STREAMS_M) {
                 /* the chunk's rows of B^T as STREAMS streams: rows r, r + gap, ..., r + 7 gap for r < gap,
@@ -897,27 +900,39 @@ static int sgemm_small_m(int nthreads, int trans_a, int trans_b, int M, int N, i
     }
     const int isa = current_isa();
     small_m_ctx g = {trans_b, M, N, K, accumulate, a ? a : A, a ? K : lda, B, ldb, ldc, C, DOT_ROWS[isa],
-                     DOT_ROWS_X4[isa], vec_ops(isa), 0};
-    parallel_run(nthreads, small_m_thread, &g);
+                     DOT_ROWS_X4[isa], vec_ops(isa), SMALL_CHUNK, 0};
+    if (nthreads > 1) {
+        /* at least two chunks per thread, so that a thread that starts late finds work to share, and the
+         * caller is never left waiting long for one that took the last (rows of a chunk a multiple of
+         * STREAMS, at least MIN_CHUNK) */
+        int c = (N + 2 * nthreads - 1) / (2 * nthreads);
+        c = (c + STREAMS - 1) / STREAMS * STREAMS;
+        g.chunk = c < MIN_CHUNK ? MIN_CHUNK : (c < SMALL_CHUNK ? c : SMALL_CHUNK);
+    }
+    /* the chunks are taken from a shared counter, so the caller can do them all: a helper thread that
+     * has not started when it is done is not waited for (a busy machine may give it a core only
+     * milliseconds later, 20-100x the GEMV) */
+    parallel_run_helpers(nthreads, small_m_thread, &g);
     free(a);
     return 0;
 }
 
 int sgemm(int trans_a, int trans_b, int M, int N, int K, const float *A, long lda, const float *B, long ldb,
           float *C, long ldc, int accumulate) {
-    /* waking a sleeping worker costs ~10-50 us: only worth it above ~4 MFLOP of work per extra thread */
-    double flops = 2.0 * M * N * K;
     int nthreads = g_num_threads;
-    while (nthreads > 1 && flops < 4e6 * nthreads) nthreads--;
-    if (M <= SMALL_M && N > 0 && K > 0) {
-        /* With 1-3 rows of A each value of B is used at most 3 times: the product is bound by memory,
-         * not by FLOPs, and a second core added little bandwidth here (33 vs 32 GB/s streaming 256 MB)
-         * while its start made a `small` decode step slower (5.2 vs 4.7 ms in its 57 products), so
-         * those use more threads only for a B of over 64 MB per thread. */
-        if (M < 4)
-            while (nthreads > 1 && (double)N * K * sizeof(float) < 64e6 * nthreads) nthreads--;
+    if (M < STREAMS_M && N > 0 && K > 0) {
+        /* 1-3 rows of A (a decode step): each value of B is used at most 3 times, so the product is bound
+         * by reading B, and a thread is worth it when it has enough of B to read: a helper spinning in
+         * the pool starts within a microsecond, and one that has not started by the end is not waited
+         * for (sgemm_small_m) */
+        while (nthreads > 1 && (double)N * K * sizeof(float) < GEMV_BYTES_PER_THREAD * nthreads) nthreads--;
         return sgemm_small_m(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
     }
+    /* waking a sleeping worker costs ~10-50 us: only worth it above ~4 MFLOP of work per extra thread */
+    double flops = 2.0 * M * N * K;
+    while (nthreads > 1 && flops < 4e6 * nthreads) nthreads--;
+    if (M <= SMALL_M && N > 0 && K > 0)
+        return sgemm_small_m(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
     return sgemm_team(nthreads, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 

@@ -28,4 +28,11 @@ void barrier_wait(barrier_t *b);
  * Returns the number of threads that ran. */
 int parallel_run(int nthreads, void (*fn)(void *arg, int tid, int nthreads, barrier_t *barrier), void *arg);
 
+/* The same for work that the caller can finish alone (fn takes its tasks from a shared counter and never
+ * waits at the barrier): a helper that has not started by the time the caller's fn returns is dropped
+ * instead of waited for. On a machine whose other cores are busy a woken thread may wait milliseconds
+ * for a core, which for a GEMV of ~50 us would cost far more than it saves. Returns the number of threads
+ * that ran fn (at least 1). */
+int parallel_run_helpers(int nthreads, void (*fn)(void *arg, int tid, int nthreads, barrier_t *barrier), void *arg);
+
 #endif

@@ -8,7 +8,8 @@
  * micro-kernel this CPU runs (tests/portability.sh runs it on arm64 under qemu: NEON there) is checked:
  * matmul against the triple loop, and attention (with and without document masks) against the
  * portable kernel's, which the Python tests check against the NumPy reference. The elementwise kernels
- * run at 1-3 threads and must give the same bits.
+ * run at 1-3 threads and must give the same bits, and so must the decode GEMVs, whose helper threads
+ * may be dropped when they start late (parallel_run_helpers).
  */
 #include <math.h>
 #include <pthread.h>
@@ -163,6 +164,35 @@ static int elementwise_runs(void) {
     return bad;
 }
 
+/* Decode-sized products (1-3 rows of A, B stored transposed) at 1, 2 and 3 threads, many calls in a row:
+ * helpers that start late are dropped (parallel_run_helpers) and the next call must still run right.
+ * Every call must give the bits of the one-thread call. */
+static int gemv_runs(void) {
+    enum { GM = 3, GN = 2000, GK = 300 };
+    float *a = malloc(sizeof(float) * GM * GK), *b = malloc(sizeof(float) * GN * GK);
+    float *ref = malloc(sizeof(float) * GM * GN), *c = malloc(sizeof(float) * GM * GN);
+    for (int i = 0; i < GM * GK; i++) a[i] = sinf(0.3f * (float)i);
+    for (int i = 0; i < GN * GK; i++) b[i] = cosf(0.7f * (float)i);
+    int bad = 0;
+    for (int m = 1; m <= GM; m++) {
+        set_num_threads(1);
+        sgemm(0, 1, m, GN, GK, a, GK, b, GK, ref, GN, 0);
+        for (int n = 2; n <= 3; n++) {
+            set_num_threads(n);
+            for (int r = 0; r < 200; r++) {
+                sgemm(0, 1, m, GN, GK, a, GK, b, GK, c, GN, 0);
+                if (memcmp(ref, c, sizeof(float) * m * GN) != 0) {
+                    fprintf(stderr, "GEMV of %d rows differs at %d threads\n", m, n);
+                    bad = 1;
+                    break;
+                }
+            }
+        }
+    }
+    free(a), free(b), free(ref), free(c);
+    return bad;
+}
+
 int main(void) {
     double worst = 0;
     for (int n = 1; n <= 4; n++) { /* teams of every size, the pool growing and shrinking its use */
@@ -179,6 +209,7 @@ int main(void) {
     worst = fmax(worst, fmax(w1, w2));
     if (attention_runs() != 0) return fprintf(stderr, "attention failed\n"), 1;
     if (elementwise_runs() != 0) return 1;
+    if (gemv_runs() != 0) return 1;
     worst = fmax(worst, check_every_isa());
     pid_t child = fork(); /* the child has no workers: the pool must start its own */
     if (child == 0) _exit(check_matmul(99) < 1e-4 ? 0 : 1);
