@@ -639,7 +639,10 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
 #define SMALL_M 16   /* up to this many rows of A streaming beats packing (measured, M = 1..32, K = N = 2048) */
 #define SMALL_CHUNK 256 /* columns of C per task (rows of the stored B^T) */
 #define MIN_CHUNK 64     /* ... at least, when several threads share a product */
-#define GEMV_BYTES_PER_THREAD 262144.0 /* of B, for each thread of a product of 1-3 rows of A */
+/* of B, for each thread of a product of 1-3 rows of A: 2 threads on 256 KB were 1.09-1.19x one (from L3)
+ * and 1.26-1.39x (from memory), on 128 KB 0.84-0.92x and 0.92-1.23x (Zen 4, x @ w.T for w (256, 256),
+ * (128, 512), (128, 256), (64, 512)) */
+#define GEMV_BYTES_PER_THREAD 131072.0
 #define STREAMS 8    /* rows of B^T the GEMV kernels read at once, far apart (see below) */
 #define STREAMS_M 4  /* ... for fewer rows of A than this (memory-bound); for more, ROWS adjacent ones, */
 #define ROWS 4       /* which stay in L1 while every row of A reads them (eight measured slower at M = 16) */
