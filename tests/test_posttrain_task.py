@@ -156,8 +156,8 @@ def test_checker_pairs_rank_the_policys_replies_and_never_pair_ties():
     from llama3np.posttrain.demo import checker_pairs
 
     rm_pairs, dpo_pairs = checker_pairs([[1], [2]], [[[10], [11], [12]], [[20], [21]]], [[0.5, 1.0, 0.5], [0.5, 0.5]])
-    assert rm_pairs == [([1], [11], [10])]  # 1.0 > 0.5 (the first reply of score 0.5); the tied prompt gives none
-    assert dpo_pairs == [([1], [11], [10])]
+    assert rm_pairs == [([1], [11], [10]), ([1], [11], [12])]  # 1.0 > each 0.5; the tied prompt gives none
+    assert dpo_pairs == [([1], [11], [10])]  # best vs worst (the first reply of score 0.5)
 
 
 def test_minimal_pairs_share_every_decision_but_the_demands(fmt):

@@ -55,11 +55,13 @@ class DemoConfig:
     rm_batch: int = 12
     rm_lr: float = 3e-4
     rm_pooling: str = "mean"
-    rm_prompts: int = 64  # training prompts whose SFT samples (rm_k each), ranked by the checker, train the RM
-    rm_k: int = 4
+    # training prompts whose SFT samples (rm_k each), every pair of different true scores, train the RM beside the
+    # minimal edits: 64 x 4 samples (~300 pairs), RM-checker agreement on SFT samples 0.53; 128 x 8 (~1300) 0.62
+    rm_prompts: int = 128
+    rm_k: int = 8
     n_eval_pairs: int = 100
     rs_prompts: int = 64
-    rs_k: int = 8  # the RM's pick is truest at N = 4 and worse from 8 on (more samples find more of the RM's errors)
+    rs_k: int = 16  # best of N for N = 1, 2, 4, ... 16 (more samples also find more of the RM's errors)
     rs_sft_steps: int = 60  # on the winners mixed with as many of the SFT examples (Llama 3 mixes them)
     dpo_steps: int = 60
     dpo_batch: int = 8
@@ -163,12 +165,14 @@ def minimal_pairs(fmt, instructions, seed):
 def checker_pairs(prompts, replies, true_scores):
     """-> (rm_pairs, dpo_pairs) from the policy's own samples, ranked by the exact checker (this task's
     annotator): Llama 3 collects its preference data each round from the current models' samples, so the RM
-    and DPO see the replies they will judge. RM: every ordered pair of distinct scores; DPO: best vs worst."""
+    and DPO see the replies they will judge. RM: every pair of replies with different true scores (InstructGPT
+    trains on all K-choose-2 comparisons of a prompt: with K = 8 that is ~10 pairs a prompt where one reply per
+    distinct score gives ~2); DPO: best vs worst."""
     rm_pairs, dpo_pairs = [], []
     for prompt, rs, ts in zip(prompts, replies, true_scores):
+        rm_pairs += [(prompt, rs[i], rs[j]) for i in range(len(rs)) for j in range(len(rs)) if ts[i] > ts[j]]
         ranked = rank_by_score(rs, list(ts))
         if len(ranked) >= 2:
-            rm_pairs += ranked_pairs(prompt, ranked)
             dpo_pairs.append((prompt, ranked[0], ranked[-1]))
     return rm_pairs, dpo_pairs
 
@@ -305,13 +309,21 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     rm_train = minimal_pairs(fmt, train_ins, cfg.seed + 3) + rm_pol
     say(f"  preference pairs: RM {len(rm_train) - len(rm_pol)} minimal edits + {len(rm_pol)} from "
         f"{len(pol_replies) * cfg.rm_k} SFT samples; DPO {len(dpo_pairs)} built-in + {len(dpo_pol)} from those samples")
-    # reward model, from the SFT model, on minimal edits (home/hobby/ending task, one run each: built-in pairs and
-    # samples 0.72 held-out, minimal edits alone 0.84, minimal edits and samples 0.75)
+    # reward model, from the SFT model (from the base: worse on every measure), on minimal edits and the SFT samples.
+    # Minimal edits alone teach it to spot a demand where the rest of the story is equal (held-out such pairs 0.94)
+    # but not across stories (the SFT model's own pairs ~0.55): there everything else differs too, and the SFT
+    # model's misses are the demanded word in the wrong role ("a boy named Leo ... his friend Max" for Max).
+    # Its own samples are those hard pairs; grammar pairs of two seeds (preference_data) did not help
     rm = RewardModel(clone_model(sft_model), seed=cfg.seed, pooling=cfg.rm_pooling)
     train_rm(rm, rm_train, out / "rm", cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, cfg.seed,
              save_every=cfg.rm_steps, progress=progress)
+    # held out, two kinds: pairs like its minimal-edit training pairs (one story, demands dropped), and the
+    # built-in pairs (two stories of other seeds: everything else differs too)
+    eval_minimal = minimal_pairs(fmt, eval_pair_ins, cfg.seed + 4)
+    figures["rm_accuracy_minimal"] = pair_accuracy(rm, eval_minimal)
     figures["rm_accuracy"] = pair_accuracy(rm, eval_rm)
-    say(f"  reward model: held-out pairwise accuracy {figures['rm_accuracy']:.3f} on {len(eval_rm)} pairs")
+    say(f"  reward model: held-out pairwise accuracy {figures['rm_accuracy_minimal']:.3f} on {len(eval_minimal)} "
+        f"minimal edits, {figures['rm_accuracy']:.3f} on {len(eval_rm)} pairs of different stories")
     # rejection sampling with the RM, then SFT on the winners
     rs_ins = train_ins[:cfg.rs_prompts]
     prompts = [chat_prompt(fmt, ins) for ins in rs_ins]
