@@ -56,7 +56,8 @@ class DemoConfig:
     rm_lr: float = 3e-4
     rm_pooling: str = "mean"
     # training prompts whose SFT samples (rm_k each), every pair of different true scores, train the RM beside the
-    # minimal edits: 64 x 4 samples (~300 pairs), RM-checker agreement on SFT samples 0.53; 128 x 8 (~1300) 0.62
+    # minimal edits: 64 x 4 samples (~300 pairs), RM-checker agreement on SFT samples 0.53; 128 x 8 (~1400) 0.57
+    # in the demo (0.62 in a separate run): still far from the checker, see issue 11
     rm_prompts: int = 128
     rm_k: int = 8
     n_eval_pairs: int = 100
@@ -311,9 +312,9 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
         f"{len(pol_replies) * cfg.rm_k} SFT samples; DPO {len(dpo_pairs)} built-in + {len(dpo_pol)} from those samples")
     # reward model, from the SFT model (from the base: worse on every measure), on minimal edits and the SFT samples.
     # Minimal edits alone teach it to spot a demand where the rest of the story is equal (held-out such pairs 0.94)
-    # but not across stories (the SFT model's own pairs ~0.55): there everything else differs too, and the SFT
-    # model's misses are the demanded word in the wrong role ("a boy named Leo ... his friend Max" for Max).
-    # Its own samples are those hard pairs; grammar pairs of two seeds (preference_data) did not help
+    # but not across stories (the SFT model's own pairs ~0.55), where the rest differs too and outweighs the
+    # demand (a minimal pair cancels it, so nothing taught the RM to ignore it). Pairs of its own samples teach
+    # that; grammar pairs of two seeds (preference_data) did not help
     rm = RewardModel(clone_model(sft_model), seed=cfg.seed, pooling=cfg.rm_pooling)
     train_rm(rm, rm_train, out / "rm", cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, cfg.seed,
              save_every=cfg.rm_steps, progress=progress)
