@@ -99,12 +99,12 @@ def test_cross_entropy_rows_and_backward_equal_the_float64_reference(rows, V, sp
     scale = (rng.random(rows) / rows).astype(np.float32)
     d = kernels.cross_entropy_backward(logits, targets, lse, scale)
     # the backward given its inputs: p from the kernel's own float32 lse (whose error, checked above, p would
-    # carry: 1e-7 in lse is 1e-7 in p ~ 1), so what is left is a few roundings of p in [0, 1], times the scale
+    # carry: 1e-7 in lse is 1e-7 in p ~ 1), so what is left is a few roundings of p (or p - 1) in [-1, 1], times
+    # the row's scale: within 2 float32 epsilons of it (measured over 9000 random cases: at most 0.70)
     p64 = np.exp(logits.astype(np.float64) - lse.astype(np.float64)[:, None])
     p64[np.arange(rows), targets] -= 1
-    want, tol = p64 * scale[:, None], 4 * np.finfo(np.float32).eps * scale[:, None] + 1e-5 * np.abs(p64 * scale[:, None])
-    err = np.abs(d.astype(np.float64) - want)
-    assert np.all(err <= tol), f"dlogits: worst error {err.max():.3g} where the bound is {tol.ravel()[err.argmax()]:.3g}"
+    err, bound = np.abs(d.astype(np.float64) - p64 * scale[:, None]), 2 * np.finfo(np.float32).eps * scale[:, None]
+    assert np.all(err <= bound), f"dlogits: error {err.max():.3g}, bound {bound.min():.3g}"
 
 
 def test_rope_and_swiglu_backward_and_adamw_give_numpys_bits_exactly():
