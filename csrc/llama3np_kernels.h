@@ -86,4 +86,17 @@ void adamw_update(float *p, const float *g, float *m, float *v, long n, float de
                   float one_minus_beta1, float beta2, float one_minus_beta2, float sqrt_bc2, float eps,
                   float step_size);
 
+/* ---- one decode step of a transformer block (decode.c) ---------------------------------------- */
+/* model.block_forward for one new position of B sequences against a KV cache, in one call: the same
+ * kernels in the same order, the same bits. x and out (B, dim); the weights row-major as model.params
+ * holds them: wq (H*hd, dim), wk and wv (KV*hd, dim), wo (dim, H*hd), w1 and w3 (hidden, dim), w2
+ * (dim, hidden), the norms (dim,). cache_k and cache_v (>= B, KV, L, hd) contiguous: this step's key
+ * and value are written at position pos < L and the query attends to positions 0..pos. cos and sin
+ * (hd/2,): the angles of position pos. kv_start NULL or (B,), as attention_forward's. Returns -1 when
+ * out of memory. */
+int block_decode(const float *x, float *out, int B, int dim, int H, int KV, int hd, int hidden, const float *wq,
+                 const float *wk, const float *wv, const float *wo, const float *w1, const float *w2,
+                 const float *w3, const float *attention_norm, const float *ffn_norm, float eps, float *cache_k,
+                 float *cache_v, int L, int pos, const float *cos, const float *sin, const int *kv_start);
+
 #endif

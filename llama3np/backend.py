@@ -88,6 +88,18 @@ def linear_backward_weight(dout, cache):
     return ops.linear_backward_weight(dout, cache, matmul)
 
 
+def block_decode(layer, x, rope, args, start_pos, cache_k, cache_v, kv_start=None):
+    """One new position (x (B, 1, dim)) through a block against its KV cache in one C call
+    (kernels.block_decode: block_forward's kernels in its order, the same bits) -> out (B, 1, dim); or None
+    when the C path would not run every op of that block (another backend, float64, no tuned micro-kernel,
+    an array the kernels do not read in place): then the caller runs model.block_forward op by op."""
+    if not (_backend == "c" and kernels.tuned_matmul() and kernels.dense(x, cache_k, cache_v, *layer)):
+        return None
+    cos, sin = rope
+    return kernels.block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, args.norm_eps, args.n_heads,
+                                kv_start)
+
+
 def routes() -> dict:
     """{"matmul": ..., "attention": ..., "elementwise": ...}: where float32 work goes now, in words
     (`llama3np doctor`)."""

@@ -11,6 +11,9 @@ tiles before a query block's first visible key are skipped, so packed rows cost 
     cross_entropy_rows / cross_entropy_backward, adamw_update
                                                        the elementwise work of a training step, fused and
                                                        threaded (csrc/elementwise.c; see their section)
+    kernels.block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, kv_start=None)
+                                                       a whole block for one new token against a KV cache,
+                                                       in one call (csrc/decode.c): block_forward's bits
 Micro-kernels: AVX-512, AVX2+FMA (x86-64, chosen at run time), NEON (arm64) and portable C; the
 softmax rows of the attention have their own AVX-512 / AVX2 code. `tuned_matmul()` is False on the
 portable one, and llama3np.backend then sends matrix products to NumPy's BLAS.
@@ -531,6 +534,86 @@ def rope_forward(x, cos, sin, inverse=False):
     out = np.empty((B, T, n, hd), dtype=np.float32)
     if out.size:
         lib.rope_forward(_ptr(x), xs, _ptr(cos), _ptr(-sin if inverse else sin), B, T, n, hd, _ptr(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# one decode step of a transformer block (csrc/decode.c)
+
+_BLOCK_NAMES = ("x", "cache_k", "cache_v", "cos", "sin", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "attention_norm",
+                "ffn_norm")
+
+
+def block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, kv_start=None):
+    """model.block_forward for ONE new position per sequence against a KV cache, in one C call: x (B, 1, dim)
+    -> out (B, 1, dim), this step's key and value written into cache_k, cache_v (B', n_kv_heads, L, hd),
+    B <= B', at start_pos. The same kernels in block_forward's order, so the same bits as block_forward
+    on the C backend; a decode step saves ~20 Python calls per layer.
+
+    layer: the block's nine weights in model.LAYER_PARAM_NAMES order (wq, wk, wv, wo, w1, w2, w3,
+    attention_norm, ffn_norm), shaped as model.param_shapes says; cos, sin (1, hd/2): the angles of
+    start_pos (ops.rope_cos_sin); kv_start None or (B, 1) ints in [0, start_pos]: the first key each
+    sequence may see (left padding, as attention_forward). Every array float32 and C-contiguous.
+    """
+    _require()
+    if len(layer) != 9:
+        raise ValueError(f"layer must hold the block's 9 weights (model.LAYER_PARAM_NAMES), got {len(layer)}")
+    arrays = (x, cache_k, cache_v, cos, sin, *layer)
+    for a in arrays:  # one cheap pass (a decode step makes this call in every layer); the errors below
+        if type(a) is not np.ndarray or not dense(a):
+            for b, name in zip(arrays, _BLOCK_NAMES):
+                _check_dense(b, name)
+    wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm = layer
+    if x.ndim != 3 or x.shape[1] != 1 or x.shape[0] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x must have shape (B, 1, dim) with B, dim >= 1 (one new position), got {x.shape}")
+    B, _, dim = x.shape
+    if cache_k.ndim != 4 or cache_v.shape != cache_k.shape:
+        raise ValueError(f"cache_k and cache_v must have one shape (B', n_kv_heads, L, head_dim), got "
+                         f"{cache_k.shape} and {cache_v.shape}")
+    Bc, KV, L, hd = cache_k.shape
+    H, hidden = n_heads, w1.shape[0] if w1.ndim == 2 else -1
+    if not (isinstance(H, (int, np.integer)) and KV > 0 and H > 0 and H % KV == 0 and hd > 0 and hd % 2 == 0):
+        raise ValueError(f"n_heads={H!r} must be a positive multiple of the cache's n_kv_heads={KV}, and head_dim "
+                         f"={hd} even")
+    if not isinstance(start_pos, (int, np.integer)) or isinstance(start_pos, bool):
+        raise TypeError(f"start_pos must be an int, got {start_pos!r}")
+    if B > Bc or not 0 <= start_pos < L:
+        raise ValueError(f"a batch of {B} at position {start_pos} does not fit the cache {cache_k.shape}")
+    want = ((H * hd, dim), (KV * hd, dim), (KV * hd, dim), (dim, H * hd), (hidden, dim), (dim, hidden),
+            (hidden, dim), (dim,), (dim,))
+    for w, shape, name in zip(layer, want, _BLOCK_NAMES[5:]):
+        if w.shape != shape:
+            raise ValueError(f"{name} has shape {w.shape}, expected {shape} (dim {dim}, {H} heads of {hd}, "
+                             f"hidden {hidden})")
+    if hidden < 1 or cos.shape != (1, hd // 2) or sin.shape != cos.shape:
+        raise ValueError(f"need hidden >= 1 and cos, sin of shape (1, head_dim/2) = {(1, hd // 2)}; got "
+                         f"w1 {w1.shape}, cos {cos.shape}, sin {sin.shape}")
+    if max(Bc * KV * L * hd, H * hd * dim, hidden * dim) > _INT_MAX:  # C's int sizes
+        raise ValueError(f"block_decode sizes larger than 2**31 - 1: cache {cache_k.shape}, wq {wq.shape}, "
+                         f"w1 {w1.shape}")
+    if not cache_k.flags.writeable or not cache_v.flags.writeable:
+        raise ValueError("cache_k and cache_v must be writeable (this step's key and value are written into them)")
+    if np.may_share_memory(cache_k, cache_v) or np.may_share_memory(cache_k, x) or np.may_share_memory(cache_v, x):
+        raise ValueError("cache_k, cache_v and x must not share memory (the caches are written while x is read)")
+    kvp, kv32 = ffi.NULL, None
+    if kv_start is not None:
+        kv_start = np.asarray(kv_start)
+        if kv_start.shape != (B, 1) or kv_start.dtype.kind not in "iu":
+            raise ValueError(f"kv_start must be a ({B}, 1) integer array, got shape {kv_start.shape} and dtype "
+                             f"{kv_start.dtype}")
+        if kv_start.min() < 0 or kv_start.max() > start_pos:
+            raise ValueError(f"kv_start holds key positions outside [0, {start_pos}]: min {kv_start.min()}, "
+                             f"max {kv_start.max()}")
+        kv32 = np.ascontiguousarray(kv_start, dtype=np.int32)  # kept alive during the call
+        kvp = ffi.from_buffer("int[]", kv32)
+    out = np.empty_like(x)
+    fb = ffi.from_buffer
+    status = lib.block_decode(fb("float[]", x), fb("float[]", out), B, dim, H, KV, hd, hidden, fb("float[]", wq),
+                              fb("float[]", wk), fb("float[]", wv), fb("float[]", wo), fb("float[]", w1),
+                              fb("float[]", w2), fb("float[]", w3), fb("float[]", attention_norm),
+                              fb("float[]", ffn_norm), float(eps), fb("float[]", cache_k), fb("float[]", cache_v),
+                              L, int(start_pos), fb("float[]", cos), fb("float[]", sin), kvp)
+    _check_status(status, "block_decode")
     return out
 
 

@@ -9,13 +9,15 @@ What must hold:
 - the product equals float64 NumPy within the float32 dot-product bound, on every instruction set,
   for K on both sides of the 8 / 16 / 32 / 64-float steps of the kernels (the tails) and any N;
 - a row's result does not depend on the other rows of x (a decode step gives the same bits as the
-  same token inside a small batch) nor on the number of threads (bitwise: training resumes rely on it).
+  same token inside a small batch) nor on the number of threads (bitwise: training resumes rely on it);
+- kernels.block_decode, a whole block for one new token in one call (csrc/decode.c), gives bitwise the
+  output and cache of the block run op by op, and the model's decode steps the logits of block_forward.
 
 Tolerance: |C - A@B| <= (K + 2) * 2**-24 * (|A| @ |B|), the float32 bound (see test_kernels.py).
 """
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama3np import kernels
@@ -92,3 +94,146 @@ def test_the_models_linear_short_path_gives_matmuls_bits(shape):
     want = kernels.matmul(x.reshape(-1, shape[-1]), w.T).reshape(shape[:-1] + (300,))
     assert y.shape == want.shape and y.dtype == np.float32 and np.array_equal(y, want)
     assert cache[0] is x and cache[1] is w
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels.block_decode: a whole block for one new token in one C call (csrc/decode.c)
+
+
+def _block(seed, B, dim, H, KV, hd, hidden, L, pos, in_one_block):
+    """Random float32 weights of one block (model.LAYER_PARAM_NAMES order: wq, wk, wv, wo, w1, w2, w3,
+    the norms), side by side in one array (wq wk wv back to back, as in model.params' block: decode.c
+    stacks them into one product) or each its own; x (B, 1, dim); caches (B + 1, KV, L, hd) with random
+    earlier positions; cos, sin of position pos."""
+    from llama3np.model import _weights_in_one_block
+
+    rng = np.random.default_rng(seed)
+    shapes = {"wq": (H * hd, dim), "wk": (KV * hd, dim), "wv": (KV * hd, dim), "wo": (dim, H * hd),
+              "w1": (hidden, dim), "w2": (dim, hidden), "w3": (hidden, dim), "an": (dim,), "fn": (dim,)}
+    layer = (_weights_in_one_block(shapes, np.dtype(np.float32)) if in_one_block else
+             {k: np.empty(s, np.float32) for k, s in shapes.items()})
+    for w in layer.values():
+        w[...] = rng.standard_normal(w.shape) * (1.0 if w.ndim == 1 else dim**-0.5)
+    x = rng.standard_normal((B, 1, dim)).astype(np.float32)
+    caches = [rng.standard_normal((B + 1, KV, L, hd)).astype(np.float32) for _ in range(2)]
+    angles = pos * 10000.0 ** (-np.arange(hd // 2) / (hd // 2))
+    cos, sin = np.cos(angles)[None].astype(np.float32), np.sin(angles)[None].astype(np.float32)
+    return list(layer.values()), x, caches, (cos, sin)
+
+
+def _block_op_by_op(layer, x, cache_k, cache_v, pos, cos, sin, eps, H, kv_start):
+    """The block of model.block_forward with a KV cache, each op the kernels.* call the C backend makes for
+    it (written with kernels.* so that it also runs on the portable micro-kernel, where the backend sends
+    products to NumPy)."""
+    wq, wk, wv, wo, w1, w2, w3, an, fn = layer
+    B, _, dim = x.shape
+    KV, hd = cache_k.shape[1], cache_k.shape[3]
+
+    def linear(a, w):  # backend.linear_forward's call (matmul(a, w.T) may read a (n, 1) w.T as untransposed)
+        return kernels.linear_dense(np.ascontiguousarray(a), w)
+
+    xn = kernels.rmsnorm_forward(x, an, eps)[0]
+    xq, xk, xv = linear(xn, wq), linear(xn, wk), linear(xn, wv)
+    q = kernels.rope_forward(xq.reshape(B, 1, H, hd), cos, sin).transpose(0, 2, 1, 3)  # (B, H, 1, hd)
+    k = kernels.rope_forward(xk.reshape(B, 1, KV, hd), cos, sin).transpose(0, 2, 1, 3)  # (B, KV, 1, hd)
+    cache_k[:B, :, pos:pos + 1] = k
+    cache_v[:B, :, pos:pos + 1] = xv.reshape(B, 1, KV, hd).transpose(0, 2, 1, 3)
+    att, _ = kernels.attention_forward(q, cache_k[:B, :, :pos + 1], cache_v[:B, :, :pos + 1], True, kv_start)
+    h = x + linear(att.transpose(0, 2, 1, 3).reshape(B, 1, H * hd), wo)
+    hn = kernels.rmsnorm_forward(h, fn, eps)[0]
+    gate = kernels.swiglu_forward(linear(hn, w1), linear(hn, w3))[0]
+    return h + linear(gate, w2)
+
+
+@settings(max_examples=20)
+@given(B=st.integers(1, 5), heads=st.sampled_from([(1, 1), (4, 2), (6, 3), (8, 2)]), hd=st.sampled_from([2, 8, 64]),
+       dim=st.sampled_from([8, 17, 64]), hidden=st.sampled_from([1, 24, 100]), pos=st.integers(0, 9),
+       masked=st.booleans(), in_one_block=st.booleans(), isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
+def test_block_decode_gives_the_bits_of_the_block_op_by_op(B, heads, hd, dim, hidden, pos, masked, in_one_block,
+                                                           isa, seed):
+    """One new token through a whole block in one call: bitwise the output and the caches of the same block
+    run op by op (every micro-kernel, 1-5 sequences, with and without left padding, the weights in one
+    block, where decode.c stacks wq wk wv into one product, or apart); earlier positions are untouched."""
+    kernels.set_isa(isa)
+    H, KV = heads
+    layer, x, (ck, cv), (cos, sin) = _block(seed, B, dim, H, KV, hd, hidden, 10, pos, in_one_block)
+    kv_start = np.random.default_rng(seed).integers(0, pos + 1, size=(B, 1)) if masked else None
+    want_k, want_v = ck.copy(), cv.copy()
+    want = _block_op_by_op(layer, x, want_k, want_v, pos, cos, sin, 1e-5, H, kv_start)
+    out = kernels.block_decode(x, layer, ck, cv, pos, cos, sin, 1e-5, H, kv_start)
+    assert out.shape == x.shape and out.dtype == np.float32
+    assert np.array_equal(out, want)
+    assert np.array_equal(ck, want_k) and np.array_equal(cv, want_v)
+
+
+def test_block_decode_has_the_same_bits_on_one_and_two_threads():
+    """A `small`-sized block (wq wk wv 1.5 MB: its product uses two threads when there are two)."""
+    layer, x, caches, rope = _block(5, 1, 512, 8, 2, 64, 1536, 12, 11, True)
+    outs = []
+    for n in (1, 2):
+        kernels.set_num_threads(n)
+        ck, cv = caches[0].copy(), caches[1].copy()
+        outs.append((kernels.block_decode(x, layer, ck, cv, 11, *rope, 1e-5, 8), ck, cv))
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+
+
+def test_a_decode_step_of_the_model_gives_the_bits_of_block_forward(monkeypatch):
+    """Transformer.forward with one new token sends each block to backend.block_decode on the C backend: the
+    logits and caches of 6 greedy steps are bitwise those of block_forward op by op, and the NumPy backend
+    (where block_decode declines) still decodes."""
+    from llama3np import backend
+    from llama3np.args import preset
+    from llama3np.model import Transformer
+
+    model = Transformer(preset("tiny", n_layers=2), seed=0)
+
+    def decode(steps=6):
+        cache = model.new_cache(1, 16)
+        logits = [model.forward(np.array([[3, 1, 4, 1]]), 0, cache)]
+        for i in range(steps):
+            logits.append(model.forward(np.array([[int(logits[-1][0, -1].argmax())]]), 4 + i, cache))
+        return logits, cache
+
+    fused, fused_cache = decode()
+    with monkeypatch.context() as m:
+        m.setattr(backend, "block_decode", lambda *a, **k: None)  # every block op by op
+        ref, ref_cache = decode()
+    assert all(np.array_equal(a, b) for a, b in zip(fused, ref))
+    assert all(np.array_equal(a, b) for a, b in zip(fused_cache.cache_k + fused_cache.cache_v,
+                                                     ref_cache.cache_k + ref_cache.cache_v))
+    backend.set_backend("numpy")
+    assert backend.block_decode([], fused[0], None, None, 0, None, None) is None
+    numpy_logits, _ = decode()
+    assert np.allclose(numpy_logits[-1], fused[-1], atol=1e-4)
+
+
+def test_block_decode_rejects_what_it_cannot_read_before_calling_c():
+    """Wrong shapes, dtypes, layouts, positions and masks are a ValueError or TypeError naming the problem."""
+    layer, x, (ck, cv), (cos, sin) = _block(0, 2, 16, 4, 2, 8, 24, 6, 3, True)
+
+    def call(**kw):
+        a = dict(x=x, layer=layer, cache_k=ck, cache_v=cv, start_pos=3, cos=cos, sin=sin, eps=1e-5, n_heads=4)
+        a.update(kw)
+        return kernels.block_decode(**a)
+
+    bad_wq = [np.zeros((33, 16), np.float32)] + layer[1:]
+    cases = [(dict(x=x.astype(np.float64)), TypeError, "x must be float32"),
+             (dict(x=np.zeros((2, 2, 16), np.float32)), ValueError, "x must have shape"),
+             (dict(layer=layer[:8]), ValueError, "9 weights"),
+             (dict(layer=bad_wq), ValueError, "wq has shape"),
+             (dict(cache_k=ck[:, :, ::2]), ValueError, "cache_k"),
+             (dict(cache_v=cv[:, :1].copy()), ValueError, "one shape"),
+             (dict(cache_v=ck), ValueError, "share memory"),
+             (dict(start_pos=6), ValueError, "does not fit the cache"),
+             (dict(start_pos=3.0), TypeError, "start_pos must be an int"),
+             (dict(n_heads=3), ValueError, "n_heads"),
+             (dict(cos=cos[:, :2]), ValueError, "cos, sin"),
+             (dict(kv_start=np.array([[0], [4]])), ValueError, "kv_start holds"),
+             (dict(kv_start=np.zeros((2,), np.int64)), ValueError, "kv_start must be")]
+    for kw, error, words in cases:
+        with pytest.raises(error, match=words):
+            call(**kw)
+    ro = ck.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        call(cache_k=ro)
