@@ -96,8 +96,8 @@ def block_decode(layer, x, rope, args, start_pos, cache_k, cache_v, kv_start=Non
     if not (_backend == "c" and kernels.tuned_matmul() and kernels.dense(x, cache_k, cache_v, *layer)):
         return None
     cos, sin = rope
-    return kernels.block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, args.norm_eps, args.n_heads,
-                                kv_start)
+    return kernels.block_decode_dense(x, layer, cache_k, cache_v, start_pos, cos, sin, args.norm_eps, args.n_heads,
+                                      kv_start)
 
 
 def routes() -> dict:
