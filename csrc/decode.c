@@ -9,6 +9,7 @@
  *   cache_k[pos], cache_v[pos] = k, v ; att = attention(q, cache_k[:pos+1], cache_v[:pos+1])
  *   h = x + att wo^T ; hn = rmsnorm(h) ; out = h + (silu(hn w1^T) * hn w3^T) w2^T
  *
+ * decode_blocks runs every block of the model this way in one call from Python.
  * Each step calls the very kernel (sgemm, rmsnorm_forward, rope_forward, attention_forward,
  * swiglu_forward) that the op-by-op path calls, on the same rows with the same sizes, and the residual
  * adds are single float additions, so the output and the cache get the same bits as block_forward on
@@ -94,5 +95,28 @@ int block_decode(const float *x, float *out, int B, int dim, int H, int KV, int 
     for (long c = 0; c < (long)B * dim; c++) out[c] += ffn_out[c];
 
     free(buf);
+    return status ? -1 : 0;
+}
+
+/* Every block of the model, one after the other: the output of block i is the input of block i + 1
+ * (two scratch rows of activations, so that no block writes the x it reads). weights holds 9 pointers
+ * per layer in block_decode's order (wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm), caches 2 per
+ * layer (cache_k, cache_v). One call per decode step instead of one per layer: the Python between the
+ * layers ran while no weight was read (and, with 113 MB streaming through the caches, ran from memory). */
+int decode_blocks(const float *x, float *out, int n_layers, const float *const *weights, float *const *caches, int B,
+                  int dim, int H, int KV, int hd, int hidden, float eps, int L, int pos, const float *cos,
+                  const float *sin, const int *kv_start) {
+    float *tmp = n_layers > 1 ? (float *)malloc(2 * (size_t)B * dim * sizeof(float)) : NULL;
+    if (n_layers > 1 && !tmp) return -1;
+    int status = 0;
+    const float *cur = x;
+    for (int i = 0; i < n_layers; i++) {
+        float *dst = i == n_layers - 1 ? out : tmp + (long)(i % 2) * B * dim;
+        const float *const *w = weights + 9L * i;
+        status |= block_decode(cur, dst, B, dim, H, KV, hd, hidden, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+                               w[8], eps, caches[2L * i], caches[2L * i + 1], L, pos, cos, sin, kv_start);
+        cur = dst;
+    }
+    free(tmp);
     return status ? -1 : 0;
 }

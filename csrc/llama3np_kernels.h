@@ -98,5 +98,11 @@ int block_decode(const float *x, float *out, int B, int dim, int H, int KV, int 
                  const float *wk, const float *wv, const float *wo, const float *w1, const float *w2,
                  const float *w3, const float *attention_norm, const float *ffn_norm, float eps, float *cache_k,
                  float *cache_v, int L, int pos, const float *cos, const float *sin, const int *kv_start);
+/* n_layers blocks in a row (block i + 1 reads block i's output): weights holds the 9 pointers of each
+ * layer in block_decode's order (wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm), caches its
+ * cache_k and cache_v. */
+int decode_blocks(const float *x, float *out, int n_layers, const float *const *weights, float *const *caches, int B,
+                  int dim, int H, int KV, int hd, int hidden, float eps, int L, int pos, const float *cos,
+                  const float *sin, const int *kv_start);
 
 #endif

@@ -13,6 +13,7 @@ importing the package, even for `llama3np --help`, never fails on it.
 """
 import os
 import warnings
+import weakref
 
 import numpy as np
 
@@ -88,16 +89,28 @@ def linear_backward_weight(dout, cache):
     return ops.linear_backward_weight(dout, cache, matmul)
 
 
-def block_decode(layer, x, rope, args, start_pos, cache_k, cache_v, kv_start=None):
-    """One new position (x (B, 1, dim)) through a block against its KV cache in one C call
-    (kernels.block_decode: block_forward's kernels in its order, the same bits) -> out (B, 1, dim); or None
-    when the C path would not run every op of that block (another backend, float64, no tuned micro-kernel,
-    an array the kernels do not read in place): then the caller runs model.block_forward op by op."""
-    if not (_backend == "c" and kernels.tuned_matmul() and kernels.dense(x, cache_k, cache_v, *layer)):
+_decode_plans = weakref.WeakKeyDictionary()  # KVCache -> kernels.DecodePlan of the weights decoding into it
+
+
+def decode_blocks(layers, cache, x, rope, args, start_pos, kv_start=None):
+    """One new position (x (B, 1, dim)) through every block against the KV cache in one C call
+    (kernels.decode_blocks: block_forward's kernels in its order, the same bits) -> the last block's
+    output (B, 1, dim); or None when the C path would not run every op (another backend, float64, no
+    tuned micro-kernel, an array the kernels do not read in place): then the caller runs block_forward.
+    layers: each block's 9 weights (model.LAYER_PARAM_NAMES order). The weights and caches are checked
+    once per cache (kernels.decode_plan) and then only recognised: a step costs one Python call."""
+    if not (_backend == "c" and kernels.tuned_matmul()):
         return None
+    arrays = [w for layer in layers for w in layer] + cache.cache_k + cache.cache_v
+    plan = _decode_plans.get(cache)
+    if plan is None or not kernels.plan_holds(plan, arrays):
+        if not kernels.dense(*arrays):
+            return None
+        plan = _decode_plans[cache] = kernels.decode_plan(layers, cache.cache_k, cache.cache_v, args.n_heads)
     cos, sin = rope
-    return kernels.block_decode_dense(x, layer, cache_k, cache_v, start_pos, cos, sin, args.norm_eps, args.n_heads,
-                                      kv_start)
+    if not kernels.dense(x, cos, sin):
+        return None
+    return kernels.decode_blocks(plan, x, start_pos, cos, sin, args.norm_eps, kv_start)
 
 
 def routes() -> dict:

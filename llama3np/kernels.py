@@ -11,8 +11,8 @@ tiles before a query block's first visible key are skipped, so packed rows cost 
     cross_entropy_rows / cross_entropy_backward, adamw_update
                                                        the elementwise work of a training step, fused and
                                                        threaded (csrc/elementwise.c; see their section)
-    kernels.block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, kv_start=None)
-                                                       a whole block for one new token against a KV cache,
+    kernels.decode_plan(layers, caches_k, caches_v, n_heads) -> plan; kernels.decode_blocks(plan, x, ...)
+                                                       every block for one new token against a KV cache,
                                                        in one call (csrc/decode.c): block_forward's bits
 Micro-kernels: AVX-512, AVX2+FMA (x86-64, chosen at run time), NEON (arm64) and portable C; the
 softmax rows of the attention have their own AVX-512 / AVX2 code. `tuned_matmul()` is False on the
@@ -36,8 +36,11 @@ the extension were not built). A value that cannot be honoured (LLAMA3NP_ISA=avx
 it, a misspelling) is a one-line RuntimeWarning at import and the default is used: importing the
 package, even for `llama3np --help`, never fails on them.
 """
+import bisect
+import operator
 import os
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -538,69 +541,125 @@ def rope_forward(x, cos, sin, inverse=False):
 
 
 # ---------------------------------------------------------------------------------------------------
-# one decode step of a transformer block (csrc/decode.c)
+# one decode step of the transformer blocks (csrc/decode.c)
 
-_BLOCK_NAMES = ("x", "cache_k", "cache_v", "cos", "sin", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "attention_norm",
-                "ffn_norm")
+_BLOCK_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attention_norm", "ffn_norm")
 
 
-def block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, kv_start=None):
-    """model.block_forward for ONE new position per sequence against a KV cache, in one C call: x (B, 1, dim)
-    -> out (B, 1, dim), this step's key and value written into cache_k, cache_v (B', n_kv_heads, L, hd),
-    B <= B', at start_pos. The same kernels in block_forward's order, so the same bits as block_forward
-    on the C backend; a decode step saves ~20 Python calls per layer.
+class DecodePlan(NamedTuple):
+    """A model's block weights and a KV cache, checked once by decode_plan for decode_blocks. It keeps the
+    arrays (so the pointers C reads stay valid) and holds while they are the same objects (plan_holds):
+    the weights are read in place, so changing their values, as a loader or an optimizer does, is fine."""
+    arrays: tuple  # the 9 weights of each layer (model.LAYER_PARAM_NAMES order), then each layer's cache_k, cache_v
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    cache_shape: tuple  # (B', n_kv_heads, L, head_dim)
+    cache_spans: tuple  # (start, end) addresses of the caches, sorted: x must not overlap them
+    weights: object  # cffi float *[9 * n_layers]
+    caches: object  # cffi float *[2 * n_layers]
+    buffers: tuple  # the ffi.from_buffer views behind the pointers, kept with the plan
 
-    layer: the block's nine weights in model.LAYER_PARAM_NAMES order (wq, wk, wv, wo, w1, w2, w3,
-    attention_norm, ffn_norm), shaped as model.param_shapes says; cos, sin (1, hd/2): the angles of
-    start_pos (ops.rope_cos_sin); kv_start None or (B, 1) ints in [0, start_pos]: the first key each
-    sequence may see (left padding, as attention_forward). Every array float32 and C-contiguous.
-    """
+
+def _span(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def decode_plan(layers, caches_k, caches_v, n_heads) -> DecodePlan:
+    """Check once what every decode step of a model reads: layers, a list of each block's 9 weights in
+    model.LAYER_PARAM_NAMES order (wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm) shaped as
+    model.param_shapes says, and the block's cache_k, cache_v (B', n_kv_heads, L, head_dim), all float32
+    and C-contiguous, the caches writeable and apart from every other array."""
     _require()
-    if len(layer) != 9:
-        raise ValueError(f"layer must hold the block's 9 weights (model.LAYER_PARAM_NAMES), got {len(layer)}")
-    for a, name in zip((x, cache_k, cache_v, cos, sin, *layer), _BLOCK_NAMES):
-        _check_dense(a, name)
-    return block_decode_dense(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, kv_start)
-
-
-def block_decode_dense(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, kv_start=None):
-    """block_decode for callers that have checked that x, the caches, cos, sin and the nine weights of
-    `layer` are dense (kernels.dense: float32, aligned, C-contiguous): llama3np.backend, once per layer of
-    a decode step, where checking twice cost ~4 us of ~12."""
-    if len(layer) != 9:
-        raise ValueError(f"layer must hold the block's 9 weights (model.LAYER_PARAM_NAMES), got {len(layer)}")
-    wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm = layer
-    if x.ndim != 3 or x.shape[1] != 1 or x.shape[0] == 0 or x.shape[2] == 0:
-        raise ValueError(f"x must have shape (B, 1, dim) with B, dim >= 1 (one new position), got {x.shape}")
-    B, _, dim = x.shape
-    if cache_k.ndim != 4 or cache_v.shape != cache_k.shape:
-        raise ValueError(f"cache_k and cache_v must have one shape (B', n_kv_heads, L, head_dim), got "
-                         f"{cache_k.shape} and {cache_v.shape}")
-    Bc, KV, L, hd = cache_k.shape
-    H, hidden = n_heads, w1.shape[0] if w1.ndim == 2 else -1
+    n = len(layers)
+    if n == 0 or len(caches_k) != n or len(caches_v) != n:
+        raise ValueError(f"need one cache_k and one cache_v per layer and at least one layer, got {n} layers, "
+                         f"{len(caches_k)} cache_k, {len(caches_v)} cache_v")
+    for i, layer in enumerate(layers):
+        if len(layer) != 9:
+            raise ValueError(f"layer {i} must hold the block's 9 weights (model.LAYER_PARAM_NAMES), got {len(layer)}")
+        for w, name in zip(layer, _BLOCK_NAMES):
+            _check_dense(w, f"layer {i} {name}")
+    caches = [c for pair in zip(caches_k, caches_v) for c in pair]
+    for c, name in zip(caches, ("cache_k", "cache_v") * n):
+        _check_dense(c, name)
+        if c.ndim != 4 or c.shape != caches[0].shape:
+            raise ValueError(f"cache_k and cache_v must have one shape (B', n_kv_heads, L, head_dim) in every layer, "
+                             f"got {c.shape} and {caches[0].shape}")
+        if not c.flags.writeable:
+            raise ValueError("cache_k and cache_v must be writeable (each step's key and value are written into them)")
+    Bc, KV, L, hd = caches[0].shape
+    H, dim, hidden = n_heads, layers[0][7].shape[0] if layers[0][7].ndim == 1 else -1, layers[0][4].shape[0]
     if not (isinstance(H, (int, np.integer)) and KV > 0 and H > 0 and H % KV == 0 and hd > 0 and hd % 2 == 0):
         raise ValueError(f"n_heads={H!r} must be a positive multiple of the cache's n_kv_heads={KV}, and head_dim "
                          f"={hd} even")
-    if not isinstance(start_pos, (int, np.integer)) or isinstance(start_pos, bool):
-        raise TypeError(f"start_pos must be an int, got {start_pos!r}")
-    if B > Bc or not 0 <= start_pos < L:
-        raise ValueError(f"a batch of {B} at position {start_pos} does not fit the cache {cache_k.shape}")
     want = ((H * hd, dim), (KV * hd, dim), (KV * hd, dim), (dim, H * hd), (hidden, dim), (dim, hidden),
             (hidden, dim), (dim,), (dim,))
-    for w, shape, name in zip(layer, want, _BLOCK_NAMES[5:]):
-        if w.shape != shape:
-            raise ValueError(f"{name} has shape {w.shape}, expected {shape} (dim {dim}, {H} heads of {hd}, "
-                             f"hidden {hidden})")
-    if hidden < 1 or cos.shape != (1, hd // 2) or sin.shape != cos.shape:
-        raise ValueError(f"need hidden >= 1 and cos, sin of shape (1, head_dim/2) = {(1, hd // 2)}; got "
-                         f"w1 {w1.shape}, cos {cos.shape}, sin {sin.shape}")
+    for i, layer in enumerate(layers):
+        for w, shape, name in zip(layer, want, _BLOCK_NAMES):
+            if w.shape != shape:
+                raise ValueError(f"layer {i} {name} has shape {w.shape}, expected {shape} (dim {dim}, {H} heads of "
+                                 f"{hd}, hidden {hidden})")
+    if dim < 1 or hidden < 1 or Bc < 1 or L < 1:
+        raise ValueError(f"need dim, hidden and the cache's batch and length >= 1: dim {dim}, hidden {hidden}, "
+                         f"cache {caches[0].shape}")
     if max(Bc * KV * L * hd, H * hd * dim, hidden * dim) > _INT_MAX:  # C's int sizes
-        raise ValueError(f"block_decode sizes larger than 2**31 - 1: cache {cache_k.shape}, wq {wq.shape}, "
-                         f"w1 {w1.shape}")
-    if not cache_k.flags.writeable or not cache_v.flags.writeable:
-        raise ValueError("cache_k and cache_v must be writeable (this step's key and value are written into them)")
-    if np.may_share_memory(cache_k, cache_v) or np.may_share_memory(cache_k, x) or np.may_share_memory(cache_v, x):
-        raise ValueError("cache_k, cache_v and x must not share memory (the caches are written while x is read)")
+        raise ValueError(f"decode sizes larger than 2**31 - 1: cache {caches[0].shape}, wq {layers[0][0].shape}, "
+                         f"w1 {layers[0][4].shape}")
+    # the caches are written while everything else is read: no cache may overlap another array (a sweep
+    # over the arrays sorted by address: each start is checked against the furthest end so far)
+    spans = sorted([(*_span(c), True) for c in caches] + [(*_span(w), False) for layer in layers for w in layer])
+    cache_end = any_end = 0
+    for start, end, is_cache in spans:
+        if start < cache_end or (is_cache and start < any_end):
+            raise ValueError("cache_k and cache_v must not share memory with each other or with the weights")
+        any_end = max(any_end, end)
+        cache_end = max(cache_end, end) if is_cache else cache_end
+    arrays = tuple(w for layer in layers for w in layer) + tuple(caches_k) + tuple(caches_v)
+    weight_bufs = [ffi.from_buffer("float[]", w) for layer in layers for w in layer]
+    cache_bufs = [ffi.from_buffer("float[]", c) for c in caches]
+    return DecodePlan(arrays, n, dim, H, KV, hd, hidden, caches[0].shape, tuple(sorted(_span(c) for c in caches)),
+                      ffi.new("float *[]", weight_bufs), ffi.new("float *[]", cache_bufs),
+                      tuple(weight_bufs + cache_bufs))
+
+
+def plan_holds(plan, arrays) -> bool:
+    """True when `arrays` (each layer's 9 weights, then every cache_k, then every cache_v) are the very
+    objects `plan` checked."""
+    return len(arrays) == len(plan.arrays) and all(map(operator.is_, arrays, plan.arrays))
+
+
+def decode_blocks(plan, x, start_pos, cos, sin, eps, kv_start=None):
+    """Every block of `plan` (decode_plan) for ONE new position per sequence, in one C call: x (B, 1, dim)
+    -> the last block's output (B, 1, dim), each block's key and value for this step written into its
+    caches at start_pos. The same kernels in model.block_forward's order, so the same bits as
+    block_forward on the C backend, block after block; a decode step makes one Python call for all of them
+    instead of ~20 per layer.
+
+    cos, sin (1, head_dim/2): the angles of start_pos (ops.rope_cos_sin); kv_start None or (B, 1) ints in
+    [0, start_pos]: the first key each sequence may see (left padding, as attention_forward).
+    """
+    _require()
+    for a, name in ((x, "x"), (cos, "cos"), (sin, "sin")):
+        _check_dense(a, name)
+    Bc, KV, L, hd = plan.cache_shape
+    if x.ndim != 3 or x.shape[1] != 1 or x.shape[2] != plan.dim or not 0 < x.shape[0] <= Bc:
+        raise ValueError(f"x must have shape (B, 1, dim) = (1..{Bc}, 1, {plan.dim}) (one new position), got {x.shape}")
+    B = x.shape[0]
+    if not isinstance(start_pos, (int, np.integer)) or isinstance(start_pos, bool):
+        raise TypeError(f"start_pos must be an int, got {start_pos!r}")
+    if not 0 <= start_pos < L:
+        raise ValueError(f"a batch of {B} at position {start_pos} does not fit the cache {plan.cache_shape}")
+    if cos.shape != (1, hd // 2) or sin.shape != cos.shape:
+        raise ValueError(f"cos, sin must have shape (1, head_dim/2) = {(1, hd // 2)}; got {cos.shape}, {sin.shape}")
+    start, end = _span(x)
+    k = bisect.bisect_left(plan.cache_spans, (end,))  # the caches starting before x ends: the last may overlap
+    if k and plan.cache_spans[k - 1][1] > start:
+        raise ValueError("x must not share memory with cache_k or cache_v (the caches are written while x is read)")
     kvp, kv32 = ffi.NULL, None
     if kv_start is not None:
         kv_start = np.asarray(kv_start)
@@ -613,14 +672,17 @@ def block_decode_dense(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_h
         kv32 = np.ascontiguousarray(kv_start, dtype=np.int32)  # kept alive during the call
         kvp = ffi.from_buffer("int[]", kv32)
     out = np.empty_like(x)
-    fb = ffi.from_buffer
-    status = lib.block_decode(fb("float[]", x), fb("float[]", out), B, dim, H, KV, hd, hidden, fb("float[]", wq),
-                              fb("float[]", wk), fb("float[]", wv), fb("float[]", wo), fb("float[]", w1),
-                              fb("float[]", w2), fb("float[]", w3), fb("float[]", attention_norm),
-                              fb("float[]", ffn_norm), float(eps), fb("float[]", cache_k), fb("float[]", cache_v),
-                              L, int(start_pos), fb("float[]", cos), fb("float[]", sin), kvp)
-    _check_status(status, "block_decode")
+    status = lib.decode_blocks(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", out), plan.n_layers,
+                               plan.weights, plan.caches, B, plan.dim, plan.n_heads, KV, hd, plan.hidden, float(eps),
+                               L, int(start_pos), ffi.from_buffer("float[]", cos), ffi.from_buffer("float[]", sin), kvp)
+    _check_status(status, "decode_blocks")
     return out
+
+
+def block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, kv_start=None):
+    """One block of decode_blocks: model.block_forward for one new position per sequence against its KV
+    cache (B', n_kv_heads, L, hd), B <= B', in one C call; layer holds its 9 weights (decode_plan)."""
+    return decode_blocks(decode_plan([layer], [cache_k], [cache_v], n_heads), x, start_pos, cos, sin, eps, kv_start)
 
 
 def _check_targets(targets, shape, V):

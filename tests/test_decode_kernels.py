@@ -178,14 +178,15 @@ def test_block_decode_has_the_same_bits_on_one_and_two_threads():
 
 
 def test_a_decode_step_of_the_model_gives_the_bits_of_block_forward(monkeypatch):
-    """Transformer.forward with one new token sends each block to backend.block_decode on the C backend: the
-    logits and caches of 6 greedy steps are bitwise those of block_forward op by op, and the NumPy backend
-    (where block_decode declines) still decodes."""
+    """Transformer.forward with one new token sends its blocks to backend.decode_blocks (one C call) on the C
+    backend: the logits and caches of 6 greedy steps are bitwise those of block_forward op by op, also after
+    a weight is replaced by a new array (the checked plan no longer holds and is made again), and the NumPy
+    backend (where decode_blocks declines) still decodes."""
     from llama3np import backend
     from llama3np.args import preset
     from llama3np.model import Transformer
 
-    model = Transformer(preset("tiny", n_layers=2), seed=0)
+    model = Transformer(preset("tiny", n_layers=3), seed=0)  # 3: C passes the activations through both scratch rows
 
     def decode(steps=6):
         cache = model.new_cache(1, 16)
@@ -194,15 +195,22 @@ def test_a_decode_step_of_the_model_gives_the_bits_of_block_forward(monkeypatch)
             logits.append(model.forward(np.array([[int(logits[-1][0, -1].argmax())]]), 4 + i, cache))
         return logits, cache
 
-    fused, fused_cache = decode()
-    with monkeypatch.context() as m:
-        m.setattr(backend, "block_decode", lambda *a, **k: None)  # every block op by op
-        ref, ref_cache = decode()
-    assert all(np.array_equal(a, b) for a, b in zip(fused, ref))
-    assert all(np.array_equal(a, b) for a, b in zip(fused_cache.cache_k + fused_cache.cache_v,
-                                                     ref_cache.cache_k + ref_cache.cache_v))
+    def fused_and_op_by_op():
+        fused, fused_cache = decode()
+        with monkeypatch.context() as m:
+            m.setattr(backend, "decode_blocks", lambda *a, **k: None)  # every block op by op
+            ref, ref_cache = decode()
+        assert all(np.array_equal(a, b) for a, b in zip(fused, ref))
+        assert all(np.array_equal(a, b) for a, b in zip(fused_cache.cache_k + fused_cache.cache_v,
+                                                         ref_cache.cache_k + ref_cache.cache_v))
+        return fused
+
+    before = fused_and_op_by_op()
+    name = "layers.2.feed_forward.w2.weight"
+    model.params[name] = model.params[name] * 3  # a new array: decoding must follow it
+    fused = fused_and_op_by_op()
+    assert not np.array_equal(fused[-1], before[-1])
     backend.set_backend("numpy")
-    assert backend.block_decode([], fused[0], None, None, 0, None, None) is None
     numpy_logits, _ = decode()
     assert np.allclose(numpy_logits[-1], fused[-1], atol=1e-4)
 
@@ -237,3 +245,8 @@ def test_block_decode_rejects_what_it_cannot_read_before_calling_c():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         call(cache_k=ro)
+    with pytest.raises(ValueError, match="x must not share memory"):
+        call(x=np.ndarray((2, 1, 16), np.float32, buffer=ck))  # x laid over the cache it would write
+    with pytest.raises(ValueError, match="share memory with each other or with the weights"):
+        call(cache_v=np.ndarray(cv.shape, np.float32, buffer=np.zeros(cv.size + 64, np.float32)),
+             layer=layer[:7] + [np.ndarray((16,), np.float32, buffer=ck)] + layer[8:])  # a weight inside cache_k
