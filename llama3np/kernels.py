@@ -593,7 +593,8 @@ def decode_plan(layers, caches_k, caches_v, n_heads) -> DecodePlan:
         if not c.flags.writeable:
             raise ValueError("cache_k and cache_v must be writeable (each step's key and value are written into them)")
     Bc, KV, L, hd = caches[0].shape
-    H, dim, hidden = n_heads, layers[0][7].shape[0] if layers[0][7].ndim == 1 else -1, layers[0][4].shape[0]
+    an, w1 = layers[0][7], layers[0][4]
+    H, dim, hidden = n_heads, an.shape[0] if an.ndim == 1 else -1, w1.shape[0] if w1.ndim == 2 else -1
     if not (isinstance(H, (int, np.integer)) and KV > 0 and H > 0 and H % KV == 0 and hd > 0 and hd % 2 == 0):
         raise ValueError(f"n_heads={H!r} must be a positive multiple of the cache's n_kv_heads={KV}, and head_dim "
                          f"={hd} even")
