@@ -175,3 +175,53 @@ def test_minimal_pairs_share_every_decision_but_the_demands(fmt):
         assert T.score(demands, b) > T.score(demands, w)
         fb, fw = T.parse(b)[0], T.parse(w)[0]
         assert fb["adjective"] == fw["adjective"] and fb["family"] == fw["family"]
+
+
+def test_wrong_value_is_another_option_of_the_same_kind():
+    rng = random.Random(0)
+    for kind in T.DEMAND_KINDS:
+        value = ("girl", S.GIRLS[0]) if kind == "name" else T.values_of(kind)[0]
+        for _ in range(20):
+            w = T.wrong_value(kind, value, rng)
+            assert w != value
+            assert (w[0] == "girl" and w[1] in S.GIRLS) if kind == "name" else w in T.values_of(kind)
+
+
+def _pairs_by_prompt(fmt, ins, pairs):
+    by_prompt = {tuple(fmt.encode_dialog_prompt([{"role": "user", "content": i.text}])): i for i in ins}
+    for prompt, better, worse in pairs:
+        yield by_prompt[tuple(prompt)].demands, fmt.tokenizer.decode(better[:-1]), fmt.tokenizer.decode(worse[:-1])
+
+
+def test_wrong_value_pairs_differ_in_one_demanded_value_only(fmt):
+    """The worse story is the better one's seed with one demand's decision made the wrong way: the same plot,
+    the same free decisions, one demand fewer met."""
+    from llama3np.posttrain.demo import wrong_value_pairs
+
+    ins = T.instructions(12, seed=6)
+    pairs = wrong_value_pairs(fmt, ins, seed=1)
+    assert len(pairs) == len(ins)  # a wrong value always costs its demand
+    for demands, b, w in _pairs_by_prompt(fmt, ins, pairs):
+        mb, mw = T.check(demands, b), T.check(demands, w)
+        assert all(mb) and sum(mw) == len(demands) - 1
+        fb, fw = T.parse(b)[0], T.parse(w)[0]
+        assert fb["plot"] == fw["plot"] and fb["adjective"] == fw["adjective"] and fb["family"] == fw["family"]
+
+
+def test_slip_pairs_cost_demands_and_keep_the_rest(fmt):
+    """A slip (tokens dropped, repeated or replaced at one place) that the checker sees: the slipped story scores
+    lower than the same story without it, and differs from it at one place only."""
+    from llama3np.posttrain.demo import slip, slip_pairs
+
+    rng = random.Random(0)
+    ids = list(range(10, 40)) + [99]
+    for _ in range(50):
+        s = slip(ids, rng)
+        assert s[-1] == 99 and s != ids
+        i = next(k for k, (a, b) in enumerate(zip(ids, s)) if a != b)  # where it slipped
+        assert 1 <= i and len(s) - len(ids) <= 6 and s[:i] == ids[:i]
+    ins = T.instructions(12, seed=7)
+    pairs = slip_pairs(fmt, ins, seed=2)
+    assert len(pairs) > len(ins)  # 2 slips a story, most of them cost a demand
+    for demands, b, w in _pairs_by_prompt(fmt, ins, pairs):
+        assert T.score(demands, b) == 1 > T.score(demands, w) and not T.parse(w)[1]

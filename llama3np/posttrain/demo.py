@@ -60,6 +60,8 @@ class DemoConfig:
     # in the demo (0.62 in a separate run): still far from the checker, see issue 11
     rm_prompts: int = 128
     rm_k: int = 8
+    rm_wrong_values: int = 3  # wrong-value edits per training instruction (each on its own seed)
+    rm_slips: int = 1  # slip edits tried per training instruction (those that cost a demand are kept)
     n_eval_pairs: int = 100
     rs_prompts: int = 64
     rs_k: int = 16  # best of N for N = 1, 2, 4, ... 16 (more samples also find more of the RM's errors)
@@ -69,6 +71,7 @@ class DemoConfig:
     dpo_lr: float = 2e-5  # 1e-4 moved 35 nats from the SFT model in 60 steps and lost the story endings
     dpo_beta: float = 0.1
     dpo_nll: float = 0.2
+    dpo_wrong_values: bool = True  # wrong-value edits (one per training instruction) in DPO's pairs
     ablations: bool = True
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=12, batch_size=16, mini_batch_size=8,
                                                              ppo_epochs=2, lr=1e-5, init_kl_coef=0.1,
@@ -160,6 +163,64 @@ def minimal_pairs(fmt, instructions, seed):
                                [task.score(ins.demands, t) for t in texts])
         if len(ranked) >= 2:
             pairs += ranked_pairs(chat_prompt(fmt, ins), ranked)
+    return pairs
+
+
+def wrong_value_pairs(fmt, instructions, seed):
+    """-> RM pairs (prompt, story, the same story with one demanded value wrong): per instruction one seed and
+    one demand, its story with every demand forced > the same with that demand's decision made the wrong way
+    ("named Max" where Leo was asked for, a cat where a kitten was lost). Most of the SFT model's misses are
+    such: the right plot, a wrong value. A minimal edit that drops the demand instead leaves the decision free,
+    and for a plot demand that mostly changes the whole plot, so an RM trained on those learns to check the
+    plot but not the value (held-out: 0.8-0.97 on dropped plots, 0.48-0.70 on wrong values)."""
+    rng = random.Random(seed)
+    tok, pairs = fmt.tokenizer, []
+    for ins in instructions:
+        d, s = list(ins.demands), rng.randrange(10**9)
+        i = rng.randrange(len(d))
+        wrong = task.wrong_value(d[i][0], d[i][1], rng)
+        good, bad = (task.write_story(tuple(d[:i] + [x] + d[i + 1:]), s) for x in (d[i], (d[i][0], wrong)))
+        if task.score(ins.demands, bad) < task.score(ins.demands, good):
+            pairs.append((chat_prompt(fmt, ins), reply_ids(tok, good), reply_ids(tok, bad)))
+    return pairs
+
+
+SLIPS = ("drop", "repeat", "swap")
+
+
+def slip(ids, rng):
+    """A copy of the reply `ids` (ending with <|eot_id|>) with one slip of the kind the SFT model makes at
+    temperature 1 ("There a nice find!", "She lived at She lived at the top ...", "there was a She lived"): at a
+    random place, 1-3 tokens dropped, 2-6 tokens written again, or a token replaced by another of the reply's."""
+    body, end = list(ids[:-1]), list(ids[-1:])
+    i = rng.randrange(1, len(body) - 1)
+    kind = rng.choice(SLIPS)
+    others = [t for t in body if t != body[i]]
+    if kind == "drop" or not others:
+        body = body[:i] + body[i + rng.randint(1, 3):]
+    elif kind == "repeat":
+        n = min(i, rng.randint(2, 6))
+        body = body[:i] + body[i - n:]
+    else:
+        body = body[:i] + [rng.choice(others)] + body[i + 1:]
+    return body + end
+
+
+def slip_pairs(fmt, instructions, seed, per_story=2):
+    """-> RM pairs (prompt, story, the same story with a slip) where the slip costs demands. The exact checker
+    credits a demand only where the text up to it parses: of the SFT model's samples, 1 in 5 has a slip, and in
+    6 of 10 of its pairs with different true scores the worse reply is the one with the slip (the rest differ
+    in a demand's value). Minimal edits never slip, so an RM trained on them alone cannot see this; a slip
+    edit, like a minimal edit, changes one place and keeps the rest of the story."""
+    rng = random.Random(seed)
+    tok, pairs = fmt.tokenizer, []
+    for ins in instructions:
+        good = reply_ids(tok, task.write_story(ins.demands, rng.randrange(10**9)))
+        prompt, base = chat_prompt(fmt, ins), task.score(ins.demands, reply_text(tok, good))
+        for _ in range(per_story):
+            bad = slip(good, rng)
+            if task.score(ins.demands, reply_text(tok, bad)) < base:
+                pairs.append((prompt, good, bad))
     return pairs
 
 
@@ -301,30 +362,40 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     # preference data: the built-in pairs (grammar stories, edited > chosen > rejected) and the SFT model's own
     # samples on other training prompts, ranked by the checker (Llama 3 collects each round's pairs this way)
     _, dpo_pairs = preference_data(fmt, train_ins, cfg.seed + 1)
+    dpo_wrong = wrong_value_pairs(fmt, train_ins, cfg.seed + 7) if cfg.dpo_wrong_values else []
     eval_pair_ins = task.instructions(cfg.n_eval_pairs, seed=cfg.seed * 7 + 3, kinds=cfg.demand_kinds)
     eval_rm, eval_dpo = preference_data(fmt, eval_pair_ins, cfg.seed + 2)
     pol_ins = train_ins[cfg.rs_prompts:cfg.rs_prompts + cfg.rm_prompts]
     pol_prompts = [chat_prompt(fmt, ins) for ins in pol_ins]
     pol_replies, _ = sample_replies(policy, pol_prompts, cfg.rm_k, cfg.max_new_tokens, seed=[cfg.seed, 1])
     rm_pol, dpo_pol = checker_pairs(pol_prompts, pol_replies, true_of(pol_ins, pol_replies))
-    rm_train = minimal_pairs(fmt, train_ins, cfg.seed + 3) + rm_pol
-    say(f"  preference pairs: RM {len(rm_train) - len(rm_pol)} minimal edits + {len(rm_pol)} from "
-        f"{len(pol_replies) * cfg.rm_k} SFT samples; DPO {len(dpo_pairs)} built-in + {len(dpo_pol)} from those samples")
-    # reward model, from the SFT model (from the pre-trained one: agreement 0.49 vs 0.53), on minimal edits and samples.
-    # Minimal edits alone teach it to spot a demand where the rest of the story is equal (held-out such pairs 0.94)
-    # but not across stories (the SFT model's own pairs ~0.55), where the rest differs too and outweighs the
-    # demand (a minimal pair cancels it, so nothing taught the RM to ignore it). Pairs of its own samples are what
-    # can teach that (agreement 0.53 -> 0.57-0.62, far from enough); grammar pairs of two seeds did not help
+    edits = minimal_pairs(fmt, train_ins, cfg.seed + 3)
+    wrong = [p for k in range(cfg.rm_wrong_values) for p in wrong_value_pairs(fmt, train_ins, cfg.seed + 7 + k)]
+    slips = slip_pairs(fmt, train_ins, cfg.seed + 6, per_story=cfg.rm_slips)
+    rm_train = edits + wrong + slips + rm_pol
+    say(f"  preference pairs: RM {len(edits)} minimal edits + {len(wrong)} wrong values + {len(slips)} slips + "
+        f"{len(rm_pol)} from {len(pol_replies) * cfg.rm_k} SFT samples; DPO {len(dpo_pairs)} built-in + "
+        f"{len(dpo_wrong)} wrong values + {len(dpo_pol)} from those samples")
+    # reward model, from the SFT model (from the pre-trained one: agreement 0.49 vs 0.53). What the checker marks
+    # down in the SFT model's samples: a slip (1 sample in 5 has one; 6 in 10 of their pairs of different scores) or
+    # a wrong value in the right plot. Minimal edits that drop a demand teach neither (a dropped plot demand changes
+    # the whole plot): held-out wrong values 0.44-0.70 by kind, agreement on SFT samples 0.53. Wrong-value and slip
+    # edits, and the SFT samples' own pairs, are what teach them: agreement 0.64, held-out different-story pairs
+    # 0.73 -> 0.80. Still far from the checker: a wrong one-token value (a name, an animal, a pet) is one token of
+    # ~100 and stays near chance at this many steps (0.44-0.52, see issue 11)
     rm = RewardModel(clone_model(sft_model), seed=cfg.seed, pooling=cfg.rm_pooling)
     train_rm(rm, rm_train, out / "rm", cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, cfg.seed,
              save_every=cfg.rm_steps, progress=progress)
-    # held out, two kinds: pairs like its minimal-edit training pairs (one story, demands dropped), and the
-    # built-in pairs (two stories of other seeds: everything else differs too)
+    # held out, three kinds: minimal edits (one story, demands dropped), wrong values (one story, one demand's
+    # value wrong), and the built-in pairs (two stories of other seeds: everything else differs too)
     eval_minimal = minimal_pairs(fmt, eval_pair_ins, cfg.seed + 4)
+    eval_wrong = wrong_value_pairs(fmt, eval_pair_ins, cfg.seed + 5)
     figures["rm_accuracy_minimal"] = pair_accuracy(rm, eval_minimal)
+    figures["rm_accuracy_wrong_value"] = pair_accuracy(rm, eval_wrong)
     figures["rm_accuracy"] = pair_accuracy(rm, eval_rm)
     say(f"  reward model: held-out pairwise accuracy {figures['rm_accuracy_minimal']:.3f} on {len(eval_minimal)} "
-        f"minimal edits, {figures['rm_accuracy']:.3f} on {len(eval_rm)} pairs of different stories")
+        f"minimal edits, {figures['rm_accuracy_wrong_value']:.3f} on {len(eval_wrong)} wrong values, "
+        f"{figures['rm_accuracy']:.3f} on {len(eval_rm)} pairs of different stories")
     # rejection sampling with the RM, then SFT on the winners
     rs_ins = train_ins[:cfg.rs_prompts]
     prompts = [chat_prompt(fmt, ins) for ins in rs_ins]
@@ -346,7 +417,9 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     r = ev(policy, sft_model)
     figures["rs_score"] = r["score"]
     row("rejection sampling", r)
-    dpo_pairs = dpo_pairs + dpo_pol + checker_pairs(prompts, replies, true)[1]
+    # DPO's pairs: the built-in ones, wrong-value edits (from the SFT model, measured: held-out built-in pairs
+    # 0.845 -> 0.881, score 0.833 -> 0.854; slip edits as well: 0.869, 0.837) and the best vs worst of samples
+    dpo_pairs = dpo_pairs + dpo_wrong + dpo_pol + checker_pairs(prompts, replies, true)[1]
     # DPO from the RS model, its reference = itself before DPO
     ref_lp = pairs_reference_logps(policy, dpo_pairs)
     ref_eval = pairs_reference_logps(policy, eval_dpo)

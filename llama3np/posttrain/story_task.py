@@ -126,6 +126,22 @@ def check_kinds(kinds):
     return kinds
 
 
+def values_of(kind, gender=None):
+    """The values a demand of this kind can ask for (a name: of this gender's names)."""
+    if kind == "name":
+        return S.GIRLS if gender == "girl" else S.BOYS
+    return {"home": S.HOMES, "hobby": S.HOBBIES, "ending": ["feeling", "lesson"], "animal": S.ANIMALS,
+            "pet": S.PETS, "thing": S.THINGS, "outing": S.OUTINGS}[kind]
+
+
+def wrong_value(kind, value, rng):
+    """Another value of the same kind (a name: another name of the same gender): the demand's decision made,
+    with the wrong option, as the SFT model gets it wrong ("named Max" where Leo was asked for)."""
+    if kind == "name":
+        return value[0], rng.choice([n for n in values_of("name", value[0]) if n != value[1]])
+    return rng.choice([v for v in values_of(kind) if v != value])
+
+
 def make_instruction(rng, n_demands=None, kinds=None):
     """A random instruction with n_demands (default: 2 or 3) demands, at most one about the plot (a story has one).
 
@@ -144,11 +160,9 @@ def make_instruction(rng, n_demands=None, kinds=None):
     for kind in sorted(kinds, key=DEMAND_KINDS.index):
         if kind == "name":
             gender = rng.choice(["girl", "boy"])
-            value = (gender, rng.choice(S.GIRLS if gender == "girl" else S.BOYS))
+            value = (gender, rng.choice(values_of("name", gender)))
         else:
-            value = rng.choice({"home": S.HOMES, "hobby": S.HOBBIES, "ending": ["feeling", "lesson"],
-                                "animal": S.ANIMALS, "pet": S.PETS, "thing": S.THINGS,
-                                "outing": S.OUTINGS}[kind])
+            value = rng.choice(values_of(kind))
         demands.append((kind, value))
     text = "Write a story. " + " ".join(demand_sentence(k, v) for k, v in demands)
     return Instruction(text, tuple(demands))
