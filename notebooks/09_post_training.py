@@ -23,7 +23,7 @@
 # on a tiny story model, and measured against an **exact** judge: the instructions ask for features of a
 # story, and the grammar that wrote the pre-training stories can parse any reply and say which it has.
 #
-# Set `LLAMA3NP_NOTEBOOK_FAST=1` for a toy run (the tests do this); the full pipeline takes about 14 minutes on 2 cores (2.6 of them pre-training).
+# Set `LLAMA3NP_NOTEBOOK_FAST=1` for a toy run (the tests do this); the full pipeline takes about 14-15 minutes on 2 cores (2.3-2.8 of them pre-training).
 
 # %%
 import os
@@ -117,7 +117,7 @@ check("ex19", "ex20")  # exercises: the DPO loss and its gradient, GAE
 # ("A story about a girl named Lily who meets a fox.", then the story) and series of stories that share
 # features, each document attending only to itself (Llama 3's document mask; without the mask and the
 # synopses the 400-step model never learnt to use a summary). SFT on instructions of 2-5 demands with forced stories; a reward model from the SFT model
-# (Bradley-Terry over edited > chosen > rejected, plus the SFT model's own samples ranked by the checker; its
+# (Bradley-Terry over edited > chosen > rejected, wrong-value and slip edits, and the SFT model's own samples ranked by the checker; its
 # reward is the head's mean over the reply's tokens, where a demand met or missed shows); rejection sampling (best of K by the RM, then SFT on the winners); DPO (beta 0.1, NLL 0.2,
 # formatting tokens masked; pairs built-in and from the policy's samples); PPO (value model from the RM, KL
 # penalty, GAE, clipping, adaptive KL). After each stage: the ground-truth score of sampled replies to

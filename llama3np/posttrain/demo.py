@@ -56,8 +56,8 @@ class DemoConfig:
     rm_lr: float = 3e-4
     rm_pooling: str = "mean"
     # training prompts whose SFT samples (rm_k each), every pair of different true scores, train the RM beside the
-    # minimal edits: 64 x 4 samples (~300 pairs), RM-checker agreement on SFT samples 0.53; 128 x 8 (~1400) 0.57
-    # in the demo (0.62 in a separate run): still far from the checker, see issue 11
+    # edits: 64 x 4 samples (~300 pairs), RM-checker agreement on SFT samples 0.53; 128 x 8 (~1400) 0.57 in the
+    # demo; with the wrong-value and slip edits too, 0.62: still far from the checker, see issue 11
     rm_prompts: int = 128
     rm_k: int = 8
     rm_wrong_values: int = 3  # wrong-value edits per training instruction (each on its own seed)
