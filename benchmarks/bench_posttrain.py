@@ -40,6 +40,7 @@ def main():
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").float()
     hf.train()
     print(ENV_NOTE)
+    print(_env.machine_note())
     print(_env.pin_threads(cli.threads))
     B, T = cli.batch, cli.seq
     rng = np.random.default_rng(0)
