@@ -185,6 +185,10 @@ def test_wrong_value_is_another_option_of_the_same_kind():
             w = T.wrong_value(kind, value, rng)
             assert w != value
             assert (w[0] == "girl" and w[1] in S.GIRLS) if kind == "name" else w in T.values_of(kind)
+    with pytest.raises(ValueError, match="unknown demand kind 'plot'"):
+        T.values_of("plot")
+    with pytest.raises(ValueError, match="gender 'girl' or 'boy'"):
+        T.values_of("name")
 
 
 def _pairs_by_prompt(fmt, ins, pairs):

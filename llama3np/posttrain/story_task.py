@@ -129,9 +129,14 @@ def check_kinds(kinds):
 def values_of(kind, gender=None):
     """The values a demand of this kind can ask for (a name: of this gender's names)."""
     if kind == "name":
+        if gender not in ("girl", "boy"):
+            raise ValueError(f"a name's values need gender 'girl' or 'boy', got {gender!r}")
         return S.GIRLS if gender == "girl" else S.BOYS
-    return {"home": S.HOMES, "hobby": S.HOBBIES, "ending": ["feeling", "lesson"], "animal": S.ANIMALS,
-            "pet": S.PETS, "thing": S.THINGS, "outing": S.OUTINGS}[kind]
+    values = {"home": S.HOMES, "hobby": S.HOBBIES, "ending": ["feeling", "lesson"], "animal": S.ANIMALS,
+              "pet": S.PETS, "thing": S.THINGS, "outing": S.OUTINGS}
+    if kind not in values:
+        raise ValueError(f"unknown demand kind {kind!r}; expected one of {DEMAND_KINDS}")
+    return values[kind]
 
 
 def wrong_value(kind, value, rng):
