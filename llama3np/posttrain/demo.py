@@ -198,14 +198,14 @@ def slip(ids, rng):
     body, end = list(ids[:-1]), list(ids[-1:])
     i = rng.randrange(1, len(body) - 1)
     kind = rng.choice(SLIPS)
-    others = [t for t in body if t != body[i]]
-    if kind == "drop" or not others:
-        body = body[:i] + body[i + rng.randint(1, 3):]
-    elif kind == "repeat":
+    others = [t for t in body if t != body[i]] if kind == "swap" else []
+    if kind == "repeat":
         n = min(i, rng.randint(2, 6))
         body = body[:i] + body[i - n:]
-    else:
+    elif others:
         body = body[:i] + [rng.choice(others)] + body[i + 1:]
+    else:  # a drop, or a swap in a reply of one repeated token (nothing else to swap in)
+        body = body[:i] + body[i + rng.randint(1, 3):]
     return body + end
 
 
