@@ -291,16 +291,29 @@ class Transformer:
         dx, doutput = backend.linear_backward(dlogits, acts.output_c)
         return self._backward_from_hidden(dx, doutput)
 
-    def backward_hidden(self, dhidden):
+    def backward_hidden(self, dhidden, doutput=None):
         """dhidden (B, T, dim) at the final hidden state (forward's return_hidden=True output, after the
-        last RMSNorm) -> grads keyed like `params`; the LM head gets a zero gradient. This is where a
-        scalar head (a reward model, a value model, a classifier) joins the transformer."""
+        last RMSNorm) -> grads keyed like `params`; the LM head gets a zero gradient, or `doutput` when a
+        head also ran it (lm_head_forward). This is where a scalar head (a reward model, a value model, a
+        classifier) joins the transformer."""
         acts = self._kept("backward_hidden")
         want = acts.norm_c[0].shape
         if np.shape(dhidden) != want:
             raise ValueError(f"dhidden has shape {np.shape(dhidden)}, expected {want} (the last forward's hidden state)")
+        if doutput is not None and np.shape(doutput) != self._output_weight().shape:
+            raise ValueError(f"doutput has shape {np.shape(doutput)}, expected {self._output_weight().shape} (the LM head's)")
         dhidden = np.asarray(dhidden, dtype=self.dtype)
-        return self._backward_from_hidden(dhidden, None)
+        return self._backward_from_hidden(dhidden, doutput)
+
+    def lm_head_forward(self, hidden):
+        """hidden (B, T, dim), a return_hidden=True output -> (logits (B, T, V), cache): the LM head alone, for a
+        head that reads both the hidden state and the logits of one forward. Its backward: lm_head_backward,
+        then backward_hidden(dhidden + its dhidden, doutput)."""
+        return backend.linear_forward(hidden, self._output_weight())
+
+    def lm_head_backward(self, dlogits, cache):
+        """dlogits (B, T, V) -> (dhidden (B, T, dim), doutput (V, dim)) for lm_head_forward's cache."""
+        return backend.linear_backward(np.asarray(dlogits, dtype=self.dtype), cache)
 
     def _backward_from_hidden(self, dx, doutput):
         acts = self.activations

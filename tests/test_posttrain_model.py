@@ -205,6 +205,35 @@ def test_mean_pooled_reward_gradients_match_finite_differences_and_ignore_the_pr
         RewardModel(tiny_model(), pooling="max")
 
 
+def test_reward_with_the_logp_term_matches_finite_differences_and_its_formula():
+    """logp_weight: reward = the pooled head + logp_weight * the reply's mean log-likelihood under the reward
+    model's own LM head, one forward. The gradient reaches the LM head (output.weight) and logp_weight itself."""
+    from llama3np.posttrain.logprobs import token_logps
+    from llama3np.posttrain.reward_model import LOGP, SCORE, RewardModel
+
+    rm = RewardModel(tiny_model(), seed=1, pooling="last", logp_weight=0.7)
+    rm.score *= 20
+    c, lc, r, lr = rm_batch()
+    fc, fr = np.array([3, 2]), np.array([2, 3])
+    lp = token_logps(rm.model, c)
+    head = rm.values(c)[[0, 1], lc]
+    want = head + 0.7 * np.array([lp[0, 3:7].mean(), lp[1, 2:5].mean()])
+    np.testing.assert_allclose(rm.rewards(c, lc, first=fc), want, rtol=1e-12)
+    f = lambda: rm.loss_and_grads(c, lc, r, lr, 0.1, fc, fr)[0]
+    _, grads, _ = rm.loss_and_grads(c, lc, r, lr, 0.1, fc, fr)
+    assert set(grads) == set(rm.params) and np.any(grads["output.weight"] != 0)
+    rng = np.random.default_rng(4)
+    for name in [LOGP, SCORE, "output.weight", "tok_embeddings.weight", "layers.1.attention.wv.weight",
+                 "norm.weight"]:
+        idx = sample_indices(rm.params[name], 10, rng)
+        num = numerical_grad(f, rm.params[name], indices=idx)
+        assert rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6, name
+    with pytest.raises(ValueError, match="logp_weight needs `first`"):
+        rm.rewards(c, lc)
+    with pytest.raises(ValueError, match="finite"):
+        RewardModel(tiny_model(), logp_weight=float("nan"))
+
+
 def ppo_batch(model, seed=0):
     from llama3np.posttrain.logprobs import token_logps
 
@@ -274,24 +303,38 @@ def test_sft_prompt_tokens_get_zero_gradient_through_the_loss():
     assert rel_error(g["layers.0.attention.wq.weight"].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6
 
 
-def test_reward_model_gradients_match_torch_autograd(transformers, torch, tmp_path):
-    from llama3np.posttrain.reward_model import SCORE, RewardModel
+@pytest.mark.parametrize("logp_weight", [None, 0.7])
+def test_reward_model_gradients_match_torch_autograd(transformers, torch, tmp_path, logp_weight):
+    from llama3np.posttrain.reward_model import LOGP, SCORE, RewardModel
 
-    rm = RewardModel(tiny_model(np.float32), seed=1)
+    rm = RewardModel(tiny_model(np.float32), seed=1, logp_weight=logp_weight)
     rm.score *= 20
     hf = hf_twin(rm.model, transformers, tmp_path)
     c, lc, r, lr = rm_batch()
-    loss, grads, _ = rm.loss_and_grads(c, lc, r, lr)
+    first = np.array([2, 3])
+    loss, grads, _ = rm.loss_and_grads(c, lc, r, lr, 0.0, first, first)
     score = torch.tensor(rm.score, requires_grad=True)
-    hc = hf.model(torch.from_numpy(c)).last_hidden_state  # after the final norm
-    hr = hf.model(torch.from_numpy(r)).last_hidden_state
-    rc = (hc @ score[0])[torch.arange(2), torch.from_numpy(lc)]
-    rr = (hr @ score[0])[torch.arange(2), torch.from_numpy(lr)]
-    hf_loss = -torch.nn.functional.logsigmoid(rc - rr).mean()
+    lw = torch.tensor(0.0 if logp_weight is None else logp_weight, dtype=torch.float64, requires_grad=True)
+
+    def reward(tokens, last):
+        out = hf(torch.from_numpy(tokens), output_hidden_states=True)
+        h = out.hidden_states[-1]  # after the final norm
+        rew = (h @ score[0])[torch.arange(2), torch.from_numpy(last)].double()
+        if logp_weight is None:
+            return rew
+        lp = torch.log_softmax(out.logits[:, :-1].double(), -1).gather(-1, torch.from_numpy(tokens[:, 1:, None]))[..., 0]
+        m = [(lp[b, first[b] - 1:last[b]]).mean() for b in range(2)]  # logp of tokens first..last
+        return rew + lw * torch.stack(m)
+
+    hf_loss = -torch.nn.functional.logsigmoid(reward(c, lc) - reward(r, lr)).mean()
     hf_loss.backward()
     assert loss == pytest.approx(hf_loss.item(), rel=1e-4)
     theirs = hf_grads_by_meta_name(hf, rm.model)
     theirs[SCORE] = score.grad.numpy()
+    if logp_weight is not None:
+        theirs[LOGP] = lw.grad.numpy().reshape(1)
+    else:
+        assert np.all(grads["output.weight"] == 0)
     assert_grads_close(grads, theirs)
 
 

@@ -25,38 +25,40 @@ def groups(seed=0):
     return [group(rng, 4, [5, 3, 4]), group(rng, 3, [4, 2])]  # ragged: the second row is padded
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_packed_reward_model_gradients_match_finite_differences(pooling):
+@pytest.mark.parametrize("pooling,logp_weight", [("last", None), ("mean", None), ("mean", 0.7)])
+def test_packed_reward_model_gradients_match_finite_differences(pooling, logp_weight):
     """Every ordered pair of a row is a Bradley-Terry term on rewards read per reply; one backward through the
     packed rows gives the gradient of their mean (float64, central differences, relative error < 1e-6)."""
-    rm = R.RewardModel(tiny_model(), seed=1, pooling=pooling)
+    rm = R.RewardModel(tiny_model(), seed=1, pooling=pooling, logp_weight=logp_weight)
     rm.score *= 20  # rewards of order 1: the loss is not flat
     batch = R.packed_rows(groups(), np.random.default_rng(5), EOT, rm.args.max_seq_len)
     f = lambda: rm.packed_loss_and_grads(batch, margin=0.1)[0]
     _, grads, m = rm.packed_loss_and_grads(batch, margin=0.1)
     assert set(grads) == set(rm.params)
-    assert np.all(grads["output.weight"] == 0), "the LM head is not part of the reward"
+    if logp_weight is None:
+        assert np.all(grads["output.weight"] == 0), "the LM head is not part of the reward"
     assert len(R.packed_pairs(batch)[0]) == 3 + 1, "K replies give K(K-1)/2 pairs"
     assert set(m) == {"loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"}
     rng = np.random.default_rng(2)
-    for name in [R.SCORE, "tok_embeddings.weight", "layers.1.attention.wk.weight", "layers.0.feed_forward.w1.weight",
-                 "norm.weight"]:
+    names = [R.SCORE, "tok_embeddings.weight", "layers.1.attention.wk.weight", "layers.0.feed_forward.w1.weight",
+             "norm.weight"] + ([] if logp_weight is None else [R.LOGP, "output.weight"])
+    for name in names:
         idx = sample_indices(rm.params[name], 10, rng)
         num = numerical_grad(f, rm.params[name], indices=idx)
         assert rel_error(grads[name].reshape(-1)[idx], num.reshape(-1)[idx]) < 1e-6, name
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_the_first_reply_of_a_packed_row_is_scored_as_in_its_own_row(pooling):
+@pytest.mark.parametrize("pooling,logp_weight", [("last", None), ("mean", None), ("mean", 0.7)])
+def test_the_first_reply_of_a_packed_row_is_scored_as_in_its_own_row(pooling, logp_weight):
     """Causal attention: the first reply of a packed row sees only the prompt, so its reward equals the one of
     the row prompt + reply alone, to float64 rounding (measured ~1e-17 on rewards of order 1: not bitwise, as the
     two forwards multiply matrices of other shapes, whose BLAS rounding differs). A later reply sees the earlier
     ones too (Meta's approximation), so its reward differs."""
-    rm = R.RewardModel(tiny_model(), seed=1, pooling=pooling)
+    rm = R.RewardModel(tiny_model(), seed=1, pooling=pooling, logp_weight=logp_weight)
     rm.score *= 20  # rewards of order 1
     gs = groups()
     batch = R.packed_rows(gs, np.random.default_rng(5), EOT)
-    packed, _, _ = rm.packed_rewards(batch)
+    packed = rm.packed_rewards(batch)
     prompts = [gs[b][0] for b in batch.row]
     replies = [gs[b][1][k] for b, k in zip(batch.row, batch.rank)]
     tokens, last = R.rows(prompts, replies)
@@ -118,10 +120,15 @@ def story_groups(tok, n=6):
              [tok.encode(t, bos=False, eos=False) + [tok.eot_id] for t in texts[:2 + i % 2]]) for i in range(n)]
 
 
-def test_packed_rm_training_resumed_after_a_crash_ends_like_an_uninterrupted_run(tok, tmp_path, monkeypatch):
+@pytest.mark.parametrize("logp_weight", [None, 0.5])
+def test_packed_rm_training_resumed_after_a_crash_ends_like_an_uninterrupted_run(tok, tmp_path, monkeypatch,
+                                                                                logp_weight):
     data = story_groups(tok)
     eval_pairs = R.group_pairs(data[:2])
-    whole = R.RewardModel(small_model(tok), seed=1)
+    pooling = "last" if logp_weight is None else "mean"
+    rm = lambda seed, lw=logp_weight: R.RewardModel(small_model(tok, seed=seed), seed=seed, pooling=pooling,
+                                                   logp_weight=lw)
+    whole = rm(1)
     recs = R.train_rm(whole, data, tmp_path / "whole", steps=5, batch_size=2, save_every=2, packed=True,
                       eval_pairs=eval_pairs)
     assert {"loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"} <= set(recs[0])
@@ -135,10 +142,10 @@ def test_packed_rm_training_resumed_after_a_crash_ends_like_an_uninterrupted_run
 
     monkeypatch.setattr(R.RewardModel, "packed_loss_and_grads", dying)
     with pytest.raises(KeyboardInterrupt):
-        R.train_rm(R.RewardModel(small_model(tok), seed=1), data, tmp_path / "crashed", steps=5, batch_size=2,
+        R.train_rm(rm(1), data, tmp_path / "crashed", steps=5, batch_size=2,
                    save_every=2, packed=True, eval_pairs=eval_pairs)
     monkeypatch.setattr(R.RewardModel, "packed_loss_and_grads", real)
-    resumed = R.RewardModel(small_model(tok, seed=9), seed=9)  # other weights: all must come from the checkpoint
+    resumed = rm(9)  # other weights (logp_weight is a setting: it must match): all must come from the checkpoint
     with pytest.raises(ValueError, match="--resume needs the arguments"):
         R.train_rm(resumed, data, tmp_path / "crashed", steps=5, batch_size=2, save_every=2, resume=True,
                    eval_pairs=eval_pairs)  # packed=False: another run
@@ -148,7 +155,12 @@ def test_packed_rm_training_resumed_after_a_crash_ends_like_an_uninterrupted_run
         np.testing.assert_array_equal(whole.params[name], resumed.params[name], err_msg=name)
     logs = [json.loads(line) for line in (tmp_path / "crashed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5]
-    assert R.load_reward_model(tmp_path / "crashed").score.tolist() == whole.score.tolist()
+    loaded = R.load_reward_model(tmp_path / "crashed")
+    assert loaded.score.tolist() == whole.score.tolist() and loaded.pooling == pooling
+    if logp_weight is None:
+        assert loaded.logp_weight is None and R.LOGP not in loaded.params
+    else:
+        assert loaded.logp_weight.tolist() == whole.logp_weight.tolist() != [logp_weight], "trained, and saved"
 
 
 def test_train_rm_packed_rejects_bad_groups_before_training(tok, tmp_path):

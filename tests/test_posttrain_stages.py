@@ -141,7 +141,9 @@ def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Write story {i}."}) + "\n" for i in range(3)))
     base, d = str(tmp_path / "base"), str(tmp_path)
-    assert main(["rm", "--model", base, "--data", str(prefs), "--out", d + "/rm", "--steps", "2", "--batch-size", "2"]) == 0
+    assert main(["rm", "--model", base, "--data", str(prefs), "--out", d + "/rm", "--steps", "2", "--batch-size", "2",
+                 "--pooling", "mean", "--logp-weight", "1"]) == 0
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["logp_weight"] == 1.0
     assert main(["rs", "--model", base, "--reward-model", d + "/rm", "--data", str(prompts), "--out", d + "/rs",
                  "--k", "2", "--max-new-tokens", "6"]) == 0
     assert (tmp_path / "rs" / "winners.jsonl").exists()

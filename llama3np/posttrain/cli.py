@@ -89,7 +89,7 @@ def cmd_rm(a):
 
     model = load_policy(a.model)
     pairs = _pairs(_fmt(model), a.data, model.args.max_seq_len)
-    rm = RewardModel(model, seed=a.seed, pooling=a.pooling)
+    rm = RewardModel(model, seed=a.seed, pooling=a.pooling, logp_weight=a.logp_weight)
     recs = train_rm(rm, pairs, a.out, a.steps, a.batch_size, a.lr, a.seed, a.save_every, a.resume, progress=True)
     print(f"rm: {len(pairs)} pairs, {a.steps} steps, last accuracy {recs[-1]['accuracy']:.3f}; run folder {a.out}")
     return 0
@@ -214,6 +214,9 @@ def add_subcommands(subparsers):
     p.add_argument("--pooling", choices=["last", "mean"], default="last",
                    help="the reward: the head at the reply's last token (Llama 3's) or its mean over the reply "
                         "(default: %(default)s)")
+    p.add_argument("--logp-weight", type=float, default=None,
+                   help="add this times the reply's mean log-likelihood under the model's own LM head to the "
+                        "reward (trained with it; default: no such term)")
     p.set_defaults(func=cmd_rm)
     p = subparsers.add_parser("dpo", help="direct preference optimisation")
     common(p, "JSONL, one {'prompt', 'chosen', 'rejected'} per line", 1e-4)

@@ -51,10 +51,16 @@ class DemoConfig:
     sft_steps: int = 1000  # 500: held-out score 0.73; 1000: 0.81 (names 0.64 -> 0.84)
     sft_batch: int = 8
     sft_lr: float = 1e-3
-    rm_steps: int = 200
+    # the reward: the pooled head + rm_logp_weight x the reply's mean log-likelihood under the RM's LM head (see
+    # reward_model.py). Measured on one SFT model: head alone (200 steps, lr 3e-4) held-out wrong values 0.66, built-in
+    # pairs 0.74, agreement 0.62; the log-likelihood term untrained 0.99 / 0.98 / 0.78; both trained at 3e-4 for 60
+    # steps 0.97 / 0.81 / 0.71 (the Bradley-Terry gradient through the LM head wears its prior away), at 1e-5
+    # 0.97 / 0.96 / 0.76
+    rm_steps: int = 60
     rm_batch: int = 12
-    rm_lr: float = 3e-4
+    rm_lr: float = 1e-5
     rm_pooling: str = "mean"
+    rm_logp_weight: float = 1.0  # None: the head alone (Llama 3's reward model)
     # training prompts whose SFT samples (rm_k each), every pair of different true scores, train the RM beside the
     # edits: 64 x 4 samples (~300 pairs), RM-checker agreement on SFT samples 0.53; 128 x 8 (~1400) 0.57 in the
     # demo; with the wrong-value and slip edits too, 0.62: still far from the checker, see issue 11
@@ -382,11 +388,10 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     # reward model, from the SFT model (from the pre-trained one: agreement 0.49 vs 0.53). What the checker marks
     # down in the SFT model's samples: a slip (1 sample in 5 has one; 6 in 10 of their pairs of different scores) or
     # a wrong value in the right plot. Minimal edits that drop a demand teach neither (a dropped plot demand changes
-    # the whole plot): held-out wrong values 0.44-0.70 by kind, agreement on SFT samples 0.53. Wrong-value and slip
-    # edits, and the SFT samples' own pairs, are what teach them: agreement 0.64, held-out different-story pairs
-    # 0.73 -> 0.80. Still far from the checker: a wrong one-token value (a name, an animal, a pet) is one token of
-    # ~100 and stays near chance at this many steps (0.44-0.52, see issue 11)
-    rm = RewardModel(clone_model(sft_model), seed=cfg.seed, pooling=cfg.rm_pooling)
+    # the whole plot), hence the wrong-value and slip edits and the SFT samples' own pairs. The head alone still
+    # left a wrong one-token value (a name, an animal, a pet: one token of ~100) near chance (0.44-0.52); the
+    # log-likelihood term sees it (see rm_logp_weight)
+    rm = RewardModel(clone_model(sft_model), seed=cfg.seed, pooling=cfg.rm_pooling, logp_weight=cfg.rm_logp_weight)
     train_rm(rm, rm_train, out / "rm", cfg.rm_steps, cfg.rm_batch, cfg.rm_lr, cfg.seed,
              save_every=cfg.rm_steps, progress=progress)
     # held out, three kinds: minimal edits (one story, demands dropped), wrong values (one story, one demand's
@@ -406,6 +411,13 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     rm_scores = score_replies(rm, prompts, replies)
     true = true_of(rs_ins, replies)
     figures["rm_checker_agreement"] = _pairwise_agreement(rm_scores, true)
+    if cfg.rm_logp_weight is not None:  # what the training added to its start: the log-likelihood term alone
+        prior = RewardModel(sft_model, score=np.zeros((1, sft_model.args.dim)), pooling="mean", logp_weight=1.0)
+        figures["rm_logp_alone"] = {"minimal": pair_accuracy(prior, eval_minimal), "wrong_value": pair_accuracy(
+            prior, eval_wrong), "different_stories": pair_accuracy(prior, eval_rm), "checker_agreement":
+            _pairwise_agreement(score_replies(prior, prompts, replies), true)}
+        say("  the SFT model's mean log-likelihood alone (the RM's start, untrained): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in figures["rm_logp_alone"].items()))
     curve = best_of_n_curve(rm_scores, true)
     figures["best_of_n"] = curve
     say(f"  reward model vs the exact checker on {true.size} SFT samples: pairwise agreement "
