@@ -268,9 +268,9 @@ class Transformer:
             for i in range(args.n_layers):
                 x, bc = block_forward(p, i, x, rope, args, None, start_pos, cache, kv_start)
                 blocks.append(bc)
-        # the final norm and the loss stay on the reference: the parallel engine's last stage computes
-        # them with ops.* too, and a one-process grid must give this model's bits
-        x, norm_c = ops.rmsnorm_forward(x, p["norm.weight"], args.norm_eps)
+        # the final norm and the loss through the backend, as the parallel engine's last stage computes them:
+        # a one-process grid must give this model's bits
+        x, norm_c = backend.rmsnorm_forward(x, p["norm.weight"], args.norm_eps)
         out_c = None
         if not return_hidden:
             x, out_c = backend.linear_forward(x, self._output_weight())  # (B, T, V)
@@ -318,7 +318,7 @@ class Transformer:
     def _backward_from_hidden(self, dx, doutput):
         acts = self.activations
         grads = {}
-        dx, grads["norm.weight"] = ops.rmsnorm_backward(dx, acts.norm_c)
+        dx, grads["norm.weight"] = backend.rmsnorm_backward(dx, acts.norm_c)
         for i in reversed(range(self.args.n_layers)):
             dx = block_backward(i, dx, acts.blocks[i], grads)
         dembed = ops.embedding_backward(dx, acts.embedding_c)
@@ -349,8 +349,8 @@ class Transformer:
             if mask.dtype.kind not in "biuf":
                 raise TypeError(f"mask must be boolean or numeric, got dtype {mask.dtype}")
         logits = self.forward(tokens, doc_ids=doc_ids)
-        loss, ce_cache = ops.cross_entropy_forward(logits, targets, mask)
-        return loss, self.backward(ops.cross_entropy_backward(1.0, ce_cache))
+        loss, ce_cache = backend.cross_entropy_forward(logits, targets, mask)
+        return loss, self.backward(backend.cross_entropy_backward(1.0, ce_cache))
 
     # ------------------------------------------------------------------------------------------------
     def _output_weight(self):

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .. import ops
+from .. import backend, ops
 from ..model import LAYER_PARAM_NAMES, accumulate, block_backward, block_forward
 from . import tensor_parallel as tp_mod
 
@@ -75,7 +75,7 @@ class StageModel:
             layer_caches.append(lc)
         if not self.is_last:
             return x, (emb_c, layer_caches, None)
-        x, norm_c = ops.rmsnorm_forward(x, p["norm.weight"], self.args.norm_eps)
+        x, norm_c = backend.rmsnorm_forward(x, p["norm.weight"], self.args.norm_eps)
         logits, out_c = tp_mod.output_forward(x, p[self.out_name], g)  # (B, T, V/tp)
         loss, ce_c = tp_mod.cross_entropy_forward(logits, targets, g)
         return loss, (emb_c, layer_caches, (norm_c, out_c, ce_c))
@@ -96,7 +96,7 @@ class StageModel:
             # is added to the lookup's gradient below (one matrix used twice: the sum of both uses)
             dx = tp_mod.output_backward(dlogits, out_c, g, grads, "_tied_output" if tied_here else self.out_name,
                                         defer)
-            dx, dnorm = ops.rmsnorm_backward(dx, norm_c)
+            dx, dnorm = backend.rmsnorm_backward(dx, norm_c)
             accumulate(grads, "norm.weight", dnorm)
             _notify(on_ready, ["norm.weight"] if tied_here else [self.out_name, "norm.weight"])
         else:

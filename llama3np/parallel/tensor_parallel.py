@@ -107,7 +107,7 @@ def cross_entropy_forward(logits, targets, group):
     """Mean cross-entropy with the vocabulary split over ranks, without gathering the logits:
     all-reduce the row max (op max), the sum of exponentials, and the target's logit (held by one rank)."""
     if group.size == 1:
-        loss, cache = ops.cross_entropy_forward(logits, targets)
+        loss, cache = backend.cross_entropy_forward(logits, targets)  # the model's loss: a 1-rank grid's bits
         return loss, (None, cache)
     V = logits.shape[-1]
     m = group.all_reduce(np.max(logits, axis=-1), op="max")  # (B, T) the global row max
@@ -125,7 +125,7 @@ def cross_entropy_backward(dloss, cache):
     """-> dlogits of this rank's slice: (softmax - onehot) * dloss / count, the onehot only where it is ours."""
     tp_cache, ref_cache = cache
     if tp_cache is None:
-        return ops.cross_entropy_backward(dloss, ref_cache)
+        return backend.cross_entropy_backward(dloss, ref_cache)
     logits, lse, local, mine = tp_cache
     dlogits = np.exp(logits - lse[..., None])
     rows = np.nonzero(mine)
