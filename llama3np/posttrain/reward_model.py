@@ -20,8 +20,9 @@ logp_weight (an option, not Llama 3's): the reward also adds logp_weight * the r
 the model's own LM head, read from the same forward, and trained with the rest (logp_weight too). Started from the
 SFT model, that term already knows what the instruction asked for one token at a time ("named Max" after an
 instruction for Leo is an unlikely token), which a pooled scalar head has to learn to compare through attention.
-On the demo's task the SFT model's mean log-likelihood alone orders 0.99 of held-out wrong-value pairs and 0.98
-of the built-in pairs, where the head alone, trained on the same pairs, stayed at 0.66 / 0.74 (issue 11).
+On the demo's task the SFT model's mean log-likelihood alone ordered 0.94-0.99 of held-out wrong-value pairs and
+0.92-0.98 of the built-in pairs (two SFT models), where the head alone, trained on the same pairs, stayed at
+0.66 / 0.74 (issue 11).
 
 Packed rows (Llama 3, 4.1.2: "we concatenate the prompt and multiple responses into a single row with responses
 randomly shuffled"): a group (prompt, [replies best first]) becomes one row, the prompt once and then the K replies
