@@ -63,8 +63,8 @@ class DemoConfig:
     rm_logp_weight: float = 1.0  # None: the head alone (Llama 3's reward model)
     # training prompts whose SFT samples (rm_k each), every pair of different true scores, train the RM beside the
     # edits: 64 x 4 samples (~300 pairs), RM-checker agreement on SFT samples 0.53; 128 x 8 (~1400) 0.57 in the
-    # demo; with the wrong-value and slip edits too, 0.62; with the log-likelihood term 0.71: still far from the
-    # checker, see issue 11
+    # demo; with the wrong-value and slip edits too, 0.62; with the log-likelihood term 0.67-0.71 (two pre-trained
+    # models): still far from the checker, see issue 11
     rm_prompts: int = 128
     rm_k: int = 8
     rm_wrong_values: int = 3  # wrong-value edits per training instruction (each on its own seed)

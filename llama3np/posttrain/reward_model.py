@@ -111,7 +111,8 @@ class RewardModel:
         if self.logp_weight is not None:
             logits, out_c = self.model.lm_head_forward(hidden)
             logp, lp_c = losses.token_logps_forward(logits, tokens)
-            m = reply_weights(v.shape[1], first, last, "a reward model with logp_weight")
+            m = w if self.pooling == "mean" else reply_weights(v.shape[1], first, last,
+                                                               "a reward model with logp_weight")
             ll = (logp[row] * m).sum(1).astype(np.float64)  # each reply's mean log-likelihood
             r = r + self.logp_weight[0] * ll
             lm = (out_c, lp_c, m, ll)
