@@ -66,6 +66,23 @@ def test_sft_resumed_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run
     assert llama3np.load(tmp_path / "crashed").params["norm.weight"].tolist() == whole.params["norm.weight"].tolist()
 
 
+def test_sft_rate_warms_up_then_decays_to_min_lr_ratio_and_flat_at_ratio_one(tok, tmp_path):
+    data = sft_data(tok)
+    recs = sft_mod.train_sft(small_model(tok), data, tmp_path / "decay", steps=20, batch_size=2, lr=1e-3,
+                             save_every=20, min_lr_ratio=0.1)
+    rates = [r["lr"] for r in recs]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # 10 warmup steps
+    assert all(a > b for a, b in zip(rates[10:], rates[11:])) and rates[-1] == pytest.approx(1e-4)
+    flat = sft_mod.train_sft(small_model(tok), data, tmp_path / "flat", steps=20, batch_size=2, lr=1e-3,
+                             save_every=20, min_lr_ratio=1.0)
+    assert [r["lr"] for r in flat[9:]] == pytest.approx([1e-3] * 11)
+    with pytest.raises(ValueError, match="--resume needs the arguments"):  # another schedule is another run
+        sft_mod.train_sft(small_model(tok), data, tmp_path / "flat", steps=20, batch_size=2, lr=1e-3,
+                          save_every=20, min_lr_ratio=0.1, resume=True)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        sft_mod.train_sft(small_model(tok), data, tmp_path / "bad", steps=2, min_lr_ratio=1.5)
+
+
 def test_averaging_is_the_weighted_mean_and_rejects_mismatches(tok):
     a, b = small_model(tok, 0), small_model(tok, 1)
     avg = averaging.average_params([a.params, b.params], [3, 1])

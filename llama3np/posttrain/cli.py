@@ -79,7 +79,8 @@ def cmd_sft(a):
     fmt = _fmt(model)
     examples = [sft_example(fmt, row.get("messages"), model.args.max_seq_len, where=f"{a.data}, row {i}")
                 for i, row in enumerate(read_jsonl(a.data), start=1)]
-    recs = train_sft(model, examples, a.out, a.steps, a.batch_size, a.lr, a.seed, a.save_every, a.resume, progress=True)
+    recs = train_sft(model, examples, a.out, a.steps, a.batch_size, a.lr, a.seed, a.save_every, a.resume, progress=True,
+                     min_lr_ratio=a.min_lr_ratio)
     print(f"sft: {len(examples)} dialogs, {a.steps} steps, last loss {recs[-1]['loss']:.4f}; run folder {a.out}")
     return 0
 
@@ -208,6 +209,8 @@ def add_subcommands(subparsers):
 
     p = subparsers.add_parser("sft", help="supervised fine-tuning on chats ({'messages': [...]} JSONL)")
     common(p, "JSONL, one {'messages': [...]} per line; the loss is on assistant turns", 3e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="cosine decay of the rate to this fraction of --lr at the last step; 1: flat (default: %(default)s)")
     p.set_defaults(func=cmd_sft)
     p = subparsers.add_parser("rm", help="train a reward model on preference pairs")
     common(p, "JSONL, one {'prompt', 'chosen', 'rejected'} per line", 3e-4)

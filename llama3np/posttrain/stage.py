@@ -105,14 +105,15 @@ def step_rng(seed, step):
     return np.random.default_rng([int(seed), int(step)])
 
 
-WARMUP_STEPS = 10  # a short linear warmup, then the constant rate (fine-tuning runs are short)
+WARMUP_STEPS = 10  # a short linear warmup (fine-tuning runs are short)
 
 
-def warmup_lr(step, lr, steps):
-    """The rate of step `step` of a stage: optim.get_lr's warmup, then flat (min_lr_ratio 1: no decay)."""
+def warmup_lr(step, lr, steps, min_lr_ratio=1.0):
+    """The rate of step `step` of a stage: optim.get_lr's warmup, then flat (min_lr_ratio 1, the default: no
+    decay) or a cosine decay to min_lr_ratio x lr at the last step."""
     from ..optim import get_lr
 
-    return get_lr(step, lr, min(WARMUP_STEPS, steps), steps, min_lr_ratio=1.0)
+    return get_lr(step, lr, min(WARMUP_STEPS, steps), steps, min_lr_ratio=min_lr_ratio)
 
 
 def update(opt, grads, lr, grad_clip=1.0):
