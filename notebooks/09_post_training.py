@@ -116,11 +116,11 @@ check("ex19", "ex20")  # exercises: the DPO loss and its gradient, GAE
 # everything once, so single stories never reward it, and an instruction needs exactly that): synopses
 # ("A story about a girl named Lily who meets a fox.", then the story) and series of stories that share
 # features, each document attending only to itself (Llama 3's document mask; without the mask and the
-# synopses the 400-step model never learnt to use a summary). SFT on instructions of 2-5 demands with forced stories; a reward model from the SFT model
+# synopses the 400-step model never learnt to use a summary). SFT on instructions of 2-5 demands with forced stories (the rate decaying to a tenth); a reward model from the SFT model
 # (Bradley-Terry over edited > chosen > rejected, wrong-value and slip edits, and the SFT model's own samples ranked by the checker; its
 # reward is the head's mean over the reply's tokens, where a demand met or missed shows, plus the reply's mean
-# log-likelihood under the RM's own LM head, which sees a name other than the one asked for); rejection sampling (best of K by the RM, then SFT on the winners); DPO (beta 0.1, NLL 0.2,
-# formatting tokens masked; pairs built-in and from the policy's samples); PPO (value model from the RM, KL
+# log-likelihood under the RM's own LM head, which sees a name other than the one asked for); rejection sampling (best of K by the RM, then SFT on the winners); DPO (beta 0.1, the NLL term on chosen replies at 5 in TRL's
+# per-token normalisation, formatting tokens masked; pairs built-in and from the policy's samples); PPO (value model from the RM, KL
 # penalty, GAE, clipping, adaptive KL). After each stage: the ground-truth score of sampled replies to
 # held-out instructions, and the KL from the SFT model.
 

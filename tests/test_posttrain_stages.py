@@ -142,7 +142,7 @@ def test_demo_fast_mode_runs_every_stage(tmp_path):
     dpo = json.loads((tmp_path / "demo" / "dpo" / "log.jsonl").read_text().splitlines()[0])
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert key in dpo
-    assert dpo["rewards/margins"] == 0 and dpo["loss"] == pytest.approx(math.log(2) + 0.2 * dpo["nll_loss"])
+    assert dpo["rewards/margins"] == 0 and dpo["loss"] == pytest.approx(math.log(2) + cfg.dpo_nll * dpo["nll_loss"])
     assert (tmp_path / "demo" / "score_vs_kl.png").exists()
 
 
