@@ -103,6 +103,18 @@ def test_best_of_n_kl_is_under_the_bound_and_exact_for_distinct_scores():
     assert RS.best_of_n_kl(np.zeros(10), 8) == 0.0, "all tied: best-of-n is the policy"
 
 
+def test_score_replies_of_nothing_is_empty_and_mismatched_lists_are_an_error(tok):
+    from llama3np.posttrain.reward_model import RewardModel
+
+    rm = RewardModel(small_model(tok), seed=0)
+    assert RS.score_replies(rm, [], []).shape == (0, 0)
+    assert RS.score_replies(rm, [[1, 2], [3]], [[], []]).shape == (2, 0)  # k = 0
+    scores = RS.score_replies(rm, [[1, 2], [3]], [[[4, 5]], [[6]]])
+    assert scores.shape == (2, 1) and np.all(np.isfinite(scores))
+    with pytest.raises(ValueError, match="one list per prompt: 2 prompts, 1 lists"):
+        RS.score_replies(rm, [[1, 2], [3]], [[[4]]])
+
+
 def test_adaptive_kl_controller_pulls_harder_over_budget():
     c = AdaptiveKLController(0.1, target=6.0, horizon=10)
     assert c.update(12.0) == pytest.approx(0.1 * 1.02)  # error clipped to +0.2, times 1/10

@@ -37,6 +37,10 @@ def sample_replies(policy, prompts, k, max_new_tokens=160, temperature=1.0, top_
 
 def score_replies(rm, prompts, replies, batch_size=32):
     """The reward model's score of every reply -> (P, K), read at each reply's last token."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"replies must hold one list per prompt: {len(prompts)} prompts, {len(replies)} lists")
+    if not any(len(rs) for rs in replies):  # nothing to score (no prompts, or k = 0)
+        return np.zeros((len(prompts), 0))
     flat_p = [prompts[p] for p in range(len(prompts)) for _ in replies[p]]
     flat_r = [r for rs in replies for r in rs]
     tokens, last = rows(flat_p, flat_r)
