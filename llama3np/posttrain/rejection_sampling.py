@@ -21,8 +21,8 @@ from .reward_model import reply_first, rows
 def sample_replies(policy, prompts, k, max_new_tokens=160, temperature=1.0, top_p=1.0, seed=0, batch_size=128):
     """-> (replies, logps): replies[p][i] the i-th reply ids to prompt p (ending with the stop token if one
     was sampled), logps[p][i] their per-token log-probs. All P*K rows in batches of `batch_size` (a decode
-    step of the tiny model costs little more for 128 rows than for 32: 256 replies took 15 s in batches of 32,
-    9 s in batches of 64 or 128)."""
+    step of the tiny model costs little more for 128 rows than for 32: at one thread, beside another job, 256
+    replies took 15 s in batches of 32 and 9 s in batches of 64 or 128; the demo at two threads gained little)."""
     flat = [(p, i) for p in range(len(prompts)) for i in range(k)]
     replies = [[None] * k for _ in prompts]
     logps = [[None] * k for _ in prompts]

@@ -59,5 +59,5 @@ def train_sft(model, examples, out, steps=100, batch_size=8, lr=3e-4, seed=0, sa
         return {"loss": loss, "grad_norm": norm, "lr": rate, "num_tokens": int(mask[:, 1:].sum())}
 
     records = run_steps(run, steps, step_fn, model.params, opt, model.tokenizer, model.args, save_every, progress)
-    run.plot(["loss", "grad_norm"])
+    run.plot(["loss", "grad_norm", "lr"])
     return records
