@@ -163,3 +163,14 @@ if __name__ == "__main__":
     fig.tight_layout()
     print("PPO iterations (true score of the rollout, objective/kl):",
           [(r["step"], round(r["objective/true_score"], 3), round(r["objective/kl"], 2)) for r in ppo])
+
+# %% [markdown]
+# ## 5. Try it: demonstrations with mistakes
+# Here every demonstration meets every demand, and the stages after SFT have little to add: SFT already
+# imitates a perfect annotator. Human demonstrations have mistakes. `DemoConfig(sft_wrong_fraction=0.3)`
+# (`llama3np posttrain demo --annotator-errors 0.3`) writes 30% of them with one demanded value wrong. Measured
+# on 256 held-out instructions: SFT 0.65, RS 0.67, DPO 0.67, PPO 0.69 (at 0.6: 0.59, 0.62, 0.64, 0.65), each
+# stage a little above the last, because the reward model's picks are better than the demonstrations. Two
+# things to look for in `figures["by_kind"]`: at 0.3 the names fall from 0.90 to 0.30 although only ~9% of the
+# demonstrated names are wrong (a copied value is learnt slowly, and counter-examples slow it more); at 0.1 SFT
+# still reaches 0.84 (0.90 with perfect demonstrations), and the stages after it move within the noise.

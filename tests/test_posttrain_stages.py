@@ -228,3 +228,11 @@ def test_ppo_resumed_after_a_skipped_value_step_and_a_crash_ends_like_an_uninter
         np.testing.assert_array_equal(whole_value.params[name], value.params[name], err_msg=name)
     for name in whole_policy.params:
         np.testing.assert_array_equal(whole_policy.params[name], policy.params[name], err_msg=name)
+
+
+def test_demo_refuses_an_annotator_error_rate_outside_0_1_before_any_training(tmp_path, capsys):
+    from llama3np.posttrain.cli import main
+
+    assert main(["posttrain", "demo", "--fast", "--annotator-errors", "1.5", "--out", str(tmp_path / "d")]) == 2
+    assert "error rate) must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "pretrain").exists()

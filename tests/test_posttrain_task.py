@@ -232,3 +232,24 @@ def test_slip_pairs_cost_demands_and_keep_the_rest(fmt):
     assert len(pairs) > len(ins)  # 2 slips a story, most of them cost a demand
     for demands, b, w in _pairs_by_prompt(fmt, ins, pairs):
         assert T.score(demands, b) == 1 > T.score(demands, w) and not T.parse(w)[1]
+
+
+def test_sft_demonstrations_with_an_annotators_error_rate(fmt):
+    """wrong_fraction 0: every demonstration meets every demand; otherwise about that fraction of them has exactly
+    one demand's value wrong (and the same story seed: only that decision differs), the rest are unchanged."""
+    from llama3np.posttrain.demo import sft_examples
+
+    ins = T.instructions(300, seed=8, sizes=(2, 3, 4))
+    text = lambda ex: fmt.tokenizer.decode([t for t, m in zip(*ex) if m][:-1])  # the reply, without <|eot_id|>
+    clean = sft_examples(fmt, ins, seed=3)
+    noisy = sft_examples(fmt, ins, seed=3, wrong_fraction=0.4)
+    assert all(T.score(i.demands, text(ex)) == 1 for i, ex in zip(ins, clean))
+    wrong = 0
+    for i, c, n in zip(ins, clean, noisy):
+        met = T.check(i.demands, text(n))
+        if c == n:
+            assert all(met)
+        else:
+            wrong += 1
+            assert sum(met) == len(met) - 1 and T.parse(text(n))[0]["plot"] == T.parse(text(c))[0]["plot"]
+    assert 0.3 < wrong / len(ins) < 0.5  # 120 expected, sd ~8.5

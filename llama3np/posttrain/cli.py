@@ -191,6 +191,8 @@ def cmd_demo(a):
     cfg = copy.deepcopy(FAST) if a.fast else DemoConfig()
     if a.demand_kinds:
         cfg.demand_kinds = tuple(k.strip() for k in a.demand_kinds.split(","))  # run_demo checks them first
+    if a.annotator_errors is not None:
+        cfg.sft_wrong_fraction = a.annotator_errors
     run_demo(a.out, model=a.model, cfg=cfg, progress=not a.fast)
     return 0
 
@@ -278,6 +280,9 @@ def add_subcommands(subparsers):
     d.add_argument("--fast", action="store_true", help="a tiny run of a minute (for tests)")
     d.add_argument("--demand-kinds", help="comma-separated demand kinds the instructions draw from, e.g. "
                                           f"home,hobby,ending (default: all of {', '.join(DEMAND_KINDS)})")
+    d.add_argument("--annotator-errors", type=float, metavar="FRACTION",
+                   help="the fraction of SFT demonstrations written with one demanded value wrong, as human "
+                        "demonstrations have mistakes (default: 0, every demonstration perfect)")
     d.set_defaults(func=cmd_demo)
 
 
