@@ -236,3 +236,26 @@ def test_demo_refuses_an_annotator_error_rate_outside_0_1_before_any_training(tm
     assert main(["posttrain", "demo", "--fast", "--annotator-errors", "1.5", "--out", str(tmp_path / "d")]) == 2
     assert "error rate) must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "d" / "pretrain").exists()
+
+
+@pytest.mark.slow
+def test_demo_dpo_stage_can_use_the_ipo_loss(tmp_path):
+    """--dpo-loss ipo: every DPO run of the demo (and its ablations) takes the squared loss; at the first step
+    (policy = reference, Delta = 0) it is (1 / (2 beta))^2 plus the NLL term. A loss it does not know is refused
+    before any training."""
+    import copy
+
+    from llama3np.posttrain.demo import FAST, run_demo
+
+    cfg = copy.deepcopy(FAST)
+    cfg.dpo_loss_type = "hinge"
+    with pytest.raises(ValueError, match="dpo_loss_type must be one of"):
+        run_demo(tmp_path / "bad", cfg=cfg, stream=open("/dev/null", "w"))
+    assert not (tmp_path / "bad" / "pretrain").exists()
+    cfg.dpo_loss_type = "ipo"
+    run_demo(tmp_path / "demo", cfg=cfg, stream=open("/dev/null", "w"))
+    for run in ("dpo", "dpo_no_nll", "dpo_eot_in_mask"):
+        first = json.loads((tmp_path / "demo" / run / "log.jsonl").read_text().splitlines()[0])
+        assert json.loads((tmp_path / "demo" / run / "config.json").read_text())["loss_type"] == "ipo"
+        nll = 0.0 if run == "dpo_no_nll" else cfg.dpo_nll
+        assert first["loss"] == pytest.approx((1 / (2 * cfg.dpo_beta)) ** 2 + nll * first["nll_loss"])

@@ -193,6 +193,7 @@ def cmd_demo(a):
         cfg.demand_kinds = tuple(k.strip() for k in a.demand_kinds.split(","))  # run_demo checks them first
     if a.annotator_errors is not None:
         cfg.sft_wrong_fraction = a.annotator_errors
+    cfg.dpo_loss_type = a.dpo_loss
     run_demo(a.out, model=a.model, cfg=cfg, progress=not a.fast)
     return 0
 
@@ -283,6 +284,8 @@ def add_subcommands(subparsers):
     d.add_argument("--annotator-errors", type=float, metavar="FRACTION",
                    help="the fraction of SFT demonstrations written with one demanded value wrong, as human "
                         "demonstrations have mistakes (default: 0, every demonstration perfect)")
+    d.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid",
+                   help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
 
