@@ -152,13 +152,17 @@ def reply_text(tok, ids):
     return tok.decode([t for t in ids if t not in tok.stop_tokens])
 
 
+def check_wrong_fraction(wrong_fraction):
+    if not 0.0 <= wrong_fraction <= 1.0:
+        raise ValueError(f"wrong_fraction (the annotator's error rate) must be in [0, 1], got {wrong_fraction}")
+
+
 def sft_examples(fmt, instructions, seed, wrong_fraction=0.0):
     """-> [(tokens, loss mask)]: a demonstration per instruction, the story written with every demand.
 
     wrong_fraction: the annotator's error rate: that fraction of the demonstrations (a random draw) has one demand's
     value wrong ("named Max" where Leo was asked for), as human demonstrations have mistakes."""
-    if not 0.0 <= wrong_fraction <= 1.0:
-        raise ValueError(f"wrong_fraction (the annotator's error rate) must be in [0, 1], got {wrong_fraction}")
+    check_wrong_fraction(wrong_fraction)
     rng = random.Random(seed * 7919 + 3)
     out = []
     for i, ins in enumerate(instructions):
@@ -366,7 +370,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     stream = stream or sys.stdout
     cfg = cfg or (copy.deepcopy(FAST) if fast else DemoConfig())
     task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
-    sft_examples(None, [], 0, cfg.sft_wrong_fraction)  # checks the error rate, likewise
+    check_wrong_fraction(cfg.sft_wrong_fraction)  # likewise
     if cfg.dpo_loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss_type must be one of {DPO_LOSS_TYPES}, got {cfg.dpo_loss_type!r}")
     out = Path(out)
@@ -515,8 +519,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     figures["dpo_accuracy_wrong_value"] = preference_accuracy(policy, eval_wrong,
                                                               pairs_reference_logps(dpo_ref_model, eval_wrong))
     figures["ref/eot_prob"] = eot_prob_at_end(dpo_ref_model, eval_dpo)
-    say(f"  DPO ({cfg.dpo_loss_type} loss): held-out preference accuracy {figures['dpo_accuracy']:.3f} on {len(eval_dpo)} built-in pairs, "
-        f"{figures['dpo_accuracy_wrong_value']:.3f} on {len(eval_wrong)} wrong values (0.5 is chance; 0 at the start, "
+    say(f"  DPO ({cfg.dpo_loss_type} loss): held-out preference accuracy {figures['dpo_accuracy']:.3f} on "
+        f"{len(eval_dpo)} built-in pairs, {figures['dpo_accuracy_wrong_value']:.3f} on {len(eval_wrong)} wrong values (0.5 is chance; 0 at the start, "
         "where every margin is exactly 0)")
     if cfg.ablations:
         say(f"  DPO ablations: logps/chosen at the end {figures['dpo/logps_chosen_last']:.2f} with the NLL term, "
