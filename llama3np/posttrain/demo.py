@@ -520,7 +520,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
                                                               pairs_reference_logps(dpo_ref_model, eval_wrong))
     figures["ref/eot_prob"] = eot_prob_at_end(dpo_ref_model, eval_dpo)
     say(f"  DPO ({cfg.dpo_loss_type} loss): held-out preference accuracy {figures['dpo_accuracy']:.3f} on "
-        f"{len(eval_dpo)} built-in pairs, {figures['dpo_accuracy_wrong_value']:.3f} on {len(eval_wrong)} wrong values (0.5 is chance; 0 at the start, "
+        f"{len(eval_dpo)} built-in pairs, {figures['dpo_accuracy_wrong_value']:.3f} on {len(eval_wrong)} wrong values "
+        "(0.5 is chance; 0 at the start, "
         "where every margin is exactly 0)")
     if cfg.ablations:
         say(f"  DPO ablations: logps/chosen at the end {figures['dpo/logps_chosen_last']:.2f} with the NLL term, "
