@@ -270,6 +270,7 @@ def add_subcommands(subparsers):
     p.add_argument("--out", required=True, help="the run folder to write")
     p.set_defaults(func=cmd_average)
 
+    from .losses import DPO_LOSS_TYPES
     from .story_task import DEMAND_KINDS
 
     p = subparsers.add_parser("posttrain", help="post-training demos")
@@ -284,7 +285,7 @@ def add_subcommands(subparsers):
     d.add_argument("--annotator-errors", type=float, metavar="FRACTION",
                    help="the fraction of SFT demonstrations written with one demanded value wrong, as human "
                         "demonstrations have mistakes (default: 0, every demonstration perfect)")
-    d.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid",
+    d.add_argument("--dpo-loss", choices=DPO_LOSS_TYPES, default="sigmoid",
                    help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 

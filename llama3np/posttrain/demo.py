@@ -23,7 +23,7 @@ from ..tokenizer import ChatFormat
 from . import story_task as task
 from .averaging import average_models
 from .dpo import pairs_reference_logps, preference_accuracy, train_dpo
-from .losses import DPO_LOSS_TYPES
+from .losses import check_dpo_loss_type
 from .logprobs import clone_model, token_logps
 from .ppo import PPOConfig, rollout_rows, train_ppo
 from .rejection_sampling import best_of_n_curve, sample_replies, score_replies, winners
@@ -105,9 +105,9 @@ class DemoConfig:
     # values: sigmoid 0.81 / 0.86, ipo 0.90 / 0.94 (the demo's own 84 / 100 pairs: 0.80 / 0.87 and 0.86 / 0.90; their
     # standard error is ~0.035); the demo's score 0.886 -> 0.863 and KL 0.60 -> 1.00, and the NLL term at 5 does
     # nothing beside IPO's gradient. IPO at dpo_lr 1e-5 (an experiment on the same pairs less the policy's own):
-    # 0.93 / 0.94, score 0.847 on 512 instructions (sigmoid at 2e-5: 0.862). DPO's log-sigmoid keeps pushing the pairs it already orders (a wrong name ends
-    # ~20 nats down, a wrong hobby ~2), so one missed name outweighs two missed hobbies; IPO stops every margin at
-    # the same target and so weighs the demands alike
+    # 0.93 / 0.94, score 0.847 on 512 instructions (sigmoid at 2e-5: 0.862). DPO's log-sigmoid keeps pushing the
+    # pairs it already orders (a wrong name ends ~20 nats down, a wrong hobby ~2), so one missed name outweighs two
+    # missed hobbies; IPO stops every margin at the same target and so weighs the demands alike
     dpo_loss_type: str = "sigmoid"
     # the NLL term on the chosen replies. Llama 3's 0.2 in TRL's convention (the mean over the batch's chosen tokens)
     # weighs each token ~25x less than DPO's sum over a ~100-token reply (beta sigma / batch per token): at 0.2 it
@@ -167,11 +167,8 @@ def sft_examples(fmt, instructions, seed, wrong_fraction=0.0):
     rng = random.Random(seed * 7919 + 3)
     out = []
     for i, ins in enumerate(instructions):
-        d = list(ins.demands)
-        if rng.random() < wrong_fraction:
-            j = rng.randrange(len(d))
-            d[j] = (d[j][0], task.wrong_value(d[j][0], d[j][1], rng))
-        p, r = chat_prompt(fmt, ins), reply_ids(fmt.tokenizer, task.write_story(tuple(d), seed * 100_003 + i))
+        d = task.one_value_wrong(ins.demands, rng) if rng.random() < wrong_fraction else ins.demands
+        p, r = chat_prompt(fmt, ins), reply_ids(fmt.tokenizer, task.write_story(d, seed * 100_003 + i))
         out.append((p + r, [0] * len(p) + [1] * len(r)))
     return out
 
@@ -239,10 +236,8 @@ def wrong_value_pairs(fmt, instructions, seed):
     rng = random.Random(seed)
     tok, pairs = fmt.tokenizer, []
     for ins in instructions:
-        d, s = list(ins.demands), rng.randrange(10**9)
-        i = rng.randrange(len(d))
-        wrong = task.wrong_value(d[i][0], d[i][1], rng)
-        good, bad = (task.write_story(tuple(d[:i] + [x] + d[i + 1:]), s) for x in (d[i], (d[i][0], wrong)))
+        s = rng.randrange(10**9)
+        good, bad = task.write_story(ins.demands, s), task.write_story(task.one_value_wrong(ins.demands, rng), s)
         if task.score(ins.demands, bad) < task.score(ins.demands, good):
             pairs.append((chat_prompt(fmt, ins), reply_ids(tok, good), reply_ids(tok, bad)))
     return pairs
@@ -372,8 +367,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     cfg = cfg or (copy.deepcopy(FAST) if fast else DemoConfig())
     task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
     check_wrong_fraction(cfg.sft_wrong_fraction)  # likewise
-    if cfg.dpo_loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"dpo_loss_type must be one of {DPO_LOSS_TYPES}, got {cfg.dpo_loss_type!r}")
+    check_dpo_loss_type(cfg.dpo_loss_type)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in STAGE_FOLDERS:  # a demo run replaces the previous one in `out` (only its own folders)
@@ -522,8 +516,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     figures["ref/eot_prob"] = eot_prob_at_end(dpo_ref_model, eval_dpo)
     say(f"  DPO ({cfg.dpo_loss_type} loss): held-out preference accuracy {figures['dpo_accuracy']:.3f} on "
         f"{len(eval_dpo)} built-in pairs, {figures['dpo_accuracy_wrong_value']:.3f} on {len(eval_wrong)} wrong values "
-        "(0.5 is chance; 0 at the start, "
-        "where every margin is exactly 0)")
+        "(0.5 is chance; 0 at the start, where every margin is exactly 0)")
     if cfg.ablations:
         say(f"  DPO ablations: logps/chosen at the end {figures['dpo/logps_chosen_last']:.2f} with the NLL term, "
             f"{figures['dpo_no_nll/logps_chosen_last']:.2f} without; P(<|eot_id|>) at reply ends: reference "

@@ -147,11 +147,15 @@ def bradley_terry_backward(dloss, cache):
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
+def check_dpo_loss_type(loss_type):
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+
+
 def dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 beta=0.1, label_smoothing=0.0, loss_type="sigmoid"):
     """Four (B,) arrays of sequence log-probs -> (mean loss, cache). See `dpo_metrics` for the rewards."""
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    check_dpo_loss_type(loss_type)
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:

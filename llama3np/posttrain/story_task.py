@@ -147,6 +147,14 @@ def wrong_value(kind, value, rng):
     return rng.choice([v for v in values_of(kind) if v != value])
 
 
+def one_value_wrong(demands, rng):
+    """-> the demands with one of them (a random one) asking for another value of its kind (`wrong_value`)."""
+    d = list(demands)
+    i = rng.randrange(len(d))
+    d[i] = (d[i][0], wrong_value(d[i][0], d[i][1], rng))
+    return tuple(d)
+
+
 def make_instruction(rng, n_demands=None, kinds=None):
     """A random instruction with n_demands (default: 2 or 3) demands, at most one about the plot (a story has one).
 
