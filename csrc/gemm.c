@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "gemm.h"
 #include "llama3np_kernels.h"
@@ -37,14 +38,36 @@
 #endif
 
 /* Block sizes (in floats). KC: depth of one packed block; NC: width of a packed B block (KC*NC*4
- * bytes = 384 KiB, in L2); MC: the most rows of a packed A block (528 KiB, streamed a sliver at a
+ * bytes, in L2, see nc_block); MC: the most rows of a packed A block (528 KiB, streamed a sliver at a
  * time). Row blocks are multiples of 24 (a multiple of every MR: 4, 6, 8) so that only the last one
  * has a partial sliver. KC and NC can be set at build time (LLAMA3NP_CFLAGS="-DKC=384") to try others. */
 #ifndef KC
 #define KC 256
 #endif
-#ifndef NC
-#define NC 384
+#ifdef NC
+#define NC_MAX NC
+static int nc_block(void) { return NC; }
+#else
+#define NC_MAX 512
+/* Every column block packs all of A's rows again, so wider blocks pack A less often: with N = 512 (the
+ * dx and dW products of `small`), 384 + 128 columns pack A twice, where 512 packs it once. A block
+ * of 512 (512 KiB) needs an L2 of 1 MiB (Zen 4, Intel since Ice Lake); measured there (Zen 4, 1
+ * thread, medians of 6 alternating runs) 384 -> 512: dx = dy w 93.9 -> 100.1 GFLOP/s and dW = dy^T x
+ * 97.8 -> 103.4 on AVX2, 94.6 -> 100.2 and 97.8 -> 100.5 on AVX-512, 2 threads +3-4%. A 512 KiB L2
+ * (Zen 2/3) keeps 384 (384 KiB). */
+static int nc_block(void) {
+    static int nc = 0; /* chosen once; threads that race here all store the same value */
+    int n = __atomic_load_n(&nc, __ATOMIC_RELAXED);
+    if (!n) {
+        long l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+        l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* 0 or -1 where the C library does not know */
+#endif
+        n = l2 >= (1L << 20) ? 512 : 384;
+        __atomic_store_n(&nc, n, __ATOMIC_RELAXED);
+    }
+    return n;
+}
 #endif
 #define MC 528
 #define MAX_MR 8
@@ -508,13 +531,14 @@ typedef struct {
     int accumulate;
     int mc_tile;     /* rows per tile, at most MC */
     int group;       /* row tiles per claim (one column block), that share each packed block of B */
+    int nc;          /* columns per block (nc_block) */
     float *work;     /* per thread: a packed A block (MC x KC) then a packed B block (KC x NC) */
     int next_tile;   /* the shared claim counter */
 } gemm_ctx;
 
 /* floats of one thread's workspace, a multiple of 16 so every piece stays 64-byte aligned */
 static long a_block_floats(void) { return (long)(MC + MAX_MR) * KC; }
-static long thread_work_floats(void) { return a_block_floats() + (long)KC * NC; }
+static long thread_work_floats(void) { return a_block_floats() + (long)KC * NC_MAX; }
 
 static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
     (void)nthreads, (void)barrier;
@@ -523,7 +547,7 @@ static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
     const int MR = isa->mr, NR = isa->nr;
     float *Ap = g->work + (long)tid * thread_work_floats(), *Bp = Ap + a_block_floats();
     const int MT = g->mc_tile, G = g->group, n_row_tiles = (g->M + MT - 1) / MT;
-    const int n_groups = (n_row_tiles + G - 1) / G, n_claims = n_groups * ((g->N + NC - 1) / NC);
+    const int NC = g->nc, n_groups = (n_row_tiles + G - 1) / G, n_claims = n_groups * ((g->N + NC - 1) / NC);
     for (;;) {
         int t = __atomic_fetch_add(&g->next_tile, 1, __ATOMIC_RELAXED);
         if (t >= n_claims) break;
@@ -601,7 +625,8 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
             for (int i = 0; i < M; i++) memset(C + (long)i * ldc, 0, (size_t)N * sizeof(float));
         return 0;
     }
-    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, 1, NULL, 0};
+    const int NC = nc_block();
+    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, 1, NC, NULL, 0};
     /* Every claim packs its own blocks of B, so claims cost packing (a claim of 72 rows spends ~30% of
      * its time packing B, one of 528 ~4%) and buy balance: a thread the OS pauses leaves the rest of
      * its share to the others. Two claims per thread: against four, dW = dy^T x of the training steps
