@@ -51,7 +51,7 @@ static int nc_block(void) { return NC; }
 #define NC_MAX 512
 /* Every column block packs all of A's rows again, so wider blocks pack A less often: with N = 512 (the
  * dx and dW products of `small`), 384 + 128 columns pack A twice, where 512 packs it once. A block
- * of 512 (512 KiB) needs an L2 of 1 MiB (Zen 4, Intel since Ice Lake); measured there (Zen 4, 1
+ * of 512 (512 KiB) needs an L2 of 1 MiB (Zen 4, Intel cores since Tiger Lake); measured there (Zen 4, 1
  * thread, medians of 6 alternating runs) 384 -> 512: dx = dy w 93.9 -> 100.1 GFLOP/s and dW = dy^T x
  * 97.8 -> 103.4 on AVX2, 94.6 -> 100.2 and 97.8 -> 100.5 on AVX-512, 2 threads +3-4%. A 512 KiB L2
  * (Zen 2/3) keeps 384 (384 KiB). */
@@ -550,15 +550,15 @@ static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
     const int MR = isa->mr, NR = isa->nr;
     float *Ap = g->work + (long)tid * thread_work_floats(), *Bp = Ap + a_block_floats();
     const int MT = g->mc_tile, G = g->group, n_row_tiles = (g->M + MT - 1) / MT;
-    const int NC = g->nc, n_groups = (n_row_tiles + G - 1) / G, n_claims = n_groups * ((g->N + NC - 1) / NC);
+    const int W = g->nc, n_groups = (n_row_tiles + G - 1) / G, n_claims = n_groups * ((g->N + W - 1) / W);
     for (;;) {
         int t = __atomic_fetch_add(&g->next_tile, 1, __ATOMIC_RELAXED);
         if (t >= n_claims) break;
         /* a claim: G row tiles of one column block. K blocks outside, row tiles inside, so each packed
          * block of B (in L2) serves all G row tiles before the next is packed. Every C[i, j] still sums
          * its K blocks in the same order, so the bits do not depend on G. */
-        int t0 = (t % n_groups) * G, t1 = t0 + G < n_row_tiles ? t0 + G : n_row_tiles, jc = (t / n_groups) * NC;
-        int nc = g->N - jc < NC ? g->N - jc : NC;
+        int t0 = (t % n_groups) * G, t1 = t0 + G < n_row_tiles ? t0 + G : n_row_tiles, jc = (t / n_groups) * W;
+        int nc = g->N - jc < W ? g->N - jc : W;
         for (int pc = 0; pc < g->K; pc += KC) {
             int kc = g->K - pc < KC ? g->K - pc : KC;
             if (!g->trans_b) /* rows pc.. of B, columns jc.. */
@@ -628,17 +628,18 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
             for (int i = 0; i < M; i++) memset(C + (long)i * ldc, 0, (size_t)N * sizeof(float));
         return 0;
     }
-    const int NC = nc_block();
-    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, 1, NC, NULL, 0};
-    /* Every claim packs its own blocks of B, so claims cost packing (a claim of 72 rows spends ~30% of
-     * its time packing B, one of 528 ~4%) and buy balance: a thread the OS pauses leaves the rest of
-     * its share to the others. Two claims per thread: against four, dW = dy^T x of the training steps
-     * (N = 256, K = 2048) measured 2-6% faster at 2 threads, the other products the same. One thread
-     * has nothing to balance: one claim per column block, B packed once. */
+    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, 1, nc_block(),
+                  NULL, 0};
+    /* Every claim packs its own blocks of B, so claims cost packing (at ~0.4 ns a packed float against
+     * 2 x rows FLOPs a float at ~100 GFLOP/s, about 28% of a claim of 72 rows, 4% of one of 528) and
+     * buy balance: a thread the OS pauses leaves the rest of its share to the others. Two claims per
+     * thread: against four, dW = dy^T x of the training steps (N = 256, K = 2048) measured 2-6% faster
+     * at 2 threads, the other products the same. One thread has nothing to balance: one claim per
+     * column block, B packed once. */
     const int claims_per_thread = 2;
     /* shorter tiles when there are too few to keep every thread busy to the end (the threads then
      * finish within a small tile of each other) */
-    const int n_col_tiles = (N + NC - 1) / NC;
+    const int n_col_tiles = (N + g.nc - 1) / g.nc;
     while (nthreads > 1 && g.mc_tile > 96 &&
            ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles < claims_per_thread * nthreads)
         g.mc_tile = (g.mc_tile / 2 + 23) / 24 * 24;
