@@ -76,8 +76,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--decode-only", action="store_true", help="only the decode products")
-    parser.add_argument("--no-decode", action="store_true", help="only the four shapes (the decode table is the slow part)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--decode-only", action="store_true", help="only the decode products")
+    which.add_argument("--no-decode", action="store_true",
+                       help="only the four shapes (the decode table is the slow part)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the four shapes this many times and print each ratio's median: a shared VM's "
                              "speed drifts between rounds by more than the 5%% a goal turns on")

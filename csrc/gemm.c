@@ -628,8 +628,8 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
             for (int i = 0; i < M; i++) memset(C + (long)i * ldc, 0, (size_t)N * sizeof(float));
         return 0;
     }
-    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate, MC, 1, nc_block(),
-                  NULL, 0};
+    gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate,
+                  MC, 1, nc_block(), NULL, 0};
     /* Every claim packs its own blocks of B, so claims cost packing (at ~0.4 ns a packed float against
      * 2 x rows FLOPs a float at ~100 GFLOP/s, about 28% of a claim of 72 rows, 4% of one of 528) and
      * buy balance: a thread the OS pauses leaves the rest of its share to the others. Two claims per
