@@ -9,6 +9,7 @@ and of our C kernel on a large square product). Beside the wall-time ratio, the 
 times (all threads): at 1 thread it is what a shared machine's other work disturbs least.
 
     python benchmarks/bench_train.py [--presets tiny small] [--threads 1 2] [--repeat 3] [--backends c numpy]
+                                     [--rounds 3]
 """
 import _env
 
@@ -73,7 +74,12 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backends", nargs="+", default=["c", "numpy"], choices=["c", "numpy"],
                         help="llama3np backends to time beside PyTorch")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time each preset this many times (best of --repeat each) and print the median ratio: "
+                             "a shared machine's speed drifts between rounds")
     cli = parser.parse_args()
+    if cli.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {cli.rounds}")
     import torch
     import transformers
 
@@ -135,16 +141,25 @@ def main():
                 return run
 
             fns = {"torch": theirs, **{k: on(k) for k in backends}}
-            times = _env.best_of_each({k: cpu_timed(k, f) for k, f in fns.items()}, cli.repeat)
-            t_theirs, t_ours = times["torch"], {k: times[k] for k in backends}
             fl = step_flops(args, B, T)
-            print(f"  {name} (batch {B}x{T}, {fl / 1e9:.1f} GFLOP/step): PyTorch {B * T / t_theirs:6.0f} tok/s "
-                  f"(MFU {fl / t_theirs / 1e9 / best_peak:.0%})")
-            for k in backends:
-                print(f"      llama3np[{k}] {B * T / t_ours[k]:6.0f} tok/s = {t_theirs / t_ours[k]:.2f}x PyTorch "
-                      f"(MFU {fl / t_ours[k] / 1e9 / best_peak:.0%}); CPU time {cpu[k]:.2f} s vs {cpu['torch']:.2f} s "
-                      f"= {cpu['torch'] / cpu[k]:.2f}x" + (" (1 thread: the figure a busy machine disturbs least)"
-                                                           if n == 1 else ""))
+            ratios = {k: [] for k in backends}
+            for r in range(cli.rounds):
+                cpu.clear()  # each round's own fastest CPU times
+                times = _env.best_of_each({k: cpu_timed(k, f) for k, f in fns.items()}, cli.repeat)
+                t_theirs, t_ours = times["torch"], {k: times[k] for k in backends}
+                print(f"  {name} (batch {B}x{T}, {fl / 1e9:.1f} GFLOP/step"
+                      + (f", round {r + 1} of {cli.rounds}" if cli.rounds > 1 else "")
+                      + f"): PyTorch {B * T / t_theirs:6.0f} tok/s (MFU {fl / t_theirs / 1e9 / best_peak:.0%})")
+                for k in backends:
+                    ratios[k].append(t_theirs / t_ours[k])
+                    print(f"      llama3np[{k}] {B * T / t_ours[k]:6.0f} tok/s = {t_theirs / t_ours[k]:.2f}x PyTorch "
+                          f"(MFU {fl / t_ours[k] / 1e9 / best_peak:.0%}); CPU time {cpu[k]:.2f} s vs "
+                          f"{cpu['torch']:.2f} s = {cpu['torch'] / cpu[k]:.2f}x"
+                          + (" (1 thread: the figure a busy machine disturbs least)" if n == 1 else ""))
+            if cli.rounds > 1:
+                for k in backends:
+                    print(f"      llama3np[{k}] median of {cli.rounds} rounds: {np.median(ratios[k]):.2f}x PyTorch "
+                          f"({min(ratios[k]):.2f} - {max(ratios[k]):.2f})")
             print("      loss before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
             backend.set_backend(backends[0])
 
