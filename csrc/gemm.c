@@ -635,21 +635,18 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
      * buy balance: a thread the OS pauses leaves the rest of its share to the others. Two claims per
      * thread: against four, dW = dy^T x of the training steps (N = 256, K = 2048) measured 2-6% faster
      * at 2 threads, the other products the same. One thread has nothing to balance: one claim per
-     * column block, B packed once. */
-    const int claims_per_thread = 2;
+     * column block (the loops below then keep whole tiles and group them all), B packed once. */
+    const int claims = nthreads == 1 ? 1 : 2 * nthreads;
     /* shorter tiles when there are too few to keep every thread busy to the end (the threads then
      * finish within a small tile of each other) */
     const int n_col_tiles = (N + g.nc - 1) / g.nc;
-    while (nthreads > 1 && g.mc_tile > 96 &&
-           ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles < claims_per_thread * nthreads)
+    while (g.mc_tile > 96 && ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles < claims)
         g.mc_tile = (g.mc_tile / 2 + 23) / 24 * 24;
-    /* row tiles taken together (sharing each packed B block), as many as still leave the claims per
-     * thread: B is then packed n_row_tiles / group times instead of n_row_tiles times */
+    /* row tiles taken together (sharing each packed B block), as many as still leave the claims wanted:
+     * B is then packed n_row_tiles / group times instead of n_row_tiles times */
     const int n_row_tiles = (M + g.mc_tile - 1) / g.mc_tile;
-    while (g.group < n_row_tiles &&
-           (n_row_tiles + 2 * g.group - 1) / (2 * g.group) * n_col_tiles >= claims_per_thread * nthreads)
+    while (g.group < n_row_tiles && (n_row_tiles + 2 * g.group - 1) / (2 * g.group) * n_col_tiles >= claims)
         g.group *= 2;
-    if (nthreads == 1) g.group = n_row_tiles;
     int n_tiles = (n_row_tiles + g.group - 1) / g.group * n_col_tiles;
     if (nthreads > n_tiles) nthreads = n_tiles;
     long need = (long)nthreads * thread_work_floats();

@@ -1,5 +1,6 @@
 """The stages as run folders: exact resume after a crash, logs with TRL's names, the command line, the
 demo's fast mode, and the small pieces (averaging, best-of-N KL, the adaptive KL controller)."""
+import io
 import json
 import math
 
@@ -146,7 +147,7 @@ def test_demo_fast_mode_runs_every_stage(tmp_path):
 
     import copy
     cfg = copy.deepcopy(FAST)
-    table, figures = run_demo(tmp_path / "demo", cfg=cfg, stream=open("/dev/null", "w"))
+    table, figures = run_demo(tmp_path / "demo", cfg=cfg, stream=io.StringIO())
     assert [row[0] for row in table] == ["pre-trained", "SFT", "rejection sampling", "DPO", "PPO"]
     log = [json.loads(line) for line in (tmp_path / "demo" / "ppo" / "log.jsonl").read_text().splitlines()]
     for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg", "val/ratio"):
@@ -250,10 +251,10 @@ def test_demo_dpo_stage_can_use_the_ipo_loss(tmp_path):
     cfg = copy.deepcopy(FAST)
     cfg.dpo_loss_type = "hinge"
     with pytest.raises(ValueError, match="loss_type must be one of .*'hinge'"):
-        run_demo(tmp_path / "bad", cfg=cfg, stream=open("/dev/null", "w"))
+        run_demo(tmp_path / "bad", cfg=cfg, stream=io.StringIO())
     assert not (tmp_path / "bad" / "pretrain").exists()
     cfg.dpo_loss_type = "ipo"
-    run_demo(tmp_path / "demo", cfg=cfg, stream=open("/dev/null", "w"))
+    run_demo(tmp_path / "demo", cfg=cfg, stream=io.StringIO())
     for run in ("dpo", "dpo_no_nll", "dpo_eot_in_mask"):
         first = json.loads((tmp_path / "demo" / run / "log.jsonl").read_text().splitlines()[0])
         assert json.loads((tmp_path / "demo" / run / "config.json").read_text())["loss_type"] == "ipo"

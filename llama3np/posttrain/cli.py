@@ -286,7 +286,8 @@ def add_subcommands(subparsers):
                    help="the fraction of SFT demonstrations written with one demanded value wrong, as human "
                         "demonstrations have mistakes (default: 0, every demonstration perfect)")
     d.add_argument("--dpo-loss", choices=DPO_LOSS_TYPES, default="sigmoid",
-                   help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) (default: %(default)s)")
+                   help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) "
+                        "(default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
 
