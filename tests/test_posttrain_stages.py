@@ -156,6 +156,8 @@ def test_demo_fast_mode_runs_every_stage(tmp_path):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert key in dpo
     assert dpo["rewards/margins"] == 0 and dpo["loss"] == pytest.approx(math.log(2) + cfg.dpo_nll * dpo["nll_loss"])
+    # the demo's sigmoid DPO runs at beta 1 (demo.DEMO_DPO_BETA: 0.1 kept pushing ordered pairs, see there)
+    assert json.loads((tmp_path / "demo" / "dpo" / "config.json").read_text())["beta"] == 1.0
     assert (tmp_path / "demo" / "score_vs_kl.png").exists()
 
 
@@ -239,6 +241,14 @@ def test_demo_refuses_an_annotator_error_rate_outside_0_1_before_any_training(tm
     assert not (tmp_path / "d" / "pretrain").exists()
 
 
+def test_demo_refuses_a_dpo_beta_that_is_not_positive_before_any_training(tmp_path, capsys):
+    from llama3np.posttrain.cli import main
+
+    assert main(["posttrain", "demo", "--fast", "--dpo-beta", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "the DPO beta must be > 0, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "pretrain").exists()
+
+
 @pytest.mark.slow
 def test_demo_dpo_stage_can_use_the_ipo_loss(tmp_path):
     """--dpo-loss ipo: every DPO run of the demo (and its ablations) takes the squared loss; at the first step
@@ -257,6 +267,7 @@ def test_demo_dpo_stage_can_use_the_ipo_loss(tmp_path):
     run_demo(tmp_path / "demo", cfg=cfg, stream=io.StringIO())
     for run in ("dpo", "dpo_no_nll", "dpo_eot_in_mask"):
         first = json.loads((tmp_path / "demo" / run / "log.jsonl").read_text().splitlines()[0])
-        assert json.loads((tmp_path / "demo" / run / "config.json").read_text())["loss_type"] == "ipo"
+        config = json.loads((tmp_path / "demo" / run / "config.json").read_text())
+        assert config["loss_type"] == "ipo" and config["beta"] == 0.1  # IPO's beta: its margin 1 / (2 beta)
         nll = 0.0 if run == "dpo_no_nll" else cfg.dpo_nll
-        assert first["loss"] == pytest.approx((1 / (2 * cfg.dpo_beta)) ** 2 + nll * first["nll_loss"])
+        assert first["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2 + nll * first["nll_loss"])

@@ -99,15 +99,16 @@ class DemoConfig:
     dpo_steps: int = 60
     dpo_batch: int = 8
     dpo_lr: float = 2e-5  # 1e-4 moved 35 nats from the SFT model in 60 steps and lost the story endings
-    dpo_beta: float = 0.1
+    # beta None: DEMO_DPO_BETA[dpo_loss_type] below (sigmoid 1.0, ipo 0.1)
+    dpo_beta: float = None
     # "sigmoid" (DPO) or "ipo" (a squared loss to the margin 1 / (2 beta)). The demo's DPO stage from its RS model
     # (score 0.854 on 512 held-out instructions), held-out accuracy on 515 pairs of different stories / 600 wrong
-    # values: sigmoid 0.81 / 0.86, ipo 0.90 / 0.94 (the demo's own 84 / 100 pairs: 0.80 / 0.87 and 0.86 / 0.90; their
-    # standard error is ~0.035); the demo's score 0.886 -> 0.863 and KL 0.60 -> 1.00, and the NLL term at 5 does
-    # nothing beside IPO's gradient. IPO at dpo_lr 1e-5 (an experiment on the same pairs less the policy's own):
-    # 0.93 / 0.94, score 0.847 on 512 instructions (sigmoid at 2e-5: 0.862). DPO's log-sigmoid keeps pushing the
-    # pairs it already orders (a wrong name ends ~20 nats down, a wrong hobby ~2), so one missed name outweighs two
-    # missed hobbies; IPO stops every margin at the same target and so weighs the demands alike
+    # values: sigmoid at beta 0.1 0.81 / 0.86, ipo 0.90 / 0.94 (the demo's own 84 / 100 pairs: 0.80 / 0.87 and 0.86
+    # / 0.90; their standard error is ~0.035); the demo's score 0.886 -> 0.863 and KL 0.60 -> 1.00, and the NLL term
+    # at 5 does nothing beside IPO's gradient. IPO at dpo_lr 1e-5 (an experiment on the same pairs less the policy's
+    # own): 0.93 / 0.94, score 0.847 on 512 instructions (sigmoid at 2e-5: 0.862). DPO's log-sigmoid keeps pushing
+    # the pairs it already orders (a wrong name ends ~20 nats down, a wrong hobby ~2), so one missed name outweighs
+    # two missed hobbies; IPO stops every margin at the same target and so weighs the demands alike
     dpo_loss_type: str = "sigmoid"
     # the NLL term on the chosen replies. Llama 3's 0.2 in TRL's convention (the mean over the batch's chosen tokens)
     # weighs each token ~25x less than DPO's sum over a ~100-token reply (beta sigma / batch per token): at 0.2 it
@@ -125,6 +126,23 @@ class DemoConfig:
                                                              ppo_epochs=2, lr=3e-5, init_kl_coef=0.1,
                                                              max_new_tokens=150))
     seed: int = 0
+
+
+# DPO's beta in the demo, by loss. Adam divides out the gradient's scale, so beta only sets where the logistic
+# saturates: a pair stops pulling once beta * Delta is a few units, ~30 nats at Llama 3's 0.1, ~3 at 1. At 0.1 a
+# wrong name is pushed ~20 nats down before a wrong hobby (~2) matters, and a chosen reply that misses the name loses
+# to a rejected one that misses two lesser demands. Measured from the demo's RS model (60 steps of 8 pairs, lr 2e-5,
+# NLL 5, built-in and wrong-value pairs only), held-out accuracy on 515 pairs of different stories / 600 wrong
+# values, score on 512 held-out instructions: beta 0.1 0.83 / 0.92, score 0.862 (KL from SFT 0.54); 0.3 0.90 / 0.95,
+# 0.843; 0.5 0.91 / 0.95, 0.844 (KL 0.73); 1.0 0.92 / 0.95, 0.833 (KL 0.86). The whole demo (its pairs include the
+# policy's own samples): 0.5 0.89 / 0.93, score 0.869 on 256; 1.0 0.90 / 0.93, 0.864 (a standard error is ~0.013 and
+# ~0.02). IPO's beta sets its target margin 1 / (2 beta) instead: 0.1 (0.5: 0.83 / 0.92 on the demo's own pairs
+# against 0.92 / 0.88 at 0.1). `llama3np dpo` keeps Llama 3's 0.1.
+DEMO_DPO_BETA = {"sigmoid": 1.0, "ipo": 0.1}
+
+
+def dpo_beta(cfg):
+    return cfg.dpo_beta if cfg.dpo_beta is not None else DEMO_DPO_BETA[cfg.dpo_loss_type]
 
 
 # every stage, at toy sizes: for the tests and the notebook (about half a minute)
@@ -368,6 +386,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
     check_wrong_fraction(cfg.sft_wrong_fraction)  # likewise
     check_dpo_loss_type(cfg.dpo_loss_type)
+    if not dpo_beta(cfg) > 0:
+        raise ValueError(f"the DPO beta must be > 0, got {cfg.dpo_beta}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in STAGE_FOLDERS:  # a demo run replaces the previous one in `out` (only its own folders)
@@ -501,7 +521,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     for name, kw in variants:
         m = clone_model(dpo_ref_model)
         lp = ref_lp if kw["mask_eot"] else pairs_reference_logps(m, dpo_pairs, mask_eot=False)
-        recs = train_dpo(m, dpo_pairs, lp, out / name, cfg.dpo_steps, cfg.dpo_batch, cfg.dpo_lr, cfg.dpo_beta,
+        recs = train_dpo(m, dpo_pairs, lp, out / name, cfg.dpo_steps, cfg.dpo_batch, cfg.dpo_lr, dpo_beta(cfg),
                          loss_type=cfg.dpo_loss_type,
                          seed=cfg.seed, save_every=cfg.dpo_steps, progress=progress, **kw)
         dpo_models[name] = m
