@@ -143,7 +143,7 @@ def test_cli_sft_and_bad_data(tok, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_fast_mode_runs_every_stage(tmp_path):
-    from llama3np.posttrain.demo import FAST, run_demo
+    from llama3np.posttrain.demo import DEMO_DPO_BETA, FAST, run_demo
 
     import copy
     cfg = copy.deepcopy(FAST)
@@ -156,8 +156,9 @@ def test_demo_fast_mode_runs_every_stage(tmp_path):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert key in dpo
     assert dpo["rewards/margins"] == 0 and dpo["loss"] == pytest.approx(math.log(2) + cfg.dpo_nll * dpo["nll_loss"])
-    # the demo's sigmoid DPO runs at beta 1 (demo.DEMO_DPO_BETA: 0.1 kept pushing ordered pairs, see there)
-    assert json.loads((tmp_path / "demo" / "dpo" / "config.json").read_text())["beta"] == 1.0
+    # the demo's sigmoid DPO runs at its own beta, not Llama 3's 0.1 (DEMO_DPO_BETA: 0.1 kept pushing ordered pairs)
+    assert DEMO_DPO_BETA["sigmoid"] != 0.1
+    assert json.loads((tmp_path / "demo" / "dpo" / "config.json").read_text())["beta"] == DEMO_DPO_BETA["sigmoid"]
     assert (tmp_path / "demo" / "score_vs_kl.png").exists()
 
 
@@ -245,7 +246,7 @@ def test_demo_refuses_a_dpo_beta_that_is_not_positive_before_any_training(tmp_pa
     from llama3np.posttrain.cli import main
 
     assert main(["posttrain", "demo", "--fast", "--dpo-beta", "0", "--out", str(tmp_path / "d")]) == 2
-    assert "the DPO beta must be > 0, got 0.0" in capsys.readouterr().err
+    assert "DPO's beta must be > 0, got 0.0" in capsys.readouterr().err
     assert not (tmp_path / "d" / "pretrain").exists()
 
 
@@ -256,7 +257,7 @@ def test_demo_dpo_stage_can_use_the_ipo_loss(tmp_path):
     before any training."""
     import copy
 
-    from llama3np.posttrain.demo import FAST, run_demo
+    from llama3np.posttrain.demo import DEMO_DPO_BETA, FAST, run_demo
 
     cfg = copy.deepcopy(FAST)
     cfg.dpo_loss_type = "hinge"
@@ -268,6 +269,7 @@ def test_demo_dpo_stage_can_use_the_ipo_loss(tmp_path):
     for run in ("dpo", "dpo_no_nll", "dpo_eot_in_mask"):
         first = json.loads((tmp_path / "demo" / run / "log.jsonl").read_text().splitlines()[0])
         config = json.loads((tmp_path / "demo" / run / "config.json").read_text())
-        assert config["loss_type"] == "ipo" and config["beta"] == 0.1  # IPO's beta: its margin 1 / (2 beta)
+        beta = DEMO_DPO_BETA["ipo"]  # IPO's beta: its margin 1 / (2 beta)
+        assert config["loss_type"] == "ipo" and config["beta"] == beta
         nll = 0.0 if run == "dpo_no_nll" else cfg.dpo_nll
-        assert first["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2 + nll * first["nll_loss"])
+        assert first["loss"] == pytest.approx((1 / (2 * beta)) ** 2 + nll * first["nll_loss"])

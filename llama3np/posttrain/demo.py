@@ -23,7 +23,7 @@ from ..tokenizer import ChatFormat
 from . import story_task as task
 from .averaging import average_models
 from .dpo import pairs_reference_logps, preference_accuracy, train_dpo
-from .losses import check_dpo_loss_type
+from .losses import check_dpo_beta, check_dpo_loss_type
 from .logprobs import clone_model, token_logps
 from .ppo import PPOConfig, rollout_rows, train_ppo
 from .rejection_sampling import best_of_n_curve, sample_replies, score_replies, winners
@@ -386,8 +386,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
     check_wrong_fraction(cfg.sft_wrong_fraction)  # likewise
     check_dpo_loss_type(cfg.dpo_loss_type)
-    if not dpo_beta(cfg) > 0:
-        raise ValueError(f"the DPO beta must be > 0, got {cfg.dpo_beta}")
+    check_dpo_beta(dpo_beta(cfg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name in STAGE_FOLDERS:  # a demo run replaces the previous one in `out` (only its own folders)

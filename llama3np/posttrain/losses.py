@@ -152,12 +152,16 @@ def check_dpo_loss_type(loss_type):
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
 
 
+def check_dpo_beta(beta):
+    if not beta > 0:
+        raise ValueError(f"DPO's beta must be > 0, got {beta}")
+
+
 def dpo_forward(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 beta=0.1, label_smoothing=0.0, loss_type="sigmoid"):
     """Four (B,) arrays of sequence log-probs -> (mean loss, cache). See `dpo_metrics` for the rewards."""
     check_dpo_loss_type(loss_type)
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    check_dpo_beta(beta)
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing (cDPO) must be in [0, 0.5), got {label_smoothing}")
     # BEGIN SOLUTION ex19
