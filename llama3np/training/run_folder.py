@@ -225,6 +225,12 @@ def unpack(path, ck):
                     state=RunState.from_meta(meta), meta=meta)
 
 
+# weights that ride beside the model in a post-training checkpoint: PPO's value model ("value/..."), a reward
+# model's head ("score.weight", "score.logp_weight"). No model weight is named so: loading the model (to chat with
+# a PPO run, say) reads past them and still catches any other mismatch
+EXTRA_WEIGHT_PREFIXES = ("value/", "score.")
+
+
 def fill_params(model, params, where):
     """Copy checkpoint arrays into the model's weights IN PLACE: they stay in the model's one block of
     memory (model.py); replacing the arrays (model.params.update) would scatter them."""
@@ -297,7 +303,9 @@ def is_run(path):
 def load_run(path, dtype=np.float32):
     """The model of a training run: the latest good checkpoint in folder `path` (or that file itself).
 
-    Returns a Transformer with `model.tokenizer` set from the tokenizer stored in the checkpoint.
+    Returns a Transformer with `model.tokenizer` set from the tokenizer stored in the checkpoint. A
+    post-training checkpoint's extra weights (EXTRA_WEIGHT_PREFIXES: a PPO run's value model, a reward model's
+    head) are not the model's and are left out.
     """
     from ..model import Transformer
     from ..tokenizer import Tokenizer
@@ -315,7 +323,7 @@ def load_run(path, dtype=np.float32):
                 f"checkpoints come every --save-every steps): continue it with "
                 f"llama3np train --out {path} --resume")
     model = Transformer(r.model_args, dtype=dtype, init=False)
-    fill_params(model, r.params, r.path)
+    fill_params(model, {k: v for k, v in r.params.items() if not k.startswith(EXTRA_WEIGHT_PREFIXES)}, r.path)
     model.tokenizer = Tokenizer.from_bytes(r.tokenizer_bytes, name=f"{r.path.name}:tokenizer")
     model.checkpoint_path = r.path  # where it came from, for messages
     model.train_step = r.state.step
