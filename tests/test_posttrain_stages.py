@@ -104,6 +104,21 @@ def test_best_of_n_kl_is_under_the_bound_and_exact_for_distinct_scores():
     assert RS.best_of_n_kl(np.zeros(10), 8) == 0.0, "all tied: best-of-n is the policy"
 
 
+def test_winners_are_the_rms_n_best_ended_replies_with_the_loss_on_the_reply_only():
+    stop = 9
+    prompts = [[1, 2], [3]]
+    replies = [[[4, stop], [5, stop], [6]], [[7, stop], [8, stop], [4, 4, stop]]]
+    scores = np.array([[0.1, 0.5, 0.9], [0.3, 0.3, -1.0]])
+    # prompt 0: the best reply (0.9) never ended, so it is dropped, not replaced by the second best
+    assert RS.winners(prompts, replies, scores, stop) == [([3, 7, stop], [0, 1, 1])]  # ties: the earlier sample
+    assert RS.winners(prompts, replies, scores, stop, n_best=2) == [
+        ([1, 2, 5, stop], [0, 0, 1, 1]), ([3, 7, stop], [0, 1, 1]), ([3, 8, stop], [0, 1, 1])]
+    assert len(RS.winners(prompts, replies, scores, stop, n_best=5)) == 5  # every ended reply, none twice
+    for bad in (0, 1.5, -1):
+        with pytest.raises(ValueError, match="n_best must be a whole number >= 1"):
+            RS.winners(prompts, replies, scores, stop, n_best=bad)
+
+
 def test_score_replies_of_nothing_is_empty_and_mismatched_lists_are_an_error(tok):
     from llama3np.posttrain.reward_model import RewardModel
 
@@ -164,8 +179,10 @@ def test_demo_fast_mode_runs_every_stage(tmp_path):
 
 def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path):
     """Every command on a toy model and toy data: each writes its run folder and reads the previous ones."""
+    from llama3np.cli import main as main_cli
     from llama3np.formats import save
     from llama3np.posttrain.cli import main
+    from llama3np.posttrain.stage import load_stage_model
 
     save(small_model(tok), tmp_path / "base", format="llama3np")
     prefs = tmp_path / "prefs.jsonl"
@@ -187,6 +204,15 @@ def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path):
                  "--max-new-tokens", "6"]) == 0
     rec = json.loads((tmp_path / "ppo" / "log.jsonl").read_text().splitlines()[0])
     assert rec["val/ratio_first"] == pytest.approx(1.0, abs=1e-5)  # the first minibatch: pi = pi_old
+    # what generate / chat / eval load from a PPO run (policy + value/...) or an RM run (+ score.*): the transformer
+    for stage, prefix in (("ppo", ""), ("ppo", "value/"), ("rm", "")):
+        want, ckpt = load_stage_model(tmp_path / stage, prefix)
+        assert any(k.startswith(("value/", "score.")) for k in ckpt), "the checkpoint holds extra weights"
+        if prefix == "":
+            got = llama3np.load(tmp_path / stage)
+            assert set(got.params) == set(want.params)
+            assert all(np.array_equal(got.params[k], want.params[k]) for k in want.params)
+    assert main_cli(["generate", "--model", d + "/ppo", "--prompt", "Once", "--max-new-tokens", "2"]) == 0
     assert main(["average", "--model", base, "--model", d + "/dpo", "--out", d + "/avg"]) == 0
     avg = llama3np.load(tmp_path / "avg")
     b, p = llama3np.load(tmp_path / "base"), llama3np.load(tmp_path / "dpo")

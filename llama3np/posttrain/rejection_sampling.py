@@ -79,13 +79,17 @@ def best_of_n_kl(scores, n):
     return float(np.sum(p_bon[keep] * np.log(p_bon[keep] / pi[keep])))
 
 
-def winners(prompts, replies, rm_scores, stop_id):
-    """The RM's best reply per prompt, as SFT examples (ids, mask on the reply); a prompt whose best reply
-    never ended (no stop token) gives none."""
+def winners(prompts, replies, rm_scores, stop_id, n_best=1):
+    """The RM's n_best best replies to each prompt (Llama 3 keeps the best one), as SFT examples (ids, mask on
+    the reply); a picked reply that never ended (no stop token) is dropped, not replaced by the next one."""
+    if int(n_best) != n_best or n_best < 1:
+        raise ValueError(f"n_best must be a whole number >= 1, got {n_best!r}")
     out = []
     for p, rs in enumerate(replies):
-        best = rs[int(np.argmax(rm_scores[p]))]
-        if best and best[-1] == stop_id:
-            ids = list(prompts[p]) + list(best)
-            out.append((ids, [0] * len(prompts[p]) + [1] * len(best)))
+        order = np.argsort(-np.asarray(rm_scores[p]), kind="stable")  # best first; ties: the earlier sample
+        for k in order[:int(n_best)]:
+            best = rs[int(k)]
+            if best and best[-1] == stop_id:
+                ids = list(prompts[p]) + list(best)
+                out.append((ids, [0] * len(prompts[p]) + [1] * len(best)))
     return out
