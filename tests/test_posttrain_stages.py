@@ -268,6 +268,25 @@ def test_demo_refuses_an_annotator_error_rate_outside_0_1_before_any_training(tm
     assert not (tmp_path / "d" / "pretrain").exists()
 
 
+def test_rs_training_data_is_the_winners_then_sft_mix_times_as_many_sft_examples(tmp_path, capsys):
+    from llama3np.posttrain.cli import main
+    from llama3np.posttrain.demo import rs_training_data
+
+    won, sft = [([1, 2], [0, 1]), ([3, 4], [0, 1])], [([i, 9], [0, 1]) for i in range(10, 20)]
+    assert rs_training_data(won, sft, 0, seed=0) == won  # the winners alone
+    one = rs_training_data(won, sft, 1, seed=0)
+    assert one[:2] == won and len(one) == 4 and all(x in sft for x in one[2:]) and one[2] != one[3]
+    assert one == rs_training_data(won, sft, 1.0, seed=0), "a seeded draw"
+    assert len(rs_training_data(won, sft, 2.5, seed=0)) == 2 + 5
+    assert len(rs_training_data(won, sft, 100, seed=0)) == 2 + 10, "at most every SFT example, once"
+    for bad in (-0.5, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="rs_sft_mix .* must be a number >= 0"):
+            rs_training_data(won, sft, bad, seed=0)
+    assert main(["posttrain", "demo", "--fast", "--rs-sft-mix", "-1", "--out", str(tmp_path / "d")]) == 2
+    assert "rs_sft_mix (SFT examples per winner) must be a number >= 0, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "pretrain").exists()
+
+
 def test_demo_refuses_a_dpo_beta_that_is_not_positive_before_any_training(tmp_path, capsys):
     from llama3np.posttrain.cli import main
 

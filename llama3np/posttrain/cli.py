@@ -193,6 +193,8 @@ def cmd_demo(a):
         cfg.demand_kinds = tuple(k.strip() for k in a.demand_kinds.split(","))  # run_demo checks them first
     if a.annotator_errors is not None:
         cfg.sft_wrong_fraction = a.annotator_errors
+    if a.rs_sft_mix is not None:
+        cfg.rs_sft_mix = a.rs_sft_mix
     cfg.dpo_loss_type = a.dpo_loss
     if a.dpo_beta is not None:
         cfg.dpo_beta = a.dpo_beta
@@ -287,6 +289,9 @@ def add_subcommands(subparsers):
     d.add_argument("--annotator-errors", type=float, metavar="FRACTION",
                    help="the fraction of SFT demonstrations written with one demanded value wrong, as human "
                         "demonstrations have mistakes (default: 0, every demonstration perfect)")
+    d.add_argument("--rs-sft-mix", type=float, metavar="RATIO",
+                   help="SFT examples mixed into rejection sampling's fine-tuning per winner, as Llama 3 mixes "
+                        "(default: 0, the winners alone: with flawed demonstrations the mix carries their mistakes)")
     d.add_argument("--dpo-loss", choices=DPO_LOSS_TYPES, default="sigmoid",
                    help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) "
                         "(default: %(default)s)")

@@ -62,7 +62,8 @@ class DemoConfig:
     # demonstrations) the stages after SFT have little to add. Measured (one pre-trained model, 256 held-out
     # instructions; SFT / RS / DPO / PPO): 0.1: 0.837 / 0.818 / 0.843 / 0.838; 0.15: 0.822 / 0.842 / 0.835 / 0.854
     # (noise); 0.3: 0.646 / 0.670 / 0.674 / 0.687; 0.6: 0.594 / 0.620 / 0.639 / 0.648 (each stage adds, as in
-    # Llama 3, where the RM's picks beat the demonstrations). A copied value is learned slowly: at 0.3 names fall
+    # Llama 3, where the RM's picks beat the demonstrations; RS mixed 1:1 with SFT examples then; with the winners
+    # alone, at 0.3 on 512 others: 0.645 / 0.684 / 0.679 / 0.693). A copied value is learned slowly: at 0.3 names fall
     # 0.90 -> 0.30 though only ~9% of the demonstrated names are wrong
     sft_wrong_fraction: float = 0.0
     # the reward: the pooled head + rm_logp_weight x the reply's mean log-likelihood under the RM's LM head (see
@@ -84,19 +85,26 @@ class DemoConfig:
     rm_wrong_values: int = 3  # wrong-value edits per training instruction (each on its own seed)
     rm_slips: int = 1  # slip edits tried per training instruction (those that cost a demand are kept)
     n_eval_pairs: int = 100
-    # rejection sampling: the RM's rs_best best of rs_k replies to each of rs_prompts training prompts, mixed with as
-    # many SFT examples, rs_sft_steps of SFT decaying as SFT's. The SFT data here is perfect (every demand met), the
-    # winners are not (0.94), so what RS adds is the model's own best replies: a sharper distribution. Measured from
-    # the demo's SFT model (held-out score 0.853 on 512 instructions), two training seeds each: the best 1 of 16
-    # (Llama 3's one winner a prompt; 128 examples) 0.854, 0.854; the best 2 of 16 0.868, 0.861 (at 3e-4 0.866, 0.873,
-    # KL 1.0); the best 1 of 8 on 128 prompts (the same 1024 samples) 0.868, 0.854; the checker's own best of 8
-    # (winners 0.99 instead of 0.95) 0.874: the limit is what 60 steps on 256 examples move, not the RM's picks.
+    # rejection sampling: the RM's rs_best best of rs_k replies to each of rs_prompts training prompts (rs_sft_mix
+    # below), rs_sft_steps of SFT decaying as SFT's. With perfect SFT data (every demand met) the winners are worse
+    # (0.94), so what RS adds is the model's own best replies: a sharper distribution. Measured (mixed 1:1 with
+    # SFT examples) from the demo's SFT model (held-out score 0.853 on 512 instructions), two training seeds each: the
+    # best 1 of 16 (Llama 3's one winner a prompt; 128 examples) 0.854, 0.854; the best 2 of 16 0.868, 0.861 (at
+    # 3e-4 0.866, 0.873, KL 1.0); the best 1 of 8 on 128 prompts (the same 1024 samples) 0.868, 0.854; the checker's
+    # own best of 8 (winners 0.99 instead of 0.95) 0.874: the limit is what 60 steps on 256 examples move, not the
+    # RM's picks.
     # Earlier, from another SFT model: 192 prompts 0.872 against 0.854 on 128 instructions, but 3072 samples to score
     # took the demo past 15 minutes
     rs_prompts: int = 64
     rs_k: int = 16  # best of N for N = 1, 2, 4, ... 16 (more samples also find more of the RM's errors)
     rs_best: int = 2  # winners a prompt: the RM's best two
-    rs_sft_steps: int = 60  # on the winners mixed with as many of the SFT examples (Llama 3 mixes them)
+    # SFT examples mixed in per winner (Llama 3 mixes RS data with its other SFT data). Where the demonstrations
+    # have mistakes they carry them into RS: at 30% flawed demonstrations (one pre-trained model, 512 held-out
+    # instructions, two training seeds x two draws; SFT 0.645) the winners alone 0.684, 0.682 against 0.659, 0.664
+    # mixed 1:1 and 0.655, 0.658 for as many more SFT steps on the demonstrations instead (at 3e-4: 0.702, 0.698
+    # alone, 0.667, 0.667 more SFT). With perfect demonstrations alone and mixed alike (0.865, 0.869 vs 0.867, 0.875)
+    rs_sft_mix: float = 0.0
+    rs_sft_steps: int = 60  # on the winners (and rs_sft_mix x as many SFT examples)
     rs_lr: float = 1e-4
     dpo_steps: int = 60
     dpo_batch: int = 8
@@ -153,7 +161,8 @@ def dpo_beta(cfg):
 FAST = DemoConfig(pretrain_steps=6, pretrain_batch=4, pretrain_seq_len=128,
                   pretrain_overrides=dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64),
                   n_train=24, n_eval=4, max_new_tokens=24, sft_steps=3, sft_batch=4, rm_steps=3, rm_batch=4,
-                  n_eval_pairs=8, rm_prompts=3, rm_k=2, rs_prompts=3, rs_k=4, rs_sft_steps=2, dpo_steps=3, dpo_batch=4, ablations=True,
+                  n_eval_pairs=8, rm_prompts=3, rm_k=2, rs_prompts=3, rs_k=4, rs_sft_steps=2, dpo_steps=3, dpo_batch=4,
+                  ablations=True,
                   ppo=PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=24))
 
 
@@ -193,6 +202,19 @@ def sft_examples(fmt, instructions, seed, wrong_fraction=0.0):
         p, r = chat_prompt(fmt, ins), reply_ids(fmt.tokenizer, task.write_story(d, seed * 100_003 + i))
         out.append((p + r, [0] * len(p) + [1] * len(r)))
     return out
+
+
+def check_rs_sft_mix(sft_mix):
+    if isinstance(sft_mix, bool) or not (isinstance(sft_mix, (int, float)) and np.isfinite(sft_mix) and sft_mix >= 0):
+        raise ValueError(f"rs_sft_mix (SFT examples per winner) must be a number >= 0, got {sft_mix!r}")
+
+
+def rs_training_data(won, sft_data, sft_mix, seed):
+    """-> the rejection-sampling round's SFT data: the winners, then round(sft_mix x len(won)) SFT examples (a seeded
+    draw, at most all of them). sft_mix 0: the winners alone."""
+    check_rs_sft_mix(sft_mix)
+    n = min(int(round(sft_mix * len(won))), len(sft_data))
+    return list(won) + random.Random(seed).sample(sft_data, n)
 
 
 def rank_by_score(replies, scores):
@@ -389,6 +411,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     cfg = cfg or (copy.deepcopy(FAST) if fast else DemoConfig())
     task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
     check_wrong_fraction(cfg.sft_wrong_fraction)  # likewise
+    check_rs_sft_mix(cfg.rs_sft_mix)
     check_dpo_loss_type(cfg.dpo_loss_type)
     check_dpo_beta(dpo_beta(cfg))
     out = Path(out)
@@ -500,11 +523,12 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
                                                 f"(bound {c['kl_bound']:.2f})" for n, c in curve.items()))
     won = winners(prompts, replies, rm_scores, tok.eot_id, cfg.rs_best)
     figures["rs_winners"] = len(won)
+    rs_data = rs_training_data(won, sft_data, cfg.rs_sft_mix, cfg.seed)
+    mixed = f" and {len(rs_data) - len(won)} SFT examples" if len(rs_data) > len(won) else ""
     say(f"  rejection sampling: SFT on the RM's best {cfg.rs_best} of {cfg.rs_k} replies to {len(prompts)} prompts "
-        f"({len(won)} that ended) and as many SFT examples")
-    if won:  # the winners and as many SFT examples: fine-tuning on a few dozen replies alone narrows the model
-        won += random.Random(cfg.seed).sample(sft_data, min(len(won), len(sft_data)))
-        train_sft(policy, won, out / "rs", cfg.rs_sft_steps, cfg.sft_batch, cfg.rs_lr, cfg.seed,
+        f"({len(won)} that ended){mixed}")
+    if won:
+        train_sft(policy, rs_data, out / "rs", cfg.rs_sft_steps, cfg.sft_batch, cfg.rs_lr, cfg.seed,
                   save_every=cfg.rs_sft_steps, progress=progress, min_lr_ratio=cfg.sft_min_lr_ratio)
     r = ev(policy, sft_model)
     figures["rs_score"] = r["score"]
