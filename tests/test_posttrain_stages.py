@@ -177,7 +177,7 @@ def test_demo_fast_mode_runs_every_stage(tmp_path):
     assert (tmp_path / "demo" / "score_vs_kl.png").exists()
 
 
-def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path):
+def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path, monkeypatch, capsys):
     """Every command on a toy model and toy data: each writes its run folder and reads the previous ones."""
     from llama3np.cli import main as main_cli
     from llama3np.formats import save
@@ -197,6 +197,26 @@ def test_cli_rm_rs_dpo_ppo_average_end_to_end(tok, tmp_path):
     assert main(["rs", "--model", base, "--reward-model", d + "/rm", "--data", str(prompts), "--out", d + "/rs",
                  "--k", "2", "--max-new-tokens", "6"]) == 0
     assert (tmp_path / "rs" / "winners.jsonl").exists()
+    # --n-best 2: the RM's two best replies to each prompt that ended, best first (sampling and scoring fixed here,
+    # so the answer is known); a bad --n-best is refused before any sampling
+    with monkeypatch.context() as mp:
+        ids = [tok.encode(t, bos=False, eos=False) for t in ("Once", "upon", "a time", "girl", "boy", "dog")]
+        eot = tok.eot_id
+        fixed = [[ids[0] + [eot], ids[1], ids[2] + [eot]], [ids[3] + [eot], ids[4] + [eot], ids[5] + [eot]],
+                 [ids[0], ids[1], ids[2]]]
+        mp.setattr(RS, "sample_replies", lambda *args, **kw: (fixed, None))
+        mp.setattr(RS, "score_replies", lambda *args, **kw: np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1], [1, 1, 1]]))
+        assert main(["rs", "--model", base, "--reward-model", d + "/rm", "--data", str(prompts), "--out",
+                     d + "/rs2", "--k", "3", "--n-best", "2"]) == 0
+        got = [json.loads(x)["messages"] for x in (tmp_path / "rs2" / "winners.jsonl").read_text().splitlines()]
+        # prompt 0: its best (0.9) never ended and is dropped; prompt 2: nothing ended
+        assert got == [[{"role": "user", "content": f"Write story {p}."},
+                        {"role": "assistant", "content": tok.decode(ids[i])}] for p, i in ((0, 2), (1, 3), (1, 4))]
+        capsys.readouterr()
+        assert main(["rs", "--model", base, "--reward-model", d + "/rm", "--data", str(prompts), "--out",
+                     d + "/rs3", "--n-best", "0"]) == 2
+        assert "n_best must be a whole number >= 1, got 0" in capsys.readouterr().err
+        assert not (tmp_path / "rs3").exists()
     assert main(["dpo", "--model", base, "--data", str(prefs), "--out", d + "/dpo", "--steps", "2",
                  "--batch-size", "2"]) == 0
     assert main(["ppo", "--model", d + "/dpo", "--reward-model", d + "/rm", "--data", str(prompts), "--out",

@@ -2,7 +2,7 @@
 
     llama3np sft --model runs/base --data chats.jsonl --out runs/sft        # {"messages": [...]} per line
     llama3np rm  --model runs/sft --data prefs.jsonl --out runs/rm           # {"prompt","chosen","rejected"}
-    llama3np rs  --model runs/sft --reward-model runs/rm --data prompts.jsonl --out runs/rs --k 8
+    llama3np rs  --model runs/sft --reward-model runs/rm --data prompts.jsonl --out runs/rs --k 16 --n-best 2
     llama3np dpo --model runs/sft --data prefs.jsonl --out runs/dpo [--ref runs/sft] [--beta 0.1 --nll-coef 0.2]
     llama3np ppo --model runs/dpo --reward-model runs/rm --data prompts.jsonl --out runs/ppo
     llama3np average --model runs/a --model runs/b --out runs/avg
@@ -100,9 +100,10 @@ def cmd_rs(a):
     import numpy as np
 
     from .data import read_jsonl, write_jsonl
-    from .rejection_sampling import sample_replies, score_replies
+    from .rejection_sampling import check_n_best, sample_replies, score_replies, winner_indices
     from .reward_model import load_reward_model
 
+    check_n_best(a.n_best)  # before minutes of sampling
     policy = load_policy(a.model)
     rm = load_reward_model(a.reward_model)
     if rm.args.vocab_size != policy.args.vocab_size:
@@ -115,17 +116,15 @@ def cmd_rs(a):
     scores = score_replies(rm, prompts, replies)
     tok = policy.tokenizer
     out = []
-    for row, rs, sc in zip(rows, replies, scores):
-        best = rs[int(np.argmax(sc))]
-        if not best or best[-1] != tok.eot_id:
-            continue  # the best reply never ended: not an example of a whole answer
-        prompt = row.get("prompt")
+    for p, k in winner_indices(replies, scores, tok.eot_id, a.n_best):
+        prompt = rows[p].get("prompt")
         dialog = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            [m for m in (prompt or row.get("messages")) if m.get("role") != "assistant"]
-        out.append({"messages": dialog + [{"role": "assistant", "content": tok.decode(best[:-1])}]})
+            [m for m in (prompt or rows[p].get("messages")) if m.get("role") != "assistant"]
+        out.append({"messages": dialog + [{"role": "assistant", "content": tok.decode(replies[p][k][:-1])}]})
     Path(a.out).mkdir(parents=True, exist_ok=True)
     write_jsonl(Path(a.out) / "winners.jsonl", out)
-    print(f"rs: best of {a.k} for {len(prompts)} prompts (mean best RM score {float(np.max(scores, 1).mean()):.3f}); "
+    print(f"rs: best {a.n_best} of {a.k} for {len(prompts)} prompts (mean best RM score "
+          f"{float(np.max(scores, 1).mean()):.3f}); "
           f"{len(out)} winners in {Path(a.out) / 'winners.jsonl'} (SFT data: llama3np sft --data ...)")
     return 0
 
@@ -243,7 +242,10 @@ def add_subcommands(subparsers):
     p.add_argument("--reward-model", required=True, help="a run folder of `llama3np rm`")
     p.add_argument("--data", required=True, help="JSONL of {'prompt': ...} (or {'messages': [...]})")
     p.add_argument("--out", required=True, help="the run folder to write")
-    p.add_argument("--k", type=int, default=8, help="samples per prompt; the reward model keeps the best (default: %(default)s)")
+    p.add_argument("--k", type=int, default=8, help="samples per prompt (default: %(default)s)")
+    p.add_argument("--n-best", type=int, default=1,
+                   help="winners a prompt: the reward model's n best replies that ended (default: %(default)s, "
+                        "Llama 3's; the demo keeps 2 of 16)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.set_defaults(func=cmd_rs)

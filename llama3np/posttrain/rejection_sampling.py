@@ -79,17 +79,24 @@ def best_of_n_kl(scores, n):
     return float(np.sum(p_bon[keep] * np.log(p_bon[keep] / pi[keep])))
 
 
-def winners(prompts, replies, rm_scores, stop_id, n_best=1):
-    """The RM's n_best best replies to each prompt (Llama 3 keeps the best one), as SFT examples (ids, mask on
-    the reply); a picked reply that never ended (no stop token) is dropped, not replaced by the next one."""
-    if int(n_best) != n_best or n_best < 1:
+def check_n_best(n_best):
+    if isinstance(n_best, bool) or not isinstance(n_best, (int, float)) or int(n_best) != n_best or n_best < 1:
         raise ValueError(f"n_best must be a whole number >= 1, got {n_best!r}")
+
+
+def winner_indices(replies, rm_scores, stop_id, n_best=1):
+    """-> [(prompt index, reply index)]: the RM's n_best best replies to each prompt (Llama 3 keeps the best one),
+    best first, ties to the earlier sample; a picked reply that never ended (no stop token) is dropped, not replaced
+    by the next one (it is not an example of a whole answer)."""
+    check_n_best(n_best)
     out = []
     for p, rs in enumerate(replies):
-        order = np.argsort(-np.asarray(rm_scores[p]), kind="stable")  # best first; ties: the earlier sample
-        for k in order[:int(n_best)]:
-            best = rs[int(k)]
-            if best and best[-1] == stop_id:
-                ids = list(prompts[p]) + list(best)
-                out.append((ids, [0] * len(prompts[p]) + [1] * len(best)))
+        order = np.argsort(-np.asarray(rm_scores[p]), kind="stable")
+        out += [(p, int(k)) for k in order[:int(n_best)] if rs[int(k)] and rs[int(k)][-1] == stop_id]
     return out
+
+
+def winners(prompts, replies, rm_scores, stop_id, n_best=1):
+    """winner_indices' replies as SFT examples: (prompt + reply ids, loss mask on the reply)."""
+    return [(list(prompts[p]) + list(replies[p][k]), [0] * len(prompts[p]) + [1] * len(replies[p][k]))
+            for p, k in winner_indices(replies, rm_scores, stop_id, n_best)]
