@@ -119,7 +119,7 @@ check("ex19", "ex20")  # exercises: the DPO loss and its gradient, GAE
 # synopses the 400-step model never learnt to use a summary). SFT on instructions of 2-5 demands with forced stories (the rate decaying to a tenth); a reward model from the SFT model
 # (Bradley-Terry over edited > chosen > rejected, wrong-value and slip edits, and the SFT model's own samples ranked by the checker; its
 # reward is the head's mean over the reply's tokens, where a demand met or missed shows, plus the reply's mean
-# log-likelihood under the RM's own LM head, which sees a name other than the one asked for); rejection sampling (the RM's best 2 of K = 16 replies to each prompt, then SFT on the winners alone: mixed with the demonstrations, as Llama 3 mixes, they carried the demonstrations' mistakes in); DPO (beta 1, where Llama 3's 0.1 kept pushing the pairs it already ordered; the NLL term on chosen replies at 5 in TRL's
+# log-likelihood under the RM's own LM head, which sees a name other than the one asked for); rejection sampling (the RM's best 2 of K = 16 replies to each prompt, then SFT on the winners alone; `rs_sft_mix` mixes demonstrations in, as Llama 3 mixes its SFT data); DPO (beta 1, where Llama 3's 0.1 kept pushing the pairs it already ordered; the NLL term on chosen replies at 5 in TRL's
 # per-token normalisation, formatting tokens masked; pairs built-in and from the policy's samples); PPO (value model from the RM, KL
 # penalty, GAE, clipping, adaptive KL). After each stage: the ground-truth score of sampled replies to
 # held-out instructions, and the KL from the SFT model.

@@ -293,7 +293,7 @@ def add_subcommands(subparsers):
                         "demonstrations have mistakes (default: 0, every demonstration perfect)")
     d.add_argument("--rs-sft-mix", type=float, metavar="RATIO",
                    help="SFT examples mixed into rejection sampling's fine-tuning per winner, as Llama 3 mixes "
-                        "(default: 0, the winners alone: with flawed demonstrations the mix carries their mistakes)")
+                        "(default: 0, the winners alone)")
     d.add_argument("--dpo-loss", choices=DPO_LOSS_TYPES, default="sigmoid",
                    help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) "
                         "(default: %(default)s)")
