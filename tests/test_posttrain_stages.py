@@ -307,6 +307,23 @@ def test_rs_training_data_is_the_winners_then_sft_mix_times_as_many_sft_examples
     assert not (tmp_path / "d" / "pretrain").exists()
 
 
+def test_demo_seed_reaches_the_config_and_a_negative_one_is_refused_before_any_training(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from llama3np.posttrain import demo
+    from llama3np.posttrain.cli import main
+
+    seen = []
+    with monkeypatch.context() as mp:
+        mp.setattr(demo, "run_demo", lambda out, model=None, cfg=None, progress=False: seen.append(cfg))
+        assert main(["posttrain", "demo", "--seed", "1", "--out", str(tmp_path / "d")]) == 0
+        assert main(["posttrain", "demo", "--fast", "--out", str(tmp_path / "d")]) == 0
+    assert seen[0].seed == 1 and seen[0].n_train == demo.DemoConfig().n_train, "--seed on the default settings"
+    assert seen[1].seed == demo.FAST.seed == 0
+    assert main(["posttrain", "demo", "--fast", "--seed", "-1", "--out", str(tmp_path / "d")]) == 2
+    assert "the demo's seed must be a whole number >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "pretrain").exists()
+
+
 def test_demo_refuses_a_dpo_beta_that_is_not_positive_before_any_training(tmp_path, capsys):
     from llama3np.posttrain.cli import main
 

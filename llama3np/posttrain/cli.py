@@ -194,6 +194,8 @@ def cmd_demo(a):
         cfg.sft_wrong_fraction = a.annotator_errors
     if a.rs_sft_mix is not None:
         cfg.rs_sft_mix = a.rs_sft_mix
+    if a.seed is not None:
+        cfg.seed = a.seed
     cfg.dpo_loss_type = a.dpo_loss
     if a.dpo_beta is not None:
         cfg.dpo_beta = a.dpo_beta
@@ -294,6 +296,9 @@ def add_subcommands(subparsers):
     d.add_argument("--rs-sft-mix", type=float, metavar="RATIO",
                    help="SFT examples mixed into rejection sampling's fine-tuning per winner, as Llama 3 mixes "
                         "(default: 0, the winners alone)")
+    d.add_argument("--seed", type=int,
+                   help="the seed of every stage, pre-training and the instructions included: another seed is another "
+                        "pre-trained model and another run of everything after it (default: 0)")
     d.add_argument("--dpo-loss", choices=DPO_LOSS_TYPES, default="sigmoid",
                    help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) "
                         "(default: %(default)s)")

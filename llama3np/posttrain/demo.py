@@ -414,6 +414,8 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
     check_wrong_fraction(cfg.sft_wrong_fraction)  # likewise
     check_rs_sft_mix(cfg.rs_sft_mix)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"the demo's seed must be a whole number >= 0, got {cfg.seed!r}")
     check_dpo_loss_type(cfg.dpo_loss_type)
     check_dpo_beta(dpo_beta(cfg))
     out = Path(out)
