@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..generation import sample_batch
+from ..training.config import check_int, finite_number
 from ..tokenizer import ChatFormat
 from . import story_task as task
 from .averaging import average_models
@@ -98,8 +99,8 @@ class DemoConfig:
     rs_prompts: int = 64
     rs_k: int = 16  # best of N for N = 1, 2, 4, ... 16 (more samples also find more of the RM's errors)
     rs_best: int = 2  # winners a prompt: the RM's best two
-    # SFT examples mixed in per winner (Llama 3 mixes RS data with its other SFT data). Where the demonstrations
-    # have mistakes they carry them into RS: at 30% flawed demonstrations (one pre-trained model, 512 held-out
+    # SFT examples mixed in per winner (Llama 3 mixes RS data with its other SFT data). With flawed demonstrations
+    # the mix can carry their mistakes into RS: at 30% flawed demonstrations (the demo's seed 0, 512 held-out
     # instructions, two training seeds x two draws; SFT 0.645) the winners alone 0.684, 0.682 against 0.659, 0.664
     # mixed 1:1 and 0.655, 0.658 for as many more SFT steps on the demonstrations instead (at 3e-4: 0.702, 0.698
     # alone, 0.667, 0.667 more SFT). With perfect demonstrations alone and mixed alike (0.865, 0.869 vs 0.867, 0.875).
@@ -207,7 +208,7 @@ def sft_examples(fmt, instructions, seed, wrong_fraction=0.0):
 
 
 def check_rs_sft_mix(sft_mix):
-    if isinstance(sft_mix, bool) or not (isinstance(sft_mix, (int, float)) and np.isfinite(sft_mix) and sft_mix >= 0):
+    if not finite_number(sft_mix) or sft_mix < 0:
         raise ValueError(f"rs_sft_mix (SFT examples per winner) must be a number >= 0, got {sft_mix!r}")
 
 
@@ -414,8 +415,7 @@ def run_demo(out="runs/posttrain", model=None, fast=False, stream=None, progress
     task.check_kinds(cfg.demand_kinds)  # before minutes of pre-training, not after
     check_wrong_fraction(cfg.sft_wrong_fraction)  # likewise
     check_rs_sft_mix(cfg.rs_sft_mix)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ValueError(f"the demo's seed must be a whole number >= 0, got {cfg.seed!r}")
+    check_int("the demo's seed", cfg.seed, 0, "a whole number >= 0")
     check_dpo_loss_type(cfg.dpo_loss_type)
     check_dpo_beta(dpo_beta(cfg))
     out = Path(out)

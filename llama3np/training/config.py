@@ -72,24 +72,24 @@ class TrainConfig:
                                 model_overrides=dict(self.model_overrides))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "save_every", "eval_every", "keep",
                      "max_bad_steps", "spike_window", "val_stories"):
-            _check_int(name, getattr(c, name), 1, "a positive integer")
+            check_int(name, getattr(c, name), 1, "a positive integer")
         if c.n_stories is not None:
-            _check_int("n_stories", c.n_stories, 1, "None or a positive integer")
-        _check_int("seed", c.seed, 0, "an integer >= 0")
+            check_int("n_stories", c.n_stories, 1, "None or a positive integer")
+        check_int("seed", c.seed, 0, "an integer >= 0")
         if c.warmup_steps is None:
             c.warmup_steps = min(100, max(1, c.steps // 10))
-        _check_int("warmup_steps", c.warmup_steps, 0, "an integer >= 0 (0: no warmup)")
-        if not _finite(c.lr) or c.lr <= 0:
+        check_int("warmup_steps", c.warmup_steps, 0, "an integer >= 0 (0: no warmup)")
+        if not finite_number(c.lr) or c.lr <= 0:
             raise ValueError(f"lr must be > 0, got {c.lr}")
         for name, low, high, what in (("min_lr_ratio", 0, 1, "in [0, 1]"), ("weight_decay", 0, math.inf, ">= 0"),
                                       ("grad_clip", 0, math.inf, ">= 0 (0: no clipping)"),
                                       ("val_fraction", 0, 1, "in [0, 1]"), ("spike_factor", 1, math.inf, ">= 1")):
             v = getattr(c, name)
-            if not _finite(v) or not low <= v <= high:
+            if not finite_number(v) or not low <= v <= high:
                 raise ValueError(f"{name} must be {what}, got {v!r}")
         if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {c.betas}")
-        if not _finite(c.eps) or c.eps <= 0:
+        if not finite_number(c.eps) or c.eps <= 0:
             raise ValueError(f"eps must be > 0, got {c.eps}")
         args = build_args(c)  # an unknown preset or a bad --override fails here, before any file is written
         if c.seq_len > args.max_seq_len:
@@ -119,11 +119,13 @@ class TrainConfig:
         return cls(**kw)
 
 
-def _finite(v):
+def finite_number(v):
+    """A real number, not a bool, not nan or inf (the config checks here and post-training's share it)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_int(name, v, low, what):
+def check_int(name, v, low, what):
+    """A whole number >= low (not a bool), or a ValueError naming it and `what` was expected."""
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
         raise ValueError(f"{name} must be {what}, got {v!r}")
 
