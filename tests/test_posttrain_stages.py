@@ -324,6 +324,36 @@ def test_demo_seed_reaches_the_config_and_a_negative_one_is_refused_before_any_t
     assert not (tmp_path / "d" / "pretrain").exists()
 
 
+def test_demo_rs_round_flags_reach_the_config_and_bad_ones_are_refused_before_any_training(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from llama3np.posttrain import demo
+    from llama3np.posttrain.cli import main
+
+    seen = []
+    with monkeypatch.context() as mp:
+        mp.setattr(demo, "run_demo", lambda out, model=None, cfg=None, progress=False: seen.append(cfg))
+        assert main(["posttrain", "demo", "--rs-prompts", "256", "--rs-steps", "120", "--rs-lr", "3e-4",
+                     "--out", str(tmp_path / "d")]) == 0
+        assert main(["posttrain", "demo", "--out", str(tmp_path / "d")]) == 0
+    assert (seen[0].rs_prompts, seen[0].rs_sft_steps, seen[0].rs_lr) == (256, 120, 3e-4)
+    default = demo.DemoConfig()
+    assert (seen[1].rs_prompts, seen[1].rs_sft_steps, seen[1].rs_lr) == (default.rs_prompts, default.rs_sft_steps,
+                                                                         default.rs_lr)
+    n_train = demo.FAST.n_train
+    for flags, message in ((["--rs-prompts", "0"], "rs_prompts (rejection sampling's prompts) must be a whole number"
+                             " >= 1, got 0"),
+                           (["--rs-prompts", str(n_train)], f"rs_prompts ({n_train}) + rm_prompts "
+                                                            f"({demo.FAST.rm_prompts}) must be at most the {n_train}"),
+                           (["--rs-steps", "0"], "rs_sft_steps (rejection sampling's SFT steps) must be a whole "
+                                                 "number >= 1, got 0"),
+                           (["--rs-lr", "0"], "rs_lr (rejection sampling's learning rate) must be a number > 0, "
+                                              "got 0.0"),
+                           (["--rs-lr", "nan"], "must be a number > 0, got nan")):
+        assert main(["posttrain", "demo", "--fast", *flags, "--out", str(tmp_path / "d")]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+        assert not (tmp_path / "d" / "pretrain").exists()
+
+
 def test_demo_refuses_a_dpo_beta_that_is_not_positive_before_any_training(tmp_path, capsys):
     from llama3np.posttrain.cli import main
 

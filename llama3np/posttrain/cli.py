@@ -194,6 +194,9 @@ def cmd_demo(a):
         cfg.sft_wrong_fraction = a.annotator_errors
     if a.rs_sft_mix is not None:
         cfg.rs_sft_mix = a.rs_sft_mix
+    for name in ("rs_prompts", "rs_sft_steps", "rs_lr"):  # run_demo checks them before any training
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
     if a.seed is not None:
         cfg.seed = a.seed
     cfg.dpo_loss_type = a.dpo_loss
@@ -296,6 +299,13 @@ def add_subcommands(subparsers):
     d.add_argument("--rs-sft-mix", type=float, metavar="RATIO",
                    help="SFT examples mixed into rejection sampling's fine-tuning per winner, as Llama 3 mixes "
                         "(default: 0, the winners alone)")
+    d.add_argument("--rs-prompts", type=int, metavar="N", dest="rs_prompts",
+                   help="rejection sampling's prompts, 16 replies each (default: 64; 256 with --rs-steps 120 "
+                        "--rs-lr 3e-4 is the larger round the README measures, ~4 more minutes)")
+    d.add_argument("--rs-steps", type=int, metavar="N", dest="rs_sft_steps",
+                   help="SFT steps on rejection sampling's winners (default: 60)")
+    d.add_argument("--rs-lr", type=float, metavar="LR", dest="rs_lr",
+                   help="the learning rate of those steps, decaying as SFT's (default: 1e-4)")
     d.add_argument("--seed", type=int,
                    help="the seed of every stage, pre-training and the instructions included: another seed is another "
                         "pre-trained model and another run of everything after it (default: 0)")
