@@ -91,7 +91,7 @@ class DemoConfig:
     # than them (true 0.94 against 1.0): RS has nothing to teach that SFT did not. Measured on 512 held-out
     # instructions, two draws each; SFT, this round, as many more SFT steps on the demonstrations instead, then the
     # larger round (256 prompts, 120 steps at 3e-4: --rs-prompts 256 --rs-steps 120 --rs-lr 3e-4) and its more-SFT
-    # control (120 steps at 3e-4 on 512 demonstrations):
+    # control (120 steps at 3e-4 on 512 demonstrations; three draws with perfect ones):
     #   perfect demonstrations, seed 0:   0.866  0.867  0.873 | 0.886  0.886
     #   30% flawed, seed 0:               0.645  0.683  0.657 | 0.700  0.700
     #   30% flawed, seed 1:               0.637  0.623  0.642 | 0.660  0.636
