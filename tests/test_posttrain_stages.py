@@ -307,16 +307,25 @@ def test_rs_training_data_is_the_winners_then_sft_mix_times_as_many_sft_examples
     assert not (tmp_path / "d" / "pretrain").exists()
 
 
-def test_demo_seed_reaches_the_config_and_a_negative_one_is_refused_before_any_training(tmp_path, monkeypatch,
-                                                                                         capsys):
+def _demo_configs(monkeypatch, tmp_path, *flag_lists):
+    """The DemoConfig `llama3np posttrain demo` builds for each list of flags (run_demo stubbed: nothing trains)."""
     from llama3np.posttrain import demo
     from llama3np.posttrain.cli import main
 
     seen = []
     with monkeypatch.context() as mp:
         mp.setattr(demo, "run_demo", lambda out, model=None, cfg=None, progress=False: seen.append(cfg))
-        assert main(["posttrain", "demo", "--seed", "1", "--out", str(tmp_path / "d")]) == 0
-        assert main(["posttrain", "demo", "--fast", "--out", str(tmp_path / "d")]) == 0
+        for flags in flag_lists:
+            assert main(["posttrain", "demo", *flags, "--out", str(tmp_path / "d")]) == 0, flags
+    return seen
+
+
+def test_demo_seed_reaches_the_config_and_a_negative_one_is_refused_before_any_training(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from llama3np.posttrain import demo
+    from llama3np.posttrain.cli import main
+
+    seen = _demo_configs(monkeypatch, tmp_path, ["--seed", "1"], ["--fast"])
     assert seen[0].seed == 1 and seen[0].n_train == demo.DemoConfig().n_train, "--seed on the default settings"
     assert seen[1].seed == demo.FAST.seed == 0
     assert main(["posttrain", "demo", "--fast", "--seed", "-1", "--out", str(tmp_path / "d")]) == 2
@@ -329,12 +338,7 @@ def test_demo_rs_round_flags_reach_the_config_and_bad_ones_are_refused_before_an
     from llama3np.posttrain import demo
     from llama3np.posttrain.cli import main
 
-    seen = []
-    with monkeypatch.context() as mp:
-        mp.setattr(demo, "run_demo", lambda out, model=None, cfg=None, progress=False: seen.append(cfg))
-        assert main(["posttrain", "demo", "--rs-prompts", "256", "--rs-steps", "120", "--rs-lr", "3e-4",
-                     "--out", str(tmp_path / "d")]) == 0
-        assert main(["posttrain", "demo", "--out", str(tmp_path / "d")]) == 0
+    seen = _demo_configs(monkeypatch, tmp_path, ["--rs-prompts", "256", "--rs-steps", "120", "--rs-lr", "3e-4"], [])
     assert (seen[0].rs_prompts, seen[0].rs_sft_steps, seen[0].rs_lr) == (256, 120, 3e-4)
     default = demo.DemoConfig()
     assert (seen[1].rs_prompts, seen[1].rs_sft_steps, seen[1].rs_lr) == (default.rs_prompts, default.rs_sft_steps,

@@ -192,16 +192,10 @@ def cmd_demo(a):
         cfg.demand_kinds = tuple(k.strip() for k in a.demand_kinds.split(","))  # run_demo checks them first
     if a.annotator_errors is not None:
         cfg.sft_wrong_fraction = a.annotator_errors
-    if a.rs_sft_mix is not None:
-        cfg.rs_sft_mix = a.rs_sft_mix
-    for name in ("rs_prompts", "rs_sft_steps", "rs_lr"):  # run_demo checks them before any training
-        if getattr(a, name) is not None:
+    for name in ("rs_sft_mix", "rs_prompts", "rs_sft_steps", "rs_lr", "seed", "dpo_beta"):  # DemoConfig's names
+        if getattr(a, name) is not None:  # given: run_demo checks it before any training
             setattr(cfg, name, getattr(a, name))
-    if a.seed is not None:
-        cfg.seed = a.seed
     cfg.dpo_loss_type = a.dpo_loss
-    if a.dpo_beta is not None:
-        cfg.dpo_beta = a.dpo_beta
     run_demo(a.out, model=a.model, cfg=cfg, progress=not a.fast)
     return 0
 
@@ -281,8 +275,11 @@ def add_subcommands(subparsers):
     p.add_argument("--out", required=True, help="the run folder to write")
     p.set_defaults(func=cmd_average)
 
+    from .demo import DemoConfig
     from .losses import DPO_LOSS_TYPES
     from .story_task import DEMAND_KINDS
+
+    default = DemoConfig()  # the flags below stay None unless given, so that --fast keeps its own settings
 
     p = subparsers.add_parser("posttrain", help="post-training demos")
     sub = p.add_subparsers(dest="posttrain_command", required=True)
@@ -298,17 +295,18 @@ def add_subcommands(subparsers):
                         "demonstrations have mistakes (default: 0, every demonstration perfect)")
     d.add_argument("--rs-sft-mix", type=float, metavar="RATIO",
                    help="SFT examples mixed into rejection sampling's fine-tuning per winner, as Llama 3 mixes "
-                        "(default: 0, the winners alone)")
-    d.add_argument("--rs-prompts", type=int, metavar="N", dest="rs_prompts",
-                   help="rejection sampling's prompts, 16 replies each (default: 64; 256 with --rs-steps 120 "
-                        "--rs-lr 3e-4 is the larger round the README measures, ~4 more minutes)")
+                        f"(default: {default.rs_sft_mix:g}, the winners alone)")
+    d.add_argument("--rs-prompts", type=int, metavar="N",
+                   help=f"rejection sampling's prompts, {default.rs_k} replies each (default: {default.rs_prompts}; "
+                        "256 with --rs-steps 120 --rs-lr 3e-4 is the larger round the README measures, ~4 more "
+                        "minutes)")
     d.add_argument("--rs-steps", type=int, metavar="N", dest="rs_sft_steps",
-                   help="SFT steps on rejection sampling's winners (default: 60)")
-    d.add_argument("--rs-lr", type=float, metavar="LR", dest="rs_lr",
-                   help="the learning rate of those steps, decaying as SFT's (default: 1e-4)")
+                   help=f"SFT steps on rejection sampling's winners (default: {default.rs_sft_steps})")
+    d.add_argument("--rs-lr", type=float, metavar="LR",
+                   help=f"the learning rate of those steps, decaying as SFT's (default: {default.rs_lr:g})")
     d.add_argument("--seed", type=int,
                    help="the seed of every stage, pre-training and the instructions included: another seed is another "
-                        "pre-trained model and another run of everything after it (default: 0)")
+                        f"pre-trained model and another run of everything after it (default: {default.seed})")
     d.add_argument("--dpo-loss", choices=DPO_LOSS_TYPES, default="sigmoid",
                    help="DPO's loss: sigmoid (DPO, Llama 3's) or ipo (squared, to a fixed margin) "
                         "(default: %(default)s)")
