@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llama3np
 from llama3np.gradcheck import numerical_grad, rel_error
@@ -382,3 +384,24 @@ def test_packed_dialogs_do_not_leak_into_each_other():
     lb = L.token_logps_forward(model.forward(b[None], keep=False), b[None])[0][0, 1:]
     # RoPE positions are absolute, so b's numbers agree up to rounding (relative positions are the same)
     assert loss == pytest.approx(-(la.sum() + lb.sum()) / (len(la) + len(lb)), rel=1e-10)
+
+
+@settings(max_examples=12)
+@given(lengths=st.lists(st.integers(4, 14), min_size=1, max_size=7), batch_size=st.integers(1, 4),
+       seed=st.integers(0, 3))
+def test_rewards_in_batches_of_similar_length_are_each_rows_own_reward_in_input_order(lengths, batch_size, seed):
+    """rewards() sorts the rows by length and cuts each batch after its longest row: every reward must still be
+    the one of its row scored alone, in the order given, whatever follows a row's last token (here random tokens,
+    not padding: a causal model's values at `last` cannot see them). float64: equal to rounding (the batches'
+    products have other shapes)."""
+    from llama3np.posttrain.reward_model import RewardModel
+
+    rm = RewardModel(tiny_model(), seed=1, pooling="mean", logp_weight=0.7)
+    rm.score *= 20
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, (len(lengths), 16))
+    last = np.array(lengths) - 1
+    first = np.full(len(lengths), 3)
+    alone = [rm.rewards(tokens[b:b + 1, :last[b] + 1], last[b:b + 1], first=first[b:b + 1])[0]
+             for b in range(len(lengths))]
+    np.testing.assert_allclose(rm.rewards(tokens, last, batch_size, first), alone, rtol=1e-12, atol=1e-14)

@@ -142,13 +142,21 @@ class RewardModel:
 
     def rewards(self, tokens, last, batch_size=32, first=None):
         """tokens (B, T), last (B,) the index of each row's final token (first (B,): of its reply's first token)
-        -> rewards (B,), no gradient."""
-        out = []
+        -> rewards (B,), no gradient.
+
+        The rows go in batches of similar length, each cut after its longest row's last token: a reward is
+        read at or before `last`, and a causal model's values there do not depend on what follows. Sampled
+        replies padded to the longest of thousands are mostly padding (RS's 2048 replies: 26 s in input
+        order on 2 cores, 21 s so)."""
+        last = np.asarray(last)
+        out = np.empty(len(tokens))
+        order = np.argsort(last, kind="stable")
         for i in range(0, len(tokens), batch_size):
-            chunk = tokens[i:i + batch_size]
-            f = None if first is None else first[i:i + batch_size]
-            out.append(self._read(chunk, np.arange(len(chunk)), f, last[i:i + batch_size]))
-        return np.concatenate(out)
+            idx = order[i:i + batch_size]
+            chunk = tokens[idx, :last[idx].max() + 1]
+            f = None if first is None else np.asarray(first)[idx]
+            out[idx] = self._read(chunk, np.arange(len(idx)), f, last[idx])
+        return out
 
     def loss_and_grads(self, chosen, chosen_last, rejected, rejected_last, margin=0.0, chosen_first=None,
                        rejected_first=None):
