@@ -38,6 +38,8 @@ def sample_next(logits, temperature=0.6, top_p=0.9, top_k=None, rng=None):
     z = z - z.max(-1, keepdims=True)  # for exp: the largest becomes 0, nothing overflows
     probs = np.exp(z)
     probs /= probs.sum(-1, keepdims=True)
+    if top_p >= 1.0:
+        return _draw_unsorted(probs, top_p, rng)
     out = np.empty(len(probs), dtype=np.int64)
     # BEGIN SOLUTION ex15
     for b in range(len(probs)):
@@ -51,6 +53,20 @@ def sample_next(logits, temperature=0.6, top_p=0.9, top_k=None, rng=None):
         out[b] = order[idx]
     # END SOLUTION
     return out
+
+
+def _draw_unsorted(probs, top_p, rng):
+    """The loop of sample_next for top_p >= 1, every row at once: with no nucleus to find, each row keeps
+    its token order (_likeliest_first's arange) and the same arithmetic runs along axis 1 (a cumulative
+    sum is sequential along a row either way), and rng.random(B) gives the B draws that B calls of
+    rng.random() give: the same tokens. Rejection sampling and PPO sample at top_p 1 in batches of 128
+    rows, where the loop took ~17% of the time of sampling (3.7 ms a step)."""
+    cum = np.cumsum(probs, axis=1)
+    p = np.where(cum - probs > top_p, 0.0, probs)
+    cum = np.cumsum(p, axis=1)
+    u = rng.random(len(probs)) * cum[:, -1]
+    # searchsorted(cum, u, side="right") on a non-decreasing row: how many of its values are <= u
+    return np.minimum((cum <= u[:, None]).sum(1), probs.shape[1] - 1)
 
 
 def _likeliest_first(p, top_p, k=1024):

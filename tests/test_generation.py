@@ -1,6 +1,8 @@
 """Generation: the KV cache changes nothing, greedy is deterministic, seeded sampling reproducible."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llama3np import ModelArgs, Transformer
 from llama3np.generation import generate, generate_stream, sample_next
@@ -99,6 +101,26 @@ def test_top_p_sampling_draws_from_the_truncated_renormalised_distribution():
     # temperature 0.5 squares the odds: 0.5^2 : 0.3^2 : ... -> token 0 has 0.25/0.3650
     draws = np.array([sample_next(logits, temperature=0.5, top_p=1.0, rng=rng)[0] for _ in range(4000)])
     assert abs((draws == 0).mean() - 0.25 / 0.365) < 0.03
+
+
+@settings(max_examples=25)
+@given(rows=st.integers(1, 9), vocab=st.integers(1, 300), scale=st.floats(0.0, 30.0), top_p=st.floats(1.0, 3.0),
+       seed=st.integers(0, 2**31 - 1))
+def test_sampling_without_a_nucleus_draws_what_one_row_at_a_time_draws(rows, vocab, scale, top_p, seed):
+    """top_p >= 1 draws every row at once (_draw_unsorted); it must give the tokens of the row-by-row inverse
+    CDF (one rng.random() per row, in row order), on flat and on very peaked distributions alike."""
+    logits = np.random.default_rng(seed).standard_normal((rows, vocab)) * scale
+    got = sample_next(logits, 1.0, top_p, rng=np.random.default_rng(seed))
+    z = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(-1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    want = []
+    for p in probs:  # the exercise's loop, with every token in its own order
+        cum = np.cumsum(p)
+        cum = np.cumsum(np.where(cum - p > top_p, 0.0, p))
+        want.append(min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), vocab - 1))
+    assert got.tolist() == want
 
 
 def test_the_partial_sort_finds_the_same_nucleus_as_a_full_sort():
