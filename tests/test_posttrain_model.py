@@ -405,3 +405,25 @@ def test_rewards_in_batches_of_similar_length_are_each_rows_own_reward_in_input_
     alone = [rm.rewards(tokens[b:b + 1, :last[b] + 1], last[b:b + 1], first=first[b:b + 1])[0]
              for b in range(len(lengths))]
     np.testing.assert_allclose(rm.rewards(tokens, last, batch_size, first), alone, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=10)
+@given(rows=st.integers(1, 7), chunk=st.integers(1, 4), seed=st.integers(0, 3))
+def test_scoring_in_chunks_of_rows_changes_no_row(rows, chunk, seed):
+    """sequence_logps and token_logps run SCORING_ROWS rows at a time: the same numbers (to float64 rounding)
+    as one forward over the whole batch, for any batch and chunk size, the last chunk partial."""
+    from llama3np.posttrain import logprobs
+
+    model = tiny_model()
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, (rows, 9))
+    mask = rng.random((rows, 9)) < 0.7
+    whole_seq = L.sequence_logps_forward(model.forward(tokens, keep=False), tokens, mask)[0]
+    whole_tok = L.token_logps_forward(model.forward(tokens, keep=False), tokens)[0]
+    saved = logprobs.SCORING_ROWS
+    try:
+        logprobs.SCORING_ROWS = chunk
+        np.testing.assert_allclose(sequence_logps(model, tokens, mask), whole_seq, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(logprobs.token_logps(model, tokens), whole_tok, rtol=1e-12, atol=1e-13)
+    finally:
+        logprobs.SCORING_ROWS = saved

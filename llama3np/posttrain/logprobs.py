@@ -11,6 +11,12 @@ import numpy as np
 from . import losses
 
 
+# Scoring without a gradient goes through the model SCORING_ROWS rows at a time: every row's numbers are its
+# own either way (the same bits), but one forward over the 256 replies of an evaluation (51,000 positions,
+# whose logits alone take 216 MB) took 3x as long as eight forwards of 32 rows.
+SCORING_ROWS = 32
+
+
 def check_batch(model, tokens, mask, name="tokens"):
     """tokens (B, T) ints inside the vocabulary and a mask of the same shape -> (int64 tokens, bool mask)."""
     tokens = np.asarray(tokens)
@@ -39,16 +45,22 @@ def sequence_logps(model, tokens, mask):
     """tokens (B, T) ints, mask (B, T) -> (B,) float64: sum over t with mask[b, t] of log p(tokens[b, t] |
     tokens[b, :t]) under `model`. mask[:, 0] is ignored (nothing predicts the first token). No gradient."""
     tokens, mask = check_batch(model, tokens, mask)
-    logits = forward_logits(model, tokens, keep=False)
-    logps, _ = losses.sequence_logps_forward(logits, tokens, mask)
-    return logps.astype(np.float64)
+    out = np.empty(len(tokens))
+    for i in range(0, len(tokens), SCORING_ROWS):
+        rows = slice(i, i + SCORING_ROWS)
+        out[rows] = losses.sequence_logps_forward(forward_logits(model, tokens[rows], keep=False), tokens[rows],
+                                                  mask[rows])[0]
+    return out
 
 
 def token_logps(model, tokens):
     """(B, T) -> (B, T) float64 log p(tokens[:, t] | tokens[:, :t]) (0 at t = 0). No gradient."""
     tokens = check_batch(model, tokens, np.ones(np.shape(tokens), bool))[0]
-    logp, _ = losses.token_logps_forward(forward_logits(model, tokens, keep=False), tokens)
-    return logp.astype(np.float64)
+    out = np.empty(tokens.shape)
+    for i in range(0, len(tokens), SCORING_ROWS):
+        rows = slice(i, i + SCORING_ROWS)
+        out[rows] = losses.token_logps_forward(forward_logits(model, tokens[rows], keep=False), tokens[rows])[0]
+    return out
 
 
 def pad_right(seqs, masks=None, pad_id=0, length=None):
