@@ -200,7 +200,7 @@ def complete(model, text, max_new_tokens=100, **kwargs):
 
 
 def sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=None, seed=None,
-                 stop_tokens=None):
+                 stop_tokens=None, rows_at_once=128):
     """Sample a reply to every prompt in one batched decode -> (replies, logps).
 
     replies[b]: the new ids of prompt b, INCLUDING the stop token that ended it (a reply without one was cut
@@ -211,6 +211,11 @@ def sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top
     positions n_pad[b]..L-1 and every new token lands at the same position in all rows, one forward per
     step for the whole batch. kv_start = n_pad[b] keeps the pad positions out of every attention; RoPE
     only sees position differences, so a row's logits are those of its prompt alone (up to rounding).
+
+    More than `rows_at_once` prompts decode in a few equal groups, one after the other, with the same L and
+    the same draws (row b's uniform at step i is the (i * B + b)-th of the generator, as when all B rows
+    decode together): the same replies. 256 replies of the demo's tiny model: 7.3 s at once, 5.6-6.0 s as
+    two groups of 128 (with 256 rows the KV cache and the activations no longer stay in the caches).
     """
     prompts = [_check(model, p, max_new_tokens, temperature, top_p, top_k)[0] for p in prompts]
     if not prompts:
@@ -224,15 +229,46 @@ def sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top
     tokens = np.zeros((B, L), dtype=np.int64)  # pad id 0: never attended, so any id will do
     for b, p in enumerate(prompts):
         tokens[b, n_pad[b]:] = p
-    replies, logps = [[] for _ in range(B)], [[] for _ in range(B)]
     if n_new <= 0:
-        return replies, [np.zeros(0) for _ in range(B)]
-    rng = np.random.default_rng(seed)
+        return [[] for _ in range(B)], [np.zeros(0) for _ in range(B)]
+    # every uniform the generator would give one decode of all B rows: B per step (sample_next draws one a row)
+    draws = np.random.default_rng(seed).random((n_new, B)) if temperature != 0 else np.zeros((n_new, B))
+    groups = max(1, B // max(int(rows_at_once), 1))  # groups of at least rows_at_once rows (smaller ones
+    size = -(-B // groups)  # decode more steps for fewer rows each: 130 rows as 2 x 65 took 1.2x as long)
+    replies, logps = [], []
+    for g0 in range(0, B, size):
+        rows = slice(g0, g0 + size)
+        r, lp = _decode_rows(model, tokens[rows], n_pad[rows], n_new, draws[:, rows], temperature, top_p, top_k,
+                             stop)
+        replies += r
+        logps += lp
+    return replies, logps
+
+
+class _Draws:
+    """Stands in for sample_next's Generator: hands out given uniforms in order (random() or random(n))."""
+
+    def __init__(self, u):
+        self.u, self.next = u.ravel(), 0
+
+    def random(self, size=None):
+        n = 1 if size is None else int(size)
+        out = self.u[self.next:self.next + n]
+        self.next += n
+        return out[0] if size is None else out
+
+
+def _decode_rows(model, tokens, n_pad, n_new, draws, temperature, top_p, top_k, stop):
+    """sample_batch's decode of one group of rows, left-padded (n_pad), with draws[i] for the rows at step i."""
+    B, L = tokens.shape
+    replies, logps = [[] for _ in range(B)], [[] for _ in range(B)]
+    rng = _Draws(draws)
     cache = model.new_cache(B, max_seq_len=L + n_new)
     logits = model.forward(tokens, 0, cache, kv_start=np.repeat(n_pad[:, None], L, axis=1))[:, -1]  # (B, V)
     done = np.zeros(B, dtype=bool)
     for i in range(n_new):
         z = np.asarray(logits, dtype=np.float64)
+        rng.next = i * B  # the draws of step i
         next_ids = sample_next(z, temperature=temperature, top_p=top_p, top_k=top_k, rng=rng)
         m = z.max(-1)
         lse = m + np.log(np.exp(z - m[:, None]).sum(-1))  # log-softmax normaliser at temperature 1

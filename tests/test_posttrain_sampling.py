@@ -1,6 +1,8 @@
 """Batched sampling in one KV cache with ragged, left-padded prompts (llama3np.generation.sample_batch)."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llama3np
 from llama3np.generation import generate, sample_batch
@@ -24,6 +26,24 @@ def test_each_row_equals_greedy_sampling_of_its_prompt_alone():
     replies, _ = sample_batch(model, PROMPTS, 12, temperature=0, stop_tokens=[])
     for p, r in zip(PROMPTS, replies):
         assert r == generate(model, p, 12, temperature=0, stop_tokens=[])
+
+
+@settings(max_examples=12)
+@given(n=st.integers(2, 9), rows_at_once=st.integers(1, 4), seed=st.integers(0, 2**31 - 1),
+       setting=st.sampled_from([(1.0, 1.0), (0.8, 0.7), (0.0, 1.0)]))
+def test_prompts_decoded_in_groups_give_the_replies_of_one_decode(n, rows_at_once, seed, setting):
+    """More than rows_at_once prompts decode in groups, each with the generator's draws for its rows (row b's
+    uniform at step i is the (i * n + b)-th): the same replies and log-probs as all n rows at once, sampled
+    (top_p 1 and the nucleus loop) or greedy, stop token or not."""
+    temperature, top_p = setting
+    model = model64()
+    prompts = [PROMPTS[b % len(PROMPTS)][: 1 + b % 3] for b in range(n)]
+    kw = dict(temperature=temperature, top_p=top_p, seed=seed, stop_tokens=[7, 13])
+    together = sample_batch(model, prompts, 9, rows_at_once=100, **kw)
+    grouped = sample_batch(model, prompts, 9, rows_at_once=rows_at_once, **kw)
+    assert grouped[0] == together[0]
+    for a, b in zip(grouped[1], together[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
 def test_logps_are_the_models_log_probs_of_the_sampled_tokens():
