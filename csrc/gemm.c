@@ -39,8 +39,8 @@
 
 /* Block sizes (in floats). KC: depth of one packed block; NC: width of a packed B block (KC*NC*4
  * bytes, in L2, see nc_block); MC: the most rows of a packed A block (528 KiB, streamed a sliver at a
- * time). Row blocks are multiples of 24 (a multiple of every MR: 4, 6, 8) so that only the last one
- * has a partial sliver. KC and NC can be set at build time (LLAMA3NP_CFLAGS="-DKC=384") to try others. */
+ * time; a multiple of every MR: 4, 6, 8). Row blocks are multiples of the kernel's MR, so that only the
+ * last one has a partial sliver. KC and NC can be set at build time (LLAMA3NP_CFLAGS="-DKC=384") to try others. */
 #ifndef KC
 #define KC 256
 #endif
@@ -70,6 +70,7 @@ static int nc_block(void) {
 }
 #endif
 #define MC 528
+#define MIN_TILE 72 /* rows: a claim packs all of B's block for them (~28% of a 72-row claim's time) */
 #define MAX_MR 8
 #define MAX_NR 32
 
@@ -637,11 +638,17 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
      * at 2 threads, the other products the same. One thread has nothing to balance: one claim per
      * column block (the loops below then keep whole tiles and group them all), B packed once. */
     const int claims = nthreads == 1 ? 1 : 2 * nthreads;
-    /* shorter tiles when there are too few to keep every thread busy to the end (the threads then
-     * finish within a small tile of each other) */
-    const int n_col_tiles = (N + g.nc - 1) / g.nc;
-    while (g.mc_tile > 96 && ((M + g.mc_tile - 1) / g.mc_tile) * n_col_tiles < claims)
-        g.mc_tile = (g.mc_tile / 2 + 23) / 24 * 24;
+    /* Row tiles: as few as MC allows, or, when they would give fewer claims than wanted, as many as the
+     * claims need (but none under MIN_TILE rows); then all of one size, a multiple of MR (only the last
+     * has a partial sliver). Halving MC until there were enough cut dW = dy^T x of `tiny`'s 768-wide layers
+     * (768 rows) into 5 x 144 + 48, one thread doing 432 rows to the other's 336; 4 x 192 packs B fewer
+     * times and splits evenly: 127-158 -> 154-172 GFLOP/s at 2 threads (AVX2; 256 rows, 66 x 3 + 58 instead
+     * of 72 x 3 + 40: 79-131 -> 114-137). How rows are tiled changes no element's sum: the same bits. */
+    const int n_col_tiles = (N + g.nc - 1) / g.nc, MR = g.isa->mr;
+    const int want = (claims + n_col_tiles - 1) / n_col_tiles, most = (M + MIN_TILE - 1) / MIN_TILE;
+    int rows = (M + MC - 1) / MC;
+    if (rows < want) rows = want < most ? want : most;
+    g.mc_tile = ((M + rows - 1) / rows + MR - 1) / MR * MR;
     /* row tiles taken together (sharing each packed B block), as many as still leave the claims wanted:
      * B is then packed n_row_tiles / group times instead of n_row_tiles times */
     const int n_row_tiles = (M + g.mc_tile - 1) / g.mc_tile;

@@ -23,7 +23,7 @@
 # on a tiny story model, and measured against an **exact** judge: the instructions ask for features of a
 # story, and the grammar that wrote the pre-training stories can parse any reply and say which it has.
 #
-# Set `LLAMA3NP_NOTEBOOK_FAST=1` for a toy run (the tests do this); the full pipeline takes about 14-15 minutes on 2 cores (2.3-2.8 of them pre-training).
+# Set `LLAMA3NP_NOTEBOOK_FAST=1` for a toy run (the tests do this); the full pipeline takes about 13 minutes on 2 cores (2.2-2.8 of them pre-training).
 
 # %%
 import os

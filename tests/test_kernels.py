@@ -79,6 +79,28 @@ def test_matmul_equals_numpy_for_any_shape_transpose_isa_and_thread_count(M, N, 
     _assert_matmul_close(kernels.matmul(a, b), a, b)
 
 
+
+@settings(max_examples=20)
+@given(
+    M=st.integers(17, 420),  # above the few-rows path: the packed one, whose row tiles depend on the threads
+    N=st.integers(1, 600),
+    K=st.integers(1, 700),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    isa=st.sampled_from(ISAS),
+    seed=st.integers(0, 2**16),
+)
+def test_matmul_gives_the_same_bits_on_one_and_two_threads(M, N, K, trans_a, trans_b, isa, seed):
+    """How the rows are cut into tiles and claims depends on the thread count; what each element sums, and in
+    which order, must not: the training step's bits may not depend on the threads."""
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(seed)
+    a, b = _operand(rng, M, K, trans_a), _operand(rng, K, N, trans_b)
+    kernels.set_num_threads(1)
+    one = kernels.matmul(a, b)
+    kernels.set_num_threads(2)
+    assert np.array_equal(kernels.matmul(a, b), one)
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_matmul_large_awkward_shapes_cross_every_block_boundary(isa):
     """Sizes past the cache blocks (K > 256, N > 384, M > 2016 rows) with ragged edges, 2 threads."""
