@@ -220,6 +220,8 @@ def sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top
     prompts = [_check(model, p, max_new_tokens, temperature, top_p, top_k)[0] for p in prompts]
     if not prompts:
         raise ValueError("no prompts given")
+    if isinstance(rows_at_once, bool) or not isinstance(rows_at_once, (int, np.integer)) or rows_at_once < 1:
+        raise ValueError(f"rows_at_once must be a whole number >= 1, got {rows_at_once!r}")
     if stop_tokens is None:
         stop_tokens = getattr(getattr(model, "tokenizer", None), "stop_tokens", None) or []
     stop = np.array(sorted(set(int(t) for t in stop_tokens)), dtype=np.int64)
@@ -233,7 +235,7 @@ def sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top
         return [[] for _ in range(B)], [np.zeros(0) for _ in range(B)]
     # every uniform the generator would give one decode of all B rows: B per step (sample_next draws one a row)
     draws = np.random.default_rng(seed).random((n_new, B)) if temperature != 0 else np.zeros((n_new, B))
-    groups = max(1, B // max(int(rows_at_once), 1))  # groups of at least rows_at_once rows (smaller ones
+    groups = max(1, B // int(rows_at_once))  # groups of at least rows_at_once rows (smaller ones
     size = -(-B // groups)  # decode more steps for fewer rows each: 130 rows as 2 x 65 took 1.2x as long)
     replies, logps = [], []
     for g0 in range(0, B, size):

@@ -63,9 +63,12 @@ def test_a_row_stops_at_its_stop_token_which_is_included():
     assert all(len(r) == len(lp) for r, lp in zip(replies, logps))
 
 
-def test_bad_prompts():
+def test_bad_prompts_and_group_sizes_are_refused():
     model = model64()
     with pytest.raises(ValueError, match="empty"):
         sample_batch(model, [[1], []], 4)
     with pytest.raises(ValueError, match="no prompts"):
         sample_batch(model, [], 4)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="rows_at_once must be a whole number >= 1"):
+            sample_batch(model, PROMPTS, 4, rows_at_once=bad)

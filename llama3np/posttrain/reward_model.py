@@ -146,7 +146,7 @@ class RewardModel:
 
         The rows go in batches of similar length, each cut after its longest row's last token: a reward is
         read at or before `last`, and a causal model's values there do not depend on what follows. Sampled
-        replies padded to the longest of thousands are mostly padding (RS's 2048 replies: 26 s in input
+        replies padded to the longest of thousands carry much padding (RS's 2048 replies: 26 s in input
         order on 2 cores, 21 s so)."""
         last = np.asarray(last)
         out = np.empty(len(tokens))
