@@ -642,8 +642,9 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
      * claims need (but none under MIN_TILE rows); then all of one size, a multiple of MR (only the last
      * has a partial sliver). Halving MC until there were enough cut dW = dy^T x of `tiny`'s 768-wide layers
      * (768 rows) into 5 x 144 + 48, one thread doing 432 rows to the other's 336; 4 x 192 packs B fewer
-     * times and splits evenly: 127-158 -> 154-172 GFLOP/s at 2 threads (AVX2; 256 rows, 66 x 3 + 58 instead
-     * of 72 x 3 + 40: 79-131 -> 114-137). How rows are tiled changes no element's sum: the same bits. */
+     * times and splits evenly: 142-158 -> 168-172 GFLOP/s at 2 threads (AVX2, two interleaved runs; 256 rows,
+     * 66 x 3 + 58 instead of 72 x 3 + 40: 124-131 -> 137). How rows are tiled changes no element's sum: the
+     * same bits. */
     const int n_col_tiles = (N + g.nc - 1) / g.nc, MR = g.isa->mr;
     const int want = (claims + n_col_tiles - 1) / n_col_tiles, most = (M + MIN_TILE - 1) / MIN_TILE;
     int rows = (M + MC - 1) / MC;
