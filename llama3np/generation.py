@@ -248,10 +248,11 @@ def sample_batch(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top
 
 
 class _Draws:
-    """Stands in for sample_next's Generator: hands out given uniforms in order (random() or random(n))."""
+    """Stands in for sample_next's Generator for one step: hands out that step's uniforms in order
+    (random() one at a time, or random(n))."""
 
     def __init__(self, u):
-        self.u, self.next = u.ravel(), 0
+        self.u, self.next = u, 0
 
     def random(self, size=None):
         n = 1 if size is None else int(size)
@@ -264,14 +265,12 @@ def _decode_rows(model, tokens, n_pad, n_new, draws, temperature, top_p, top_k, 
     """sample_batch's decode of one group of rows, left-padded (n_pad), with draws[i] for the rows at step i."""
     B, L = tokens.shape
     replies, logps = [[] for _ in range(B)], [[] for _ in range(B)]
-    rng = _Draws(draws)
     cache = model.new_cache(B, max_seq_len=L + n_new)
     logits = model.forward(tokens, 0, cache, kv_start=np.repeat(n_pad[:, None], L, axis=1))[:, -1]  # (B, V)
     done = np.zeros(B, dtype=bool)
     for i in range(n_new):
         z = np.asarray(logits, dtype=np.float64)
-        rng.next = i * B  # the draws of step i
-        next_ids = sample_next(z, temperature=temperature, top_p=top_p, top_k=top_k, rng=rng)
+        next_ids = sample_next(z, temperature=temperature, top_p=top_p, top_k=top_k, rng=_Draws(draws[i]))
         m = z.max(-1)
         lse = m + np.log(np.exp(z - m[:, None]).sum(-1))  # log-softmax normaliser at temperature 1
         lp = z[np.arange(B), next_ids] - lse

@@ -298,7 +298,7 @@ def add_subcommands(subparsers):
                         f"(default: {default.rs_sft_mix:g}, the winners alone)")
     d.add_argument("--rs-prompts", type=int, metavar="N",
                    help=f"rejection sampling's prompts, {default.rs_k} replies each (default: {default.rs_prompts}; "
-                        "256 with --rs-steps 120 --rs-lr 3e-4 is the larger round the README measures, ~4 more "
+                        "256 with --rs-steps 120 --rs-lr 3e-4 is the larger round the README measures, ~2.5 more "
                         "minutes)")
     d.add_argument("--rs-steps", type=int, metavar="N", dest="rs_sft_steps",
                    help=f"SFT steps on rejection sampling's winners (default: {default.rs_sft_steps})")

@@ -98,9 +98,9 @@ class DemoConfig:
     # The larger round raises every score over SFT, but as many more SFT steps at its rate do as much in two of three:
     # most of its gain is more training, not the RM's picks. It costs 2.4 minutes more (the whole demo 14.5 minutes
     # against 12.1: 871 s and 725 s, one run each) and greedy replies fall (0.948 -> 0.907 on the demo's 256 with
-    # perfect demonstrations). Sampling sharper did not
-    # help (T = 0.7 and 0.5, 64 prompts: 0.638 and 0.627 at seed 1, 0.868 and 0.871 with perfect demonstrations);
-    # the checker's own picks (256 prompts, 60 steps at 1e-4) 0.700 at seed 0 and 0.662 at seed 1
+    # perfect demonstrations). Sampling sharper did not help (T = 0.7 and 0.5, 64 prompts: 0.638 and 0.627 at seed 1,
+    # 0.868 and 0.871 with perfect demonstrations); the checker's own picks (256 prompts, 60 steps at 1e-4) 0.700 at
+    # seed 0 and 0.662 at seed 1
     rs_prompts: int = 64
     rs_k: int = 16  # best of N for N = 1, 2, 4, ... 16 (more samples also find more of the RM's errors)
     rs_best: int = 2  # winners a prompt: the RM's best two

@@ -45,22 +45,21 @@ def sequence_logps(model, tokens, mask):
     """tokens (B, T) ints, mask (B, T) -> (B,) float64: sum over t with mask[b, t] of log p(tokens[b, t] |
     tokens[b, :t]) under `model`. mask[:, 0] is ignored (nothing predicts the first token). No gradient."""
     tokens, mask = check_batch(model, tokens, mask)
-    out = np.empty(len(tokens))
-    for i in range(0, len(tokens), SCORING_ROWS):
-        rows = slice(i, i + SCORING_ROWS)
-        out[rows] = losses.sequence_logps_forward(forward_logits(model, tokens[rows], keep=False), tokens[rows],
-                                                  mask[rows])[0]
-    return out
+    return _by_rows(lambda t, m: losses.sequence_logps_forward(forward_logits(model, t, keep=False), t, m)[0],
+                    tokens, mask)
 
 
 def token_logps(model, tokens):
     """(B, T) -> (B, T) float64 log p(tokens[:, t] | tokens[:, :t]) (0 at t = 0). No gradient."""
     tokens = check_batch(model, tokens, np.ones(np.shape(tokens), bool))[0]
-    out = np.empty(tokens.shape)
-    for i in range(0, len(tokens), SCORING_ROWS):
-        rows = slice(i, i + SCORING_ROWS)
-        out[rows] = losses.token_logps_forward(forward_logits(model, tokens[rows], keep=False), tokens[rows])[0]
-    return out
+    return _by_rows(lambda t: losses.token_logps_forward(forward_logits(model, t, keep=False), t)[0], tokens)
+
+
+def _by_rows(score, *arrays):
+    """score(*arrays) SCORING_ROWS rows at a time, the pieces stacked again, in float64."""
+    n = len(arrays[0])
+    return np.concatenate([score(*(a[i:i + SCORING_ROWS] for a in arrays)) for i in range(0, n, SCORING_ROWS)]
+                          ).astype(np.float64)
 
 
 def pad_right(seqs, masks=None, pad_id=0, length=None):

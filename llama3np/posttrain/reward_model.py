@@ -149,12 +149,13 @@ class RewardModel:
         replies padded to the longest of thousands carry much padding (RS's 2048 replies: 26 s in input
         order on 2 cores, 21 s so)."""
         last = np.asarray(last)
+        first = None if first is None else np.asarray(first)
         out = np.empty(len(tokens))
         order = np.argsort(last, kind="stable")
         for i in range(0, len(tokens), batch_size):
             idx = order[i:i + batch_size]
             chunk = tokens[idx, :last[idx].max() + 1]
-            f = None if first is None else np.asarray(first)[idx]
+            f = None if first is None else first[idx]
             out[idx] = self._read(chunk, np.arange(len(idx)), f, last[idx])
         return out
 
