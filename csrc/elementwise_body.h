@@ -132,9 +132,10 @@ EW_TARGET static void EW_NAME(cross_entropy_backward_rows_)(const float *logits,
         const float *x = logits + r * V;
         float *d = dlogits + r * V;
         float l = lse[r], s = scale[r];
-        for (long c = 0; c < V; c++) d[c] = EW_NAME(exp_neg_)(x[c] - l) * s;
         long t = targets[r];
-        d[t] = (EW_NAME(exp_neg_)(x[t] - l) - 1.0f) * s;
+        float xt = x[t]; /* read first: dlogits may be logits itself (written in place) */
+        for (long c = 0; c < V; c++) d[c] = EW_NAME(exp_neg_)(x[c] - l) * s;
+        d[t] = (EW_NAME(exp_neg_)(xt - l) - 1.0f) * s;
     }
 }
 

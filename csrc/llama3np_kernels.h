@@ -80,6 +80,9 @@ void rope_forward(const float *x, const long *x_strides, const float *cos, const
 void cross_entropy_forward(const float *logits, const int64_t *targets, long N, long V, float *lse, float *nll);
 void cross_entropy_backward(const float *logits, const int64_t *targets, const float *lse, const float *scale,
                             long N, long V, float *dlogits);
+/* the two above in one pass, dlogits written over the logits */
+void cross_entropy_fused(float *logits, const int64_t *targets, const float *scale, long N, long V, float *lse,
+                         float *nll);
 /* AdamW over n floats in place (p, m, v), the coefficients as optim.AdamW rounds them to float32;
  * decay = 1 - lr * weight_decay, or 1 for a weight that is not decayed */
 void adamw_update(float *p, const float *g, float *m, float *v, long n, float decay, float beta1,

@@ -216,6 +216,19 @@ def cross_entropy_backward(dloss, cache):
     return ops.cross_entropy_backward(dloss, cache)
 
 
+def cross_entropy_loss_and_dlogits(logits, targets, mask=None):
+    """-> (mean nll, dlogits): cross_entropy_forward, then cross_entropy_backward(1.0, ...). On the C
+    kernels in one pass (kernels.cross_entropy_fused, the same bits) that writes dlogits over `logits`:
+    the caller's logits are used up."""
+    if _use_c(logits) and kernels.dense(logits) and logits.flags.writeable:
+        weights, count = ops.loss_weights(logits.shape[:-1], logits.dtype, mask)
+        scale = np.ascontiguousarray((1.0 * weights / count).astype(np.float32))  # cross_entropy_backward's
+        nll, _ = kernels.cross_entropy_fused(logits, targets, scale)
+        return float(np.sum(nll * weights) / count), logits
+    loss, cache = cross_entropy_forward(logits, targets, mask)
+    return loss, cross_entropy_backward(1.0, cache)
+
+
 def _apply_environment():
     name = os.environ.get("LLAMA3NP_BACKEND")
     if not name:

@@ -727,6 +727,27 @@ def cross_entropy_backward(logits, targets, lse, scale):
     return dlogits
 
 
+def cross_entropy_fused(logits, targets, scale):
+    """cross_entropy_rows and cross_entropy_backward in one pass that writes dlogits over `logits`:
+    -> (nll, lse), and logits (..., V) now holds (softmax - onehot(targets)) * scale[..., None]. The same
+    bits as the two calls; a row is read from memory once, and no second logits-sized array is made."""
+    _require()
+    for x, name in ((logits, "logits"), (scale, "scale")):
+        _check_dense(x, name)
+    if not logits.flags.writeable:
+        raise ValueError("logits must be writeable (dlogits are written over them)")
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last axis (the vocabulary), got shape {logits.shape}")
+    _same_shape(scale, "scale", logits.shape[:-1])
+    V = logits.shape[-1]
+    t64 = _check_targets(targets, logits.shape[:-1], V)
+    lse, nll = np.empty(logits.shape[:-1], np.float32), np.empty(logits.shape[:-1], np.float32)
+    if lse.size:
+        lib.cross_entropy_fused(_ptr(logits), ffi.from_buffer("int64_t[]", t64), _ptr(scale), lse.size, V, _ptr(lse),
+                                _ptr(nll))
+    return nll, lse
+
+
 def adamw_update(p, g, m, v, decay, beta1, beta2, sqrt_bc2, eps, step_size):
     """One AdamW update of p, m, v in place (optim.AdamW.step's operations in its order, each rounded
     to float32 as NumPy rounds it: the same bits). decay = 1 - lr * weight_decay, or 1 for no decay."""

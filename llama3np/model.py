@@ -349,8 +349,8 @@ class Transformer:
             if mask.dtype.kind not in "biuf":
                 raise TypeError(f"mask must be boolean or numeric, got dtype {mask.dtype}")
         logits = self.forward(tokens, doc_ids=doc_ids)
-        loss, ce_cache = backend.cross_entropy_forward(logits, targets, mask)
-        return loss, self.backward(backend.cross_entropy_backward(1.0, ce_cache))
+        loss, dlogits = backend.cross_entropy_loss_and_dlogits(logits, targets, mask)  # over the logits, in C
+        return loss, self.backward(dlogits)
 
     # ------------------------------------------------------------------------------------------------
     def _output_weight(self):

@@ -296,12 +296,18 @@ def cross_entropy_forward(logits, targets, mask=None, token_nll=token_nll):
     `token_nll` computes the per-position nll and lse (the C kernel's, via backend.cross_entropy_forward);
     every other line is the same for both."""
     nll, lse = token_nll(logits, targets)  # (B, T) each
-    weights = np.ones_like(nll) if mask is None else mask.astype(nll.dtype)
+    weights, count = loss_weights(nll.shape, nll.dtype, mask)
+    loss = float(np.sum(nll * weights) / count)
+    return loss, (logits, targets, lse, weights, count)
+
+
+def loss_weights(shape, dtype, mask=None):
+    """Each position's weight in the mean loss (1, or the mask's value) and their sum, the mean's divisor."""
+    weights = np.ones(shape, dtype) if mask is None else mask.astype(dtype)
     count = weights.sum()
     if count == 0:
         raise ValueError("the mask selects no positions: the mean loss is undefined")
-    loss = float(np.sum(nll * weights) / count)
-    return loss, (logits, targets, lse, weights, count)
+    return weights, count
 
 
 def cross_entropy_backward(dloss, cache):

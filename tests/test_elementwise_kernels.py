@@ -107,6 +107,44 @@ def test_cross_entropy_rows_and_backward_equal_the_float64_reference(rows, V, sp
     assert np.all(err <= bound), f"dlogits: error {err.max():.3g}, bound {bound.min():.3g}"
 
 
+@settings(max_examples=20)
+@given(rows=st.integers(1, 12), V=st.integers(1, 700), spread=st.sampled_from([1.0, 30.0]),
+       isa=st.sampled_from(ISAS), seed=st.integers(0, 2**31))
+def test_the_fused_cross_entropy_gives_the_two_passes_bits_over_the_logits(rows, V, spread, isa, seed):
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(seed)
+    logits, targets = _f32(rng, (rows, V), spread), rng.integers(0, V, rows)
+    scale = (rng.random(rows) / rows).astype(np.float32)
+    nll, lse = kernels.cross_entropy_rows(logits, targets)
+    d = kernels.cross_entropy_backward(logits, targets, lse, scale)
+    over = logits.copy()
+    nll_f, lse_f = kernels.cross_entropy_fused(over, targets, scale)
+    assert np.array_equal(nll_f, nll) and np.array_equal(lse_f, lse)
+    assert np.array_equal(over, d), "dlogits written over the logits, as cross_entropy_backward makes them"
+
+
+def test_the_fused_loss_through_the_backend_is_the_forward_then_backward():
+    rng = np.random.default_rng(8)
+    logits, targets = _f32(rng, (2, 7, 300), 4.0), rng.integers(0, 300, (2, 7))
+    mask = rng.random((2, 7)) < 0.6
+    mask[0, 0] = True
+    backend.set_backend("c")
+    for m in (None, mask):
+        loss, cache = backend.cross_entropy_forward(logits, targets, m)
+        d = backend.cross_entropy_backward(1.0, cache)
+        over = logits.copy()
+        loss_f, d_f = backend.cross_entropy_loss_and_dlogits(over, targets, m)
+        assert loss_f == loss and np.array_equal(d_f, d) and d_f is over
+    # float64 goes to NumPy, which leaves the logits as they were
+    l64 = logits.astype(np.float64)
+    loss64, d64 = backend.cross_entropy_loss_and_dlogits(l64, targets, mask)
+    ref, cache64 = ops.cross_entropy_forward(logits.astype(np.float64), targets, mask)
+    assert loss64 == ref and np.array_equal(d64, ops.cross_entropy_backward(1.0, cache64))
+    assert np.array_equal(l64, logits.astype(np.float64))
+    with pytest.raises(ValueError, match="selects no positions"):
+        backend.cross_entropy_loss_and_dlogits(logits.copy(), targets, np.zeros((2, 7), bool))
+
+
 def test_rope_and_swiglu_backward_and_adamw_give_numpys_bits_exactly():
     """The same float32 operations in ops.py's order: not close, equal."""
     rng = np.random.default_rng(0)
@@ -175,11 +213,13 @@ def _all_kernels(seed):
     cos, sin = _f32(rng, (64, 32)), _f32(rng, (64, 32))
     logits, targets = _f32(rng, (101, 3001), 5.0), rng.integers(0, 3001, 101)
     nll, lse = kernels.cross_entropy_rows(logits, targets)
+    over = logits.copy()
+    fused = kernels.cross_entropy_fused(over, targets, nll)
     p, m, v = _f32(rng, 200003), _f32(rng, 200003), np.abs(_f32(rng, 200003))
     kernels.adamw_update(p, a[:1].repeat(200003), m, v, 0.999, 0.9, 0.95, 0.3, 1e-8, 1e-3)
     return [y, xhat, rstd, *kernels.rmsnorm_backward(dout, xhat, rstd, w), out, sig, silu,
             *kernels.swiglu_backward(b, a, b, sig, silu), kernels.rope_forward(_f32(rng, (4, 64, 9, 64)), cos, sin),
-            nll, lse, kernels.cross_entropy_backward(logits, targets, lse, nll), p, m, v]
+            nll, lse, kernels.cross_entropy_backward(logits, targets, lse, nll), *fused, over, p, m, v]
 
 
 def test_every_kernel_gives_the_same_bits_at_1_2_and_3_threads_and_on_every_isa():
@@ -268,6 +308,11 @@ def test_float64_and_non_contiguous_inputs_go_to_the_reference():
 # guard rails
 
 
+def _read_only(x):
+    x.flags.writeable = False
+    return x
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: kernels.swiglu_forward(np.ones(4), np.ones(4)), TypeError, "float32"),
     (lambda: kernels.swiglu_forward(np.ones(4, np.float32), np.ones(5, np.float32)), ValueError, "shape"),
@@ -283,6 +328,14 @@ def test_float64_and_non_contiguous_inputs_go_to_the_reference():
     (lambda: kernels.cross_entropy_rows(np.ones((2, 5), np.float32), np.array([0.0, 1.0])), ValueError, "integers"),
     (lambda: kernels.cross_entropy_backward(np.ones((2, 5), np.float32), np.array([0, -1]), np.ones(2, np.float32),
                                             np.ones(2, np.float32)), ValueError, "outside"),
+    (lambda: kernels.cross_entropy_fused(np.ones((2, 5), np.float32), np.array([0, 5]), np.ones(2, np.float32)),
+     ValueError, "outside"),
+    (lambda: kernels.cross_entropy_fused(np.ones((2, 5), np.float32), np.array([0, 1]), np.ones(3, np.float32)),
+     ValueError, "scale"),
+    (lambda: kernels.cross_entropy_fused(np.ones((2, 5), np.float32), np.array([0, 1]),
+                                         np.ones(2, np.float64)), TypeError, "float32"),
+    (lambda: kernels.cross_entropy_fused(_read_only(np.ones((2, 5), np.float32)), np.array([0, 1]),
+                                         np.ones(2, np.float32)), ValueError, "writeable"),
     (lambda: kernels.adamw_update(np.ones(3, np.float32), np.ones(4, np.float32), np.ones(3, np.float32),
                                   np.ones(3, np.float32), 1, 0.9, 0.95, 1, 1e-8, 1e-3), ValueError, "shape"),
 ])

@@ -134,6 +134,25 @@ def test_backward_of_loss_equals_backward_of_its_dlogits():
         np.testing.assert_array_equal(grads[k], grads2[k])
 
 
+def test_loss_and_grads_in_float32_give_the_unfused_loss_bits():
+    """float32 on the C kernels: the loss and dlogits in one pass over the logits (written in place) give the
+    bits of cross_entropy_forward then cross_entropy_backward, and so the same gradients."""
+    from llama3np import backend
+
+    model = Transformer(tiny_args(), seed=3)
+    rng = np.random.default_rng(2)
+    tokens, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    mask = rng.random((2, 6)) < 0.7
+    mask[0, 0] = True
+    for m in (None, mask):
+        loss, grads = model.loss_and_grads(tokens, targets, m)
+        l2, cache = backend.cross_entropy_forward(model.forward(tokens), targets, m)
+        grads2 = model.backward(backend.cross_entropy_backward(1.0, cache))
+        assert l2 == loss
+        for k in grads:
+            np.testing.assert_array_equal(grads[k], grads2[k])
+
+
 def test_float32_and_float64_models_agree():
     args = tiny_args()
     m32, m64 = Transformer(args, seed=5), Transformer(args, seed=5, dtype=np.float64)
