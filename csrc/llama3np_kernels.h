@@ -83,6 +83,8 @@ void cross_entropy_backward(const float *logits, const int64_t *targets, const f
 /* the two above in one pass, dlogits written over the logits */
 void cross_entropy_fused(float *logits, const int64_t *targets, const float *scale, long N, long V, float *lse,
                          float *nll);
+/* embedding backward: dweight (V, C), zeroed by the caller, += dout[i] (C floats) at row tokens[i], i < N in order */
+void embedding_backward(const float *dout, const int64_t *tokens, long N, long C, float *dweight);
 /* AdamW over n floats in place (p, m, v), the coefficients as optim.AdamW rounds them to float32;
  * decay = 1 - lr * weight_decay, or 1 for a weight that is not decayed */
 void adamw_update(float *p, const float *g, float *m, float *v, long n, float decay, float beta1,

@@ -179,6 +179,14 @@ def swiglu_backward(dout, cache):
     return ops.swiglu_backward(dout, cache)
 
 
+def embedding_backward(dout, cache):
+    """-> dweight (vocab, C): the scatter-add of ops.embedding_backward, in C (the same bits)."""
+    tokens, shape = cache
+    if _use_c(dout) and kernels.dense(dout):
+        return kernels.embedding_backward(dout, tokens, shape[0])
+    return ops.embedding_backward(dout, cache)
+
+
 def _rope_in_c(x, cos, sin):
     return (_use_c(x, cos, sin) and kernels.dense(cos, sin) and x.ndim == 4 and kernels.fits_attention(x)
             and x.shape[-1] % 2 == 0)

@@ -686,13 +686,13 @@ def block_decode(x, layer, cache_k, cache_v, start_pos, cos, sin, eps, n_heads, 
     return decode_blocks(decode_plan([layer], [cache_k], [cache_v], n_heads), x, start_pos, cos, sin, eps, kv_start)
 
 
-def _check_targets(targets, shape, V):
+def _check_targets(targets, shape, V, name="targets"):
     """targets: integers of the given shape in [0, V), as a contiguous int64 array (C indexes with them)."""
     targets = np.asarray(targets)
     if targets.shape != shape or targets.dtype.kind not in "iu":
-        raise ValueError(f"targets must be integers of shape {shape}, got shape {targets.shape} and dtype {targets.dtype}")
+        raise ValueError(f"{name} must be integers of shape {shape}, got shape {targets.shape} and dtype {targets.dtype}")
     if targets.size and (targets.min() < 0 or targets.max() >= V):
-        raise ValueError(f"targets hold ids outside [0, {V}): min {targets.min()}, max {targets.max()}")
+        raise ValueError(f"{name} hold ids outside [0, {V}): min {targets.min()}, max {targets.max()}")
     return np.ascontiguousarray(targets, dtype=np.int64)
 
 
@@ -746,6 +746,23 @@ def cross_entropy_fused(logits, targets, scale):
         lib.cross_entropy_fused(_ptr(logits), ffi.from_buffer("int64_t[]", t64), _ptr(scale), lse.size, V, _ptr(lse),
                                 _ptr(nll))
     return nll, lse
+
+
+def embedding_backward(dout, tokens, vocab_size):
+    """dout (..., C), tokens (...) ints in [0, vocab_size) -> dweight (vocab_size, C): the rows of dout added
+    into the rows their tokens name, in order (ops.embedding_backward's np.add.at: the same bits)."""
+    _require()
+    _check_dense(dout, "dout")
+    if dout.ndim < 1:
+        raise ValueError(f"dout must have a last axis (the model dimension), got shape {dout.shape}")
+    if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a whole number >= 1, got {vocab_size!r}")
+    C = dout.shape[-1]
+    t64 = _check_targets(tokens, dout.shape[:-1], vocab_size, "tokens")
+    dweight = np.zeros((int(vocab_size), C), np.float32)
+    if t64.size and C:
+        lib.embedding_backward(_ptr(dout), ffi.from_buffer("int64_t[]", t64), t64.size, C, _ptr(dweight))
+    return dweight
 
 
 def adamw_update(p, g, m, v, decay, beta1, beta2, sqrt_bc2, eps, step_size):

@@ -321,7 +321,7 @@ class Transformer:
         dx, grads["norm.weight"] = backend.rmsnorm_backward(dx, acts.norm_c)
         for i in reversed(range(self.args.n_layers)):
             dx = block_backward(i, dx, acts.blocks[i], grads)
-        dembed = ops.embedding_backward(dx, acts.embedding_c)
+        dembed = backend.embedding_backward(dx, acts.embedding_c)
         if doutput is None:
             doutput = np.zeros_like(self._output_weight())
         if self.args.tie_embeddings:

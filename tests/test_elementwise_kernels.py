@@ -145,6 +145,21 @@ def test_the_fused_loss_through_the_backend_is_the_forward_then_backward():
         backend.cross_entropy_loss_and_dlogits(logits.copy(), targets, np.zeros((2, 7), bool))
 
 
+@settings(max_examples=20)
+@given(shape=st.sampled_from([(1,), (7,), (3, 5), (2, 4, 3)]), C=st.integers(1, 70), V=st.integers(1, 9),
+       isa=st.sampled_from(ISAS), threads=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_the_embedding_backward_gives_add_ats_bits(shape, C, V, isa, threads, seed):
+    """A scatter-add in the tokens' order: a token seen several times (V small: most are) sums its rows as
+    np.add.at sums them, at any thread count (threads split the columns)."""
+    kernels.set_isa(isa)
+    kernels.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    dout, tokens = _f32(rng, shape + (C,), 3.0), rng.integers(0, V, shape)
+    got = kernels.embedding_backward(dout, tokens, V)
+    assert got.shape == (V, C) and np.array_equal(got, ops.embedding_backward(dout, (tokens, (V, C))))
+    assert np.array_equal(backend.embedding_backward(dout, (tokens, (V, C))), got)
+
+
 def test_rope_and_swiglu_backward_and_adamw_give_numpys_bits_exactly():
     """The same float32 operations in ops.py's order: not close, equal."""
     rng = np.random.default_rng(0)
@@ -215,11 +230,12 @@ def _all_kernels(seed):
     nll, lse = kernels.cross_entropy_rows(logits, targets)
     over = logits.copy()
     fused = kernels.cross_entropy_fused(over, targets, nll)
+    demb = kernels.embedding_backward(_f32(rng, (3, 999, 80)), rng.integers(0, 50, (3, 999)), 50)
     p, m, v = _f32(rng, 200003), _f32(rng, 200003), np.abs(_f32(rng, 200003))
     kernels.adamw_update(p, a[:1].repeat(200003), m, v, 0.999, 0.9, 0.95, 0.3, 1e-8, 1e-3)
     return [y, xhat, rstd, *kernels.rmsnorm_backward(dout, xhat, rstd, w), out, sig, silu,
             *kernels.swiglu_backward(b, a, b, sig, silu), kernels.rope_forward(_f32(rng, (4, 64, 9, 64)), cos, sin),
-            nll, lse, kernels.cross_entropy_backward(logits, targets, lse, nll), *fused, over, p, m, v]
+            nll, lse, kernels.cross_entropy_backward(logits, targets, lse, nll), *fused, over, demb, p, m, v]
 
 
 def test_every_kernel_gives_the_same_bits_at_1_2_and_3_threads_and_on_every_isa():
@@ -336,6 +352,12 @@ def _read_only(x):
                                          np.ones(2, np.float64)), TypeError, "float32"),
     (lambda: kernels.cross_entropy_fused(_read_only(np.ones((2, 5), np.float32)), np.array([0, 1]),
                                          np.ones(2, np.float32)), ValueError, "writeable"),
+    (lambda: kernels.embedding_backward(np.ones((2, 5), np.float32), np.array([0, 7]), 7), ValueError,
+     "tokens hold ids outside"),
+    (lambda: kernels.embedding_backward(np.ones((2, 5), np.float32), np.array([0, -1]), 7), ValueError, "outside"),
+    (lambda: kernels.embedding_backward(np.ones((2, 5), np.float32), np.array([0]), 7), ValueError, "shape"),
+    (lambda: kernels.embedding_backward(np.ones((2, 5), np.float32), np.array([0, 1]), 0), ValueError, "vocab_size"),
+    (lambda: kernels.embedding_backward(np.ones((2, 5)), np.array([0, 1]), 3), TypeError, "float32"),
     (lambda: kernels.adamw_update(np.ones(3, np.float32), np.ones(4, np.float32), np.ones(3, np.float32),
                                   np.ones(3, np.float32), 1, 0.9, 0.95, 1, 1e-8, 1e-3), ValueError, "shape"),
 ])
