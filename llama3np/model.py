@@ -125,7 +125,8 @@ def block_forward(p, i, x, rope, args, group=None, start_pos=0, cache=None, kv_s
     att, lse = backend.attention_forward(q, k, v, True, kv_start)  # (B, H, T, hd), (B, H, T)
     att2 = att.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H*hd)
     att_out, o_c = backend.linear_forward(att2, p[pre + "attention.wo.weight"])  # tp: a partial sum
-    h = x + g_forward(att_out, group)
+    h = g_forward(att_out, group)
+    h += x  # in place: a fresh array (the product, or the all-reduce's), and no third one allocated
     # feed-forward: w2(silu(w1 x) * w3 x) (tp: over this rank's hidden units)
     hn, fn_c = backend.rmsnorm_forward(h, p[pre + "ffn_norm.weight"], args.norm_eps)
     hn = f_forward(hn, group)
@@ -133,7 +134,8 @@ def block_forward(p, i, x, rope, args, group=None, start_pos=0, cache=None, kv_s
     b, w3_c = backend.linear_forward(hn, p[pre + "feed_forward.w3.weight"])  # (B, T, hidden)
     gate, sw_c = backend.swiglu_forward(a, b)
     ffn_out, w2_c = backend.linear_forward(gate, p[pre + "feed_forward.w2.weight"])  # tp: a partial sum
-    out = h + g_forward(ffn_out, group)
+    out = g_forward(ffn_out, group)
+    out += h
     if cache is not None:
         return out, None
     return out, BlockCache(an_c, q_c, k_c, v_c, rope, q, k, v, att, lse, kv_start, o_c, fn_c, w1_c, w3_c,
@@ -156,7 +158,8 @@ def block_backward(i, dout, bc: BlockCache, grads, group=None, defer=None):
     da, db = backend.swiglu_backward(dg, bc.swiglu_c)
     dhn = linear(da, bc.w1_c, "feed_forward.w1.weight")
     dhn3 = linear(db, bc.w3_c, "feed_forward.w3.weight")
-    dh, dffn_norm = backend.rmsnorm_backward(f_backward(dhn + dhn3, group), bc.ffn_norm_c)
+    dhn += dhn3  # (in place: both are fresh products; a + b would allocate a third array)
+    dh, dffn_norm = backend.rmsnorm_backward(f_backward(dhn, group), bc.ffn_norm_c)
     accumulate(grads, pre + "ffn_norm.weight", dffn_norm)
     dh += dout
     # attention, reversed
@@ -169,9 +172,12 @@ def block_backward(i, dout, bc: BlockCache, grads, group=None, defer=None):
     dxn = linear(dxq, bc.wq_c, "attention.wq.weight")
     dxn_k = linear(dxk, bc.wk_c, "attention.wk.weight")
     dxn_v = linear(dxv, bc.wv_c, "attention.wv.weight")
-    dx, dattention_norm = backend.rmsnorm_backward(f_backward(dxn + dxn_k + dxn_v, group), bc.attention_norm_c)
+    dxn += dxn_k
+    dxn += dxn_v
+    dx, dattention_norm = backend.rmsnorm_backward(f_backward(dxn, group), bc.attention_norm_c)
     accumulate(grads, pre + "attention_norm.weight", dattention_norm)
-    return dx + dh
+    dx += dh
+    return dx
     # END SOLUTION
 
 
