@@ -87,7 +87,7 @@ def test_swiglu_forward_and_backward_equal_the_float64_reference(n, scale, isa, 
 @settings(max_examples=20)
 @given(rows=st.integers(1, 12), V=st.integers(1, 1000), spread=st.sampled_from([1.0, 30.0]),
        isa=st.sampled_from(ISAS), seed=st.integers(0, 2**31))
-def test_cross_entropy_rows_and_backward_equal_the_float64_reference(rows, V, spread, isa, seed):
+def test_cross_entropy_rows_backward_and_fused_equal_the_float64_reference(rows, V, spread, isa, seed):
     kernels.set_isa(isa)
     rng = np.random.default_rng(seed)
     logits, targets = _f32(rng, (rows, V), spread), rng.integers(0, V, rows)
@@ -105,44 +105,10 @@ def test_cross_entropy_rows_and_backward_equal_the_float64_reference(rows, V, sp
     p64[np.arange(rows), targets] -= 1
     err, bound = np.abs(d.astype(np.float64) - p64 * scale[:, None]), 2 * np.finfo(np.float32).eps * scale[:, None]
     assert np.all(err <= bound), f"dlogits: error {err.max():.3g}, bound {bound.min():.3g}"
-
-
-@settings(max_examples=20)
-@given(rows=st.integers(1, 12), V=st.integers(1, 700), spread=st.sampled_from([1.0, 30.0]),
-       isa=st.sampled_from(ISAS), seed=st.integers(0, 2**31))
-def test_the_fused_cross_entropy_gives_the_two_passes_bits_over_the_logits(rows, V, spread, isa, seed):
-    kernels.set_isa(isa)
-    rng = np.random.default_rng(seed)
-    logits, targets = _f32(rng, (rows, V), spread), rng.integers(0, V, rows)
-    scale = (rng.random(rows) / rows).astype(np.float32)
-    nll, lse = kernels.cross_entropy_rows(logits, targets)
-    d = kernels.cross_entropy_backward(logits, targets, lse, scale)
+    # the fused pass (both in one, dlogits written over the logits): the very bits of the two calls
     over = logits.copy()
     nll_f, lse_f = kernels.cross_entropy_fused(over, targets, scale)
-    assert np.array_equal(nll_f, nll) and np.array_equal(lse_f, lse)
-    assert np.array_equal(over, d), "dlogits written over the logits, as cross_entropy_backward makes them"
-
-
-def test_the_fused_loss_through_the_backend_is_the_forward_then_backward():
-    rng = np.random.default_rng(8)
-    logits, targets = _f32(rng, (2, 7, 300), 4.0), rng.integers(0, 300, (2, 7))
-    mask = rng.random((2, 7)) < 0.6
-    mask[0, 0] = True
-    backend.set_backend("c")
-    for m in (None, mask):
-        loss, cache = backend.cross_entropy_forward(logits, targets, m)
-        d = backend.cross_entropy_backward(1.0, cache)
-        over = logits.copy()
-        loss_f, d_f = backend.cross_entropy_loss_and_dlogits(over, targets, m)
-        assert loss_f == loss and np.array_equal(d_f, d) and d_f is over
-    # float64 goes to NumPy, which leaves the logits as they were
-    l64 = logits.astype(np.float64)
-    loss64, d64 = backend.cross_entropy_loss_and_dlogits(l64, targets, mask)
-    ref, cache64 = ops.cross_entropy_forward(logits.astype(np.float64), targets, mask)
-    assert loss64 == ref and np.array_equal(d64, ops.cross_entropy_backward(1.0, cache64))
-    assert np.array_equal(l64, logits.astype(np.float64))
-    with pytest.raises(ValueError, match="selects no positions"):
-        backend.cross_entropy_loss_and_dlogits(logits.copy(), targets, np.zeros((2, 7), bool))
+    assert np.array_equal(nll_f, nll) and np.array_equal(lse_f, lse) and np.array_equal(over, d)
 
 
 @settings(max_examples=20)
@@ -306,6 +272,19 @@ def test_the_loss_and_its_gradient_match_the_reference_through_the_backend():
     d = backend.cross_entropy_backward(0.7, cache)
     np.testing.assert_allclose(d, ops.cross_entropy_backward(0.7, cache64), rtol=1e-5, atol=1e-8)
     assert np.all(d[~mask] == 0), "masked positions get no gradient"
+    # the model's loss_and_grads: both in one pass over the logits, written in place, with the very bits
+    for m in (None, mask):
+        loss, cache = backend.cross_entropy_forward(logits, targets, m)
+        over = logits.copy()
+        loss_f, d_f = backend.cross_entropy_loss_and_dlogits(over, targets, m)
+        assert loss_f == loss and np.array_equal(d_f, backend.cross_entropy_backward(1.0, cache)) and d_f is over
+    # float64 goes to NumPy, which leaves the logits as they were
+    l64 = logits.astype(np.float64)
+    loss64, d64 = backend.cross_entropy_loss_and_dlogits(l64, targets, mask)
+    assert loss64 == ops.cross_entropy_forward(l64, targets, mask)[0]
+    assert np.array_equal(d64, ops.cross_entropy_backward(1.0, cache64)) and np.array_equal(l64, logits)
+    with pytest.raises(ValueError, match="selects no positions"):
+        backend.cross_entropy_loss_and_dlogits(logits.copy(), targets, np.zeros((2, 7), bool))
 
 
 def test_float64_and_non_contiguous_inputs_go_to_the_reference():
