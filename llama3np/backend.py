@@ -124,7 +124,8 @@ def routes() -> dict:
     matmul_route = (f"C, {isa} micro-kernel" if kernels.tuned_matmul() else
                     "NumPy's BLAS (no tuned micro-kernel for this CPU; the portable one is slower)")
     return {"matmul": matmul_route, "attention": f"fused C kernel ({isa} micro-kernel)",
-            "elementwise": f"fused C kernels, threaded ({isa}): RMSNorm, SwiGLU, RoPE, cross-entropy, AdamW"}
+            "elementwise": f"fused C kernels, threaded ({isa}): RMSNorm, SwiGLU, RoPE, cross-entropy, "
+                           "embedding backward, AdamW"}
 
 
 def attention_forward(q, k, v, causal=True, kv_start=None):
