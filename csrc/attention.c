@@ -375,6 +375,78 @@ static int first_tile(const attn_ctx *a, int b, int i0, int n) {
     return lo / BC * BC;
 }
 
+/* The parts of a tile that a mask leaves (the causal diagonal: row r sees keys < r + 1 of the tile). Each
+ * row r sees columns [c0[r], c1[r]); a tile is `partial` when some row stops short of its end. Products
+ * are then computed a sliver of MR rows at a time over what that sliver needs (gemm_sliver): the scores
+ * and dp over the columns its rows see (rounded up to NR), p v and ds k over the keys they see, and
+ * p^T dout, ds^T q (rows: keys) from the first query that sees one of the sliver's keys. What is skipped
+ * is masked (never read) or adds exact zeros, so only the sign of a zero sum can differ from the whole
+ * product. The diagonal tiles were 4 of 10 of `tiny`'s (T 256) and did twice the work they needed. */
+typedef struct {
+    int c0[BR], c1[BR];
+    int br, bc, partial;
+} tile_mask;
+
+static void tile_mask_of(const attn_ctx *a, int b, int i0, int br, int j0, int bc, tile_mask *t) {
+    t->br = br, t->bc = bc, t->partial = 0;
+    for (int r = 0; r < br; r++) {
+        t->c1[r] = visible_keys(a, b, i0 + r, j0, bc, &t->c0[r]);
+        t->partial |= t->c1[r] < bc;
+    }
+}
+
+/* the columns rows s * MR .. (s + 1) * MR - 1 see, 0 .. the returned count */
+static int sliver_cols(const tile_mask *t, int s, int MR) {
+    int hi = 0;
+    for (int r = s * MR; r < t->br && r < (s + 1) * MR; r++) hi = t->c1[r] > hi ? t->c1[r] : hi;
+    return hi;
+}
+
+/* the first row that sees one of the keys of sliver s (columns s * MR ..): rows before it have p = 0 there */
+static int first_row_seeing(const tile_mask *t, int s, int MR) {
+    int k0 = s * MR, k1 = k0 + MR;
+    for (int r = 0; r < t->br; r++)
+        if (t->c1[r] > t->c0[r] && t->c0[r] < k1 && t->c1[r] > k0) return r;
+    return t->br;
+}
+
+/* C (br rows of the tile, ldc) = A (packed, depth k) @ B[:, :bc]: scores or dp, over the columns seen */
+static void tile_scores(int isa, const tile_mask *t, int k, const float *Ap, const float *Bp, long b_stride, float *C,
+                        long ldc) {
+    if (!t->partial) {
+        gemm_packed(isa, t->br, t->bc, k, Ap, Bp, b_stride, C, ldc, 0);
+        return;
+    }
+    const int MR = gemm_mr(isa), NR = gemm_nr(isa);
+    for (int s = 0; s * MR < t->br; s++) {
+        int n = (sliver_cols(t, s, MR) + NR - 1) / NR * NR;
+        gemm_sliver(isa, 0, s, t->br, n < t->bc ? n : t->bc, k, 0, k, Ap, Bp, b_stride, C, ldc, 0);
+    }
+}
+
+/* C (br x n) += P (the tile, rows read in place) @ B (bc keys x n): p v or ds k, over the keys each sliver sees */
+static void tile_rows_times(int isa, const tile_mask *t, int n, const float *P, const float *Bp, long b_stride,
+                            float *C, long ldc) {
+    if (!t->partial) {
+        gemm_rowmajor_a(isa, t->br, n, t->bc, P, Bp, b_stride, C, ldc, 1);
+        return;
+    }
+    const int MR = gemm_mr(isa);
+    for (int s = 0; s * MR < t->br; s++) gemm_sliver(isa, 1, s, t->br, n, t->bc, 0, sliver_cols(t, s, MR), P, Bp, b_stride, C, ldc, 1);
+}
+
+/* C (bc x n) += P^T (packed, bc keys x br queries) @ B (br x n): p^T dout or ds^T q, from each sliver's first query */
+static void tile_keys_times(int isa, const tile_mask *t, int n, const float *PTp, const float *Bp, long b_stride,
+                            float *C, long ldc) {
+    if (!t->partial) {
+        gemm_packed(isa, t->bc, n, t->br, PTp, Bp, b_stride, C, ldc, 1);
+        return;
+    }
+    const int MR = gemm_mr(isa);
+    for (int s = 0; s * MR < t->bc; s++)
+        gemm_sliver(isa, 0, s, t->bc, n, t->br, first_row_seeing(t, s, MR), t->br, PTp, Bp, b_stride, C, ldc, 1);
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Forward: one block of br queries of head h in batch b.                                           */
 
@@ -393,11 +465,13 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
     memset(w->acc, 0, (size_t)br * hd * sizeof(float));
     for (int j0 = first_tile(a, b, i0, br); j0 < n_keys; j0 += BC) {
         int bc = n_keys - j0 < BC ? n_keys - j0 : BC;
+        tile_mask t;
+        tile_mask_of(a, b, i0, br, j0, bc, &t);
         /* scores of the tile: s (br, bc) = Q (br, hd) @ K[j0:j0+bc]^T (hd, bc) */
-        gemm_packed(isa, br, bc, hd, w->qp, kt + (long)j0 * hd, (long)NR * hd, w->s, BC, 0);
+        tile_scores(isa, &t, hd, w->qp, kt + (long)j0 * hd, (long)NR * hd, w->s, BC);
         for (int r = 0; r < br; r++) {
             float *s = w->s + r * BC;
-            int c0, c1 = visible_keys(a, b, i0 + r, j0, bc, &c0);
+            int c0 = t.c0[r], c1 = t.c1[r];
             if (c1 == c0) { /* no key of the tile is visible: probability 0, statistics unchanged */
                 memset(s, 0, (size_t)bc * sizeof(float));
                 continue;
@@ -418,7 +492,7 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
             w->m[r] = mx;
         }
         /* acc (br, hd) += p (br, bc) @ V[j0:j0+bc] (bc, hd), p read in place */
-        gemm_rowmajor_a(isa, br, hd, bc, w->s, vp + (long)j0 * NR, (long)NR * a->S, w->acc, hd, 1);
+        tile_rows_times(isa, &t, hd, w->s, vp + (long)j0 * NR, (long)NR * a->S, w->acc, hd);
     }
     /* every row saw at least one key (itself, or kv_start.. without the causal mask), so l > 0 */
     for (int r = 0; r < br; r++) {
@@ -608,27 +682,34 @@ static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *
             int br = T - i0 < BR ? T - i0 : BR;
             if (first_tile(a, b, i0, br) > j0) continue; /* the tile is before every row's document */
             const float *qa = w->qa + (i0 / BR) * a_blk, *da = w->da + (i0 / BR) * a_blk;
+            tile_mask t;
+            tile_mask_of(a, b, i0, br, j0, bc, &t);
             /* p (br, bc) = exp(Q_i K_j^T * scale - lse_i), recomputed; masked entries 0 */
-            gemm_packed(isa, br, bc, hd, qa, w->kt + (long)j0 * hd, (long)NR * hd, w->p, BC, 0);
+            tile_scores(isa, &t, hd, qa, w->kt + (long)j0 * hd, (long)NR * hd, w->p, BC);
             for (int r = 0; r < br; r++) {
                 float *p = w->p + r * BC;
-                int c0, c1 = visible_keys(a, b, i0 + r, j0, bc, &c0);
+                int c0 = t.c0[r], c1 = t.c1[r];
                 a->rows->exp_affine_sum(p + c0, c1 - c0, a->scale, L[(i0 + r) * a->lses[2]]);
                 for (int c = 0; c < c0; c++) p[c] = 0.0f;
                 for (int c = c1; c < bc; c++) p[c] = 0.0f;
             }
             /* dV_j (bc, hd) += p^T (bc, br) @ dout_i (br, hd) */
             gemm_pack_a(isa, 1, w->p, BC, bc, br, w->pp);
-            gemm_packed(isa, bc, hd, br, w->pp, w->db + (long)i0 * NR, (long)NR * T, dV + (long)j0 * hd, hd, 1);
-            /* dp (br, bc) = dout_i (br, hd) @ V_j^T (hd, bc) */
-            gemm_packed(isa, br, bc, hd, da, w->vt + (long)j0 * hd, (long)NR * hd, w->s, BC, 0);
-            for (int r = 0; r < br; r++)
-                a->rows->softmax_backward_row(w->s + r * BC, w->p + r * BC, bc, w->D[i0 + r], a->scale);
+            tile_keys_times(isa, &t, hd, w->pp, w->db + (long)i0 * NR, (long)NR * T, dV + (long)j0 * hd, hd);
+            /* dp (br, bc) = dout_i (br, hd) @ V_j^T (hd, bc), over the columns seen */
+            tile_scores(isa, &t, hd, da, w->vt + (long)j0 * hd, (long)NR * hd, w->s, BC);
+            /* ds = p (dp - D) scale on the columns a row sees (where p = 0 it is 0: set, since dp past them
+             * was not computed) */
+            for (int r = 0; r < br; r++) {
+                float *ds = w->s + r * BC;
+                a->rows->softmax_backward_row(ds, w->p + r * BC, t.c1[r], w->D[i0 + r], a->scale);
+                for (int c = t.c1[r]; c < bc; c++) ds[c] = 0.0f;
+            }
             /* dQ_i (br, hd) += ds (br, bc) @ K_j (bc, hd), ds read in place */
-            gemm_rowmajor_a(isa, br, hd, bc, w->s, w->kp + (long)j0 * NR, (long)NR * S, dQ + (long)i0 * hd, hd, 1);
+            tile_rows_times(isa, &t, hd, w->s, w->kp + (long)j0 * NR, (long)NR * S, dQ + (long)i0 * hd, hd);
             /* dK_j (bc, hd) += ds^T (bc, br) @ Q_i (br, hd) */
             gemm_pack_a(isa, 1, w->s, BC, bc, br, w->pp);
-            gemm_packed(isa, bc, hd, br, w->pp, w->qb + (long)i0 * NR, (long)NR * T, dK + (long)j0 * hd, hd, 1);
+            tile_keys_times(isa, &t, hd, w->pp, w->qb + (long)i0 * NR, (long)NR * T, dK + (long)j0 * hd, hd);
         }
     }
 }

@@ -986,6 +986,7 @@ int sgemm(int trans_a, int trans_b, int M, int N, int K, const float *A, long ld
 /* Packed operands for other kernels (attention.c packs q, k, v once and reuses them per tile).     */
 
 int gemm_nr(int isa) { return ISAS[isa].nr; }
+int gemm_mr(int isa) { return ISAS[isa].mr; }
 
 long gemm_packed_a_floats(int isa, int m, int k) {
     int MR = ISAS[isa].mr;
@@ -1021,6 +1022,18 @@ void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *
     const isa_t *I = &ISAS[isa];
     if (m <= 0 || n <= 0) return;
     macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, A, Bp, b_stride, C, ldc, accumulate, 1);
+}
+
+void gemm_sliver(int isa, int a_rows, int s, int m, int n, int k, int p0, int p1, const float *A, const float *Bp,
+                 long b_stride, float *C, long ldc, int accumulate) {
+    const isa_t *I = &ISAS[isa];
+    const int MR = I->mr, ir = s * MR;
+    if (n <= 0 || p1 <= p0 || ir >= m) return;
+    if (a_rows) /* the tile read in place: row ir's column p0 at A + ir * GEMM_TILE_LD + p0 */
+        macro_kernel(I, s, s + 1, m, n, p1 - p0, A + p0, Bp + (long)p0 * I->nr, b_stride, C, ldc, accumulate, 1);
+    else /* sliver s of a packed A starts at A + ir * k, its column p at + p * MR */
+        macro_kernel(I, 0, 1, m - ir, n, p1 - p0, A + (long)ir * k + (long)p0 * MR, Bp + (long)p0 * I->nr, b_stride,
+                     C + (long)ir * ldc, ldc, accumulate, 0);
 }
 
 /* ---------------------------------------------------------------------------------------------- */

@@ -33,6 +33,7 @@ const vec_ops_t *vec_ops(int isa);
  * apart: columns j0.. (j0 a multiple of NR) start at Bp + j0 * k, and rows p0.. of every sliver at
  * Bp + p0 * NR with the sliver stride unchanged. Buffers must be 64-byte aligned. */
 int gemm_nr(int isa);
+int gemm_mr(int isa);
 long gemm_packed_a_floats(int isa, int m, int k);
 long gemm_packed_b_floats(int isa, int k, int n);
 void gemm_pack_a(int isa, int trans, const float *A, long lda, int m, int k, float *Ap);
@@ -47,5 +48,12 @@ void gemm_packed(int isa, int m, int n, int k, const float *Ap, const float *Bp,
 #define GEMM_TILE_LD 64
 void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *Bp, long b_stride, float *C,
                      long ldc, int accumulate);
+
+/* One sliver s (rows s * MR .. of m, MR = gemm_mr) of gemm_packed (a_rows 0, A packed for depth k) or of
+ * gemm_rowmajor_a (a_rows 1), over the columns [0, n) and the depth [p0, p1) only:
+ * C[rows, :n] (+)= A[rows, p0:p1] @ B[p0:p1, :n]. For the tiles of a causal mask (attention.c), where the
+ * rest of a product is masked or adds only zeros; nothing is done when n <= 0 or p1 <= p0. */
+void gemm_sliver(int isa, int a_rows, int s, int m, int n, int k, int p0, int p1, const float *A, const float *Bp,
+                 long b_stride, float *C, long ldc, int accumulate);
 
 #endif
