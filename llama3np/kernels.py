@@ -690,7 +690,8 @@ def _check_targets(targets, shape, V, name="targets"):
     """targets: integers of the given shape in [0, V), as a contiguous int64 array (C indexes with them)."""
     targets = np.asarray(targets)
     if targets.shape != shape or targets.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be integers of shape {shape}, got shape {targets.shape} and dtype {targets.dtype}")
+        raise ValueError(f"{name} must be integers of shape {shape}, got shape {targets.shape} and dtype "
+                         f"{targets.dtype}")
     if targets.size and (targets.min() < 0 or targets.max() >= V):
         raise ValueError(f"{name} hold ids outside [0, {V}): min {targets.min()}, max {targets.max()}")
     return np.ascontiguousarray(targets, dtype=np.int64)
