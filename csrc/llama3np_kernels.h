@@ -109,5 +109,10 @@ int block_decode(const float *x, float *out, int B, int dim, int H, int KV, int 
 int decode_blocks(const float *x, float *out, int n_layers, const float *const *weights, float *const *caches, int B,
                   int dim, int H, int KV, int hd, int hidden, float eps, int L, int pos, const float *cos,
                   const float *sin, const int *kv_start);
+/* decode_blocks, then the model's final RMSNorm (norm, (dim,)) and LM head (w_out, (V, dim)):
+ * logits (B, V) of the new position, in one call per decode step */
+int decode_logits(const float *x, float *logits, int n_layers, const float *const *weights, float *const *caches,
+                  int B, int dim, int H, int KV, int hd, int hidden, float eps, int L, int pos, const float *cos,
+                  const float *sin, const int *kv_start, const float *norm, const float *w_out, int V);
 
 #endif

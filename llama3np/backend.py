@@ -92,13 +92,15 @@ def linear_backward_weight(dout, cache):
 _decode_plans = weakref.WeakKeyDictionary()  # KVCache -> kernels.DecodePlan of the weights decoding into it
 
 
-def decode_blocks(layers, cache, x, rope, args, start_pos, kv_start=None):
+def decode_blocks(layers, cache, x, rope, args, start_pos, kv_start=None, head=None):
     """One new position (x (B, 1, dim)) through every block against the KV cache in one C call
     (kernels.decode_blocks: block_forward's kernels in its order, the same bits) -> the last block's
     output (B, 1, dim); or None when the C path would not run every op (another backend, float64, no
     tuned micro-kernel, an array the kernels do not read in place): then the caller runs block_forward.
     layers: each block's 9 weights (model.LAYER_PARAM_NAMES order). The weights and caches are checked
-    once per cache (kernels.decode_plan) and then only recognised: a step costs one Python call."""
+    once per cache (kernels.decode_plan) and then only recognised: a step costs one Python call.
+    head (final norm, LM head), optional: the logits (B, 1, vocab) instead, the model's last two steps in the
+    same call (kernels.decode_blocks); None, as above, when they are not dense float32 either."""
     if not (_backend == "c" and kernels.tuned_matmul()):
         return None
     arrays = [w for layer in layers for w in layer] + cache.cache_k + cache.cache_v
@@ -108,9 +110,9 @@ def decode_blocks(layers, cache, x, rope, args, start_pos, kv_start=None):
             return None
         plan = _decode_plans[cache] = kernels.decode_plan(layers, cache.cache_k, cache.cache_v, args.n_heads)
     cos, sin = rope
-    if not kernels.dense(x, cos, sin):
+    if not kernels.dense(x, cos, sin, *(head or ())):
         return None
-    return kernels.decode_blocks(plan, x, start_pos, cos, sin, args.norm_eps, kv_start)
+    return kernels.decode_blocks(plan, x, start_pos, cos, sin, args.norm_eps, kv_start, head)
 
 
 def routes() -> dict:

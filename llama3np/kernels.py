@@ -634,7 +634,7 @@ def plan_holds(plan, arrays) -> bool:
     return len(arrays) == len(plan.arrays) and all(map(operator.is_, arrays, plan.arrays))
 
 
-def decode_blocks(plan, x, start_pos, cos, sin, eps, kv_start=None):
+def decode_blocks(plan, x, start_pos, cos, sin, eps, kv_start=None, head=None):
     """Every block of `plan` (decode_plan) for ONE new position per sequence, in one C call: x (B, 1, dim)
     -> the last block's output (B, 1, dim), each block's key and value for this step written into its
     caches at start_pos. The same kernels in model.block_forward's order, so the same bits as
@@ -643,6 +643,9 @@ def decode_blocks(plan, x, start_pos, cos, sin, eps, kv_start=None):
 
     cos, sin (1, head_dim/2): the angles of start_pos (ops.rope_cos_sin); kv_start None or (B, 1) ints in
     [0, start_pos]: the first key each sequence may see (left padding, as attention_forward).
+    head (norm (dim,), w_out (V, dim)), optional: return instead the logits (B, 1, V) of model.forward's last
+    two steps after the blocks, the final RMSNorm and the LM head, run in the same call (decode_logits: the same
+    kernels, the same bits; a whole decode step is then one call).
     """
     _require()
     for a, name in ((x, "x"), (cos, "cos"), (sin, "sin")):
@@ -672,10 +675,23 @@ def decode_blocks(plan, x, start_pos, cos, sin, eps, kv_start=None):
                              f"max {kv_start.max()}")
         kv32 = np.ascontiguousarray(kv_start, dtype=np.int32)  # kept alive during the call
         kvp = ffi.from_buffer("int[]", kv32)
-    out = np.empty_like(x)
-    status = lib.decode_blocks(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", out), plan.n_layers,
-                               plan.weights, plan.caches, B, plan.dim, plan.n_heads, KV, hd, plan.hidden, float(eps),
-                               L, int(start_pos), ffi.from_buffer("float[]", cos), ffi.from_buffer("float[]", sin), kvp)
+    args = (plan.n_layers, plan.weights, plan.caches, B, plan.dim, plan.n_heads, KV, hd, plan.hidden, float(eps), L,
+            int(start_pos), ffi.from_buffer("float[]", cos), ffi.from_buffer("float[]", sin), kvp)
+    if head is None:
+        out = np.empty_like(x)
+        status = lib.decode_blocks(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", out), *args)
+    else:
+        norm, w_out = head
+        _check_dense(norm, "norm")
+        _check_dense(w_out, "w_out")
+        if norm.shape != (plan.dim,) or w_out.ndim != 2 or w_out.shape[1] != plan.dim or w_out.shape[0] < 1:
+            raise ValueError(f"head must be the final norm ({plan.dim},) and the LM head (vocab, {plan.dim}), got "
+                             f"shapes {norm.shape} and {w_out.shape}")
+        if w_out.size > _INT_MAX:
+            raise ValueError(f"LM head {w_out.shape} larger than 2**31 - 1 values")
+        out = np.empty((B, 1, w_out.shape[0]), np.float32)
+        status = lib.decode_logits(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", out), *args,
+                                   _ptr(norm), _ptr(w_out), w_out.shape[0])
     _check_status(status, "decode_blocks")
     return out
 

@@ -261,12 +261,17 @@ class Transformer:
         p, args = self.params, self.args
         rope = ops.rope_cos_sin(self.freqs, start_pos, T, self.dtype)
         x, emb_c = ops.embedding_forward(tokens, p["tok_embeddings.weight"])  # (B, T, C)
-        # one new token: on the C kernels every block runs in one call (backend.decode_blocks, the same bits);
-        # op by op, ~20 Python calls per layer cost ~0.6-0.8 ms of a ~5 ms `small` decode step
+        # one new token: on the C kernels every block, and the final norm and LM head, run in one call
+        # (backend.decode_blocks, the same bits); op by op, ~20 Python calls per layer cost ~0.6-0.8 ms of a
+        # ~5 ms `small` decode step
         out = None
         if T == 1 and cache is not None:
             layers = [[p[name] for name in names] for names in _layer_names(args.n_layers)]
-            out = backend.decode_blocks(layers, cache, x, rope, args, start_pos, kv_start)
+            head = None if return_hidden else (p["norm.weight"], self._output_weight())
+            out = backend.decode_blocks(layers, cache, x, rope, args, start_pos, kv_start, head)
+            if out is not None and head is not None:
+                self.activations = None
+                return out  # the logits (B, 1, V)
         blocks = []
         if out is not None:
             x = out  # (with a cache nothing is kept for a backward)
@@ -370,7 +375,8 @@ class Transformer:
             raise ValueError(f"{name} must have shape (batch, seqlen), got shape {tokens.shape}")
         if tokens.size == 0:
             raise ValueError(f"{name} is empty (shape {tokens.shape})")
-        lo, hi = tokens.min(), tokens.max()
+        # a decode step checks one token: Python's min/max of a short list beat two NumPy reductions (~10 us)
+        lo, hi = (min(v := tokens.ravel().tolist()), max(v)) if tokens.size <= 64 else (tokens.min(), tokens.max())
         if lo < 0 or hi >= self.args.vocab_size:
             raise ValueError(f"{name} holds ids outside [0, {self.args.vocab_size}): min {lo}, max {hi}")
         return tokens.astype(np.int64, copy=False)

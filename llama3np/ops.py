@@ -120,7 +120,8 @@ def rope_frequencies(args):
 
 def rope_cos_sin(freqs, start_pos, seqlen, dtype):
     """cos, sin of shape (T, hd/2) for positions start_pos .. start_pos+T-1 (angles in float64)."""
-    angles = np.outer(np.arange(start_pos, start_pos + seqlen, dtype=np.float64), freqs)
+    # np.outer's products, without its Python wrapper (called for every decoded token)
+    angles = np.arange(start_pos, start_pos + seqlen, dtype=np.float64)[:, None] * freqs
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 

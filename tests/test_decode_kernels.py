@@ -178,8 +178,9 @@ def test_block_decode_has_the_same_bits_on_one_and_two_threads():
 
 
 def test_a_decode_step_of_the_model_gives_the_bits_of_block_forward(monkeypatch):
-    """Transformer.forward with one new token sends its blocks to backend.decode_blocks (one C call) on the C
-    backend: the logits and caches of 6 greedy steps are bitwise those of block_forward op by op, also after
+    """Transformer.forward with one new token sends its blocks, final norm and LM head to backend.decode_blocks
+    (one C call) on the C backend: the logits and caches of 6 greedy steps are bitwise those of block_forward
+    op by op (and the norm and head from Python), also after
     a weight is replaced by a new array (the checked plan no longer holds and is made again), and the NumPy
     backend (where decode_blocks declines) still decodes."""
     from llama3np import backend
@@ -213,6 +214,28 @@ def test_a_decode_step_of_the_model_gives_the_bits_of_block_forward(monkeypatch)
     backend.set_backend("numpy")
     numpy_logits, _ = decode()
     assert np.allclose(numpy_logits[-1], fused[-1], atol=1e-4)
+
+
+def test_the_decode_step_with_the_head_gives_the_logits_of_the_norm_and_head_after_it():
+    """decode_blocks(..., head=(norm, w_out)): the logits of rmsnorm_forward and linear_dense applied to the blocks'
+    output, bitwise (the same kernels, called from C), the caches written alike; a head of the wrong shape or
+    dtype is refused before C runs."""
+    layer, x, (ck, cv), (cos, sin) = _block(5, 2, 16, 4, 2, 8, 24, 6, 3, True)
+    rng = np.random.default_rng(5)
+    norm, w_out = rng.random(16).astype(np.float32) + 0.5, rng.standard_normal((37, 16)).astype(np.float32)
+    caches = [(ck.copy(), cv.copy()) for _ in range(2)]
+    plans = [kernels.decode_plan([layer], [k], [v], 4) for k, v in caches]
+    h = kernels.decode_blocks(plans[0], x, 3, cos, sin, 1e-5)
+    want = kernels.linear_dense(kernels.rmsnorm_forward(h, norm, 1e-5)[0], w_out)
+    got = kernels.decode_blocks(plans[1], x, 3, cos, sin, 1e-5, head=(norm, w_out))
+    assert got.shape == (2, 1, 37) and np.array_equal(got, want)
+    assert all(np.array_equal(a, b) for a, b in zip(caches[0], caches[1]))
+    for head, error, words in [((norm[:8], w_out), ValueError, "head must be"),
+                               ((norm, w_out[:, :8].copy()), ValueError, "head must be"),
+                               ((norm.astype(np.float64), w_out), TypeError, "float32"),
+                               ((norm, w_out.T), ValueError, "C-contiguous")]:
+        with pytest.raises(error, match=words):
+            kernels.decode_blocks(plans[1], x, 3, cos, sin, 1e-5, head=head)
 
 
 def test_block_decode_rejects_what_it_cannot_read_before_calling_c():
