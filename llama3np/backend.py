@@ -222,9 +222,13 @@ def cross_entropy_backward(dloss, cache):
     """-> dlogits (B, T, V): (softmax - onehot(target)) * dloss * weight / count, one pass in C."""
     logits, targets, lse, weights, count = cache
     if _use_c(logits, lse) and kernels.dense(logits, lse):
-        scale = np.ascontiguousarray((dloss * weights / count).astype(np.float32))  # ops' per-row factor
-        return kernels.cross_entropy_backward(logits, targets, lse, scale)
+        return kernels.cross_entropy_backward(logits, targets, lse, _row_scale(dloss, weights, count))
     return ops.cross_entropy_backward(dloss, cache)
+
+
+def _row_scale(dloss, weights, count):
+    """Each row's factor in dlogits, dloss * weight / count, in float32 (ops.cross_entropy_backward's)."""
+    return np.ascontiguousarray((dloss * weights / count).astype(np.float32))
 
 
 def cross_entropy_loss_and_dlogits(logits, targets, mask=None):
@@ -233,8 +237,7 @@ def cross_entropy_loss_and_dlogits(logits, targets, mask=None):
     the caller's logits are used up."""
     if _use_c(logits) and kernels.dense(logits) and logits.flags.writeable:
         weights, count = ops.loss_weights(logits.shape[:-1], logits.dtype, mask)
-        scale = np.ascontiguousarray((1.0 * weights / count).astype(np.float32))  # cross_entropy_backward's
-        nll, _ = kernels.cross_entropy_fused(logits, targets, scale)
+        nll, _ = kernels.cross_entropy_fused(logits, targets, _row_scale(1.0, weights, count))
         return float(np.sum(nll * weights) / count), logits
     loss, cache = cross_entropy_forward(logits, targets, mask)
     return loss, cross_entropy_backward(1.0, cache)

@@ -713,16 +713,21 @@ def _check_targets(targets, shape, V, name="targets"):
     return np.ascontiguousarray(targets, dtype=np.int64)
 
 
-def cross_entropy_rows(logits, targets):
-    """logits (..., V), targets (...) ints in [0, V) -> (nll (...), lse (...)): lse = log sum exp(logits)
-    over the vocabulary, nll = lse - logits[target] (ops.token_nll)."""
+def _cross_entropy_rows_of(logits, targets):
+    """The checks of the cross-entropy forward -> (V, int64 targets, nll, lse) with nll and lse to fill."""
     _require()
     _check_dense(logits, "logits")
     if logits.ndim < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last axis (the vocabulary), got shape {logits.shape}")
     V = logits.shape[-1]
     t64 = _check_targets(targets, logits.shape[:-1], V)
-    lse, nll = np.empty(logits.shape[:-1], np.float32), np.empty(logits.shape[:-1], np.float32)
+    return V, t64, np.empty(logits.shape[:-1], np.float32), np.empty(logits.shape[:-1], np.float32)
+
+
+def cross_entropy_rows(logits, targets):
+    """logits (..., V), targets (...) ints in [0, V) -> (nll (...), lse (...)): lse = log sum exp(logits)
+    over the vocabulary, nll = lse - logits[target] (ops.token_nll)."""
+    V, t64, nll, lse = _cross_entropy_rows_of(logits, targets)
     if lse.size:
         lib.cross_entropy_forward(_ptr(logits), ffi.from_buffer("int64_t[]", t64), lse.size, V, _ptr(lse), _ptr(nll))
     return nll, lse
@@ -748,17 +753,11 @@ def cross_entropy_fused(logits, targets, scale):
     """cross_entropy_rows and cross_entropy_backward in one pass that writes dlogits over `logits`:
     -> (nll, lse), and logits (..., V) now holds (softmax - onehot(targets)) * scale[..., None]. The same
     bits as the two calls; a row is read from memory once, and no second logits-sized array is made."""
-    _require()
-    for x, name in ((logits, "logits"), (scale, "scale")):
-        _check_dense(x, name)
+    V, t64, nll, lse = _cross_entropy_rows_of(logits, targets)
+    _check_dense(scale, "scale")
+    _same_shape(scale, "scale", logits.shape[:-1])
     if not logits.flags.writeable:
         raise ValueError("logits must be writeable (dlogits are written over them)")
-    if logits.ndim < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have a non-empty last axis (the vocabulary), got shape {logits.shape}")
-    _same_shape(scale, "scale", logits.shape[:-1])
-    V = logits.shape[-1]
-    t64 = _check_targets(targets, logits.shape[:-1], V)
-    lse, nll = np.empty(logits.shape[:-1], np.float32), np.empty(logits.shape[:-1], np.float32)
     if lse.size:
         lib.cross_entropy_fused(_ptr(logits), ffi.from_buffer("int64_t[]", t64), _ptr(scale), lse.size, V, _ptr(lse),
                                 _ptr(nll))
