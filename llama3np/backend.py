@@ -168,15 +168,19 @@ def rmsnorm_backward(dout, cache):
 
 
 def swiglu_forward(a, b):
-    """silu(a) * b -> (out, cache (a, b, sig, silu)), as ops.swiglu_forward."""
+    """silu(a) * b -> (out, cache (a, b, sig, silu)), as ops.swiglu_forward. In C the cache holds a and b
+    only (sig and silu None): the backward recomputes them, the same bits, so that the step keeps two
+    activations fewer of the hidden width and reads and writes four fewer (measured faster)."""
     if _use_c(a, b) and kernels.dense(a, b):
-        out, sig, silu = kernels.swiglu_forward(a, b)
-        return out, (a, b, sig, silu)
+        out, _, _ = kernels.swiglu_forward(a, b, store=False)
+        return out, (a, b, None, None)
     return ops.swiglu_forward(a, b)
 
 
 def swiglu_backward(dout, cache):
     """-> (da, db)."""
+    if cache[2] is None:  # the C forward's cache: C recomputes what it left out, whatever the backend now
+        return kernels.swiglu_backward(np.ascontiguousarray(dout, dtype=np.float32), cache[0], cache[1])
     if _use_c(dout, *cache) and kernels.dense(dout, *cache):
         return kernels.swiglu_backward(dout, *cache)
     return ops.swiglu_backward(dout, cache)

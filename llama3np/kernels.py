@@ -191,6 +191,11 @@ def _ptr(x):
     return ffi.cast("float *", x.ctypes.data)
 
 
+def _ptr_or_null(x):
+    """_ptr(x), or NULL for None (an output or input the kernel may go without)."""
+    return ffi.NULL if x is None else _ptr(x)
+
+
 def matrix_layout(x):
     """(trans, ld) when the 2-D array x has contiguous rows (trans=0) or columns (trans=1), so that
     matmul reads it in place; None otherwise. Only the layout is looked at, not the dtype."""
@@ -497,27 +502,35 @@ def rmsnorm_backward(dout, xhat, rstd, weight):
     return dx, dweight
 
 
-def swiglu_forward(a, b):
-    """a, b of one shape -> (silu(a) * b, sig, silu): sig = sigmoid(a), silu = a * sig (ops.swiglu_forward)."""
+def swiglu_forward(a, b, store=True):
+    """a, b of one shape -> (silu(a) * b, sig, silu): sig = sigmoid(a), silu = a * sig (ops.swiglu_forward).
+    store=False returns (out, None, None): the backward then recomputes sig and silu from a (the same bits),
+    and the forward writes one array instead of three."""
     _require()
     _check_dense(a, "a")
     _check_dense(b, "b")
     _same_shape(b, "b", a.shape)
-    out, sig, silu = np.empty_like(a), np.empty_like(a), np.empty_like(a)
+    out = np.empty_like(a)
+    sig, silu = (np.empty_like(a), np.empty_like(a)) if store else (None, None)
     if a.size:
-        lib.swiglu_forward(_ptr(a), _ptr(b), a.size, _ptr(out), _ptr(sig), _ptr(silu))
+        lib.swiglu_forward(_ptr(a), _ptr(b), a.size, _ptr(out), _ptr_or_null(sig), _ptr_or_null(silu))
     return out, sig, silu
 
 
-def swiglu_backward(dout, a, b, sig, silu):
-    """-> (da, db), from the forward's a, b, sig, silu (ops.swiglu_backward, the same bits)."""
+def swiglu_backward(dout, a, b, sig=None, silu=None):
+    """-> (da, db), from the forward's a, b, sig, silu (ops.swiglu_backward, the same bits); with sig and
+    silu None, from sig and silu recomputed as swiglu_forward computes them (the same bits again)."""
     _require()
-    for x, name in ((dout, "dout"), (a, "a"), (b, "b"), (sig, "sig"), (silu, "silu")):
+    if (sig is None) != (silu is None):
+        raise ValueError("pass both sig and silu (the forward's) or neither (recomputed from a)")
+    arrays = ((dout, "dout"), (a, "a"), (b, "b")) + (((sig, "sig"), (silu, "silu")) if sig is not None else ())
+    for x, name in arrays:
         _check_dense(x, name)
         _same_shape(x, name, dout.shape)
     da, db = np.empty_like(dout), np.empty_like(dout)
     if dout.size:
-        lib.swiglu_backward(_ptr(dout), _ptr(a), _ptr(b), _ptr(sig), _ptr(silu), dout.size, _ptr(da), _ptr(db))
+        lib.swiglu_backward(_ptr(dout), _ptr(a), _ptr(b), _ptr_or_null(sig), _ptr_or_null(silu), dout.size,
+                            _ptr(da), _ptr(db))
     return da, db
 
 

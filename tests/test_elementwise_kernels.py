@@ -82,6 +82,11 @@ def test_swiglu_forward_and_backward_equal_the_float64_reference(n, scale, isa, 
     da64, db64 = ops.swiglu_backward(dout.astype(np.float64), (*_f64(a, b), sig64, silu64))
     _close(da, da64, atol=1e-5, what="da")
     _close(db, db64, atol=1e-5, what="db")
+    # without sig and silu stored (the model's C path) the backward recomputes them: the same bits
+    lean, none, _ = kernels.swiglu_forward(a, b, store=False)
+    assert none is None and np.array_equal(lean, out)
+    for got, want in zip(kernels.swiglu_backward(dout, a, b), (da, db)):
+        assert np.array_equal(got, want)
 
 
 @settings(max_examples=20)
@@ -200,7 +205,8 @@ def _all_kernels(seed):
     p, m, v = _f32(rng, 200003), _f32(rng, 200003), np.abs(_f32(rng, 200003))
     kernels.adamw_update(p, a[:1].repeat(200003), m, v, 0.999, 0.9, 0.95, 0.3, 1e-8, 1e-3)
     return [y, xhat, rstd, *kernels.rmsnorm_backward(dout, xhat, rstd, w), out, sig, silu,
-            *kernels.swiglu_backward(b, a, b, sig, silu), kernels.rope_forward(_f32(rng, (4, 64, 9, 64)), cos, sin),
+            *kernels.swiglu_backward(b, a, b, sig, silu), kernels.swiglu_forward(a, b, store=False)[0],
+            *kernels.swiglu_backward(b, a, b), kernels.rope_forward(_f32(rng, (4, 64, 9, 64)), cos, sin),
             nll, lse, kernels.cross_entropy_backward(logits, targets, lse, nll), *fused, over, demb, p, m, v]
 
 
@@ -311,6 +317,7 @@ def _read_only(x):
 @pytest.mark.parametrize("call, error, match", [
     (lambda: kernels.swiglu_forward(np.ones(4), np.ones(4)), TypeError, "float32"),
     (lambda: kernels.swiglu_forward(np.ones(4, np.float32), np.ones(5, np.float32)), ValueError, "shape"),
+    (lambda: kernels.swiglu_backward(*[np.ones(4, np.float32)] * 4), ValueError, "both sig and silu"),
     (lambda: kernels.swiglu_forward(np.ones((4, 4), np.float32).T, np.ones((4, 4), np.float32)), ValueError,
      "C-contiguous"),
     (lambda: kernels.rmsnorm_forward(np.ones((2, 4), np.float32), np.ones(3, np.float32), 1e-5), ValueError,
