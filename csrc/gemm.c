@@ -83,6 +83,8 @@ static int nc_block(void) {
 /* without packing it. Both strides are compile-time constants, so every load is a plain offset.    */
 
 typedef void (*ukernel_fn)(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate);
+/* the same with A's rows lda apart, read in place (A's element (i, p) at A[i * lda + p]) */
+typedef void (*ukernel_ld_fn)(int kc, const float *A, long lda, const float *Bp, float *C, long ldc, int accumulate);
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -158,6 +160,11 @@ static void ukernel_avx2_rows(int kc, const float *A, const float *Bp, float *C,
     avx2_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
 }
 
+__attribute__((target("avx2,fma")))
+static void ukernel_avx2_ld(int kc, const float *A, long lda, const float *Bp, float *C, long ldc, int accumulate) {
+    avx2_tile(kc, A, lda, 1, Bp, C, ldc, accumulate);
+}
+
 /* AVX-512: 32 zmm registers of 16 floats. An 8 x 32 tile is 16 accumulators + 2 for B + 1 for the
  * broadcast: 16 independent FMAs per step hide their 4-cycle latency, and 8 rows divide the 64-row
  * tiles of the attention kernel exactly (14 x 32 fills more registers but wastes 6 of 70 rows there,
@@ -200,6 +207,11 @@ static void ukernel_avx512(int kc, const float *A, const float *Bp, float *C, lo
 __attribute__((target("avx512f")))
 static void ukernel_avx512_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
     avx512_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
+
+__attribute__((target("avx512f")))
+static void ukernel_avx512_ld(int kc, const float *A, long lda, const float *Bp, float *C, long ldc, int accumulate) {
+    avx512_tile(kc, A, lda, 1, Bp, C, ldc, accumulate);
 }
 #endif
 
@@ -257,22 +269,23 @@ typedef struct {
     int mr, nr;
     ukernel_fn kernel;      /* A packed */
     ukernel_fn kernel_rows; /* A a row-major tile with leading dimension GEMM_TILE_LD */
+    ukernel_ld_fn kernel_ld; /* A's rows read in place, any leading dimension (NULL: pack them) */
 } isa_t;
 
 /* indexed by the ISA numbers of llama3np_kernels.h; an entry this build or CPU cannot run is the
  * portable kernel's, and isa_supported() says it is not available */
-#define PORTABLE_ENTRY {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows}
+#define PORTABLE_ENTRY {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows, NULL}
 static const isa_t ISAS[N_ISAS] = {
     PORTABLE_ENTRY,
 #if LLAMA3NP_X86
-    {"avx2", AVX2_MR, AVX2_NR, ukernel_avx2, ukernel_avx2_rows},
-    {"avx512", AVX512_MR, AVX512_NR, ukernel_avx512, ukernel_avx512_rows},
+    {"avx2", AVX2_MR, AVX2_NR, ukernel_avx2, ukernel_avx2_rows, ukernel_avx2_ld},
+    {"avx512", AVX512_MR, AVX512_NR, ukernel_avx512, ukernel_avx512_rows, ukernel_avx512_ld},
 #else
     PORTABLE_ENTRY,
     PORTABLE_ENTRY,
 #endif
 #if LLAMA3NP_NEON
-    {"neon", NEON_MR, NEON_NR, ukernel_neon, ukernel_neon_rows},
+    {"neon", NEON_MR, NEON_NR, ukernel_neon, ukernel_neon_rows, NULL},
 #else
     PORTABLE_ENTRY,
 #endif
@@ -489,26 +502,36 @@ static void deal_rows(const float *src, long ld, int kc, int n, int W, float *ds
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* The macro-kernel: slivers [s0, s1) of a packed A panel times a packed B block (kc x nc), into C.
- * A's slivers are MR * kc floats apart (or, if a_rows, A is a row-major tile with leading dimension
- * GEMM_TILE_LD), B's b_stride apart (kc * NR when packed for this call). */
+/* The macro-kernel: slivers [s0, s1) of A times a packed B block (kc x nc), into C. A is laid out as
+ *   A_PACKED  packed slivers, MR * kc floats apart;
+ *   A_TILE    a row-major tile with leading dimension GEMM_TILE_LD (attention.c's);
+ *   A_LD      row-major with leading dimension lda, read in place (isa->kernel_ld; full slivers only,
+ *             as the kernel reads MR rows);
+ * B's slivers are b_stride apart (kc * NR when packed for this call). */
+enum { A_PACKED, A_TILE, A_LD };
+
+INLINE void run_kernel(const isa_t *isa, int a_layout, int kc, const float *a, long lda, const float *b, float *c,
+                       long ldc, int accumulate) {
+    if (a_layout == A_LD) isa->kernel_ld(kc, a, lda, b, c, ldc, accumulate);
+    else (a_layout == A_TILE ? isa->kernel_rows : isa->kernel)(kc, a, b, c, ldc, accumulate);
+}
 
 static void macro_kernel(const isa_t *isa, int s0, int s1, int mc, int nc, int kc, const float *Ap,
-                         const float *Bp, long b_stride, float *C, long ldc, int accumulate, int a_rows) {
+                         const float *Bp, long b_stride, float *C, long ldc, int accumulate, int a_layout, long lda) {
     const int MR = isa->mr, NR = isa->nr;
-    const ukernel_fn kernel = a_rows ? isa->kernel_rows : isa->kernel;
+    const long a_step = a_layout == A_LD ? lda : a_layout == A_TILE ? GEMM_TILE_LD : kc; /* between rows */
     float edge[MAX_MR * MAX_NR] __attribute__((aligned(64)));
     for (int s = s0; s < s1; s++) {
         int ir = s * MR, mr = mc - ir < MR ? mc - ir : MR;
         for (int jr = 0; jr < nc; jr += NR) {
             int nr = nc - jr < NR ? nc - jr : NR;
-            const float *a = Ap + (long)ir * (a_rows ? GEMM_TILE_LD : kc), *b = Bp + (jr / NR) * b_stride;
+            const float *a = Ap + (long)ir * a_step, *b = Bp + (jr / NR) * b_stride;
             float *c = C + (long)ir * ldc + jr;
             if (mr == MR && nr == NR) {
-                kernel(kc, a, b, c, ldc, accumulate);
+                run_kernel(isa, a_layout, kc, a, lda, b, c, ldc, accumulate);
             } else {
                 /* a partial tile at the edge of C: compute the full tile aside, keep the valid part */
-                kernel(kc, a, b, edge, NR, 0);
+                run_kernel(isa, a_layout, kc, a, lda, b, edge, NR, 0);
                 for (int i = 0; i < mr; i++)
                     for (int j = 0; j < nr; j++)
                         c[(long)i * ldc + j] = accumulate ? c[(long)i * ldc + j] + edge[i * NR + j] : edge[i * NR + j];
@@ -521,7 +544,8 @@ static void macro_kernel(const isa_t *isa, int s0, int s1, int mc, int nc, int k
 /* The blocked loops. The work is cut into tiles of C of MC rows x NC columns; each thread takes    */
 /* claims of `group` row tiles of one column block from a shared counter and computes each claim    */
 /* alone, over the whole K: for every block of KC it packs the columns of B (KC x NC, into L2) once, */
-/* then for each row tile packs its rows of A (MC x KC) and runs the micro-kernel over them.        */
+/* then for each row tile packs its rows of A (MC x KC), or reads them in place (a_in_place), and   */
+/* runs the micro-kernel over them.                                                                 */
 /* Threads share nothing and never wait for each other, which matters on a busy machine: a thread   */
 /* the OS has paused delays only its own claim. Sharing each packed B block between row tiles,     */
 /* with transpose_8x8 in the packing, measured 0.94 -> 1.03x OpenBLAS for y = x @ w.T on 1 thread.  */
@@ -535,6 +559,7 @@ typedef struct {
     int accumulate;
     int mc_tile;     /* rows per tile, at most MC */
     int group;       /* row tiles per claim (one column block), that share each packed block of B */
+    int a_in_place;  /* A's rows read where they are, not packed (see sgemm_team) */
     int nc;          /* columns per block (nc_block) */
     float *work;     /* per thread: a packed A block (MC x KC) then a packed B block (KC x NC) */
     int next_tile;   /* the shared claim counter */
@@ -573,6 +598,19 @@ static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
                 int mc = g->M - ic < MT ? g->M - ic : MT;
                 int n_slivers = (mc + MR - 1) / MR;
                 const float *A = g->trans_a ? g->A + ic : g->A + (long)ic * g->lda;
+                float *Ct = g->C + (long)ic * g->ldc + jc;
+                const int acc = g->accumulate || pc > 0; /* later K blocks add to what the first one wrote */
+                if (g->a_in_place) {
+                    /* full slivers read where they are; a last partial one packed (the kernel reads MR rows) */
+                    int full = mc / MR, ir = full * MR;
+                    macro_kernel(isa, 0, full, mc, nc, kc, A + pc, Bp, (long)kc * NR, Ct, g->ldc, acc, A_LD, g->lda);
+                    if (ir < mc) {
+                        pack_a_sliver(0, A, g->lda, ir, mc - ir, pc, kc, MR, Ap);
+                        macro_kernel(isa, 0, 1, mc - ir, nc, kc, Ap, Bp, (long)kc * NR, Ct + (long)ir * g->ldc, g->ldc,
+                                     acc, A_PACKED, 0);
+                    }
+                    continue;
+                }
                 if (g->trans_a) /* rows pc.. of the stored A^T, columns ic.. */
                     deal_rows(A + (long)pc * g->lda, g->lda, kc, mc, MR, Ap);
                 else
@@ -580,9 +618,7 @@ static void gemm_thread(void *arg, int tid, int nthreads, barrier_t *barrier) {
                         int mr = mc - s * MR < MR ? mc - s * MR : MR;
                         pack_a_sliver(0, A, g->lda, s * MR, mr, pc, kc, MR, Ap + (long)s * MR * kc);
                     }
-                /* later K blocks add to what the first one wrote */
-                macro_kernel(isa, 0, n_slivers, mc, nc, kc, Ap, Bp, (long)kc * NR, g->C + (long)ic * g->ldc + jc,
-                             g->ldc, g->accumulate || pc > 0, 0);
+                macro_kernel(isa, 0, n_slivers, mc, nc, kc, Ap, Bp, (long)kc * NR, Ct, g->ldc, acc, A_PACKED, 0);
             }
         }
     }
@@ -630,7 +666,14 @@ static int sgemm_team(int nthreads, int trans_a, int trans_b, int M, int N, int 
         return 0;
     }
     gemm_ctx g = {&ISAS[current_isa()], trans_a, trans_b, M, N, K, A, B, lda, ldb, ldc, C, accumulate,
-                  MC, 1, nc_block(), NULL, 0};
+                  MC, 1, 0, nc_block(), NULL, 0};
+    /* A not transposed: a sliver's MR rows are read where they are (each row a sequential stream) rather
+     * than packed, which saves copying A once per column block and K block, unless its rows are a
+     * multiple of 4 KiB apart: then every row of a sliver falls in the same few L1 sets and they evict
+     * each other (lda 1024, 4096, 8192 measured 2-3% slower than packing on AVX2). Packing or not, the
+     * kernel sums the same products in the same order: the same bits. AVX2, 1 thread, the training
+     * products of tiny and small (y = x w^T, dx = dy w), 7 interleaved rounds: +1-3%; AVX-512 tiny +1-7%. */
+    g.a_in_place = !trans_a && g.isa->kernel_ld != NULL && lda % 1024 != 0;
     /* Every claim packs its own blocks of B, so claims cost packing (at ~0.4 ns a packed float against
      * 2 x rows FLOPs a float at ~100 GFLOP/s, about 28% of a claim of 72 rows, 4% of one of 528) and
      * buy balance: a thread the OS pauses leaves the rest of its share to the others. Two claims per
@@ -1070,14 +1113,14 @@ void gemm_packed(int isa, int m, int n, int k, const float *Ap, const float *Bp,
                  int accumulate) {
     const isa_t *I = &ISAS[isa];
     if (m <= 0 || n <= 0) return;
-    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, Ap, Bp, b_stride, C, ldc, accumulate, 0);
+    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, Ap, Bp, b_stride, C, ldc, accumulate, A_PACKED, 0);
 }
 
 void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *Bp, long b_stride, float *C,
                      long ldc, int accumulate) {
     const isa_t *I = &ISAS[isa];
     if (m <= 0 || n <= 0) return;
-    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, A, Bp, b_stride, C, ldc, accumulate, 1);
+    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, A, Bp, b_stride, C, ldc, accumulate, A_TILE, 0);
 }
 
 void gemm_sliver(int isa, int a_rows, int s, int m, int n, int k, int p0, int p1, const float *A, const float *Bp,
@@ -1086,10 +1129,11 @@ void gemm_sliver(int isa, int a_rows, int s, int m, int n, int k, int p0, int p1
     const int MR = I->mr, ir = s * MR;
     if (n <= 0 || p1 <= p0 || ir >= m) return;
     if (a_rows) /* the tile read in place: row ir's column p0 at A + ir * GEMM_TILE_LD + p0 */
-        macro_kernel(I, s, s + 1, m, n, p1 - p0, A + p0, Bp + (long)p0 * I->nr, b_stride, C, ldc, accumulate, 1);
+        macro_kernel(I, s, s + 1, m, n, p1 - p0, A + p0, Bp + (long)p0 * I->nr, b_stride, C, ldc, accumulate, A_TILE,
+                     0);
     else /* sliver s of a packed A starts at A + ir * k, its column p at + p * MR */
         macro_kernel(I, 0, 1, m - ir, n, p1 - p0, A + (long)ir * k + (long)p0 * MR, Bp + (long)p0 * I->nr, b_stride,
-                     C + (long)ir * ldc, ldc, accumulate, 0);
+                     C + (long)ir * ldc, ldc, accumulate, A_PACKED, 0);
 }
 
 /* ---------------------------------------------------------------------------------------------- */

@@ -102,6 +102,24 @@ def test_matmul_gives_the_same_bits_on_one_and_two_threads(M, N, K, trans_a, tra
     assert np.array_equal(kernels.matmul(a, b), one)
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reading_a_in_place_and_packing_it_give_the_same_bits(isa, threads):
+    """sgemm reads A's rows in place unless they are a multiple of 1024 floats apart (then it packs them): the
+    same rows with both leading dimensions, ragged at every edge, give the same bits."""
+    kernels.set_isa(isa)
+    kernels.set_num_threads(threads)
+    rng = np.random.default_rng(3)
+    wide = rng.standard_normal((603, 1024)).astype(np.float32)
+    for K, trans_b in ((300, False), (517, True), (1000, False)):
+        packed = wide[:, :K]  # rows 1024 floats apart: packed
+        in_place = np.ascontiguousarray(packed)  # rows K floats apart: read in place (but for 'portable')
+        b = _operand(rng, K, 77, trans_b)
+        got = kernels.matmul(in_place, b)
+        assert np.array_equal(got, kernels.matmul(packed, b))
+        _assert_matmul_close(got, in_place, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_matmul_large_awkward_shapes_cross_every_block_boundary(isa):
     """Sizes past the cache blocks (K > 256, N > 384, M > 2016 rows) with ragged edges, 2 threads."""
     kernels.set_isa(isa)
