@@ -7,9 +7,9 @@
  *      MR x NR fused multiply-adds. C is read and written once per tile, not once per p.
  *   2. Packing: A and B are copied into "slivers" laid out exactly in the order the micro-kernel
  *      reads them (A: MR values per p, B: NR values per p), so its loads are sequential and
- *      aligned, whatever the strides or transposes of the original matrices. (An A that is not
- *      transposed the AVX2 and AVX-512 kernels read in place instead, MR rows side by side: the
- *      copy cost more than it saved; see a_in_place.)
+ *      aligned, whatever the strides or transposes of the original matrices. (On AVX2 and AVX-512
+ *      an A that is not transposed is read in place instead, MR rows side by side: there copying
+ *      it cost more than it saved; see a_in_place.)
  *   3. Blocking: K is cut into blocks of KC so a packed A sliver (MR x KC) stays in L1 while the
  *      micro-kernel runs along a packed block of B (KC x NC) that stays in L2.
  *   4. Threads take whole MC x NC tiles of C from a shared counter and never wait for each other.
