@@ -18,6 +18,9 @@ import numpy as np
 
 GEMM_SHAPE = (512, 512, 512)  # M, N, K: ~0.27 GFLOP, a few ms
 ATTENTION_SHAPE = (1, 8, 2, 256, 64)  # B, heads, kv heads, T, head_dim: GQA, causal (NumPy: ~0.1-0.3 s)
+# seconds of sleep before each timed call: OpenBLAS's threads spin ~0.1 s after a NumPy product and took a
+# core from the C call after it (with 0.02 s, 2 threads: "C is 0.51x NumPy" for a GEMM measured at 0.98-1.0x)
+SETTLE = 0.12
 
 
 def cpu_model() -> str:
@@ -100,7 +103,7 @@ def timings(repeat=3) -> list:
         fns = {"numpy": np_fn}
         if kernels.available():
             fns["c"] = c_fn
-        best = best_of_each(fns, repeat=repeat, warmup=1, settle=0.02)
+        best = best_of_each(fns, repeat=repeat, warmup=1, settle=SETTLE)
         rows.append((what, best.get("c"), best["numpy"], flops))
     return rows
 
