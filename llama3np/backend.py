@@ -180,7 +180,11 @@ def swiglu_forward(a, b):
 def swiglu_backward(dout, cache):
     """-> (da, db)."""
     if cache[2] is None:  # the C forward's cache: C recomputes what it left out, whatever the backend now
-        return kernels.swiglu_backward(np.ascontiguousarray(dout, dtype=np.float32), cache[0], cache[1])
+        a, b = cache[:2]
+        if dout.dtype != np.float32:  # e.g. a float64 probe: NumPy's backward at dout's precision, as before
+            _, sig, silu = kernels.swiglu_forward(a, b)
+            return ops.swiglu_backward(dout, (a, b, sig, silu))
+        return kernels.swiglu_backward(np.ascontiguousarray(dout), a, b)
     if _use_c(dout, *cache) and kernels.dense(dout, *cache):
         return kernels.swiglu_backward(dout, *cache)
     return ops.swiglu_backward(dout, cache)

@@ -264,6 +264,17 @@ def test_backend_caches_fit_either_backward():
     for g, r in zip(backend.swiglu_backward(dout[..., :1].repeat(64, -1), cache),
                     ops.swiglu_backward(dout[..., :1].repeat(64, -1), cache)):
         assert np.array_equal(g, r)
+    # C forward (its cache without sig and silu), backward on either backend, float32 or a float64 dout
+    _, lean = backend.swiglu_forward(a, b)
+    assert lean[2] is None and lean[3] is None
+    _, sig, silu = kernels.swiglu_forward(a, b)
+    d32 = dout[..., :1].repeat(64, -1)
+    for name in ("c", "numpy"):
+        backend.set_backend(name)
+        for d in (d32, d32.astype(np.float64)):
+            for g, r in zip(backend.swiglu_backward(d, lean), ops.swiglu_backward(d, (a, b, sig, silu))):
+                assert g.dtype == r.dtype == d.dtype and np.array_equal(g, r)
+    backend.set_backend("c")
 
 
 def test_the_loss_and_its_gradient_match_the_reference_through_the_backend():
