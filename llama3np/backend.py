@@ -246,7 +246,7 @@ def cross_entropy_loss_and_dlogits(logits, targets, mask=None):
     if _use_c(logits) and kernels.dense(logits) and logits.flags.writeable:
         weights, count = ops.loss_weights(logits.shape[:-1], logits.dtype, mask)
         nll, _ = kernels.cross_entropy_fused(logits, targets, _row_scale(1.0, weights, count))
-        return float(np.sum(nll * weights) / count), logits
+        return ops.mean_loss(nll, weights, count), logits
     loss, cache = cross_entropy_forward(logits, targets, mask)
     return loss, cross_entropy_backward(1.0, cache)
 

@@ -298,8 +298,7 @@ def cross_entropy_forward(logits, targets, mask=None, token_nll=token_nll):
     every other line is the same for both."""
     nll, lse = token_nll(logits, targets)  # (B, T) each
     weights, count = loss_weights(nll.shape, nll.dtype, mask)
-    loss = float(np.sum(nll * weights) / count)
-    return loss, (logits, targets, lse, weights, count)
+    return mean_loss(nll, weights, count), (logits, targets, lse, weights, count)
 
 
 def loss_weights(shape, dtype, mask=None):
@@ -309,6 +308,12 @@ def loss_weights(shape, dtype, mask=None):
     if count == 0:
         raise ValueError("the mask selects no positions: the mean loss is undefined")
     return weights, count
+
+
+def mean_loss(nll, weights, count):
+    """The loss: the positions' nll weighted by loss_weights and divided by their sum (one expression for every
+    path that computes it, so they give the same bits)."""
+    return float(np.sum(nll * weights) / count)
 
 
 def cross_entropy_backward(dloss, cache):
