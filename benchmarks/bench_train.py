@@ -5,7 +5,9 @@ torch.optim.AdamW; ours: Transformer.loss_and_grads + llama3np.AdamW on the acti
 when built). Both run interleaved in one process, best of N, at 1 and 2 threads. Also prints the model
 FLOPs utilisation (MFU): the step's matmul FLOPs (6 x params-in-matmuls x tokens + attention) divided by
 the time, against the machine's GEMM peak measured here (the best float32 matmul rate of numpy/OpenBLAS
-and of our C kernel on a large square product). Beside the wall-time ratio, the ratio of the fastest CPU
+and of our C kernel on a large square product), and beside it the share of the CPU's FMA peak
+(kernels.fma_peak: the hardware's ceiling, which no step can beat), with the share that 1.5x PyTorch's
+median step would need. Beside the wall-time ratio, the ratio of the fastest CPU
 times (all threads): at 1 thread it is what a shared machine's other work disturbs least.
 
     python benchmarks/bench_train.py [--presets tiny small] [--threads 1 2] [--repeat 3] [--backends c numpy]
@@ -93,6 +95,11 @@ def main():
         peak = gemm_peak(repeat=15)
         best_peak = max(peak.values())
         print("  GEMM peak (1024^3 float32): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
+        # the hardware's own ceiling: FMA chains with no memory traffic, for our micro-kernel's instruction set
+        fma = kernels.fma_peak(seconds=1.0, threads=n) if kernels.available() else None
+        if fma:
+            print(f"  FMA peak ({kernels.isa()}, float32): {fma:.1f} GFLOP/s, no step can beat; "
+                  f"the best GEMM above reaches {best_peak / fma:.0%} of it")
         for name in cli.presets:
             B, T = SHAPES[name]
             args = preset(name, max_seq_len=max(T, preset(name).max_seq_len))
@@ -143,10 +150,13 @@ def main():
             fns = {"torch": theirs, **{k: on(k) for k in backends}}
             fl = step_flops(args, B, T)
             ratios = {k: [] for k in backends}
+            steps = {k: [] for k in ["torch"] + backends}  # each round's best step time
             for r in range(cli.rounds):
                 cpu.clear()  # each round's own fastest CPU times
                 times = _env.best_of_each({k: cpu_timed(k, f) for k, f in fns.items()}, cli.repeat)
                 t_theirs, t_ours = times["torch"], {k: times[k] for k in backends}
+                for k, t in times.items():
+                    steps[k].append(t)
                 print(f"  {name} (batch {B}x{T}, {fl / 1e9:.1f} GFLOP/step"
                       + (f", round {r + 1} of {cli.rounds}" if cli.rounds > 1 else "")
                       + f"): PyTorch {B * T / t_theirs:6.0f} tok/s (MFU {fl / t_theirs / 1e9 / best_peak:.0%})")
@@ -160,6 +170,13 @@ def main():
                 for k in backends:
                     print(f"      llama3np[{k}] median of {cli.rounds} rounds: {np.median(ratios[k]):.2f}x PyTorch "
                           f"({min(ratios[k]):.2f} - {max(ratios[k]):.2f})")
+            if fma:
+                # what a target ratio asks of the hardware: 1.5x PyTorch's median step, as a share of the FMA peak
+                need = fl / (np.median(steps["torch"]) / 1.5) / 1e9 / fma
+                print(f"      at the FMA peak a step takes {fl / fma / 1e9:.3f} s; of that peak PyTorch's median step "
+                      f"uses {fl / np.median(steps['torch']) / 1e9 / fma:.0%}, "
+                      + ", ".join(f"llama3np[{k}]'s {fl / np.median(steps[k]) / 1e9 / fma:.0%}" for k in backends)
+                      + f"; 1.5x PyTorch would need {need:.0%}")
             print("      loss before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
             backend.set_backend(backends[0])
 

@@ -14,7 +14,8 @@ import sysconfig
 from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ["csrc/gemm.c", "csrc/attention.c", "csrc/elementwise.c", "csrc/decode.c", "csrc/parallel.c"]  # relative to ROOT, as setuptools wants
+SOURCES = ["csrc/gemm.c", "csrc/attention.c", "csrc/elementwise.c", "csrc/decode.c", "csrc/parallel.c",
+           "csrc/peak.c"]  # relative to ROOT, as setuptools wants
 HEADER = os.path.join(ROOT, "csrc", "llama3np_kernels.h")
 
 

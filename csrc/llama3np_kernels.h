@@ -54,6 +54,11 @@ int attention_backward(const float *dout, const long *dout_strides,
 int isa_supported(int isa);
 int select_isa(int isa);
 int current_isa(void);
+/* The float32 FMA peak of instruction set isa (peak.c): iters steps of independent FMA chains on each of
+ * nthreads threads. Returns the floating-point operations done (2 per FMA), 0 when isa has no FMA chains
+ * here (the portable kernel, or an instruction set this build or CPU cannot run); *result, the chains'
+ * sum, is what keeps the compiler from dropping them. The caller times the call. */
+double fma_burst(int isa, long iters, int nthreads, float *result);
 /* Threads used by sgemm and attention (a pool of pthreads kept between calls; small work uses one). */
 void set_num_threads(int n);
 int get_num_threads(void);

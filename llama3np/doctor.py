@@ -117,14 +117,33 @@ def report(timing=True, repeat=3, out=None) -> int:
         return 0
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"timing (best of {repeat}, C and NumPy in turn, this process{load}; noisy on a busy machine):", file=out)
-    for what, c, n, flops in timings(repeat):
+    rows = timings(repeat)
+    for what, c, n, flops in rows:
         numpy_text = f"NumPy {n * 1e3:7.1f} ms ({flops / n / 1e9:5.1f} GFLOP/s)"
         if c is None:
             print(f"  {what}: {numpy_text}", file=out)
         else:
             print(f"  {what}: C {c * 1e3:7.1f} ms ({flops / c / 1e9:5.1f} GFLOP/s)   {numpy_text}   "
                   f"C is {n / c:.2f}x NumPy", file=out)
+    print(f"  {fma_peak_line(rows)}", file=out)
     return 0
+
+
+def fma_peak_line(rows) -> str:
+    """The CPU's float32 FMA peak for the micro-kernel in use (kernels.fma_peak, ~0.3 s), the ceiling no
+    product can beat, and the share of it that the timed GEMM reached."""
+    from . import kernels
+
+    if not kernels.available():
+        return "FMA peak: not measured (needs the C kernels)"
+    threads = kernels.get_num_threads()
+    peak = kernels.fma_peak(seconds=0.2, threads=threads)
+    if peak is None:
+        return f"FMA peak: not measured for the {kernels.isa()} micro-kernel (it has no FMA code of its own)"
+    what, c, _, flops = rows[0]
+    share = "" if c is None else f" (the GEMM above: {flops / c / 1e9 / peak:.0%} of it)"
+    return (f"FMA peak ({kernels.isa()}, {threads} thread{'s' if threads > 1 else ''}): {peak:.1f} GFLOP/s, "
+            f"the hardware's ceiling{share}")
 
 
 def _run(args) -> int:

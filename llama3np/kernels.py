@@ -14,6 +14,8 @@ tiles before a query block's first visible key are skipped, so packed rows cost 
     kernels.decode_plan(layers, caches_k, caches_v, n_heads) -> plan; kernels.decode_blocks(plan, x, ...)
                                                        every block for one new token against a KV cache,
                                                        in one call (csrc/decode.c): block_forward's bits
+    kernels.fma_peak(seconds=0.3, threads=None)        the CPU's float32 FMA peak in GFLOP/s for the
+                                                       micro-kernel's instruction set (csrc/peak.c)
 Micro-kernels: AVX-512, AVX2+FMA (x86-64, chosen at run time), NEON (arm64) and portable C; the
 softmax rows of the attention have their own AVX-512 / AVX2 code. `tuned_matmul()` is False on the
 portable one, and llama3np.backend then sends matrix products to NumPy's BLAS.
@@ -133,6 +135,49 @@ def get_num_threads() -> int:
 def default_threads() -> int:
     """The CPUs this process may use (its affinity mask), the thread count when nothing is set."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def fma_peak(seconds: float = 0.3, threads: int = None, isa_name: str = None):
+    """The CPU's float32 peak in GFLOP/s for a micro-kernel's instruction set (the current one unless
+    isa_name is given) on `threads` threads (default: get_num_threads()): independent FMA chains, no
+    memory traffic (csrc/peak.c). It is the ceiling of every product here: a GEMM's GFLOP/s over it is
+    the share of the hardware the kernel uses. The best of bursts of ~20 ms over `seconds` (a busy
+    neighbour only ever makes a burst slower). None for 'portable', which has no FMA code of its own."""
+    _require()
+    import time
+
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 60:
+        raise ValueError(f"seconds must be a number in (0, 60], got {seconds!r}")
+    threads = get_num_threads() if threads is None else threads
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or not 1 <= threads <= 64:
+        raise ValueError(f"threads must be an int in [1, 64], got {threads!r}")
+    name = isa() if isa_name is None else isa_name
+    if name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}; expected one of {ISAS}")
+    if name not in available_isas():
+        raise ValueError(f"this CPU cannot run {name!r}; it supports {available_isas()}")
+    result = ffi.new("float *")
+
+    def burst(iters):
+        t = time.perf_counter()
+        flops = lib.fma_burst(ISAS.index(name), iters, int(threads), result)
+        return flops, time.perf_counter() - t
+
+    iters = 1 << 12
+    flops, dt = burst(iters)
+    if flops == 0:
+        return None
+    while dt < 0.02:  # ~20 ms bursts: long enough to time, short enough for several
+        iters *= 2
+        flops, dt = burst(iters)
+    best, deadline = flops / dt, time.perf_counter() + seconds
+    for _ in range(3):
+        flops, dt = burst(iters)
+        best = max(best, flops / dt)
+    while time.perf_counter() < deadline:
+        flops, dt = burst(iters)
+        best = max(best, flops / dt)
+    return best / 1e9
 
 
 def env_warning(message):

@@ -6,7 +6,9 @@ What must hold:
   a bad argument is one line on stderr and exit code 2;
 - on an instruction set without a tuned micro-kernel ('portable'), backend.matmul is NumPy's product
   (bit for bit), while the attention stays on the fused C kernel; with a tuned one, products go to C;
-- the instruction sets offered are the ones this CPU runs (no 'neon' on x86-64, no AVX on arm64).
+- the instruction sets offered are the ones this CPU runs (no 'neon' on x86-64, no AVX on arm64);
+- the FMA peak (kernels.fma_peak, the hardware's ceiling doctor and bench_train print) does the work it
+  counts: its chains' results are the recurrence's own on every thread, and bad arguments are refused.
 """
 import platform
 
@@ -31,9 +33,11 @@ def test_doctor_prints_what_runs_where(capsys):
 @needs_kernels
 def test_doctor_times_a_gemm_and_an_attention_against_numpy(capsys):
     assert doctor.main(["doctor", "--repeat", "1"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if "x NumPy" in line]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "x NumPy" in line]
     assert len(lines) == 2 and "GEMM" in lines[0] and "attention" in lines[1], lines
     assert all("GFLOP/s" in line for line in lines)
+    assert f"FMA peak ({kernels.isa()}" in out or kernels.isa() == "portable", out
 
 
 def test_doctor_refuses_a_bad_repeat_in_one_line(capsys):
@@ -72,3 +76,48 @@ def test_the_instruction_sets_offered_are_this_cpus():
             kernels.set_isa("neon")
     elif platform.machine() in ("aarch64", "arm64"):
         assert isas == ["portable", "neon"]
+
+
+# lanes x chains of each instruction set's FMA burst (csrc/peak.c); chain i starts at i + 1
+FMA_CHAINS = {"avx2": (8, 12), "avx512": (16, 16), "neon": (4, 16)}
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_fma_peak_does_the_work_it_counts(threads):
+    """fma_burst reports 2 x lanes x chains x iters x threads operations: its result must be what that
+    many steps of x = x * b + c give (a compiler that merged or dropped chains would change it)."""
+    for name in kernels.available_isas():
+        isa = kernels.ISAS.index(name)
+        result = kernels.ffi.new("float *")
+        if name == "portable":
+            assert kernels.lib.fma_burst(isa, 100, threads, result) == 0
+            assert kernels.fma_peak(seconds=0.01, isa_name=name) is None
+            continue
+        lanes, chains = FMA_CHAINS[name]
+        iters = 1000
+        assert kernels.lib.fma_burst(isa, iters, threads, result) == 2 * lanes * chains * iters * threads
+        x = np.arange(1, chains + 1, dtype=np.float32)
+        for _ in range(iters):  # float64 holds x * b exactly: one rounding, as the FMA's (up to a rare tie)
+            x = (x.astype(np.float64) * np.float32(0.999999) + np.float32(1e-7)).astype(np.float32)
+        np.testing.assert_allclose(result[0], threads * float(np.sum(x, dtype=np.float64)), rtol=1e-5)
+        assert kernels.fma_peak(seconds=0.01, threads=threads, isa_name=name) > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seconds=0), "seconds"), (dict(seconds=float("nan")), "seconds"), (dict(seconds=True), "seconds"),
+    (dict(seconds="1"), "seconds"), (dict(threads=0), "threads"), (dict(threads=65), "threads"),
+    (dict(threads=1.5), "threads"), (dict(isa_name="sse9"), "unknown instruction set"),
+])
+def test_the_fma_peak_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.fma_peak(**kwargs)
+
+
+@needs_kernels
+def test_the_fma_peak_refuses_an_instruction_set_this_cpu_cannot_run():
+    missing = [name for name in kernels.ISAS if name not in kernels.available_isas()]
+    assert missing  # no CPU runs both neon and avx2
+    with pytest.raises(ValueError, match="cannot run"):
+        kernels.fma_peak(seconds=0.01, isa_name=missing[0])

@@ -9,7 +9,8 @@
  * matmul against the triple loop, and attention (with and without document masks) against the
  * portable kernel's, which the Python tests check against the NumPy reference. The elementwise kernels
  * run at 1-3 threads and must give the same bits, and so must the decode GEMVs, whose helper threads
- * may be dropped when they start late (parallel_run_helpers).
+ * may be dropped when they start late (parallel_run_helpers). The FMA peak's chains must do the work
+ * they count (fma_runs).
  */
 #include <math.h>
 #include <pthread.h>
@@ -193,6 +194,33 @@ static int gemv_runs(void) {
     return bad;
 }
 
+/* The FMA peak's chains (csrc/peak.c) on every instruction set this CPU runs, at 1-3 threads: the work
+ * counted must be done (the result is the recurrence's, chain i starting at i + 1, summed over threads). */
+static int fma_runs(void) {
+    static const int lanes[4] = {0, 8, 16, 4}, chains[4] = {0, 12, 16, 16};
+    enum { ITERS = 1000 };
+    int bad = 0;
+    for (int isa = 1; isa < 4; isa++) {
+        if (!isa_supported(isa)) continue;
+        double want = 0;
+        for (int c = 0; c < chains[isa]; c++) {
+            float x = (float)(c + 1);
+            for (int i = 0; i < ITERS; i++) x = fmaf(x, 0.999999f, 1e-7f);
+            want += x;
+        }
+        for (int n = 1; n <= 3; n++) {
+            float result = 0;
+            double flops = fma_burst(isa, ITERS, n, &result);
+            if (flops != 2.0 * lanes[isa] * chains[isa] * ITERS * n || fabs(result - n * want) > 1e-5 * n * want) {
+                fprintf(stderr, "fma_burst(isa %d, %d threads): %g operations, result %g, expected %g\n", isa, n,
+                        flops, result, n * want);
+                bad = 1;
+            }
+        }
+    }
+    return bad;
+}
+
 int main(void) {
     double worst = 0;
     for (int n = 1; n <= 4; n++) { /* teams of every size, the pool growing and shrinking its use */
@@ -210,6 +238,7 @@ int main(void) {
     if (attention_runs() != 0) return fprintf(stderr, "attention failed\n"), 1;
     if (elementwise_runs() != 0) return 1;
     if (gemv_runs() != 0) return 1;
+    if (fma_runs() != 0) return 1;
     worst = fmax(worst, check_every_isa());
     pid_t child = fork(); /* the child has no workers: the pool must start its own */
     if (child == 0) _exit(check_matmul(99) < 1e-4 ? 0 : 1);
