@@ -472,6 +472,14 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
         tile_mask_of(a, b, i0, br, j0, bc, &t);
         /* scores of the tile: s (br, bc) = Q (br, hd) @ K[j0:j0+bc]^T (hd, bc) */
         tile_scores(isa, &t, hd, w->qp, kt + (long)j0 * hd, (long)NR * hd, w->s, BC);
+        /* every row's new max first, then the exponentials: a row's exp pass waits for its max, and
+         * with the maxima known the CPU overlaps one row's exps with the next row's (same values;
+         * measured, 1 thread, alternating runs: tiny's forward (B 8, 8 heads, T 256, hd 32) AVX2
+         * 6.02 -> 5.69 ms, AVX-512 5.27 -> 4.85; small's (4, 8, 512, 64) 15.9 -> 15.45, 14.55 -> 13.96) */
+        float new_max[BR];
+        for (int r = 0; r < br; r++)
+            if (t.c1[r] > t.c0[r])
+                new_max[r] = a->rows->scale_and_max(w->s + r * BC + t.c0[r], t.c1[r] - t.c0[r], a->scale, w->m[r]);
         for (int r = 0; r < br; r++) {
             float *s = w->s + r * BC;
             int c0 = t.c0[r], c1 = t.c1[r];
@@ -479,7 +487,7 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
                 memset(s, 0, (size_t)bc * sizeof(float));
                 continue;
             }
-            float mx = a->rows->scale_and_max(s + c0, c1 - c0, a->scale, w->m[r]);
+            float mx = new_max[r];
             /* the online softmax: rescale what was summed under the old max to the new max */
             /* exp(-inf) = 0 on the first tile; most later tiles hold no new max (a running record is
              * rare), and exp(0) = 1 exactly, so skip the call then */
@@ -501,7 +509,11 @@ static void forward_block(const attn_ctx *a, scratch_t *w, int b, int h, int i0,
     for (int r = 0; r < br; r++) {
         long row = ((long)b * a->H + h) * a->T + i0 + r;
         float inv = 1.0f / w->l[r];
-        for (int d = 0; d < hd; d++) a->out_c[row * hd + d] = w->acc[r * hd + d] * inv;
+        /* restrict: otherwise the compiler cannot tell the output from acc and left this loop scalar
+         * (tiny's forward, AVX2: 5.69 -> 5.55 ms) */
+        float *restrict o = a->out_c + row * hd;
+        const float *restrict acc = w->acc + r * hd;
+        for (int d = 0; d < hd; d++) o[d] = acc[d] * inv;
         a->lse_c[row] = w->m[r] + logf(w->l[r]);
     }
 }
