@@ -16,8 +16,10 @@
  *   dq += ds k,      dk += ds^T q.
  * The products are small matrix multiplies done by the packed SIMD micro-kernel of gemm.c. Operands
  * used by many tiles (k and v of a kv head, q and dout of a query head) are packed once into the
- * micro-kernel's layout. The probability tiles are multiplied in place where they are the left
- * operand, and packed (a contiguous copy) where their transpose is.
+ * micro-kernel's layout. The probability tiles are read in place by the micro-kernel, as the left
+ * operand (p v, ds k) and as its transpose (p^T dout, ds^T q: a kernel variant whose A steps along the
+ * tile's rows; packing them instead cost 4-7% of the backward, measured: tiny's shape AVX2 10.84 ->
+ * 10.13 ms, small's 33.0 -> 31.8, 1 thread).
  * Decode (T < ROWS_MAX_T): the forward walks the keys row by row instead (forward_rows), since
  * packing k and v for one query would cost as much as the attention itself.
  *
@@ -49,7 +51,8 @@
 #if BC != GEMM_TILE_LD
 #error "score tiles are multiplied in place by gemm_rowmajor_a, which needs their leading dimension"
 #endif
-#define TILE_ROWS (BR + 8) /* gemm_rowmajor_a may read up to 7 rows past the last one (zeros) */
+#define TILE_ROWS (BR + 8) /* gemm_rowmajor_a may read up to 7 rows past the last one (zeros), and
+                            * gemm_tile_transposed_a up to 7 columns past a row's end (the next row's) */
 
 /* ---------------------------------------------------------------------------------------------- */
 /* exp of a row of scores (exp_neg.h), a loop the compiler vectorizes. Inputs are <= ~0 here (scores
@@ -308,7 +311,7 @@ static void pack_kv(const attn_ctx *a, int b, int g, float *kt, float *vp) {
 
 /* per-thread scratch, carved from one allocation */
 typedef struct {
-    float *s, *p, *pp, *qp, *acc, *m, *l;  /* tiles, a packed tile, row statistics */
+    float *s, *p, *qp, *acc, *m, *l;       /* tiles (read in place by the products), q packed, row statistics */
     float *D, *qa, *da, *qb, *db;          /* backward: row terms, q and dout packed as A and as B */
     float *kt, *kp, *vt;                   /* backward: k^T, k and v^T of the kv head, packed as B */
     void *mem;
@@ -324,24 +327,23 @@ static int scratch_alloc(const attn_ctx *a, scratch_t *w, int backward) {
     const int isa = a->isa, hd = a->hd, T = a->T, S = a->S;
     const int n_blocks = (T + BR - 1) / BR;
     long a_blk = gemm_packed_a_floats(isa, BR, hd); /* one packed block of BR query rows */
-    long pp = gemm_packed_a_floats(isa, BR > BC ? BR : BC, BR > BC ? BR : BC);
-    long sizes[15] = {TILE_ROWS * BC, TILE_ROWS * BC, pp, a_blk, (long)BR * hd, BR, BR, 0, 0, 0, 0, 0, 0, 0, 0};
+    long sizes[14] = {TILE_ROWS * BC, TILE_ROWS * BC, a_blk, (long)BR * hd, BR, BR, 0, 0, 0, 0, 0, 0, 0, 0};
     if (backward) {
-        sizes[7] = T;
-        sizes[8] = sizes[9] = UP16(a_blk) * n_blocks;
-        sizes[10] = sizes[11] = gemm_packed_b_floats(isa, T, hd);
-        sizes[12] = gemm_packed_b_floats(isa, hd, S);
-        sizes[13] = gemm_packed_b_floats(isa, S, hd);
-        sizes[14] = gemm_packed_b_floats(isa, hd, S);
+        sizes[6] = T;
+        sizes[7] = sizes[8] = UP16(a_blk) * n_blocks;
+        sizes[9] = sizes[10] = gemm_packed_b_floats(isa, T, hd);
+        sizes[11] = gemm_packed_b_floats(isa, hd, S);
+        sizes[12] = gemm_packed_b_floats(isa, S, hd);
+        sizes[13] = gemm_packed_b_floats(isa, hd, S);
     }
     long total = 0;
-    for (int i = 0; i < 15; i++) total += UP16(sizes[i]);
+    for (int i = 0; i < 14; i++) total += UP16(sizes[i]);
     if (posix_memalign(&w->mem, 64, (size_t)total * sizeof(float)) != 0) return -1;
     memset(w->mem, 0, (size_t)UP16(TILE_ROWS * BC) * 2 * sizeof(float)); /* the tiles' padding rows */
     float *cur = (float *)w->mem;
-    float **slots[15] = {&w->s, &w->p, &w->pp, &w->qp, &w->acc, &w->m, &w->l, &w->D,
+    float **slots[14] = {&w->s, &w->p, &w->qp, &w->acc, &w->m, &w->l, &w->D,
                          &w->qa, &w->da, &w->qb, &w->db, &w->kt, &w->kp, &w->vt};
-    for (int i = 0; i < 15; i++) *slots[i] = carve(&cur, sizes[i]);
+    for (int i = 0; i < 14; i++) *slots[i] = carve(&cur, sizes[i]);
     return 0;
 }
 
@@ -422,7 +424,7 @@ static void tile_scores(int isa, const tile_mask *t, int k, const float *Ap, con
     const int MR = gemm_mr(isa), NR = gemm_nr(isa);
     for (int s = 0; s * MR < t->br; s++) {
         int n = (sliver_cols(t, s, MR) + NR - 1) / NR * NR;
-        gemm_sliver(isa, 0, s, t->br, n < t->bc ? n : t->bc, k, 0, k, Ap, Bp, b_stride, C, ldc, 0);
+        gemm_sliver(isa, A_PACKED, s, t->br, n < t->bc ? n : t->bc, k, 0, k, Ap, Bp, b_stride, C, ldc, 0);
     }
 }
 
@@ -435,19 +437,20 @@ static void tile_rows_times(int isa, const tile_mask *t, int n, const float *P, 
     }
     const int MR = gemm_mr(isa);
     for (int s = 0; s * MR < t->br; s++)
-        gemm_sliver(isa, 1, s, t->br, n, t->bc, 0, sliver_cols(t, s, MR), P, Bp, b_stride, C, ldc, 1);
+        gemm_sliver(isa, A_TILE, s, t->br, n, t->bc, 0, sliver_cols(t, s, MR), P, Bp, b_stride, C, ldc, 1);
 }
 
-/* C (bc x n) += P^T (packed, bc keys x br queries) @ B (br x n): p^T dout or ds^T q, from each sliver's first query */
-static void tile_keys_times(int isa, const tile_mask *t, int n, const float *PTp, const float *Bp, long b_stride,
+/* C (bc x n) += P^T (bc keys x br queries, the tile's transpose read in place) @ B (br x n): p^T dout or ds^T q,
+ * from each sliver's first query */
+static void tile_keys_times(int isa, const tile_mask *t, int n, const float *P, const float *Bp, long b_stride,
                             float *C, long ldc) {
     if (!t->partial) {
-        gemm_packed(isa, t->bc, n, t->br, PTp, Bp, b_stride, C, ldc, 1);
+        gemm_tile_transposed_a(isa, t->bc, n, t->br, P, Bp, b_stride, C, ldc, 1);
         return;
     }
     const int MR = gemm_mr(isa);
     for (int s = 0; s * MR < t->bc; s++)
-        gemm_sliver(isa, 0, s, t->bc, n, t->br, first_row_seeing(t, s, MR), t->br, PTp, Bp, b_stride, C, ldc, 1);
+        gemm_sliver(isa, A_TILE_T, s, t->bc, n, t->br, first_row_seeing(t, s, MR), t->br, P, Bp, b_stride, C, ldc, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -709,8 +712,7 @@ static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *
                 for (int c = c1; c < bc; c++) p[c] = 0.0f;
             }
             /* dV_j (bc, hd) += p^T (bc, br) @ dout_i (br, hd) */
-            gemm_pack_a(isa, 1, w->p, BC, bc, br, w->pp);
-            tile_keys_times(isa, &t, hd, w->pp, w->db + (long)i0 * NR, (long)NR * T, dV + (long)j0 * hd, hd);
+            tile_keys_times(isa, &t, hd, w->p, w->db + (long)i0 * NR, (long)NR * T, dV + (long)j0 * hd, hd);
             /* dp (br, bc) = dout_i (br, hd) @ V_j^T (hd, bc), over the columns seen */
             tile_scores(isa, &t, hd, da, w->vt + (long)j0 * hd, (long)NR * hd, w->s, BC);
             /* ds = p (dp - D) scale on the columns a row sees (where p = 0 it is 0: set, since dp past them
@@ -723,8 +725,7 @@ static void backward_head(const attn_ctx *a, scratch_t *w, int b, int h, float *
             /* dQ_i (br, hd) += ds (br, bc) @ K_j (bc, hd), ds read in place */
             tile_rows_times(isa, &t, hd, w->s, w->kp + (long)j0 * NR, (long)NR * S, dQ + (long)i0 * hd, hd);
             /* dK_j (bc, hd) += ds^T (bc, br) @ Q_i (br, hd) */
-            gemm_pack_a(isa, 1, w->s, BC, bc, br, w->pp);
-            tile_keys_times(isa, &t, hd, w->pp, w->qb + (long)i0 * NR, (long)NR * T, dK + (long)j0 * hd, hd);
+            tile_keys_times(isa, &t, hd, w->s, w->qb + (long)i0 * NR, (long)NR * T, dK + (long)j0 * hd, hd);
         }
     }
 }

@@ -79,10 +79,11 @@ static int nc_block(void) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Micro-kernels: C[0:MR, 0:NR] (+)= A (MR x kc) @ Bp (kc x NR, packed).                           */
 /* Bp holds, for each p, the NR values B[p, j]. A's element (i, p) is at A[i * rs + p * cs]: each   */
-/* kernel body is written once over those strides and compiled twice, for a packed A sliver         */
-/* (rs = 1, cs = MR: the MR values of column p side by side) and for a row-major tile with the      */
-/* fixed leading dimension GEMM_TILE_LD (rs = GEMM_TILE_LD, cs = 1), which attention.c multiplies   */
-/* without packing it. Both strides are compile-time constants, so every load is a plain offset.    */
+/* kernel body is written once over those strides and compiled for a packed A sliver (rs = 1,      */
+/* cs = MR: the MR values of column p side by side), for a row-major tile with the fixed leading    */
+/* dimension GEMM_TILE_LD (rs = GEMM_TILE_LD, cs = 1) and for its transpose (rs = 1,                */
+/* cs = GEMM_TILE_LD), which attention.c multiplies without packing them. The strides are           */
+/* compile-time constants (but kernel_ld's row stride), so every load is a plain offset.            */
 
 typedef void (*ukernel_fn)(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate);
 /* the same with A's rows lda apart, read in place (A's element (i, p) at A[i * lda + p]) */
@@ -115,6 +116,10 @@ static void ukernel_portable(int kc, const float *A, const float *Bp, float *C, 
 
 static void ukernel_portable_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
     portable_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
+
+static void ukernel_portable_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    portable_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
 }
 
 #if LLAMA3NP_X86
@@ -160,6 +165,11 @@ static void ukernel_avx2(int kc, const float *A, const float *Bp, float *C, long
 __attribute__((target("avx2,fma")))
 static void ukernel_avx2_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
     avx2_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
+
+__attribute__((target("avx2,fma")))
+static void ukernel_avx2_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    avx2_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
 }
 
 __attribute__((target("avx2,fma")))
@@ -209,6 +219,11 @@ static void ukernel_avx512(int kc, const float *A, const float *Bp, float *C, lo
 __attribute__((target("avx512f")))
 static void ukernel_avx512_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
     avx512_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
+}
+
+__attribute__((target("avx512f")))
+static void ukernel_avx512_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    avx512_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
 }
 
 __attribute__((target("avx512f")))
@@ -264,6 +279,10 @@ static void ukernel_neon(int kc, const float *A, const float *Bp, float *C, long
 static void ukernel_neon_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
     neon_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
 }
+
+static void ukernel_neon_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
+    neon_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
+}
 #endif
 
 typedef struct {
@@ -271,23 +290,25 @@ typedef struct {
     int mr, nr;
     ukernel_fn kernel;      /* A packed */
     ukernel_fn kernel_rows; /* A a row-major tile with leading dimension GEMM_TILE_LD */
+    ukernel_fn kernel_cols; /* A the transpose of such a tile: A's element (i, p) at A[p * GEMM_TILE_LD + i] */
     ukernel_ld_fn kernel_ld; /* A's rows read in place, any leading dimension (NULL: pack them) */
 } isa_t;
 
 /* indexed by the ISA numbers of llama3np_kernels.h; an entry this build or CPU cannot run is the
  * portable kernel's, and isa_supported() says it is not available */
-#define PORTABLE_ENTRY {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows, NULL}
+#define PORTABLE_ENTRY {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows, ukernel_portable_cols, NULL}
 static const isa_t ISAS[N_ISAS] = {
     PORTABLE_ENTRY,
 #if LLAMA3NP_X86
-    {"avx2", AVX2_MR, AVX2_NR, ukernel_avx2, ukernel_avx2_rows, ukernel_avx2_ld},
-    {"avx512", AVX512_MR, AVX512_NR, ukernel_avx512, ukernel_avx512_rows, ukernel_avx512_ld},
+    {"avx2", AVX2_MR, AVX2_NR, ukernel_avx2, ukernel_avx2_rows, ukernel_avx2_cols, ukernel_avx2_ld},
+    {"avx512", AVX512_MR, AVX512_NR, ukernel_avx512, ukernel_avx512_rows, ukernel_avx512_cols,
+     ukernel_avx512_ld},
 #else
     PORTABLE_ENTRY,
     PORTABLE_ENTRY,
 #endif
 #if LLAMA3NP_NEON
-    {"neon", NEON_MR, NEON_NR, ukernel_neon, ukernel_neon_rows, NULL},
+    {"neon", NEON_MR, NEON_NR, ukernel_neon, ukernel_neon_rows, ukernel_neon_cols, NULL},
 #else
     PORTABLE_ENTRY,
 #endif
@@ -507,21 +528,23 @@ static void deal_rows(const float *src, long ld, int kc, int n, int W, float *ds
 /* The macro-kernel: slivers [s0, s1) of A times a packed B block (kc x nc), into C. A is laid out as
  *   A_PACKED  packed slivers, MR * kc floats apart;
  *   A_TILE    a row-major tile with leading dimension GEMM_TILE_LD (attention.c's);
+ *   A_TILE_T  the transpose of such a tile (attention.c's p^T and ds^T): row i of A is its column i;
  *   A_LD      row-major with leading dimension lda, read in place (isa->kernel_ld; full slivers only,
  *             as the kernel reads MR rows);
  * B's slivers are b_stride apart (kc * NR when packed for this call). */
-enum { A_PACKED, A_TILE, A_LD };
+enum { A_LD = A_TILE_T + 1 };
 
 INLINE void run_kernel(const isa_t *isa, int a_layout, int kc, const float *a, long lda, const float *b, float *c,
                        long ldc, int accumulate) {
     if (a_layout == A_LD) isa->kernel_ld(kc, a, lda, b, c, ldc, accumulate);
-    else (a_layout == A_TILE ? isa->kernel_rows : isa->kernel)(kc, a, b, c, ldc, accumulate);
+    else (a_layout == A_TILE ? isa->kernel_rows : a_layout == A_TILE_T ? isa->kernel_cols : isa->kernel)(
+        kc, a, b, c, ldc, accumulate);
 }
 
 static void macro_kernel(const isa_t *isa, int s0, int s1, int mc, int nc, int kc, const float *Ap,
                          const float *Bp, long b_stride, float *C, long ldc, int accumulate, int a_layout, long lda) {
     const int MR = isa->mr, NR = isa->nr;
-    const long a_step = a_layout == A_LD ? lda : a_layout == A_TILE ? GEMM_TILE_LD : kc; /* between rows */
+    const long a_step = a_layout == A_LD ? lda : a_layout == A_TILE ? GEMM_TILE_LD : a_layout == A_TILE_T ? 1 : kc;
     float edge[MAX_MR * MAX_NR] __attribute__((aligned(64)));
     for (int s = s0; s < s1; s++) {
         int ir = s * MR, mr = mc - ir < MR ? mc - ir : MR;
@@ -1125,14 +1148,24 @@ void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *
     macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, A, Bp, b_stride, C, ldc, accumulate, A_TILE, 0);
 }
 
-void gemm_sliver(int isa, int a_rows, int s, int m, int n, int k, int p0, int p1, const float *A, const float *Bp,
+void gemm_tile_transposed_a(int isa, int m, int n, int k, const float *A, const float *Bp, long b_stride, float *C,
+                            long ldc, int accumulate) {
+    const isa_t *I = &ISAS[isa];
+    if (m <= 0 || n <= 0) return;
+    macro_kernel(I, 0, (m + I->mr - 1) / I->mr, m, n, k, A, Bp, b_stride, C, ldc, accumulate, A_TILE_T, 0);
+}
+
+void gemm_sliver(int isa, int a_layout, int s, int m, int n, int k, int p0, int p1, const float *A, const float *Bp,
                  long b_stride, float *C, long ldc, int accumulate) {
     const isa_t *I = &ISAS[isa];
     const int MR = I->mr, ir = s * MR;
     if (n <= 0 || p1 <= p0 || ir >= m) return;
-    if (a_rows) /* the tile read in place: row ir's column p0 at A + ir * GEMM_TILE_LD + p0 */
+    if (a_layout == A_TILE) /* the tile read in place: row ir's column p0 at A + ir * GEMM_TILE_LD + p0 */
         macro_kernel(I, s, s + 1, m, n, p1 - p0, A + p0, Bp + (long)p0 * I->nr, b_stride, C, ldc, accumulate, A_TILE,
                      0);
+    else if (a_layout == A_TILE_T) /* its transpose: row ir's column p0 at A + p0 * GEMM_TILE_LD + ir */
+        macro_kernel(I, s, s + 1, m, n, p1 - p0, A + (long)p0 * GEMM_TILE_LD, Bp + (long)p0 * I->nr, b_stride, C, ldc,
+                     accumulate, A_TILE_T, 0);
     else /* sliver s of a packed A starts at A + ir * k, its column p at + p * MR */
         macro_kernel(I, 0, 1, m - ir, n, p1 - p0, A + (long)ir * k + (long)p0 * MR, Bp + (long)p0 * I->nr, b_stride,
                      C + (long)ir * ldc, ldc, accumulate, A_PACKED, 0);

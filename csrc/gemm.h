@@ -48,12 +48,21 @@ void gemm_packed(int isa, int m, int n, int k, const float *Ap, const float *Bp,
 #define GEMM_TILE_LD 64
 void gemm_rowmajor_a(int isa, int m, int n, int k, const float *A, const float *Bp, long b_stride, float *C,
                      long ldc, int accumulate);
+/* And with A the transpose of such a tile: A's element (i, p) at A[p * GEMM_TILE_LD + i] (the tile holds
+ * k rows of at least m columns), read in place. Columns up to m rounded up to a multiple of MR must be
+ * readable (past the last row's: its next row's first ones); their results are dropped. */
+void gemm_tile_transposed_a(int isa, int m, int n, int k, const float *A, const float *Bp, long b_stride, float *C,
+                            long ldc, int accumulate);
 
-/* One sliver s (rows s * MR .. of m, MR = gemm_mr) of gemm_packed (a_rows 0, A packed for depth k) or of
- * gemm_rowmajor_a (a_rows 1), over the columns [0, n) and the depth [p0, p1) only:
+/* How A is given to gemm_sliver: packed (gemm_packed's), a tile (gemm_rowmajor_a's), its transpose
+ * (gemm_tile_transposed_a's) */
+enum { A_PACKED, A_TILE, A_TILE_T };
+
+/* One sliver s (rows s * MR .. of m, MR = gemm_mr) of gemm_packed, gemm_rowmajor_a or gemm_tile_transposed_a
+ * (a_layout), over the columns [0, n) and the depth [p0, p1) only:
  * C[rows, :n] (+)= A[rows, p0:p1] @ B[p0:p1, :n]. For the tiles of a causal mask (attention.c), where the
  * rest of a product is masked or adds only zeros; nothing is done when n <= 0 or p1 <= p0. */
-void gemm_sliver(int isa, int a_rows, int s, int m, int n, int k, int p0, int p1, const float *A, const float *Bp,
+void gemm_sliver(int isa, int a_layout, int s, int m, int n, int k, int p0, int p1, const float *A, const float *Bp,
                  long b_stride, float *C, long ldc, int accumulate);
 
 #endif
