@@ -296,7 +296,8 @@ typedef struct {
 
 /* indexed by the ISA numbers of llama3np_kernels.h; an entry this build or CPU cannot run is the
  * portable kernel's, and isa_supported() says it is not available */
-#define PORTABLE_ENTRY {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows, ukernel_portable_cols, NULL}
+#define PORTABLE_ENTRY \
+    {"portable", PORTABLE_MR, PORTABLE_NR, ukernel_portable, ukernel_portable_rows, ukernel_portable_cols, NULL}
 static const isa_t ISAS[N_ISAS] = {
     PORTABLE_ENTRY,
 #if LLAMA3NP_X86
@@ -544,7 +545,10 @@ INLINE void run_kernel(const isa_t *isa, int a_layout, int kc, const float *a, l
 static void macro_kernel(const isa_t *isa, int s0, int s1, int mc, int nc, int kc, const float *Ap,
                          const float *Bp, long b_stride, float *C, long ldc, int accumulate, int a_layout, long lda) {
     const int MR = isa->mr, NR = isa->nr;
-    const long a_step = a_layout == A_LD ? lda : a_layout == A_TILE ? GEMM_TILE_LD : a_layout == A_TILE_T ? 1 : kc;
+    const long a_step = a_layout == A_LD     ? lda /* between rows of A */
+                        : a_layout == A_TILE   ? GEMM_TILE_LD
+                        : a_layout == A_TILE_T ? 1
+                                               : kc;
     float edge[MAX_MR * MAX_NR] __attribute__((aligned(64)));
     for (int s = s0; s < s1; s++) {
         int ir = s * MR, mr = mc - ir < MR ? mc - ir : MR;
