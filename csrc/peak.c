@@ -34,47 +34,37 @@
                           x10 = set(11.0f), x11 = set(12.0f)
 #define INIT16(type, set) INIT12(type, set), x12 = set(13.0f), x13 = set(14.0f), x14 = set(15.0f), x15 = set(16.0f)
 /* the same step for chains x0 .. x11 (and x12 .. x15), written out so they stay in registers */
-#define STEP12(fma) x0 = fma(x0), x1 = fma(x1), x2 = fma(x2), x3 = fma(x3), x4 = fma(x4), x5 = fma(x5), \
-                    x6 = fma(x6), x7 = fma(x7), x8 = fma(x8), x9 = fma(x9), x10 = fma(x10), x11 = fma(x11)
-#define STEP16(fma) STEP12(fma), x12 = fma(x12), x13 = fma(x13), x14 = fma(x14), x15 = fma(x15)
+#define STEP12(fma) x0 = fma(x0, b, c), x1 = fma(x1, b, c), x2 = fma(x2, b, c), x3 = fma(x3, b, c),   \
+                    x4 = fma(x4, b, c), x5 = fma(x5, b, c), x6 = fma(x6, b, c), x7 = fma(x7, b, c),   \
+                    x8 = fma(x8, b, c), x9 = fma(x9, b, c), x10 = fma(x10, b, c), x11 = fma(x11, b, c)
+#define STEP16(fma) STEP12(fma), x12 = fma(x12, b, c), x13 = fma(x13, b, c), x14 = fma(x14, b, c), \
+                    x15 = fma(x15, b, c)
+/* their sum, in chain order */
+#define SUM12(add) add(add(add(add(add(add(add(add(add(add(add(x0, x1), x2), x3), x4), x5), x6), x7), x8), x9), \
+                           x10), x11)
+#define SUM16(add) add(add(add(add(SUM12(add), x12), x13), x14), x15)
+
+/* name(iters): N chains of vectors of `type` (set: broadcast, fma(x, b, c): x * b + c, add, lane0: the
+ * first lane as a float), iters steps, the first lane of their sum */
+#define CHAINS(name, type, set, fma, add, lane0, N)                 \
+    static float name(long iters) {                                 \
+        const type b = set(B_), c = set(C_);                        \
+        INIT##N(type, set);                                         \
+        for (long i = 0; i < iters; i++) STEP##N(fma);              \
+        return lane0(SUM##N(add));                                  \
+    }
 
 #if PEAK_X86
-__attribute__((target("avx2,fma"))) static float chains_avx2(long iters) {
-    const __m256 b = _mm256_set1_ps(B_), c = _mm256_set1_ps(C_);
-    INIT12(__m256, _mm256_set1_ps);
-#define FMA8(x) _mm256_fmadd_ps(x, b, c)
-    for (long i = 0; i < iters; i++) STEP12(FMA8);
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)),
-                             _mm256_add_ps(_mm256_add_ps(x4, x5), _mm256_add_ps(x6, x7)));
-    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(x8, x9), _mm256_add_ps(x10, x11)));
-    return _mm256_cvtss_f32(s);
-}
-
-__attribute__((target("avx512f"))) static float chains_avx512(long iters) {
-    const __m512 b = _mm512_set1_ps(B_), c = _mm512_set1_ps(C_);
-    INIT16(__m512, _mm512_set1_ps);
-#define FMA16(x) _mm512_fmadd_ps(x, b, c)
-    for (long i = 0; i < iters; i++) STEP16(FMA16);
-    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(x0, x1), _mm512_add_ps(x2, x3)),
-                             _mm512_add_ps(_mm512_add_ps(x4, x5), _mm512_add_ps(x6, x7)));
-    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(x8, x9), _mm512_add_ps(x10, x11)));
-    s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(x12, x13), _mm512_add_ps(x14, x15)));
-    return _mm512_cvtss_f32(s);
-}
+__attribute__((target("avx2,fma"))) CHAINS(chains_avx2, __m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
+                                           _mm256_cvtss_f32, 12)
+__attribute__((target("avx512f"))) CHAINS(chains_avx512, __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps,
+                                          _mm512_cvtss_f32, 16)
 #endif
 
 #if PEAK_NEON
-static float chains_neon(long iters) {
-    const float32x4_t b = vdupq_n_f32(B_), c = vdupq_n_f32(C_);
-    INIT16(float32x4_t, vdupq_n_f32);
-#define FMA4(x) vfmaq_f32(c, x, b)
-    for (long i = 0; i < iters; i++) STEP16(FMA4);
-    float32x4_t s = vaddq_f32(vaddq_f32(vaddq_f32(x0, x1), vaddq_f32(x2, x3)),
-                              vaddq_f32(vaddq_f32(x4, x5), vaddq_f32(x6, x7)));
-    s = vaddq_f32(s, vaddq_f32(vaddq_f32(vaddq_f32(x8, x9), vaddq_f32(x10, x11)),
-                               vaddq_f32(vaddq_f32(x12, x13), vaddq_f32(x14, x15))));
-    return vgetq_lane_f32(s, 0);
-}
+#define NEON_FMA(x, b, c) vfmaq_f32(c, x, b) /* vfmaq_f32(c, x, b) = c + x * b */
+#define NEON_LANE0(v) vgetq_lane_f32(v, 0)
+CHAINS(chains_neon, float32x4_t, vdupq_n_f32, NEON_FMA, vaddq_f32, NEON_LANE0, 16)
 #endif
 
 /* floats of FMA per loop step: chains x lanes (0: no FMA chains for this instruction set) */
