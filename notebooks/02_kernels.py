@@ -47,7 +47,10 @@ def best_time(fn, repeat=3):
 # ## 1. The roof: how fast can this machine multiply?
 # A matmul of two `n x n` matrices does `2 n^3` floating-point operations (a multiply and an add per
 # term). We measure two roofs: the compute roof, taken as OpenBLAS's speed on a large product (the best
-# anyone gets on this CPU, one thread), and the memory roof, the bandwidth of a large array copy. A kernel
+# anyone gets on this CPU, one thread), and the memory roof, the bandwidth of a large array copy. Above
+# the compute roof sits the hardware's own: the vector units doing nothing but independent fused
+# multiply-adds, with no memory traffic at all (`kernels.fma_peak()`, csrc/peak.c). No product beats it;
+# a good one gets within ~10% of it. A kernel
 # that does few operations per byte it moves (low *arithmetic intensity*) is capped by memory; a matmul
 # does `n/6` flops per byte of its three matrices, so it can reach the compute roof, if it reuses data
 # from the caches and registers instead of going back to memory.
@@ -68,7 +71,10 @@ peak = 2 * n_roof**3 / best_time(lambda: A @ A) / 1e9
 big = np.ones(2**24 if FAST else 2**25, np.float32)
 copy = np.empty_like(big)
 bandwidth = 2 * big.nbytes / best_time(lambda: np.copyto(copy, big)) / 1e9  # read + write
+fma = kernels.fma_peak(seconds=0.2, threads=1)  # None for the portable kernel (no FMA code of its own)
 print(f"compute roof (OpenBLAS, 1 thread, {n_roof}^3): {peak:.0f} GFLOP/s")
+if fma:
+    print(f"FMA peak ({kernels.isa()}, 1 thread): {fma:.0f} GFLOP/s: OpenBLAS reaches {peak / fma:.0%} of it")
 print(f"memory roof (array copy): {bandwidth:.1f} GB/s")
 
 # %% [markdown]
@@ -145,6 +151,8 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
 names = list(results)
 ax1.barh(names, [results[k] for k in names], color="tab:blue")
 ax1.axvline(peak, color="tab:red", ls="--", label=f"compute roof {peak:.0f} GFLOP/s")
+if fma:
+    ax1.axvline(fma, color="black", ls=":", label=f"FMA peak {fma:.0f} GFLOP/s")
 ax1.set_xscale("log")
 ax1.invert_yaxis()
 ax1.set_xlabel("GFLOP/s (log scale)")
