@@ -145,7 +145,8 @@ def fma_peak(seconds: float = 0.3, threads: int = None, isa_name: str = None):
     the share of the hardware the kernel uses. The best of bursts of ~20 ms over `seconds` (a busy
     neighbour only ever makes a burst slower). None for 'portable', which has no FMA code of its own."""
     _require()
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 60:
+    number = (int, float, np.integer, np.floating)
+    if isinstance(seconds, bool) or not isinstance(seconds, number) or not 0 < seconds <= 60:
         raise ValueError(f"seconds must be a number in (0, 60], got {seconds!r}")
     threads = get_num_threads() if threads is None else threads
     if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or not 1 <= threads <= 64:

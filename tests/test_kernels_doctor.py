@@ -116,6 +116,12 @@ def test_the_fma_peak_refuses_bad_arguments(kwargs, match):
 
 
 @needs_kernels
+def test_the_fma_peak_takes_numpy_numbers():
+    peak = kernels.fma_peak(seconds=np.float32(0.01), threads=np.int64(1))
+    assert peak is None if kernels.isa() == "portable" else peak > 0
+
+
+@needs_kernels
 def test_the_fma_peak_refuses_an_instruction_set_this_cpu_cannot_run():
     missing = [name for name in kernels.ISAS if name not in kernels.available_isas()]
     assert missing  # no CPU runs both neon and avx2
