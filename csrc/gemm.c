@@ -91,6 +91,29 @@ typedef void (*ukernel_ld_fn)(int kc, const float *A, long lda, const float *Bp,
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* One instruction set's micro-kernels: its tile body (name_tile) compiled for each layout of A (see
+ * above): ukernel_name (packed slivers, cs = MR), _rows (a tile, rs = GEMM_TILE_LD) and _cols (the tile's
+ * transpose, cs = GEMM_TILE_LD); UKERNEL_LD adds _ld (rows lda apart, read in place). `target` is the
+ * function attribute that lets the compiler use the instruction set (empty for portable C and NEON). */
+#define UKERNELS(name, target, MR)                                                                             \
+    target static void ukernel_##name(int kc, const float *A, const float *Bp, float *C, long ldc,            \
+                                      int accumulate) {                                                        \
+        name##_tile(kc, A, 1, MR, Bp, C, ldc, accumulate);                                                     \
+    }                                                                                                          \
+    target static void ukernel_##name##_rows(int kc, const float *A, const float *Bp, float *C, long ldc,      \
+                                             int accumulate) {                                                 \
+        name##_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);                                           \
+    }                                                                                                          \
+    target static void ukernel_##name##_cols(int kc, const float *A, const float *Bp, float *C, long ldc,      \
+                                             int accumulate) {                                                 \
+        name##_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);                                           \
+    }
+#define UKERNEL_LD(name, target)                                                                               \
+    target static void ukernel_##name##_ld(int kc, const float *A, long lda, const float *Bp, float *C,       \
+                                           long ldc, int accumulate) {                                         \
+        name##_tile(kc, A, lda, 1, Bp, C, ldc, accumulate);                                                    \
+    }
+
 /* The portable kernel: plain C that any compiler vectorizes; the reference for the SIMD ones.
  * 4 x 8 keeps the 32 accumulators in 8 SSE (or NEON) registers: with 4 x 16 gcc spills them to memory
  * and runs 6x slower. */
@@ -110,17 +133,7 @@ INLINE void portable_tile(int kc, const float *A, long rs, long cs, const float 
             C[i * ldc + j] = accumulate ? C[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
-static void ukernel_portable(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    portable_tile(kc, A, 1, PORTABLE_MR, Bp, C, ldc, accumulate);
-}
-
-static void ukernel_portable_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    portable_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
-}
-
-static void ukernel_portable_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    portable_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
-}
+UKERNELS(portable, , PORTABLE_MR)
 
 #if LLAMA3NP_X86
 /* AVX2 + FMA: 16 ymm registers of 8 floats. A 6 x 16 tile is 12 accumulators, plus 2 for the row
@@ -157,25 +170,8 @@ __attribute__((target("avx2,fma"))) INLINE void avx2_tile(int kc, const float *A
     }
 }
 
-__attribute__((target("avx2,fma")))
-static void ukernel_avx2(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    avx2_tile(kc, A, 1, AVX2_MR, Bp, C, ldc, accumulate);
-}
-
-__attribute__((target("avx2,fma")))
-static void ukernel_avx2_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    avx2_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
-}
-
-__attribute__((target("avx2,fma")))
-static void ukernel_avx2_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    avx2_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
-}
-
-__attribute__((target("avx2,fma")))
-static void ukernel_avx2_ld(int kc, const float *A, long lda, const float *Bp, float *C, long ldc, int accumulate) {
-    avx2_tile(kc, A, lda, 1, Bp, C, ldc, accumulate);
-}
+UKERNELS(avx2, __attribute__((target("avx2,fma"))), AVX2_MR)
+UKERNEL_LD(avx2, __attribute__((target("avx2,fma"))))
 
 /* AVX-512: 32 zmm registers of 16 floats. An 8 x 32 tile is 16 accumulators + 2 for B + 1 for the
  * broadcast: 16 independent FMAs per step hide their 4-cycle latency, and 8 rows divide the 64-row
@@ -211,25 +207,8 @@ __attribute__((target("avx512f"))) INLINE void avx512_tile(int kc, const float *
     }
 }
 
-__attribute__((target("avx512f")))
-static void ukernel_avx512(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    avx512_tile(kc, A, 1, AVX512_MR, Bp, C, ldc, accumulate);
-}
-
-__attribute__((target("avx512f")))
-static void ukernel_avx512_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    avx512_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
-}
-
-__attribute__((target("avx512f")))
-static void ukernel_avx512_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    avx512_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
-}
-
-__attribute__((target("avx512f")))
-static void ukernel_avx512_ld(int kc, const float *A, long lda, const float *Bp, float *C, long ldc, int accumulate) {
-    avx512_tile(kc, A, lda, 1, Bp, C, ldc, accumulate);
-}
+UKERNELS(avx512, __attribute__((target("avx512f"))), AVX512_MR)
+UKERNEL_LD(avx512, __attribute__((target("avx512f"))))
 #endif
 
 #if LLAMA3NP_NEON
@@ -272,17 +251,7 @@ INLINE void neon_tile(int kc, const float *A, long rs, long cs, const float *Bp,
     }
 }
 
-static void ukernel_neon(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    neon_tile(kc, A, 1, NEON_MR, Bp, C, ldc, accumulate);
-}
-
-static void ukernel_neon_rows(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    neon_tile(kc, A, GEMM_TILE_LD, 1, Bp, C, ldc, accumulate);
-}
-
-static void ukernel_neon_cols(int kc, const float *A, const float *Bp, float *C, long ldc, int accumulate) {
-    neon_tile(kc, A, 1, GEMM_TILE_LD, Bp, C, ldc, accumulate);
-}
+UKERNELS(neon, , NEON_MR)
 #endif
 
 typedef struct {
@@ -876,8 +845,8 @@ DOT_ROWS_DRIVER(avx512, "avx512f")
 /* avx512_dots with each row's 16 lanes in two ymm registers (lanes 0-7, 8-15) instead of one zmm: the same
  * FMA on every lane, the tail's masked lanes included, then the same reduction of the 16: the same bits.
  * AVX-512VL gives the 16 ymm accumulators plus x their 32 registers. */
-__attribute__((target("avx512f,avx512vl,fma"))) INLINE void avx512vl_dots(const float *x, const float *w, long step, int S,
-                                                                      int K, float *out) {
+__attribute__((target("avx512f,avx512vl,fma"))) INLINE void avx512vl_dots(const float *x, const float *w, long step,
+                                                                      int S, int K, float *out) {
     __m256 lo[STREAMS], hi[STREAMS];
 #pragma GCC unroll 8
     for (int s = 0; s < S; s++) lo[s] = hi[s] = _mm256_setzero_ps();

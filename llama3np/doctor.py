@@ -140,7 +140,7 @@ def fma_peak_line(rows) -> str:
     peak = kernels.fma_peak(seconds=0.2, threads=threads)
     if peak is None:
         return f"FMA peak: not measured for the {kernels.isa()} micro-kernel (it has no FMA code of its own)"
-    what, c, _, flops = rows[0]
+    _, c, _, flops = rows[0]  # the GEMM's
     share = "" if c is None else f" (the GEMM above: {flops / c / 1e9 / peak:.0%} of it)"
     return (f"FMA peak ({kernels.isa()}, {threads} thread{'s' if threads > 1 else ''}): {peak:.1f} GFLOP/s, "
             f"the hardware's ceiling{share}")

@@ -170,14 +170,11 @@ def fma_peak(seconds: float = 0.3, threads: int = None, isa_name: str = None):
     while dt < 0.02:  # ~20 ms bursts: long enough to time, short enough for several
         iters *= 2
         flops, dt = burst(iters)
-    best, deadline = flops / dt, time.perf_counter() + seconds
-    for _ in range(3):
+    rates, deadline = [flops / dt], time.perf_counter() + seconds
+    while len(rates) < 4 or time.perf_counter() < deadline:  # at least 4, then until the time is up
         flops, dt = burst(iters)
-        best = max(best, flops / dt)
-    while time.perf_counter() < deadline:
-        flops, dt = burst(iters)
-        best = max(best, flops / dt)
-    return best / 1e9
+        rates.append(flops / dt)
+    return max(rates) / 1e9
 
 
 def env_warning(message):

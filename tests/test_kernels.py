@@ -101,6 +101,7 @@ def test_matmul_gives_the_same_bits_on_one_and_two_threads(M, N, K, trans_a, tra
     kernels.set_num_threads(2)
     assert np.array_equal(kernels.matmul(a, b), one)
 
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_reading_a_in_place_and_packing_it_give_the_same_bits(isa, threads):
