@@ -4,7 +4,9 @@ Shapes: 1024^3, and the three products of a linear layer in the `small` training
 (B*T = 2048 rows, dim 512, FFN 1536): y = x @ w.T, dx = dy @ w, dw = dy.T @ x, with the transposes
 passed as views exactly as ops.linear_* does. Target (issue 15): >= 0.95x OpenBLAS GFLOP/s on every shape, on
 AVX2 too (LLAMA3NP_BENCH_ISA=avx2 runs our AVX2 kernel against OpenBLAS's Haswell kernels); on a shared VM take the
-median of several --rounds.
+median of several --rounds. Beside the ratio, each rate's share of the CPU's FMA peak (kernels.fma_peak, at
+the same threads); the micro-kernel alone (kernels.microkernel_rate, operands in L1) is printed first, so a
+GEMM's distance from the peak reads as the kernel's own part plus what packing and caches cost around it.
 
 Then the decode products of `small` (x @ w.T for one token, and the 16-token prefill), in GB/s of
 weights read: "hot" repeats one matrix (it stays in L2/L3), "cold" cycles through 48 MB of copies
@@ -91,13 +93,21 @@ def main():
     print(ENV_NOTE)
     print(_env.machine_note())
     print(f"micro-kernel: {kernels.isa()}; timings: best of {cli.repeat}, ours and OpenBLAS interleaved")
+    alone, one = kernels.microkernel_rate(), kernels.fma_peak(threads=1)
+    if one:
+        mr, nr = kernels.microkernel_shape()
+        print(f"micro-kernel alone ({mr} x {nr} tile of C, operands in L1, 1 thread): {alone:.1f} GFLOP/s, "
+              f"{alone / one:.0%} of the FMA peak ({one:.1f} GFLOP/s)")
     cases = [] if cli.decode_only else shapes(np.random.default_rng(0))
     for n in cli.threads:
         print(_env.pin_threads(n))
+        peak = kernels.fma_peak(threads=n) if cases else None
+        if peak:
+            print(f"  FMA peak ({n} thread{'s' if n > 1 else ''}): {peak:.1f} GFLOP/s; '% peak' is each rate's share")
         ratios = {name: [] for name, _, _ in cases}
         for r in range(cli.rounds if cases else 0):
             print(f"  {'shape' + (f' (round {r + 1} of {cli.rounds})' if cli.rounds > 1 else ''):38s} "
-                  f"{'ours GF/s':>10s} {'OpenBLAS':>10s} {'ratio':>7s}")
+                  f"{'ours GF/s':>10s} {'OpenBLAS':>10s} {'ratio':>7s}" + ("   % peak: ours  OpenBLAS" if peak else ""))
             for name, a, b in cases:
                 flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
                 out = np.empty((a.shape[0], b.shape[1]), np.float32)
@@ -105,7 +115,8 @@ def main():
                                        "blas": lambda: np.matmul(a, b, out=out)}, cli.repeat)
                 ours, blas = t["ours"], t["blas"]
                 ratios[name].append(blas / ours)
-                print(f"  {name:38s} {flops / ours / 1e9:10.1f} {flops / blas / 1e9:10.1f} {blas / ours:7.2f}")
+                shares = f"   {flops / ours / 1e9 / peak:10.0%} {flops / blas / 1e9 / peak:9.0%}" if peak else ""
+                print(f"  {name:38s} {flops / ours / 1e9:10.1f} {flops / blas / 1e9:10.1f} {blas / ours:7.2f}{shares}")
         if cases and cli.rounds > 1:
             print(f"  median ratio of {cli.rounds} rounds (min - max):")
             for name, rs in ratios.items():

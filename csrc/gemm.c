@@ -1085,6 +1085,27 @@ int sgemm(int trans_a, int trans_b, int M, int N, int K, const float *A, long ld
 int gemm_nr(int isa) { return ISAS[isa].nr; }
 int gemm_mr(int isa) { return ISAS[isa].mr; }
 
+/* The micro-kernel alone (kernels.microkernel_rate): the packed kernel of isa run iters times on one A
+ * sliver and one B sliver, always the same ones, so they stay in L1 and nothing is packed or fetched
+ * from memory while it runs. Its rate beside the FMA peak (peak.c) splits a GEMM's distance from the
+ * peak in two: the kernel's own instruction mix (loads, broadcasts, the C tile's loads and stores),
+ * and everything around it (packing, caches, the edges of C). */
+double microkernel_burst(int isa, int kc, long iters, const float *A, const float *B, float *C) {
+    if (!isa_supported(isa) || kc < 1 || iters < 1) return 0.0;
+    const isa_t *k = &ISAS[isa];
+    float *Ap = aligned_floats((long)k->mr * kc), *Bp = aligned_floats((long)kc * k->nr);
+    double flops = -1.0; /* out of memory */
+    if (Ap && Bp) {
+        pack_a_sliver(0, A, kc, 0, k->mr, 0, kc, k->mr, Ap);
+        pack_b_sliver(0, B, k->nr, 0, kc, 0, k->nr, k->nr, Bp);
+        for (long i = 0; i < iters; i++) k->kernel(kc, Ap, Bp, C, k->nr, 1); /* C += A B: each call needs the last */
+        flops = 2.0 * k->mr * k->nr * (double)kc * (double)iters;
+    }
+    free(Ap);
+    free(Bp);
+    return flops;
+}
+
 long gemm_packed_a_floats(int isa, int m, int k) {
     int MR = ISAS[isa].mr;
     return (long)(m + MR - 1) / MR * MR * k;

@@ -32,8 +32,6 @@ const vec_ops_t *vec_ops(int isa);
  * start at Ap + i0 * k. A packed op(B) (k x n) is ceil(n / NR) slivers of k rows, NR * k floats
  * apart: columns j0.. (j0 a multiple of NR) start at Bp + j0 * k, and rows p0.. of every sliver at
  * Bp + p0 * NR with the sliver stride unchanged. Buffers must be 64-byte aligned. */
-int gemm_nr(int isa);
-int gemm_mr(int isa);
 long gemm_packed_a_floats(int isa, int m, int k);
 long gemm_packed_b_floats(int isa, int k, int n);
 void gemm_pack_a(int isa, int trans, const float *A, long lda, int m, int k, float *Ap);

@@ -59,6 +59,13 @@ int current_isa(void);
  * here (the portable kernel, or an instruction set this build or CPU cannot run); *result, the chains'
  * sum, is what keeps the compiler from dropping them. The caller times the call. */
 double fma_burst(int isa, long iters, int nthreads, float *result);
+/* The GEMM micro-kernel of isa: its tile is gemm_mr(isa) x gemm_nr(isa) floats of C. microkernel_burst
+ * (gemm.c) runs it alone, on one thread, iters times: C (mr x nr, row-major) += A (mr x kc) @ B (kc x nr),
+ * both row-major, packed once and then in L1. Returns the operations done, 0 for an instruction set this
+ * build or CPU cannot run (or kc, iters < 1), -1 when out of memory. The caller times the call. */
+int gemm_mr(int isa);
+int gemm_nr(int isa);
+double microkernel_burst(int isa, int kc, long iters, const float *A, const float *B, float *C);
 /* Threads used by sgemm and attention (a pool of pthreads kept between calls; small work uses one). */
 void set_num_threads(int n);
 int get_num_threads(void);

@@ -75,6 +75,11 @@ fma = kernels.fma_peak(seconds=0.2, threads=1)  # None for the portable kernel (
 print(f"compute roof (OpenBLAS, 1 thread, {n_roof}^3): {peak:.0f} GFLOP/s")
 if fma:
     print(f"FMA peak ({kernels.isa()}, 1 thread): {fma:.0f} GFLOP/s: OpenBLAS reaches {peak / fma:.0%} of it")
+    # our micro-kernel alone, its two small operands kept in L1: what is left between it and the peak is the
+    # kernel's own instructions; between it and a whole GEMM, packing and caches (section 2 builds both)
+    alone = kernels.microkernel_rate(seconds=0.2)
+    print(f"our micro-kernel alone ({kernels.isa()}, a {'x'.join(map(str, kernels.microkernel_shape()))} tile "
+          f"of C, operands in L1): {alone:.0f} GFLOP/s, {alone / fma:.0%} of the FMA peak")
 print(f"memory roof (array copy): {bandwidth:.1f} GB/s")
 
 # %% [markdown]

@@ -2,7 +2,8 @@
 
 What must hold:
 - matmul equals a @ b for any shape (awkward sizes, transposed and sliced views), on every
-  instruction-set path of the micro-kernel and with 1 or 2 threads;
+  instruction-set path of the micro-kernel and with 1 or 2 threads; the micro-kernel timed alone
+  (kernels.microkernel_rate) adds A @ B to its tile on every call, exactly;
 - the fused attention equals llama3np.ops.attention_forward / attention_backward (computed in float64)
   for GQA ratios 1..8, n_kv_heads = 1, a decode step (T = 1) against a long cache, S > T, and q, k, v
   passed as transposed or sliced views;
@@ -198,6 +199,28 @@ def test_matmul_rejects_unaligned_data():
     assert not a.flags.aligned
     with pytest.raises(ValueError, match="aligned"):
         kernels.matmul(a, np.ones((4, 2), np.float32))
+
+
+# the tile of C each instruction set's GEMM micro-kernel computes (csrc/gemm.c)
+MICROKERNEL_TILES = {"portable": (4, 8), "avx2": (6, 16), "avx512": (8, 32), "neon": (8, 8)}
+
+
+@given(kc=st.integers(1, 80), iters=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+def test_the_timed_micro_kernel_adds_a_times_b_on_every_call(kc, iters, seed):
+    """microkernel_burst runs the GEMM's micro-kernel: after `iters` calls C holds its start plus iters x A @ B.
+    Small integers make every product and sum exact, so the comparison is exact too."""
+    rng = np.random.default_rng(seed)
+    for name in kernels.available_isas():
+        mr, nr = kernels.microkernel_shape(name)
+        assert (mr, nr) == MICROKERNEL_TILES[name]
+        a = rng.integers(-4, 5, (mr, kc)).astype(np.float32)
+        b = rng.integers(-4, 5, (kc, nr)).astype(np.float32)
+        c0 = rng.integers(-9, 10, (mr, nr)).astype(np.float32)
+        c = c0.copy()
+        flops = kernels.lib.microkernel_burst(kernels.ISAS.index(name), kc, iters, kernels._ptr(a), kernels._ptr(b),
+                                              kernels._ptr(c))
+        assert flops == 2 * mr * nr * kc * iters
+        np.testing.assert_array_equal(c, c0 + iters * (a.astype(np.float64) @ b.astype(np.float64)), err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ What must hold:
   (bit for bit), while the attention stays on the fused C kernel; with a tuned one, products go to C;
 - the instruction sets offered are the ones this CPU runs (no 'neon' on x86-64, no AVX on arm64);
 - the FMA peak (kernels.fma_peak, the hardware's ceiling doctor and bench_train print) does the work it
-  counts: its chains' results are the recurrence's own on every thread, and bad arguments are refused.
+  counts: its chains' results are the recurrence's own on every thread, and bad arguments are refused;
+- the micro-kernel timed alone (kernels.microkernel_rate, beside the peak in doctor and bench_gemm) is
+  timed on every instruction set and refuses bad arguments (that it computes C += A @ B on every call,
+  for the FLOPs it counts, is tests/test_kernels.py's, run under the sanitizers and on arm64 too).
 """
 import platform
 
@@ -38,6 +41,7 @@ def test_doctor_times_a_gemm_and_an_attention_against_numpy(capsys):
     assert len(lines) == 2 and "GEMM" in lines[0] and "attention" in lines[1], lines
     assert all("GFLOP/s" in line for line in lines)
     assert f"FMA peak ({kernels.isa()}" in out or kernels.isa() == "portable", out
+    assert f"micro-kernel alone ({kernels.isa()}" in out or kernels.isa() == "portable", out
 
 
 def test_doctor_refuses_a_bad_repeat_in_one_line(capsys):
@@ -127,3 +131,26 @@ def test_the_fma_peak_refuses_an_instruction_set_this_cpu_cannot_run():
     assert missing  # no CPU runs both neon and avx2
     with pytest.raises(ValueError, match="cannot run"):
         kernels.fma_peak(seconds=0.01, isa_name=missing[0])
+
+
+@needs_kernels
+def test_the_micro_kernel_rate_is_timed_on_every_instruction_set():
+    for name in kernels.available_isas():
+        rate = kernels.microkernel_rate(seconds=0.01, isa_name=name, kc=np.int64(32))
+        assert 0 < rate < 1e5, (name, rate)  # GFLOP/s: finite and real, nowhere near a petaflop
+    a = np.ones((6, 4), np.float32)
+    assert kernels.lib.microkernel_burst(kernels.ISAS.index("portable"), 0, 1, kernels._ptr(a), kernels._ptr(a),
+                                         kernels._ptr(a)) == 0  # kc < 1: nothing done, nothing read
+
+
+@needs_kernels
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seconds=0), "seconds"), (dict(seconds=-1.0), "seconds"), (dict(kc=0), "kc"), (dict(kc=4097), "kc"),
+    (dict(kc=2.5), "kc"), (dict(kc=True), "kc"), (dict(isa_name="sse9"), "unknown instruction set"),
+])
+def test_the_micro_kernel_rate_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.microkernel_rate(**kwargs)
+    if "isa_name" in kwargs:
+        with pytest.raises(ValueError, match=match):
+            kernels.microkernel_shape(kwargs["isa_name"])

@@ -10,7 +10,7 @@
  * portable kernel's, which the Python tests check against the NumPy reference. The elementwise kernels
  * run at 1-3 threads and must give the same bits, and so must the decode GEMVs, whose helper threads
  * may be dropped when they start late (parallel_run_helpers). The FMA peak's chains must do the work
- * they count (fma_runs).
+ * they count (fma_runs), and so must the micro-kernel timed alone (micro_runs: on arm64, NEON's).
  */
 #include <math.h>
 #include <pthread.h>
@@ -221,6 +221,34 @@ static int fma_runs(void) {
     return bad;
 }
 
+/* microkernel_burst (csrc/gemm.c) on every instruction set: `iters` calls leave C + iters x A @ B in C,
+ * exactly (small integers: every product and sum is exact) */
+static int micro_runs(void) {
+    enum { KC = 37, ITERS = 3 };
+    int bad = 0;
+    for (int isa = 0; isa < 4; isa++) {
+        if (!isa_supported(isa)) continue;
+        const int mr = gemm_mr(isa), nr = gemm_nr(isa);
+        float a[8 * KC], b[KC * 32], c[8 * 32];
+        for (int i = 0; i < mr * KC; i++) a[i] = (float)(i % 9) - 4.0f;
+        for (int i = 0; i < KC * nr; i++) b[i] = (float)(i % 7) - 3.0f;
+        for (int i = 0; i < mr * nr; i++) c[i] = (float)(i % 5);
+        double flops = microkernel_burst(isa, KC, ITERS, a, b, c);
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) {
+                double want = (double)((i * nr + j) % 5);
+                for (int p = 0; p < KC; p++) want += ITERS * (double)a[i * KC + p] * b[p * nr + j];
+                if (c[i * nr + j] != want) bad = 1;
+            }
+        if (flops != 2.0 * mr * nr * KC * ITERS) bad = 1;
+        if (bad) {
+            fprintf(stderr, "microkernel_burst(isa %d): wrong C or operation count (%g)\n", isa, flops);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int main(void) {
     double worst = 0;
     for (int n = 1; n <= 4; n++) { /* teams of every size, the pool growing and shrinking its use */
@@ -239,6 +267,7 @@ int main(void) {
     if (elementwise_runs() != 0) return 1;
     if (gemv_runs() != 0) return 1;
     if (fma_runs() != 0) return 1;
+    if (micro_runs() != 0) return 1;
     worst = fmax(worst, check_every_isa());
     pid_t child = fork(); /* the child has no workers: the pool must start its own */
     if (child == 0) _exit(check_matmul(99) < 1e-4 ? 0 : 1);
