@@ -204,8 +204,8 @@ def microkernel_rate(seconds: float = 0.3, isa_name: str = None, kc: int = 256):
     over and over on the same packed slivers, which stay in L1 (kc 256: 6 + 16 KiB for AVX2), so nothing
     is packed or fetched from memory. Beside fma_peak(threads=1) it splits a GEMM's distance from the
     hardware's peak in two: what the kernel's own instructions cost (fma_peak minus this), and what
-    packing, caches and the edges of C cost around it (this minus the GEMM's rate). Measured on a Zen 4,
-    AVX2: 117.5 GFLOP/s, the FMA peak itself; its GEMMs of a training step 94-113 GFLOP/s."""
+    packing, caches and the edges of C cost around it (this minus the GEMM's rate). Measured on a Zen 4
+    (1 thread): AVX2 116-117 GFLOP/s, 99% of its FMA peak; the GEMMs of a training step 92-113 GFLOP/s."""
     _require()
     _check_seconds(seconds)
     if not isinstance(kc, (int, np.integer)) or isinstance(kc, bool) or not 1 <= kc <= 4096:
