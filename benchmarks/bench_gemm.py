@@ -23,6 +23,7 @@ import argparse  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llama3np import kernels  # noqa: E402
+from llama3np.doctor import microkernel_line  # noqa: E402
 
 
 def shapes(rng):
@@ -93,15 +94,13 @@ def main():
     print(ENV_NOTE)
     print(_env.machine_note())
     print(f"micro-kernel: {kernels.isa()}; timings: best of {cli.repeat}, ours and OpenBLAS interleaved")
-    alone, one = kernels.microkernel_rate(), kernels.fma_peak(threads=1)
+    one = kernels.fma_peak(threads=1)  # None for the portable kernel (no FMA code of its own)
     if one:
-        mr, nr = kernels.microkernel_shape()
-        print(f"micro-kernel alone ({mr} x {nr} tile of C, operands in L1, 1 thread): {alone:.1f} GFLOP/s, "
-              f"{alone / one:.0%} of the FMA peak ({one:.1f} GFLOP/s)")
+        print(microkernel_line(one))
     cases = [] if cli.decode_only else shapes(np.random.default_rng(0))
     for n in cli.threads:
         print(_env.pin_threads(n))
-        peak = kernels.fma_peak(threads=n) if cases else None
+        peak = None if not cases else one if n == 1 else kernels.fma_peak(threads=n)
         if peak:
             print(f"  FMA peak ({n} thread{'s' if n > 1 else ''}): {peak:.1f} GFLOP/s; '% peak' is each rate's share")
         ratios = {name: [] for name, _, _ in cases}

@@ -29,6 +29,7 @@ from llama3np.model import Transformer  # noqa: E402
 from llama3np.optim import AdamW  # noqa: E402
 
 SHAPES = {"tiny": (8, 256), "small": (4, 512)}  # (batch, seq_len) from the issue
+TARGET = 1.5  # issue 15's goal: this many times PyTorch eager's speed
 
 
 def step_flops(args, B, T):
@@ -171,12 +172,12 @@ def main():
                     print(f"      llama3np[{k}] median of {cli.rounds} rounds: {np.median(ratios[k]):.2f}x PyTorch "
                           f"({min(ratios[k]):.2f} - {max(ratios[k]):.2f})")
             if fma:
-                # what a target ratio asks of the hardware: 1.5x PyTorch's median step, as a share of the FMA peak
-                need = fl / (np.median(steps["torch"]) / 1.5) / 1e9 / fma
+                # what the target asks of the hardware: TARGET x PyTorch's median step, as a share of the FMA peak
+                need = fl / (np.median(steps["torch"]) / TARGET) / 1e9 / fma
                 print(f"      at the FMA peak a step takes {fl / fma / 1e9:.3f} s; of that peak PyTorch's median step "
                       f"uses {fl / np.median(steps['torch']) / 1e9 / fma:.0%}, "
                       + ", ".join(f"llama3np[{k}]'s {fl / np.median(steps[k]) / 1e9 / fma:.0%}" for k in backends)
-                      + f"; 1.5x PyTorch would need {need:.0%}")
+                      + f"; {TARGET}x PyTorch would need {need:.0%}")
             print("      loss before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
             backend.set_backend(backends[0])
 

@@ -5,6 +5,7 @@ setup.py uses `ffibuilder` from here during `pip install -e .`; during developme
 Extra flags come from LLAMA3NP_CFLAGS / LLAMA3NP_LDFLAGS (tests/sanitize.sh uses them to build with
 AddressSanitizer). No -ffast-math: it would change floating point for the whole Python process.
 """
+import glob
 import os
 import shlex
 import shutil
@@ -14,8 +15,8 @@ import sysconfig
 from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ["csrc/gemm.c", "csrc/attention.c", "csrc/elementwise.c", "csrc/decode.c", "csrc/parallel.c",
-           "csrc/peak.c"]  # relative to ROOT, as setuptools wants
+# every .c file in csrc/ (tests/scratch_build.sh takes the same), relative to ROOT as setuptools wants
+SOURCES = sorted("csrc/" + os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "csrc", "*.c")))
 HEADER = os.path.join(ROOT, "csrc", "llama3np_kernels.h")
 
 

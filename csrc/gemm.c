@@ -1096,8 +1096,8 @@ double microkernel_burst(int isa, int kc, long iters, const float *A, const floa
     float *Ap = aligned_floats((long)k->mr * kc), *Bp = aligned_floats((long)kc * k->nr);
     double flops = -1.0; /* out of memory */
     if (Ap && Bp) {
-        pack_a_sliver(0, A, kc, 0, k->mr, 0, kc, k->mr, Ap);
-        pack_b_sliver(0, B, k->nr, 0, kc, 0, k->nr, k->nr, Bp);
+        gemm_pack_a(isa, 0, A, kc, k->mr, kc, Ap);
+        gemm_pack_b(isa, 0, B, k->nr, kc, k->nr, Bp);
         for (long i = 0; i < iters; i++) k->kernel(kc, Ap, Bp, C, k->nr, 1); /* C += A B: each call needs the last */
         flops = 2.0 * k->mr * k->nr * (double)kc * (double)iters;
     }
@@ -1154,12 +1154,10 @@ void gemm_sliver(int isa, int a_layout, int s, int m, int n, int k, int p0, int 
     const isa_t *I = &ISAS[isa];
     const int MR = I->mr, ir = s * MR;
     if (n <= 0 || p1 <= p0 || ir >= m) return;
-    if (a_layout == A_TILE) /* the tile read in place: row ir's column p0 at A + ir * GEMM_TILE_LD + p0 */
-        macro_kernel(I, s, s + 1, m, n, p1 - p0, A + p0, Bp + (long)p0 * I->nr, b_stride, C, ldc, accumulate, A_TILE,
-                     0);
-    else if (a_layout == A_TILE_T) /* its transpose: row ir's column p0 at A + p0 * GEMM_TILE_LD + ir */
-        macro_kernel(I, s, s + 1, m, n, p1 - p0, A + (long)p0 * GEMM_TILE_LD, Bp + (long)p0 * I->nr, b_stride, C, ldc,
-                     accumulate, A_TILE_T, 0);
+    if (a_layout != A_PACKED) /* a tile read in place: column p0 of row ir at A + ir * GEMM_TILE_LD + p0, or of
+                               * its transpose at A + p0 * GEMM_TILE_LD + ir (macro_kernel adds the ir part) */
+        macro_kernel(I, s, s + 1, m, n, p1 - p0, A + (a_layout == A_TILE ? p0 : (long)p0 * GEMM_TILE_LD),
+                     Bp + (long)p0 * I->nr, b_stride, C, ldc, accumulate, a_layout, 0);
     else /* sliver s of a packed A starts at A + ir * k, its column p at + p * MR */
         macro_kernel(I, 0, 1, m - ir, n, p1 - p0, A + (long)ir * k + (long)p0 * MR, Bp + (long)p0 * I->nr, b_stride,
                      C + (long)ir * ldc, ldc, accumulate, A_PACKED, 0);

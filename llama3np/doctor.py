@@ -146,12 +146,19 @@ def peak_lines(rows) -> list:
     _, c, _, flops = rows[0]  # the GEMM's
     share = "" if c is None else f" (the GEMM above: {flops / c / 1e9 / peak:.0%} of it)"
     one = peak if threads == 1 else kernels.fma_peak(seconds=0.1, threads=1)
-    alone = kernels.microkernel_rate(seconds=0.1)
-    mr, nr = kernels.microkernel_shape()
     return [f"FMA peak ({name}, {threads} thread{'s' if threads > 1 else ''}): {peak:.1f} GFLOP/s, "
-            f"the hardware's ceiling{share}",
-            f"micro-kernel alone ({name}, {mr} x {nr} tile, operands in L1, 1 thread): {alone:.1f} GFLOP/s, "
-            f"{alone / one:.0%} of one thread's FMA peak"]
+            f"the hardware's ceiling{share}", microkernel_line(one, seconds=0.1)]
+
+
+def microkernel_line(peak_one_thread, seconds=0.3) -> str:
+    """The micro-kernel in use timed alone (kernels.microkernel_rate) and its share of one thread's FMA
+    peak (doctor and benchmarks/bench_gemm.py print it)."""
+    from . import kernels
+
+    alone = kernels.microkernel_rate(seconds=seconds)
+    mr, nr = kernels.microkernel_shape()
+    return (f"micro-kernel alone ({kernels.isa()}, {mr} x {nr} tile, operands in L1, 1 thread): {alone:.1f} "
+            f"GFLOP/s, {alone / peak_one_thread:.0%} of one thread's FMA peak ({peak_one_thread:.1f} GFLOP/s)")
 
 
 def _run(args) -> int:

@@ -145,6 +145,11 @@ def _check_seconds(seconds):
         raise ValueError(f"seconds must be a number in (0, 60], got {seconds!r}")
 
 
+def _check_int_in(name, value, lo, hi):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+
+
 def _isa_index(isa_name):
     """The number of a micro-kernel's instruction set (the current one for None), which this CPU must run."""
     name = isa() if isa_name is None else isa_name
@@ -186,8 +191,7 @@ def fma_peak(seconds: float = 0.3, threads: int = None, isa_name: str = None):
     _require()
     _check_seconds(seconds)
     threads = get_num_threads() if threads is None else threads
-    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or not 1 <= threads <= 64:
-        raise ValueError(f"threads must be an int in [1, 64], got {threads!r}")
+    _check_int_in("threads", threads, 1, 64)
     index, result = _isa_index(isa_name), ffi.new("float *")
     return _best_rate(lambda iters: lib.fma_burst(index, iters, int(threads), result), seconds)
 
@@ -208,10 +212,8 @@ def microkernel_rate(seconds: float = 0.3, isa_name: str = None, kc: int = 256):
     (1 thread): AVX2 116-117 GFLOP/s, 99% of its FMA peak; the GEMMs of a training step 92-113 GFLOP/s."""
     _require()
     _check_seconds(seconds)
-    if not isinstance(kc, (int, np.integer)) or isinstance(kc, bool) or not 1 <= kc <= 4096:
-        raise ValueError(f"kc must be an int in [1, 4096], got {kc!r}")
-    index = _isa_index(isa_name)
-    mr, nr = lib.gemm_mr(index), lib.gemm_nr(index)
+    _check_int_in("kc", kc, 1, 4096)
+    index, (mr, nr) = _isa_index(isa_name), microkernel_shape(isa_name)
     rng = np.random.default_rng(0)
     # small values: C grows by A @ B each call and must stay a normal, finite number for the whole run
     a = (rng.standard_normal((mr, kc)) * 1e-4).astype(np.float32)

@@ -2,8 +2,7 @@
 # copy of the package in $WORK whose C kernels are built with other flags or another compiler, never
 # touching llama3np/ (other processes may be using the normal build).
 
-KERNEL_SOURCES=("$ROOT/csrc/gemm.c" "$ROOT/csrc/attention.c" "$ROOT/csrc/elementwise.c" "$ROOT/csrc/decode.c" "$ROOT/csrc/parallel.c"
-                "$ROOT/csrc/peak.c")
+KERNEL_SOURCES=("$ROOT"/csrc/*.c)  # every .c file in csrc/, as csrc/build_kernels.py builds
 
 # Copy the package into $WORK and build its kernels there; CC, LDSHARED, LLAMA3NP_CFLAGS and
 # LLAMA3NP_LDFLAGS in the environment choose the compiler and flags.

@@ -225,22 +225,21 @@ static int fma_runs(void) {
  * exactly (small integers: every product and sum is exact) */
 static int micro_runs(void) {
     enum { KC = 37, ITERS = 3 };
-    int bad = 0;
     for (int isa = 0; isa < 4; isa++) {
         if (!isa_supported(isa)) continue;
         const int mr = gemm_mr(isa), nr = gemm_nr(isa);
-        float a[8 * KC], b[KC * 32], c[8 * 32];
+        float a[8 * KC], b[KC * 32], c[8 * 32]; /* the largest tile: AVX-512's 8 x 32 */
         for (int i = 0; i < mr * KC; i++) a[i] = (float)(i % 9) - 4.0f;
         for (int i = 0; i < KC * nr; i++) b[i] = (float)(i % 7) - 3.0f;
         for (int i = 0; i < mr * nr; i++) c[i] = (float)(i % 5);
         double flops = microkernel_burst(isa, KC, ITERS, a, b, c);
+        int bad = flops != 2.0 * mr * nr * KC * ITERS;
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j++) {
                 double want = (double)((i * nr + j) % 5);
                 for (int p = 0; p < KC; p++) want += ITERS * (double)a[i * KC + p] * b[p * nr + j];
                 if (c[i * nr + j] != want) bad = 1;
             }
-        if (flops != 2.0 * mr * nr * KC * ITERS) bad = 1;
         if (bad) {
             fprintf(stderr, "microkernel_burst(isa %d): wrong C or operation count (%g)\n", isa, flops);
             return 1;
